@@ -1,0 +1,1 @@
+"""Robota Remote proxy: a mountable ASGI app that holds the vendor keys."""
