@@ -1,0 +1,92 @@
+"""Turning a vendor's failure into a wire error, the same way for every adapter.
+
+The vendor's own error text is passed on only where it helps the caller fix the request
+(4xx other than auth), and even then with every secret we know of cut out. Auth failures are
+never echoed: OpenAI's 401 text, for one, quotes part of the key it was given.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+import time
+from collections.abc import Iterable, Mapping
+
+from robota_proxy.errors import (
+    InvalidRequest,
+    NotFound,
+    ProxyError,
+    RateLimited,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+
+_KEY_SHAPES = re.compile(r"(sk-[A-Za-z0-9_\-*]{8,}|AIza[0-9A-Za-z_\-]{10,}|rk_[A-Za-z0-9_\-]{8,})")
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """Remove known secrets and anything shaped like a vendor or Robota key."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "[redacted]")
+    return _KEY_SHAPES.sub("[redacted]", text)
+
+
+def retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:
+    """``Retry-After`` as seconds, from either of its forms (delta-seconds or HTTP date)."""
+    if not headers:
+        return None
+    for name in ("retry-after-ms", "retry-after"):
+        raw = headers.get(name)
+        if raw is None:
+            continue
+        raw = raw.strip()
+        try:
+            seconds = float(raw)
+            return max(0.0, seconds / 1000 if name == "retry-after-ms" else seconds)
+        except ValueError:
+            parsed = email.utils.parsedate_to_datetime(raw) if name == "retry-after" else None
+            if parsed is not None:
+                return max(0.0, parsed.timestamp() - time.time())
+    return None
+
+
+def error_for_status(
+    vendor: str,
+    status: int,
+    *,
+    vendor_message: str | None = None,
+    retry_after: float | None = None,
+    secrets: Iterable[str] = (),
+) -> ProxyError:
+    """The wire error for a vendor HTTP status."""
+    if status in (401, 403):
+        return UpstreamError(
+            f"{vendor} refused the proxy's credentials (HTTP {status}); "
+            "the proxy operator must check the configured vendor key"
+        )
+    if status == 429:
+        return RateLimited(f"{vendor} is rate limiting this proxy", retry_after=retry_after)
+    detail = f": {redact(vendor_message, secrets)}" if vendor_message else ""
+    if status == 404:
+        return NotFound(f"{vendor} does not know the requested resource (HTTP 404){detail}")
+    if 400 <= status < 500:
+        return InvalidRequest(f"{vendor} rejected the request (HTTP {status}){detail}")
+    if status in (502, 503, 504, 529):
+        return UpstreamUnavailable(
+            f"{vendor} is unavailable (HTTP {status})", retry_after=retry_after
+        )
+    return UpstreamError(f"{vendor} failed (HTTP {status})")
+
+
+def timeout_error(vendor: str) -> UpstreamTimeout:
+    return UpstreamTimeout(f"{vendor} did not answer in time")
+
+
+def unavailable_error(vendor: str) -> UpstreamUnavailable:
+    return UpstreamUnavailable(f"could not reach {vendor}")
+
+
+def broken_stream_error(vendor: str) -> UpstreamError:
+    return UpstreamError(f"{vendor} sent a malformed or truncated stream")
