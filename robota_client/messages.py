@@ -36,6 +36,7 @@ ErrorCode = Literal[
     "upstream_error",
     "upstream_unavailable",
     "upstream_timeout",
+    "internal_error",
 ]
 
 #: HTTP status for each wire error code; the one table both halves agree on.
@@ -51,6 +52,8 @@ STATUS_BY_CODE: dict[str, int] = {
     "upstream_error": 502,
     "upstream_unavailable": 503,
     "upstream_timeout": 504,
+    # A bug in the proxy itself; never expected, listed so it still has a typed shape.
+    "internal_error": 500,
 }
 
 

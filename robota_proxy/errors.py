@@ -77,3 +77,7 @@ class UpstreamUnavailable(ProxyError):
 
 class UpstreamTimeout(ProxyError):
     code = "upstream_timeout"
+
+
+class InternalError(ProxyError):
+    code = "internal_error"

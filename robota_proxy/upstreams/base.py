@@ -7,7 +7,7 @@ see a vendor SDK's exception types (and never a message that could carry a key).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Protocol, TypeAlias
 
@@ -49,7 +49,7 @@ class Upstream(Protocol):
         and ``usage`` are filled; the proxy adds the request id and cost."""
         ...
 
-    def stream(self, request: ChatRequest) -> AsyncIterator[UpstreamEvent]:
+    def stream(self, request: ChatRequest) -> AsyncGenerator[UpstreamEvent, None]:
         """Deltas, tool-call pieces in order, one ``UsageEvent`` when the vendor reports it,
         then exactly one ``FinishEvent``. Failures raise ``ProxyError`` at the point they
         happen, so a stream that already produced text can still end with an error event.

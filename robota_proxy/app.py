@@ -1,0 +1,183 @@
+"""``create_app``: the proxy as one Starlette app, standalone or mounted in a host app.
+
+Resources (one connection pool per vendor) belong to the app and are opened and closed exactly
+once, whichever of three ways the app is run:
+
+1. standalone (``robota-proxy serve``, ``uvicorn``): the app's own lifespan does it;
+2. mounted with ``robota_proxy.mount(host, "/llm", proxy)`` or with the host's lifespan
+   entering ``proxy.lifespan``: the host's startup and shutdown do it (Starlette and FastAPI
+   never run a mounted sub-app's lifespan, which is why this is needed);
+3. mounted with a bare ``host.mount("/llm", proxy)``: the first request opens them (once,
+   under a lock) and a warning says they will not be closed before the process exits.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+import anyio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from robota_proxy import scope as keys
+from robota_proxy.errors import InternalError, InvalidRequest, NotFound, ProxyError
+from robota_proxy.middleware.auth import AuthMiddleware
+from robota_proxy.middleware.request_context import RequestContextMiddleware
+from robota_proxy.policy.principals import Principal
+from robota_proxy.policy.static_keys import StaticKeyAuthenticator
+from robota_proxy.responses import error_response
+from robota_proxy.routes import health
+from robota_proxy.routes.account import AccountRoutes
+from robota_proxy.routes.chat import ChatRoutes
+from robota_proxy.settings import Settings
+from robota_proxy.upstreams.registry import UpstreamRegistry, build_upstreams
+
+log = logging.getLogger("robota_proxy")
+
+
+class Resources:
+    """Everything the app opens at start and closes at stop, guarded to happen once."""
+
+    def __init__(self, registry: UpstreamRegistry) -> None:
+        self.registry = registry
+        self._lock = anyio.Lock()
+        self._open = False
+        self._users = 0
+
+    @property
+    def is_open(self) -> bool:
+        return self._open
+
+    async def open(self) -> None:
+        async with self._lock:
+            self._users += 1
+            if not self._open:
+                self.registry.open()
+                self._open = True
+                log.info("resources opened (providers: %s)", ", ".join(self.registry.names()))
+
+    async def close(self) -> None:
+        """Closes when the last opener leaves, so nested lifespans (standalone app that is
+        also entered by a host) close once, at the outermost exit."""
+        async with self._lock:
+            self._users = max(0, self._users - 1)
+            if self._open and self._users == 0:
+                self._open = False
+                await self.registry.aclose()
+                log.info("resources closed")
+
+
+class ProxyApp(Starlette):
+    """The Starlette app ``create_app`` returns. Mount it, or serve it on its own."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        registry = UpstreamRegistry(lambda: build_upstreams(settings))
+        self.resources = Resources(registry)
+        self._warned_lazy = False
+        chat = ChatRoutes(registry, max_body_bytes=settings.max_body_bytes)
+        account = AccountRoutes(registry)
+        super().__init__(
+            routes=[*health.ROUTES, *chat.routes(), *account.routes()],
+            middleware=[
+                Middleware(RequestContextMiddleware),
+                Middleware(AuthMiddleware, **_auth_options(settings)),
+            ],
+            exception_handlers={
+                ProxyError: _proxy_error,
+                HTTPException: _http_error,
+                Exception: _unexpected_error,
+            },
+            lifespan=self._own_lifespan,
+        )
+
+    @asynccontextmanager
+    async def lifespan(self, app: Any = None) -> AsyncIterator[None]:
+        """Enter from a host app's lifespan to open and close the proxy's resources with it:
+        ``FastAPI(lifespan=proxy.lifespan)``."""
+        await self.resources.open()
+        try:
+            yield
+        finally:
+            await self.resources.close()
+
+    def _own_lifespan(self, app: Starlette) -> AbstractAsyncContextManager[None]:
+        return self.lifespan(app)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan" and not self.resources.is_open:
+            if not self._warned_lazy:
+                self._warned_lazy = True
+                log.warning(
+                    "robota proxy mounted without its lifespan: resources opened on first "
+                    "request and not closed at shutdown; use robota_proxy.mount(host, path, "
+                    "proxy) or enter proxy.lifespan in the host's lifespan"
+                )
+            await self.resources.open()
+        await super().__call__(scope, receive, send)
+
+
+def _auth_options(settings: Settings) -> dict[str, Any]:
+    keys_ = [key.get_secret_value() for key in settings.api_keys]
+    if settings.auth == "disabled":
+        log.warning(
+            "AUTHENTICATION IS DISABLED (ROBOTA_AUTH=disabled): anyone who can reach this "
+            "proxy can spend its vendor keys"
+        )
+        return {"authenticator": StaticKeyAuthenticator(()), "anonymous": Principal("anonymous")}
+    if not keys_:
+        log.warning(
+            "no API keys configured (ROBOTA_API_KEYS): every request will be refused with 401"
+        )
+    return {"authenticator": StaticKeyAuthenticator(keys_)}
+
+
+def create_app(settings: Settings | None = None) -> ProxyApp:
+    """The proxy app. Settings come from the environment and ``.env`` when not given."""
+    return ProxyApp(settings if settings is not None else Settings())
+
+
+def mount(host: Starlette, path: str, proxy: ProxyApp) -> None:
+    """Mount ``proxy`` at ``path`` and tie its resources to the host's lifespan."""
+    host.mount(path, proxy)
+    inner: Callable[[Any], AbstractAsyncContextManager[Any]] = host.router.lifespan_context
+
+    @asynccontextmanager
+    async def combined(app: Any) -> AsyncIterator[Any]:
+        async with proxy.lifespan(app), inner(app) as state:
+            yield state
+
+    host.router.lifespan_context = combined
+
+
+async def _proxy_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ProxyError)
+    return error_response(exc, keys.request_id(request.scope))
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    error: ProxyError
+    if exc.status_code == 404:
+        error = NotFound(f"no route {request.method} {request.url.path}")
+    elif exc.status_code == 405:
+        error = InvalidRequest(f"method {request.method} is not allowed here")
+        response = error_response(error, keys.request_id(request.scope))
+        response.status_code = 405
+        return response
+    else:
+        error = InvalidRequest(str(exc.detail))
+    return error_response(error, keys.request_id(request.scope))
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> Response:
+    request_id = keys.request_id(request.scope)
+    log.error("unexpected error in %s", request_id, exc_info=exc)
+    return error_response(InternalError("internal proxy error"), request_id)

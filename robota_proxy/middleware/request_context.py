@@ -1,0 +1,67 @@
+"""``RequestContextMiddleware``: request id, timing and the one access-log line.
+
+Outermost in the chain so that every response, errors from later middleware included, carries
+``X-Request-ID`` and is logged once. The log line holds method, route path, status and
+milliseconds only: no headers and no query string, so no key can reach the logs through it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from robota_proxy import scope as keys
+from robota_proxy.middleware.paths import route_path
+
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+log = logging.getLogger("robota_proxy.access")
+
+
+def incoming_request_id(scope: Scope) -> str | None:
+    """A caller-supplied ``X-Request-ID``, kept only when it is short and plain, so it can
+    be echoed and logged without letting a caller inject anything."""
+    for name, value in scope.get("headers", ()):
+        if name == b"x-request-id":
+            candidate = value.decode("latin-1")
+            return candidate if _SAFE_ID.match(candidate) else None
+    return None
+
+
+class RequestContextMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            if scope["type"] == "websocket":
+                scope[keys.REQUEST_ID] = incoming_request_id(scope) or keys.new_request_id()
+            await self.app(scope, receive, send)
+            return
+        request_id = incoming_request_id(scope) or keys.new_request_id()
+        scope[keys.REQUEST_ID] = request_id
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message)["X-Request-ID"] = request_id
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            if log.isEnabledFor(logging.INFO):
+                log.info(
+                    "%s %s %d %.1fms %s",
+                    scope["method"],
+                    route_path(scope),
+                    status,
+                    (time.perf_counter() - started) * 1000,
+                    request_id,
+                )

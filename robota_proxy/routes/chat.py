@@ -1,0 +1,120 @@
+"""``POST /ai/chat`` and ``POST /ai/chat/stream``: one chat call, answered whole or streamed."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
+
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from robota_client.messages import (
+    ChatRequest,
+    DoneEvent,
+    ErrorEvent,
+    ResponseMetadata,
+    StreamAssembler,
+    StreamEvent,
+)
+from robota_proxy import scope as keys
+from robota_proxy.chat_body import chat_request
+from robota_proxy.errors import ProxyError, UpstreamError
+from robota_proxy.responses import WireResponse
+from robota_proxy.routes import sse
+from robota_proxy.upstreams.base import FinishEvent, UpstreamEvent
+from robota_proxy.upstreams.registry import UpstreamRegistry
+
+log = logging.getLogger("robota_proxy.chat")
+
+
+class ChatRoutes:
+    def __init__(self, registry: UpstreamRegistry, *, max_body_bytes: int) -> None:
+        self.registry = registry
+        self.max_body_bytes = max_body_bytes
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/ai/chat", self.chat, methods=["POST"]),
+            Route("/ai/chat/stream", self.chat_stream, methods=["POST"]),
+        ]
+
+    async def chat(self, request: Request) -> Response:
+        body = await chat_request(request, self.max_body_bytes)
+        upstream = self.registry.resolve(body)
+        message = await upstream.chat(body)
+        message.metadata.request_id = keys.request_id(request.scope)
+        return WireResponse(message)
+
+    async def chat_stream(self, request: Request) -> Response:
+        body = await chat_request(request, self.max_body_bytes)
+        upstream = self.registry.resolve(body)
+        request_id = keys.request_id(request.scope)
+        events = upstream.stream(body)
+        # Wait for the first upstream event before answering 200: a vendor that refuses the
+        # call outright (429, 401, unreachable) then gets a plain error status the client can
+        # retry on, instead of a 200 stream that only says "error".
+        try:
+            first = await anext(events)
+        except StopAsyncIteration:
+            first = None
+        except BaseException:
+            await events.aclose()
+            raise
+        return StreamingResponse(
+            self._frames(body, request_id, first, events),
+            media_type="text/event-stream",
+            headers=sse.HEADERS,
+        )
+
+    async def _frames(
+        self,
+        body: ChatRequest,
+        request_id: str,
+        first: UpstreamEvent | None,
+        events: AsyncGenerator[UpstreamEvent, None],
+    ) -> AsyncIterator[bytes]:
+        assembler = StreamAssembler()
+        event_id = 0
+
+        def wire(event: UpstreamEvent) -> StreamEvent:
+            if isinstance(event, FinishEvent):
+                metadata = ResponseMetadata(
+                    provider=body.provider,
+                    model=body.model,
+                    finish_reason=event.finish_reason,
+                    request_id=request_id,
+                )
+                return DoneEvent(
+                    finish_reason=event.finish_reason, message=assembler.message(metadata)
+                )
+            assembler.add(event)
+            return event
+
+        async with aclosing(events):
+            try:
+                if first is not None:
+                    event_id += 1
+                    yield sse.frame(event_id, wire(first))
+                async for event in events:
+                    event_id += 1
+                    yield sse.frame(event_id, wire(event))
+            except ProxyError as exc:
+                event_id += 1
+                yield sse.frame(event_id, _error_event(exc, request_id))
+            except Exception:
+                log.exception("stream %s failed", request_id)
+                event_id += 1
+                yield sse.frame(
+                    event_id, _error_event(UpstreamError("the stream failed"), request_id)
+                )
+
+
+def _error_event(error: ProxyError, request_id: str) -> ErrorEvent:
+    return ErrorEvent(
+        code=error.code,
+        message=error.message,
+        retry_after=error.retry_after,
+        request_id=request_id,
+    )

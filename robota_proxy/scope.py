@@ -1,0 +1,32 @@
+"""The documented keys under which the middleware pieces share state in the ASGI scope.
+
+Each middleware works alone in someone else's app; when several run together they meet only
+through these keys, never by importing each other.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import MutableMapping
+from typing import Any
+
+#: ``str``: the request id, set by ``RequestContextMiddleware`` (or generated on first use).
+REQUEST_ID = "robota.request_id"
+#: ``robota_proxy.policy.principals.Principal``: who is calling, set by ``AuthMiddleware``.
+PRINCIPAL = "robota.principal"
+#: ``robota_client.messages.ChatRequest``: the parsed chat body, read once and kept here.
+CHAT_REQUEST = "robota.chat_request"
+
+
+def request_id(scope: MutableMapping[str, Any]) -> str:
+    """The request id, creating one when no request-context middleware ran."""
+    existing = scope.get(REQUEST_ID)
+    if isinstance(existing, str):
+        return existing
+    created = new_request_id()
+    scope[REQUEST_ID] = created
+    return created
+
+
+def new_request_id() -> str:
+    return f"req_{uuid.uuid4().hex}"

@@ -1,0 +1,77 @@
+"""Proxy settings, read from the environment (prefix ``ROBOTA_``) and an optional ``.env``.
+
+Vendor keys are also accepted under the vendors' own variable names (``OPENAI_API_KEY``...)
+because that is where teams already keep them. Keys are ``SecretStr`` so that printing the
+settings, or an exception that carries them, never shows a key.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+def _split_commas(value: Any) -> Any:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+def _vendor_key(vendor: str) -> Any:
+    return Field(
+        default=None,
+        validation_alias=AliasChoices(f"ROBOTA_{vendor}_API_KEY", f"{vendor}_API_KEY"),
+    )
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="ROBOTA_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        populate_by_name=True,
+    )
+
+    host: str = "127.0.0.1"
+    port: int = 8787
+
+    #: ``keys`` checks bearer keys against ``api_keys``; ``disabled`` runs open (loudly).
+    auth: Literal["keys", "disabled"] = "keys"
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    upstream_timeout: float = Field(default=60.0, gt=0)
+    max_connections_per_vendor: int = Field(default=1000, gt=0)
+    log_level: str = "info"
+
+    #: The offline ``mock`` provider: on by default so a fresh install answers without keys.
+    mock_enabled: bool = True
+    mock_models: CommaList = Field(default_factory=lambda: ["mock-1"])
+
+    openai_api_key: SecretStr | None = _vendor_key("OPENAI")
+    openai_base_url: str | None = None
+    openai_models: CommaList | None = None
+
+    anthropic_api_key: SecretStr | None = _vendor_key("ANTHROPIC")
+    anthropic_base_url: str | None = None
+    anthropic_models: CommaList | None = None
+    anthropic_default_max_tokens: int = Field(default=4096, gt=0)
+
+    google_api_key: SecretStr | None = _vendor_key("GOOGLE")
+    google_base_url: str = "https://generativelanguage.googleapis.com"
+    google_models: CommaList | None = None
+
+    _split = field_validator(
+        "api_keys", "mock_models", "openai_models", "anthropic_models", "google_models",
+        mode="before",
+    )(_split_commas)
+
+    def secrets(self) -> list[str]:
+        """Every secret the proxy holds, for redaction."""
+        held = [self.openai_api_key, self.anthropic_api_key, self.google_api_key, *self.api_keys]
+        return [secret.get_secret_value() for secret in held if secret is not None]

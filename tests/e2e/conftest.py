@@ -1,0 +1,140 @@
+"""End-to-end fixtures: fake vendors on 127.0.0.1, and the proxy as a real process under
+uvicorn, started with the same CLI a user runs (``python -m robota_proxy serve``)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from robota_proxy.testing import FakeVendors
+
+VENDOR_KEY = "sk-test-vendor-key-0123456789abcdef"
+USER_KEY = "user-key-for-tests-0123456789"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class ProxyProcess:
+    url: str
+    log_path: Path
+    process: subprocess.Popen[bytes]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_proxy(env: Mapping[str, str], log_path: Path) -> ProxyProcess:
+    port = free_port()
+    full_env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("ROBOTA_")
+        and key not in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GOOGLE_API_KEY")
+    }
+    full_env.update(env)
+    full_env["ROBOTA_LOG_LEVEL"] = "info"
+    log_file = log_path.open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "robota_proxy", "serve", "--port", str(port)],
+        env=full_env,
+        cwd=log_path.parent,  # no stray .env from the checkout
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"proxy exited early:\n{log_path.read_text()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=0.5).status_code == 200:
+                return ProxyProcess(url, log_path, process)
+        except httpx.TransportError:
+            time.sleep(0.1)
+    process.kill()
+    raise RuntimeError(f"proxy did not start:\n{log_path.read_text()}")
+
+
+def stop_proxy(proxy: ProxyProcess) -> None:
+    proxy.process.terminate()
+    try:
+        proxy.process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proxy.process.kill()
+        proxy.process.wait()
+
+
+def vendor_env(fake: FakeVendors, key: str = VENDOR_KEY) -> dict[str, str]:
+    return {
+        "ROBOTA_OPENAI_API_KEY": key,
+        "ROBOTA_OPENAI_BASE_URL": fake.openai_base_url,
+        "ROBOTA_ANTHROPIC_API_KEY": key,
+        "ROBOTA_ANTHROPIC_BASE_URL": fake.anthropic_base_url,
+        "ROBOTA_GOOGLE_API_KEY": key,
+        "ROBOTA_GOOGLE_BASE_URL": fake.google_base_url,
+    }
+
+
+@pytest.fixture(scope="session")
+def fake_server() -> Iterator[FakeVendors]:
+    with FakeVendors(api_key=VENDOR_KEY) as fake:
+        yield fake
+
+
+@pytest.fixture
+def fake(fake_server: FakeVendors) -> Iterator[FakeVendors]:
+    fake_server.reset()
+    yield fake_server
+    fake_server.reset()
+
+
+@pytest.fixture(scope="session")
+def proxy(
+    fake_server: FakeVendors, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ProxyProcess]:
+    env = {
+        **vendor_env(fake_server),
+        "ROBOTA_API_KEYS": f"{USER_KEY},second-user-key-abcdef",
+        "ROBOTA_UPSTREAM_TIMEOUT": "2",
+        "ROBOTA_MAX_BODY_BYTES": str(64 * 1024),
+    }
+    running = start_proxy(env, tmp_path_factory.mktemp("proxy") / "proxy.log")
+    yield running
+    stop_proxy(running)
+
+
+@pytest.fixture(scope="session")
+def broken_proxy(
+    fake_server: FakeVendors, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ProxyProcess]:
+    """A proxy whose vendor keys are wrong and whose Anthropic points at a closed port."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    env = {
+        **vendor_env(fake_server, key="sk-wrong-vendor-key-9876543210fedcba"),
+        "ROBOTA_ANTHROPIC_BASE_URL": dead,
+        "ROBOTA_API_KEYS": USER_KEY,
+    }
+    running = start_proxy(env, tmp_path_factory.mktemp("broken") / "proxy.log")
+    yield running
+    stop_proxy(running)
