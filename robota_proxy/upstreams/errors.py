@@ -44,11 +44,15 @@ def retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:
         raw = raw.strip()
         try:
             seconds = float(raw)
-            return max(0.0, seconds / 1000 if name == "retry-after-ms" else seconds)
         except ValueError:
-            parsed = email.utils.parsedate_to_datetime(raw) if name == "retry-after" else None
-            if parsed is not None:
-                return max(0.0, parsed.timestamp() - time.time())
+            if name == "retry-after-ms":
+                continue
+            try:
+                when = email.utils.parsedate_to_datetime(raw)
+            except (TypeError, ValueError):
+                continue
+            return max(0.0, when.timestamp() - time.time())
+        return max(0.0, seconds / 1000 if name == "retry-after-ms" else seconds)
     return None
 
 

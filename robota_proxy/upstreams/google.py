@@ -1,0 +1,559 @@
+"""Google Gemini through its REST API (``generateContent`` / ``streamGenerateContent``).
+
+Plain httpx instead of Google's SDK: the REST shape is small and stable, and owning the
+client means owning the connection pool, the timeouts and every exception that can escape.
+The key travels in the ``x-goog-api-key`` header, never in the URL, so that it cannot end
+up in an access log or in an exception message that quotes the URL.
+
+Gemini specifics the translation has to absorb:
+
+* it has no tool-call ids, so ids are minted here (``call_<hex>``) and tool results are tied
+  back to their call by *name*, looked up from the assistant message that made the call;
+* tool parameters go out as ``parametersJsonSchema`` (full JSON Schema, v1beta) rather than
+  ``parameters`` (an OpenAPI subset that rejects ``additionalProperties`` and friends);
+* thinking models attach an opaque ``thoughtSignature`` to function calls and Gemini 3
+  refuses a replayed function call without it. The wire contract has nowhere to carry it,
+  so this adapter remembers the signatures it received per tool-call id (bounded, in memory)
+  and falls back to Google's documented ``skip_thought_signature_validator`` sentinel for
+  calls it never saw (another replica, a restart, or a call made by another vendor);
+* an invalid key is answered with HTTP 400 ``API_KEY_INVALID``, which is treated as the
+  credentials failure it is rather than as the caller's bad request.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncGenerator, Iterable, Mapping
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+from httpx_sse import SSEError, aconnect_sse
+
+from robota_client.messages import (
+    AssistantMessage,
+    ChatOptions,
+    ChatRequest,
+    DeltaEvent,
+    FinishReason,
+    FunctionCall,
+    ResponseMetadata,
+    ToolCall,
+    ToolCallEvent,
+    ToolSchema,
+    UniversalMessage,
+    Usage,
+    UsageEvent,
+)
+from robota_proxy.errors import InvalidRequest, ProxyError, UpstreamError
+from robota_proxy.upstreams.base import FinishEvent, UpstreamEvent
+from robota_proxy.upstreams.errors import (
+    broken_stream_error,
+    error_for_status,
+    retry_after_seconds,
+    timeout_error,
+    unavailable_error,
+)
+
+VENDOR = "google"
+DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
+#: Google's documented value for a function call whose real signature is not available.
+SKIP_SIGNATURE = "skip_thought_signature_validator"
+#: How many thought signatures one adapter remembers; each is a few hundred bytes to a few KB.
+SIGNATURE_MEMORY = 4096
+
+_CONTENT_FILTER = frozenset(
+    {"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY"}
+)
+_MODES = {"auto": "AUTO", "none": "NONE", "required": "ANY"}
+#: JSON Schema keys that only describe the document itself; Gemini has no use for them.
+_SCHEMA_META_KEYS = ("$schema", "$id")
+
+Json = dict[str, Any]
+
+
+class GoogleUpstream:
+    """One Gemini API key and its connection pool."""
+
+    def __init__(
+        self,
+        *,
+        api_key: str,
+        base_url: str = DEFAULT_BASE_URL,
+        timeout: float = 60.0,
+        models: list[str] | None = None,
+        name: str = "google",
+        max_connections: int = 1000,
+    ) -> None:
+        self.name = name
+        self._api_key = api_key
+        self._models = list(models) if models is not None else None
+        self._signatures = SignatureMemory(SIGNATURE_MEMORY)
+        self._client = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"),
+            headers={"x-goog-api-key": api_key},
+            timeout=httpx.Timeout(timeout),
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
+        )
+
+    def models(self) -> list[str] | None:
+        return list(self._models) if self._models is not None else None
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def chat(self, request: ChatRequest) -> AssistantMessage:
+        body = build_body(request, self._signatures)
+        try:
+            response = await self._client.post(_path(request.model, "generateContent"), json=body)
+        except httpx.TimeoutException:
+            raise timeout_error(VENDOR) from None
+        except httpx.HTTPError:
+            raise unavailable_error(VENDOR) from None
+        if response.status_code >= 400:
+            raise self._status_error(response)
+        try:
+            payload = response.json()
+        except ValueError:
+            raise UpstreamError(f"{VENDOR} sent a malformed response") from None
+        raise_embedded_error(payload, self._api_key)
+        message = parse_response(_as_dict(payload), request.model, self.name)
+        self._remember_signatures(payload, message.tool_calls or [])
+        return message
+
+    async def stream(self, request: ChatRequest) -> AsyncGenerator[UpstreamEvent, None]:
+        body = build_body(request, self._signatures)
+        state = StreamState(self._signatures)
+        started = False
+        try:
+            async with aconnect_sse(
+                self._client,
+                "POST",
+                _path(request.model, "streamGenerateContent"),
+                params={"alt": "sse"},
+                json=body,
+            ) as source:
+                if source.response.status_code >= 400:
+                    await source.response.aread()
+                    raise self._status_error(source.response)
+                started = True
+                async with aclosing(source.aiter_sse()) as frames:
+                    async for frame in frames:
+                        chunk = _decode_chunk(frame.data)
+                        raise_embedded_error(chunk, self._api_key)
+                        for event in state.feed(chunk):
+                            yield event
+        except httpx.TimeoutException:
+            raise timeout_error(VENDOR) from None
+        except (httpx.HTTPError, SSEError):
+            raise (broken_stream_error(VENDOR) if started else unavailable_error(VENDOR)) from None
+        for event in state.finish():
+            yield event
+
+    def _status_error(self, response: httpx.Response) -> ProxyError:
+        status, message = vendor_error(response)
+        return error_for_status(
+            VENDOR,
+            status,
+            vendor_message=message,
+            retry_after=retry_after_seconds(response.headers),
+            secrets=[self._api_key],
+        )
+
+    def _remember_signatures(self, payload: Any, calls: list[ToolCall]) -> None:
+        parts = [part for part in _candidate_parts(_as_dict(payload)) if "functionCall" in part]
+        for part, call in zip(parts, calls, strict=False):
+            self._signatures.remember(call.id, part.get("thoughtSignature"))
+
+
+class SignatureMemory:
+    """Thought signatures by tool-call id, oldest forgotten first.
+
+    Gemini 3 rejects a replayed function call without the signature it came with, and the
+    wire contract has no field for it, so the adapter keeps it for the conversation's next
+    turn. Losing one only costs the model some reasoning context (the sentinel is sent).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._by_call: OrderedDict[str, str] = OrderedDict()
+
+    def remember(self, call_id: str, signature: Any) -> None:
+        if not isinstance(signature, str) or not signature:
+            return
+        self._by_call[call_id] = signature
+        self._by_call.move_to_end(call_id)
+        while len(self._by_call) > self._limit:
+            self._by_call.popitem(last=False)
+
+    def recall(self, call_id: str) -> str | None:
+        return self._by_call.get(call_id)
+
+
+# --- request -------------------------------------------------------------------------------
+
+
+def build_body(request: ChatRequest, signatures: SignatureMemory) -> Json:
+    """The ``GenerateContentRequest`` for a wire request."""
+    system, contents = translate_messages(request.messages, signatures)
+    body: Json = {"contents": contents}
+    if system:
+        body["systemInstruction"] = {"parts": [{"text": text} for text in system]}
+    if request.tools:
+        body["tools"] = [{"functionDeclarations": [_declaration(t) for t in request.tools]}]
+        tool_config = _tool_config(request.options.tool_choice)
+        if tool_config:
+            body["toolConfig"] = tool_config
+    generation = _generation_config(request.options)
+    if generation:
+        body["generationConfig"] = generation
+    return body
+
+
+def translate_messages(
+    messages: Iterable[UniversalMessage], signatures: SignatureMemory
+) -> tuple[list[str], list[Json]]:
+    """System texts and the merged ``contents`` list.
+
+    Gemini wants strictly alternating turns and all answers to one round of parallel calls
+    in a single content, so consecutive contents with the same role are merged.
+    """
+    system: list[str] = []
+    contents: list[Json] = []
+    call_names: dict[str, str] = {}
+    for message in messages:
+        if message.role == "system":
+            system.append(message.content or "")
+            continue
+        if message.role == "assistant":
+            for call in message.tool_calls or []:
+                call_names[call.id] = call.function.name
+            role, parts = "model", _assistant_parts(message, signatures)
+        elif message.role == "tool":
+            role, parts = "user", [_function_response(message, call_names)]
+        else:
+            role, parts = "user", [{"text": message.content or ""}]
+        if not parts:
+            continue
+        if contents and contents[-1]["role"] == role:
+            contents[-1]["parts"].extend(parts)
+        else:
+            contents.append({"role": role, "parts": parts})
+    return system, contents
+
+
+def _assistant_parts(message: UniversalMessage, signatures: SignatureMemory) -> list[Json]:
+    parts: list[Json] = []
+    if message.content:
+        parts.append({"text": message.content})
+    for position, call in enumerate(message.tool_calls or []):
+        part: Json = {"functionCall": {"name": call.function.name, "args": _arguments(call)}}
+        # Gemini puts the signature on the first call of a step; a parallel sibling has none.
+        signature = signatures.recall(call.id) or (SKIP_SIGNATURE if position == 0 else None)
+        if signature:
+            part["thoughtSignature"] = signature
+        parts.append(part)
+    return parts
+
+
+def _arguments(call: ToolCall) -> Any:
+    try:
+        arguments = call.parsed_arguments()
+    except ValueError:
+        raise InvalidRequest(
+            f"the arguments of tool call {call.id!r} ({call.function.name}) are not valid JSON"
+        ) from None
+    if not isinstance(arguments, dict):
+        raise InvalidRequest(
+            f"the arguments of tool call {call.id!r} ({call.function.name}) "
+            "must be a JSON object"
+        )
+    return arguments
+
+
+def _function_response(message: UniversalMessage, call_names: Mapping[str, str]) -> Json:
+    call_id = message.tool_call_id or ""
+    name = call_names.get(call_id)
+    if name is None:
+        raise InvalidRequest(
+            f"tool message answers toolCallId {call_id!r}, "
+            "which no earlier assistant message called"
+        )
+    return {"functionResponse": {"name": name, "response": _tool_result(message.content or "")}}
+
+
+def _tool_result(content: str) -> Json:
+    """Gemini wants an object: a JSON object result is passed as is, anything else wrapped."""
+    try:
+        parsed = json.loads(content)
+    except ValueError:
+        return {"result": content}
+    return parsed if isinstance(parsed, dict) else {"result": content}
+
+
+def _declaration(tool: ToolSchema) -> Json:
+    schema = {key: value for key, value in tool.parameters.items() if key not in _SCHEMA_META_KEYS}
+    declaration: Json = {"name": tool.name, "parametersJsonSchema": schema}
+    if tool.description:
+        declaration["description"] = tool.description
+    return declaration
+
+
+def _tool_config(choice: str | None) -> Json | None:
+    if not choice:
+        return None
+    mode = _MODES.get(choice)
+    if mode:
+        return {"functionCallingConfig": {"mode": mode}}
+    return {"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": [choice]}}
+
+
+def _generation_config(options: ChatOptions) -> Json:
+    config: Json = {}
+    if options.temperature is not None:
+        config["temperature"] = options.temperature
+    if options.max_tokens is not None:
+        config["maxOutputTokens"] = options.max_tokens
+    if options.top_p is not None:
+        config["topP"] = options.top_p
+    if options.stop:
+        config["stopSequences"] = list(options.stop)
+    if options.response_format == "json":
+        config["responseMimeType"] = "application/json"
+    return config
+
+
+def _path(model: str, method: str) -> str:
+    # Callers may use Google's resource name ("models/gemini-2.5-flash"); quoting keeps any
+    # other slash or "?" in a model name from reaching a different endpoint.
+    name = model.removeprefix("models/")
+    return f"/v1beta/models/{quote(name, safe='')}:{method}"
+
+
+# --- response ------------------------------------------------------------------------------
+
+
+def parse_response(payload: Json, requested_model: str, provider: str) -> AssistantMessage:
+    """A whole ``GenerateContentResponse`` as the wire's assistant message."""
+    texts: list[str] = []
+    calls: list[ToolCall] = []
+    for part in _candidate_parts(payload):
+        text = _visible_text(part)
+        if text:
+            texts.append(text)
+        call = _tool_call(part)
+        if call is not None:
+            calls.append(call)
+    reason = finish_reason(payload, has_calls=bool(calls))
+    text = "".join(texts)
+    return AssistantMessage(
+        content=text if text or not calls else None,
+        tool_calls=calls or None,
+        usage=usage_from(payload.get("usageMetadata")),
+        metadata=ResponseMetadata(
+            provider=provider,
+            model=_model_version(payload) or requested_model,
+            finish_reason=reason,
+        ),
+    )
+
+
+def finish_reason(payload: Json, *, has_calls: bool) -> FinishReason:
+    candidates = _as_list(payload.get("candidates"))
+    if not candidates and _as_dict(payload.get("promptFeedback")).get("blockReason"):
+        return "content_filter"
+    raw = _as_dict(candidates[0]).get("finishReason") if candidates else None
+    return map_finish_reason(raw, has_calls=has_calls)
+
+
+def map_finish_reason(raw: Any, *, has_calls: bool) -> FinishReason:
+    if raw == "MAX_TOKENS":
+        return "length"
+    if raw in _CONTENT_FILTER:
+        return "content_filter"
+    return "tool_calls" if has_calls else "stop"
+
+
+def usage_from(metadata: Any) -> Usage:
+    """``usageMetadata`` as wire usage; thinking tokens count as completion tokens because
+    they are billed as output."""
+    meta = _as_dict(metadata)
+    prompt = _count(meta, "promptTokenCount") or 0
+    thoughts = _count(meta, "thoughtsTokenCount")
+    completion = (_count(meta, "candidatesTokenCount") or 0) + (thoughts or 0)
+    total = _count(meta, "totalTokenCount")
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=total if total is not None else prompt + completion,
+        cached_prompt_tokens=_count(meta, "cachedContentTokenCount"),
+        reasoning_tokens=thoughts,
+    )
+
+
+def _count(meta: Json, key: str) -> int | None:
+    value = meta.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _candidate_parts(payload: Json) -> list[Json]:
+    candidates = _as_list(payload.get("candidates"))
+    if not candidates:
+        return []
+    content = _as_dict(_as_dict(candidates[0]).get("content"))
+    return [part for part in _as_list(content.get("parts")) if isinstance(part, dict)]
+
+
+def _visible_text(part: Json) -> str:
+    text = part.get("text")
+    if not isinstance(text, str) or part.get("thought") is True:
+        return ""
+    return text
+
+
+def _tool_call(part: Json) -> ToolCall | None:
+    call = part.get("functionCall")
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+        return None
+    call_id = call.get("id")
+    args = call.get("args")
+    return ToolCall(
+        id=call_id if isinstance(call_id, str) and call_id else f"call_{uuid.uuid4().hex}",
+        function=FunctionCall(
+            name=call["name"], arguments=json.dumps(args if args is not None else {})
+        ),
+    )
+
+
+def _model_version(payload: Json) -> str | None:
+    version = payload.get("modelVersion")
+    return version if isinstance(version, str) and version else None
+
+
+def _as_dict(value: Any) -> Json:
+    return value if isinstance(value, dict) else {}
+
+
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+# --- streaming -----------------------------------------------------------------------------
+
+
+@dataclass
+class StreamState:
+    """What a stream has said so far: Gemini repeats cumulative usage on every chunk and
+    names the finish reason only on the last one, so both are held until the end."""
+
+    signatures: SignatureMemory
+    tool_calls: int = 0
+    usage: Any = None
+    raw_finish: Any = None
+    blocked: bool = False
+    chunks: int = field(default=0)
+
+    def feed(self, chunk: Json) -> list[UpstreamEvent]:
+        self.chunks += 1
+        if chunk.get("usageMetadata") is not None:
+            self.usage = chunk["usageMetadata"]
+        candidates = _as_list(chunk.get("candidates"))
+        if not candidates and _as_dict(chunk.get("promptFeedback")).get("blockReason"):
+            self.blocked = True
+        if candidates and _as_dict(candidates[0]).get("finishReason"):
+            self.raw_finish = candidates[0]["finishReason"]
+        return [event for part in _candidate_parts(chunk) for event in self._events(part)]
+
+    def _events(self, part: Json) -> list[UpstreamEvent]:
+        events: list[UpstreamEvent] = []
+        text = _visible_text(part)
+        if text:
+            events.append(DeltaEvent(content=text))
+        call = _tool_call(part)
+        if call is not None:
+            self.signatures.remember(call.id, part.get("thoughtSignature"))
+            events.append(
+                ToolCallEvent(
+                    index=self.tool_calls,
+                    id=call.id,
+                    name=call.function.name,
+                    arguments_delta=call.function.arguments,
+                )
+            )
+            self.tool_calls += 1
+        return events
+
+    def finish(self) -> list[UpstreamEvent]:
+        """The closing usage and finish events.
+
+        A stream that ends without a finish reason was cut off: Gemini leaves the reason
+        empty exactly while the model is still generating.
+        """
+        if self.blocked:
+            reason: FinishReason = "content_filter"
+        elif self.raw_finish is None:
+            raise broken_stream_error(VENDOR)
+        else:
+            reason = map_finish_reason(self.raw_finish, has_calls=self.tool_calls > 0)
+        events: list[UpstreamEvent] = []
+        if self.usage is not None:
+            events.append(UsageEvent(usage=usage_from(self.usage)))
+        events.append(FinishEvent(finish_reason=reason))
+        return events
+
+
+def _decode_chunk(data: str) -> Json:
+    try:
+        chunk = json.loads(data)
+    except ValueError:
+        raise broken_stream_error(VENDOR) from None
+    if not isinstance(chunk, dict):
+        raise broken_stream_error(VENDOR)
+    return chunk
+
+
+# --- errors --------------------------------------------------------------------------------
+
+
+def vendor_error(response: httpx.Response) -> tuple[int, str | None]:
+    """The status to map and Google's own message, from an error response.
+
+    Google answers a bad key with 400 ``API_KEY_INVALID``; it is reported as a 401 so the
+    caller hears "the proxy's credentials" rather than "your request is wrong".
+    """
+    try:
+        error = _as_dict(_as_dict(response.json()).get("error"))
+    except ValueError:
+        return response.status_code, None
+    message = error.get("message")
+    status = 401 if _is_key_error(error) else response.status_code
+    return status, message if isinstance(message, str) else None
+
+
+def raise_embedded_error(payload: Any, api_key: str) -> None:
+    """Gemini can report a failure inside a 200 body or an SSE frame (``{"error": ...}``)."""
+    error = _as_dict(payload).get("error")
+    if not isinstance(error, dict):
+        return
+    code = error.get("code")
+    status = code if isinstance(code, int) and 400 <= code < 600 else 500
+    message = error.get("message")
+    raise error_for_status(
+        VENDOR,
+        401 if _is_key_error(error) else status,
+        vendor_message=message if isinstance(message, str) else None,
+        secrets=[api_key],
+    )
+
+
+def _is_key_error(error: Json) -> bool:
+    return any(
+        _as_dict(detail).get("reason") == "API_KEY_INVALID"
+        for detail in _as_list(error.get("details"))
+    )
