@@ -119,9 +119,7 @@ class ToolSchema(WireModel):
     name: str = Field(min_length=1, max_length=128)
     description: str = ""
     #: JSON Schema of the arguments object.
-    parameters: dict[str, Any] = Field(
-        default_factory=lambda: {"type": "object", "properties": {}}
-    )
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
 
 
 def _stop_as_list(value: Any) -> Any:

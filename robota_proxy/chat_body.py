@@ -25,9 +25,7 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
         async for chunk in request.stream():
             body += chunk
             if len(body) > max_bytes:
-                raise PayloadTooLarge(
-                    f"request body is larger than the limit of {max_bytes} bytes"
-                )
+                raise PayloadTooLarge(f"request body is larger than the limit of {max_bytes} bytes")
     except ClientDisconnect as exc:
         raise InvalidRequest("the client went away before sending the whole body") from exc
     return bytes(body)

@@ -67,7 +67,11 @@ class Settings(BaseSettings):
     google_models: CommaList | None = None
 
     _split = field_validator(
-        "api_keys", "mock_models", "openai_models", "anthropic_models", "google_models",
+        "api_keys",
+        "mock_models",
+        "openai_models",
+        "anthropic_models",
+        "google_models",
         mode="before",
     )(_split_commas)
 

@@ -22,7 +22,8 @@ from robota_proxy.responses import error_response
 def bearer_credential(scope: Scope) -> str | None:
     for name, value in scope.get("headers", ()):
         if name == b"authorization":
-            scheme, _, credential = value.decode("latin-1").partition(" ")
+            header: str = value.decode("latin-1")
+            scheme, _, credential = header.partition(" ")
             if scheme.lower() == "bearer" and credential.strip():
                 return credential.strip()
             return None

@@ -33,4 +33,3 @@ class StaticKeyAuthenticator:
             if hmac.compare_digest(digest, offered):
                 found = ident
         return Principal(user=found, key_id=found) if found else None
-

@@ -17,7 +17,5 @@ class AccountRoutes:
         return [Route("/ai/models", self.models, methods=["GET"])]
 
     async def models(self, request: Request) -> Response:
-        providers = {
-            name: {"models": models} for name, models in self.registry.catalogue().items()
-        }
+        providers = {name: {"models": models} for name, models in self.registry.catalogue().items()}
         return JSONResponse({"providers": providers})

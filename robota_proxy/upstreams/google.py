@@ -27,7 +27,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Iterable, Mapping
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
@@ -123,9 +123,7 @@ class GoogleUpstream:
         except ValueError:
             raise UpstreamError(f"{VENDOR} sent a malformed response") from None
         raise_embedded_error(payload, self._api_key)
-        message = parse_response(_as_dict(payload), request.model, self.name)
-        self._remember_signatures(payload, message.tool_calls or [])
-        return message
+        return parse_response(_as_dict(payload), request.model, self.name, self._signatures)
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[UpstreamEvent, None]:
         body = build_body(request, self._signatures)
@@ -165,11 +163,6 @@ class GoogleUpstream:
             retry_after=retry_after_seconds(response.headers),
             secrets=[self._api_key],
         )
-
-    def _remember_signatures(self, payload: Any, calls: list[ToolCall]) -> None:
-        parts = [part for part in _candidate_parts(_as_dict(payload)) if "functionCall" in part]
-        for part, call in zip(parts, calls, strict=False):
-            self._signatures.remember(call.id, part.get("thoughtSignature"))
 
 
 class SignatureMemory:
@@ -271,8 +264,7 @@ def _arguments(call: ToolCall) -> Any:
         ) from None
     if not isinstance(arguments, dict):
         raise InvalidRequest(
-            f"the arguments of tool call {call.id!r} ({call.function.name}) "
-            "must be a JSON object"
+            f"the arguments of tool call {call.id!r} ({call.function.name}) must be a JSON object"
         )
     return arguments
 
@@ -339,7 +331,9 @@ def _path(model: str, method: str) -> str:
 # --- response ------------------------------------------------------------------------------
 
 
-def parse_response(payload: Json, requested_model: str, provider: str) -> AssistantMessage:
+def parse_response(
+    payload: Json, requested_model: str, provider: str, signatures: SignatureMemory
+) -> AssistantMessage:
     """A whole ``GenerateContentResponse`` as the wire's assistant message."""
     texts: list[str] = []
     calls: list[ToolCall] = []
@@ -349,6 +343,7 @@ def parse_response(payload: Json, requested_model: str, provider: str) -> Assist
             texts.append(text)
         call = _tool_call(part)
         if call is not None:
+            signatures.remember(call.id, part.get("thoughtSignature"))
             calls.append(call)
     reason = finish_reason(payload, has_calls=bool(calls))
     text = "".join(texts)
@@ -457,10 +452,8 @@ class StreamState:
     usage: Any = None
     raw_finish: Any = None
     blocked: bool = False
-    chunks: int = field(default=0)
 
     def feed(self, chunk: Json) -> list[UpstreamEvent]:
-        self.chunks += 1
         if chunk.get("usageMetadata") is not None:
             self.usage = chunk["usageMetadata"]
         candidates = _as_list(chunk.get("candidates"))

@@ -70,7 +70,13 @@ CASES: list[tuple[str, Any, int, str, tuple[str, ...]]] = [
         ("toolCallId",),
     ),
     ("empty messages", with_(messages=[]), 400, "invalid_request", ("messages",)),
-    ("missing model", {"provider": "mock", "messages": GOOD["messages"]}, 400, "invalid_request", ("model",)),
+    (
+        "missing model",
+        {"provider": "mock", "messages": GOOD["messages"]},
+        400,
+        "invalid_request",
+        ("model",),
+    ),
     ("unknown provider", with_(provider="nope"), 404, "not_found", ("nope", "mock")),
     ("unknown model", with_(model="mock-99"), 404, "not_found", ("mock-99", "mock-1")),
     (
@@ -114,7 +120,7 @@ async def test_body_over_the_limit_by_content_length(http: httpx.AsyncClient) ->
     assert_error(response, 413, "payload_too_large", str(64 * 1024))
 
 
-async def test_body_over_the_limit_is_refused_while_reading(proxy: ProxyProcess) -> None:
+def test_body_over_the_limit_is_refused_while_reading(proxy: ProxyProcess) -> None:
     """A chunked body with no Content-Length, far larger than the limit, is cut off as soon
     as the limit is crossed: the proxy answers 413 before the client has sent it all."""
     sent = 0

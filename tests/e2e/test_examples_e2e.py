@@ -88,9 +88,7 @@ def test_quickstart(proxy: ProxyProcess) -> None:
 
 @pytest.mark.parametrize("stream", ["0", "1"])
 def test_tool_agent_with_mock(proxy: ProxyProcess, stream: str) -> None:
-    out = run_example(
-        "tool_agent.py", proxy, "weather in get_weather Paris", ROBOTA_STREAM=stream
-    )
+    out = run_example("tool_agent.py", proxy, "weather in get_weather Paris", ROBOTA_STREAM=stream)
     assert "-> get_weather(" in out
     assert "Tool get_weather returned:" in out
 

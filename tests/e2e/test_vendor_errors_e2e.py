@@ -7,8 +7,6 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-
-from robota_client import RemoteAIProvider
 from robota_client.errors import (
     RateLimitedError,
     RemoteError,
@@ -16,7 +14,9 @@ from robota_client.errors import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
-from robota_proxy.testing import Fault, FakeVendors, Reply
+
+from robota_client import RemoteAIProvider
+from robota_proxy.testing import FakeVendors, Fault, Reply
 from tests.e2e.conftest import USER_KEY, VENDOR_KEY, ProxyProcess
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]

@@ -108,10 +108,14 @@ async def test_chat(remote: RemoteAIProvider, fake: FakeVendors) -> None:
         assert body["generationConfig"]["maxOutputTokens"] == 50
 
 
-async def test_chat_stream_yields_text_in_pieces(remote: RemoteAIProvider, fake: FakeVendors) -> None:
+async def test_chat_stream_yields_text_in_pieces(
+    remote: RemoteAIProvider, fake: FakeVendors
+) -> None:
     text = "Streaming works one word at a time"
     fake.script(Reply(text=text), match="stream please")
-    chunks = [chunk async for chunk in remote.chat_stream([{"role": "user", "content": "stream please"}])]
+    chunks = [
+        chunk async for chunk in remote.chat_stream([{"role": "user", "content": "stream please"}])
+    ]
     assert len(chunks) > 1
     assert "".join(chunks) == text
     assert last_vendor_request(fake, remote.target_provider).stream

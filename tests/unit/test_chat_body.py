@@ -15,11 +15,20 @@ def test_typescript_robota_messages_are_accepted() -> None:
         "provider": "openai",
         "model": "gpt-4o",
         "messages": [
-            {"role": "user", "content": "hi", "id": "m1", "timestamp": "2025-01-01T00:00:00Z",
-             "state": "complete"},
-            {"role": "assistant", "content": None,
-             "toolCalls": [{"id": "c1", "type": "function",
-                            "function": {"name": "f", "arguments": "{}"}}]},
+            {
+                "role": "user",
+                "content": "hi",
+                "id": "m1",
+                "timestamp": "2025-01-01T00:00:00Z",
+                "state": "complete",
+            },
+            {
+                "role": "assistant",
+                "content": None,
+                "toolCalls": [
+                    {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+                ],
+            },
             {"role": "tool", "toolCallId": "c1", "content": "42"},
         ],
         "options": {"maxTokens": 10, "stop": "END"},
@@ -51,10 +60,15 @@ def test_snake_case_is_accepted_too() -> None:
         (b"   ", "empty"),
         (b'{"provider": "x", "model": "y", "messages": [{"role": "assistant"}]}', "toolCalls"),
         (b'{"provider": "x", "model": "y", "messages": [{"role": "user"}]}', "content"),
-        (b'{"provider": "", "model": "y", "messages": [{"role": "user", "content": "a"}]}',
-         "provider"),
-        (b'{"provider": "x", "model": "y", "messages": [{"role": "user", "content": "a"}],'
-         b' "options": {"maxTokens": 0}}', "maxTokens"),
+        (
+            b'{"provider": "", "model": "y", "messages": [{"role": "user", "content": "a"}]}',
+            "provider",
+        ),
+        (
+            b'{"provider": "x", "model": "y", "messages": [{"role": "user", "content": "a"}],'
+            b' "options": {"maxTokens": 0}}',
+            "maxTokens",
+        ),
     ],
 )
 def test_errors_name_the_problem(body: bytes, words: str) -> None:
