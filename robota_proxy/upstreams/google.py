@@ -117,7 +117,7 @@ class GoogleUpstream:
         except httpx.HTTPError:
             raise unavailable_error(VENDOR) from None
         if response.status_code >= 400:
-            raise self._status_error(response)
+            raise status_error(response, self._api_key)
         try:
             payload = response.json()
         except ValueError:
@@ -139,7 +139,7 @@ class GoogleUpstream:
             ) as source:
                 if source.response.status_code >= 400:
                     await source.response.aread()
-                    raise self._status_error(source.response)
+                    raise status_error(source.response, self._api_key)
                 started = True
                 async with aclosing(source.aiter_sse()) as frames:
                     async for frame in frames:
@@ -153,16 +153,6 @@ class GoogleUpstream:
             raise (broken_stream_error(VENDOR) if started else unavailable_error(VENDOR)) from None
         for event in state.finish():
             yield event
-
-    def _status_error(self, response: httpx.Response) -> ProxyError:
-        status, message = vendor_error(response)
-        return error_for_status(
-            VENDOR,
-            status,
-            vendor_message=message,
-            retry_after=retry_after_seconds(response.headers),
-            secrets=[self._api_key],
-        )
 
 
 class SignatureMemory:
@@ -514,39 +504,54 @@ def _decode_chunk(data: str) -> Json:
 # --- errors --------------------------------------------------------------------------------
 
 
-def vendor_error(response: httpx.Response) -> tuple[int, str | None]:
-    """The status to map and Google's own message, from an error response.
-
-    Google answers a bad key with 400 ``API_KEY_INVALID``; it is reported as a 401 so the
-    caller hears "the proxy's credentials" rather than "your request is wrong".
-    """
+def status_error(response: httpx.Response, api_key: str) -> ProxyError:
+    """The wire error for a Gemini error response (its body already read)."""
     try:
         error = _as_dict(_as_dict(response.json()).get("error"))
     except ValueError:
-        return response.status_code, None
-    message = error.get("message")
-    status = 401 if _is_key_error(error) else response.status_code
-    return status, message if isinstance(message, str) else None
+        error = {}
+    return google_error(error, response.status_code, response.headers, api_key)
 
 
 def raise_embedded_error(payload: Any, api_key: str) -> None:
     """Gemini can report a failure inside a 200 body or an SSE frame (``{"error": ...}``)."""
     error = _as_dict(payload).get("error")
-    if not isinstance(error, dict):
-        return
-    code = error.get("code")
-    status = code if isinstance(code, int) and 400 <= code < 600 else 500
+    if isinstance(error, dict):
+        code = error.get("code")
+        status = code if isinstance(code, int) and 400 <= code < 600 else 500
+        raise google_error(error, status, None, api_key)
+
+
+def google_error(
+    error: Json, status: int, headers: Mapping[str, str] | None, api_key: str
+) -> ProxyError:
+    """Google's ``{"code", "message", "status", "details"}`` error as a wire error.
+
+    Google answers a bad key with 400 ``API_KEY_INVALID``; it is reported as a 401 so the
+    caller hears "the proxy's credentials" rather than "your request is wrong". A 429 names
+    its delay in a ``RetryInfo`` detail rather than in a ``Retry-After`` header.
+    """
+    details = [_as_dict(detail) for detail in _as_list(error.get("details"))]
+    if any(detail.get("reason") == "API_KEY_INVALID" for detail in details):
+        status = 401
+    retry_after = retry_after_seconds(headers)
     message = error.get("message")
-    raise error_for_status(
+    return error_for_status(
         VENDOR,
-        401 if _is_key_error(error) else status,
+        status,
         vendor_message=message if isinstance(message, str) else None,
+        retry_after=retry_after if retry_after is not None else _retry_delay(details),
         secrets=[api_key],
     )
 
 
-def _is_key_error(error: Json) -> bool:
-    return any(
-        _as_dict(detail).get("reason") == "API_KEY_INVALID"
-        for detail in _as_list(error.get("details"))
-    )
+def _retry_delay(details: list[Json]) -> float | None:
+    """``retryDelay`` of a ``google.rpc.RetryInfo`` detail, a protobuf Duration like "37s"."""
+    for detail in details:
+        delay = detail.get("retryDelay")
+        if isinstance(delay, str) and delay.endswith("s"):
+            try:
+                return max(0.0, float(delay[:-1]))
+            except ValueError:
+                return None
+    return None

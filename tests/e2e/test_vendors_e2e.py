@@ -91,8 +91,8 @@ async def test_chat(remote: RemoteAIProvider, fake: FakeVendors) -> None:
     assert answer.metadata.finish_reason == "stop"
     assert answer.metadata.request_id and answer.metadata.request_id.startswith("req_")
     assert answer.usage is not None
-    assert answer.usage.completion_tokens == 5
-    assert answer.usage.total_tokens == answer.usage.prompt_tokens + 5
+    assert answer.usage.completion_tokens == 6  # words in the reply
+    assert answer.usage.total_tokens == answer.usage.prompt_tokens + 6
 
     recorded = last_vendor_request(fake, remote.target_provider)
     assert_vendor_key_used(recorded)

@@ -1,0 +1,766 @@
+"""The Gemini adapter against a mocked REST API: request translation, response
+normalisation, SSE streaming and every failure mapped to the wire errors."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import respx
+
+from robota_client.messages import (
+    ChatRequest,
+    DeltaEvent,
+    StreamAssembler,
+    ToolCallEvent,
+    UsageEvent,
+)
+from robota_proxy.errors import (
+    InvalidRequest,
+    NotFound,
+    ProxyError,
+    RateLimited,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from robota_proxy.upstreams.base import FinishEvent, UpstreamEvent
+from robota_proxy.upstreams.google import SKIP_SIGNATURE, GoogleUpstream
+
+pytestmark = pytest.mark.anyio
+
+KEY = "AIzaSyTESTKEY-0123456789abcdefghij"
+BASE = "https://gemini.test"
+MODEL = "gemini-2.5-flash"
+CHAT_URL = f"{BASE}/v1beta/models/{MODEL}:generateContent"
+STREAM_URL = f"{BASE}/v1beta/models/{MODEL}:streamGenerateContent"
+
+WEATHER = {
+    "name": "get_weather",
+    "description": "Current weather for a city",
+    "parameters": {
+        "$schema": "http://json-schema.org/draft-07/schema#",
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+        "additionalProperties": False,
+    },
+}
+CLOCK = {
+    "name": "get_time",
+    "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}},
+}
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+async def google() -> AsyncIterator[GoogleUpstream]:
+    upstream = GoogleUpstream(api_key=KEY, base_url=BASE, models=[MODEL])
+    yield upstream
+    await upstream.aclose()
+
+
+@pytest.fixture
+def api() -> Iterator[respx.MockRouter]:
+    with respx.mock(assert_all_mocked=True, assert_all_called=False) as router:
+        yield router
+
+
+def chat_request(messages: list[dict[str, Any]], **extra: Any) -> ChatRequest:
+    return ChatRequest.model_validate(
+        {"provider": "google", "model": MODEL, "messages": messages, **extra}
+    )
+
+
+def hello() -> ChatRequest:
+    return chat_request([{"role": "user", "content": "hello"}])
+
+
+def gemini_reply(parts: list[dict[str, Any]], finish: str = "STOP", **extra: Any) -> dict[str, Any]:
+    return {
+        "candidates": [
+            {"content": {"role": "model", "parts": parts}, "finishReason": finish, "index": 0}
+        ],
+        "usageMetadata": {
+            "promptTokenCount": 12,
+            "candidatesTokenCount": 7,
+            "thoughtsTokenCount": 30,
+            "cachedContentTokenCount": 4,
+            "totalTokenCount": 49,
+        },
+        "modelVersion": "gemini-2.5-flash-001",
+        **extra,
+    }
+
+
+def sse_body(*chunks: dict[str, Any] | str) -> bytes:
+    """Frames the way Gemini sends them: ``data: <json>`` separated by CRLF blank lines."""
+    frames = [c if isinstance(c, str) else json.dumps(c) for c in chunks]
+    return "".join(f"data: {frame}\r\n\r\n" for frame in frames).encode()
+
+
+def sse_response(body: bytes | httpx.AsyncByteStream) -> httpx.Response:
+    headers = {"content-type": "text/event-stream"}
+    if isinstance(body, bytes):
+        return httpx.Response(200, headers=headers, content=body)
+    return httpx.Response(200, headers=headers, stream=body)
+
+
+async def collect(google: GoogleUpstream, request: ChatRequest) -> list[UpstreamEvent]:
+    return [event async for event in google.stream(request)]
+
+
+def sent_body(route: respx.Route) -> Any:
+    return json.loads(route.calls.last.request.content)
+
+
+# --- request translation -------------------------------------------------------------------
+
+
+async def test_request_translation(google: GoogleUpstream, api: respx.MockRouter) -> None:
+    route = api.post(CHAT_URL).respond(json=gemini_reply([{"text": "done"}]))
+    request = chat_request(
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "weather and time?"},
+            {
+                "role": "assistant",
+                "content": "Checking.",
+                "toolCalls": [
+                    {
+                        "id": "call_a",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
+                    },
+                    {"id": "call_b", "function": {"name": "get_time", "arguments": ""}},
+                ],
+            },
+            {"role": "tool", "toolCallId": "call_a", "content": '{"temp_c": 21}'},
+            {"role": "tool", "toolCallId": "call_b", "content": "12:00"},
+            {"role": "user", "content": "thanks"},
+        ],
+        tools=[WEATHER, CLOCK],
+        options={
+            "toolChoice": "get_time",
+            "temperature": 0.2,
+            "maxTokens": 64,
+            "topP": 0.9,
+            "stop": "END",
+            "responseFormat": "json",
+        },
+    )
+    await google.chat(request)
+
+    sent = route.calls.last.request
+    assert sent.headers["x-goog-api-key"] == KEY
+    assert KEY not in str(sent.url)
+    body = json.loads(sent.content)
+    assert body["systemInstruction"] == {"parts": [{"text": "Be brief."}]}
+    assert body["contents"] == [
+        {"role": "user", "parts": [{"text": "weather and time?"}]},
+        {
+            "role": "model",
+            "parts": [
+                {"text": "Checking."},
+                {
+                    "functionCall": {"name": "get_weather", "args": {"city": "Oslo"}},
+                    "thoughtSignature": SKIP_SIGNATURE,
+                },
+                {"functionCall": {"name": "get_time", "args": {}}},
+            ],
+        },
+        {
+            "role": "user",
+            "parts": [
+                {"functionResponse": {"name": "get_weather", "response": {"temp_c": 21}}},
+                {"functionResponse": {"name": "get_time", "response": {"result": "12:00"}}},
+                {"text": "thanks"},
+            ],
+        },
+    ]
+    assert body["tools"] == [
+        {
+            "functionDeclarations": [
+                {
+                    "name": "get_weather",
+                    "description": "Current weather for a city",
+                    "parametersJsonSchema": {
+                        "type": "object",
+                        "properties": {"city": {"type": "string"}},
+                        "required": ["city"],
+                        "additionalProperties": False,
+                    },
+                },
+                {
+                    "name": "get_time",
+                    "parametersJsonSchema": {
+                        "type": "object",
+                        "properties": {"tz": {"type": "string"}},
+                    },
+                },
+            ]
+        }
+    ]
+    assert body["toolConfig"] == {
+        "functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": ["get_time"]}
+    }
+    assert body["generationConfig"] == {
+        "temperature": 0.2,
+        "maxOutputTokens": 64,
+        "topP": 0.9,
+        "stopSequences": ["END"],
+        "responseMimeType": "application/json",
+    }
+
+
+@pytest.mark.parametrize(
+    ("choice", "mode"), [("auto", "AUTO"), ("none", "NONE"), ("required", "ANY")]
+)
+async def test_tool_choice_modes(
+    google: GoogleUpstream, api: respx.MockRouter, choice: str, mode: str
+) -> None:
+    route = api.post(CHAT_URL).respond(json=gemini_reply([{"text": "ok"}]))
+    await google.chat(
+        chat_request(
+            [{"role": "user", "content": "hi"}], tools=[CLOCK], options={"toolChoice": choice}
+        )
+    )
+    assert sent_body(route)["toolConfig"] == {"functionCallingConfig": {"mode": mode}}
+
+
+async def test_plain_request_sends_only_contents(
+    google: GoogleUpstream, api: respx.MockRouter
+) -> None:
+    route = api.post(CHAT_URL).respond(json=gemini_reply([{"text": "ok"}]))
+    await google.chat(hello())
+    assert sent_body(route) == {"contents": [{"role": "user", "parts": [{"text": "hello"}]}]}
+
+
+async def test_resource_style_model_name(google: GoogleUpstream, api: respx.MockRouter) -> None:
+    route = api.post(CHAT_URL).respond(json=gemini_reply([{"text": "ok"}]))
+    request = hello()
+    request.model = f"models/{MODEL}"
+    await google.chat(request)
+    assert route.called
+
+
+async def test_unknown_tool_call_id_is_invalid(
+    google: GoogleUpstream, api: respx.MockRouter
+) -> None:
+    route = api.post(CHAT_URL).respond(json=gemini_reply([{"text": "ok"}]))
+    request = chat_request(
+        [
+            {"role": "user", "content": "hi"},
+            {"role": "tool", "toolCallId": "call_ghost", "content": "1"},
+        ]
+    )
+    with pytest.raises(InvalidRequest, match="call_ghost"):
+        await google.chat(request)
+    with pytest.raises(InvalidRequest, match="call_ghost"):
+        await collect(google, request)
+    assert not route.called
+
+
+async def test_invalid_tool_arguments_are_invalid(
+    google: GoogleUpstream, api: respx.MockRouter
+) -> None:
+    route = api.post(CHAT_URL).respond(json=gemini_reply([{"text": "ok"}]))
+    request = chat_request(
+        [
+            {"role": "user", "content": "hi"},
+            {
+                "role": "assistant",
+                "toolCalls": [{"id": "c1", "function": {"name": "f", "arguments": "{oops"}}],
+            },
+            {"role": "tool", "toolCallId": "c1", "content": "1"},
+        ]
+    )
+    with pytest.raises(InvalidRequest, match="not valid JSON"):
+        await google.chat(request)
+    assert not route.called
+
+
+# --- response normalisation ----------------------------------------------------------------
+
+
+async def test_parallel_function_calls_and_usage(
+    google: GoogleUpstream, api: respx.MockRouter
+) -> None:
+    api.post(CHAT_URL).respond(
+        json=gemini_reply(
+            [
+                {"text": "Let me think", "thought": True},
+                {"text": "Looking "},
+                {"text": "it up."},
+                {"functionCall": {"name": "get_weather", "args": {"city": "Oslo"}}},
+                {"functionCall": {"name": "get_time", "args": {"tz": "CET"}, "id": "given-1"}},
+            ]
+        )
+    )
+    answer = await google.chat(hello())
+
+    assert answer.content == "Looking it up."
+    assert answer.tool_calls is not None
+    first, second = answer.tool_calls
+    assert first.function.name == "get_weather"
+    assert json.loads(first.function.arguments) == {"city": "Oslo"}
+    assert first.id.startswith("call_") and len(first.id) == len("call_") + 32
+    assert second.id == "given-1"
+    assert json.loads(second.function.arguments) == {"tz": "CET"}
+    assert answer.metadata.finish_reason == "tool_calls"
+    assert answer.metadata.provider == "google"
+    assert answer.metadata.model == "gemini-2.5-flash-001"
+    assert answer.usage is not None
+    assert answer.usage.prompt_tokens == 12
+    assert answer.usage.completion_tokens == 37
+    assert answer.usage.reasoning_tokens == 30
+    assert answer.usage.cached_prompt_tokens == 4
+    assert answer.usage.total_tokens == 49
+
+
+async def test_generated_ids_differ_between_calls(
+    google: GoogleUpstream, api: respx.MockRouter
+) -> None:
+    api.post(CHAT_URL).respond(json=gemini_reply([{"functionCall": {"name": "f", "args": {}}}] * 2))
+    answer = await google.chat(hello())
+    assert answer.tool_calls is not None
+    assert len({call.id for call in answer.tool_calls}) == 2
+    assert answer.content is None
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("STOP", "stop"),
+        ("MAX_TOKENS", "length"),
+        ("SAFETY", "content_filter"),
+        ("RECITATION", "content_filter"),
+        ("BLOCKLIST", "content_filter"),
+        ("PROHIBITED_CONTENT", "content_filter"),
+        ("SPII", "content_filter"),
+        ("IMAGE_SAFETY", "content_filter"),
+        ("OTHER", "stop"),
+        ("MALFORMED_FUNCTION_CALL", "stop"),
+    ],
+)
+async def test_finish_reasons(
+    google: GoogleUpstream, api: respx.MockRouter, raw: str, expected: str
+) -> None:
+    api.post(CHAT_URL).respond(json=gemini_reply([{"text": "x"}], finish=raw))
+    answer = await google.chat(hello())
+    assert answer.metadata.finish_reason == expected
+
+
+async def test_blocked_prompt_is_content_filter(
+    google: GoogleUpstream, api: respx.MockRouter
+) -> None:
+    api.post(CHAT_URL).respond(
+        json={
+            "promptFeedback": {"blockReason": "SAFETY"},
+            "usageMetadata": {"promptTokenCount": 5, "totalTokenCount": 5},
+        }
+    )
+    answer = await google.chat(hello())
+    assert answer.content == ""
+    assert answer.tool_calls is None
+    assert answer.metadata.finish_reason == "content_filter"
+    assert answer.metadata.model == MODEL
+    assert answer.usage is not None and answer.usage.total_tokens == 5
+
+
+async def test_thought_signature_is_replayed(google: GoogleUpstream, api: respx.MockRouter) -> None:
+    route = api.post(CHAT_URL)
+    route.side_effect = [
+        httpx.Response(
+            200,
+            json=gemini_reply(
+                [
+                    {"functionCall": {"name": "get_time", "args": {}}, "thoughtSignature": "c2ln"},
+                    {"functionCall": {"name": "get_weather", "args": {"city": "A"}}},
+                ]
+            ),
+        ),
+        httpx.Response(200, json=gemini_reply([{"text": "ok"}])),
+    ]
+    first = await google.chat(hello())
+    assert first.tool_calls is not None
+    history = [
+        {"role": "user", "content": "hello"},
+        first.to_message().to_wire(),
+        *({"role": "tool", "toolCallId": call.id, "content": "{}"} for call in first.tool_calls),
+    ]
+    await google.chat(chat_request(history))
+    model_turn = sent_body(route)["contents"][1]
+    assert model_turn["parts"][0]["thoughtSignature"] == "c2ln"
+    assert "thoughtSignature" not in model_turn["parts"][1]
+
+
+async def test_non_json_success_body_is_an_upstream_error(
+    google: GoogleUpstream, api: respx.MockRouter
+) -> None:
+    api.post(CHAT_URL).respond(200, text="<html>proxy page</html>")
+    with pytest.raises(UpstreamError):
+        await google.chat(hello())
+
+
+# --- streaming -----------------------------------------------------------------------------
+
+
+STREAM_CHUNKS: list[dict[str, Any]] = [
+    {
+        "candidates": [
+            {"content": {"role": "model", "parts": [{"text": "Thinking...", "thought": True}]}}
+        ],
+        "usageMetadata": {"promptTokenCount": 9, "totalTokenCount": 9},
+        "modelVersion": MODEL,
+    },
+    {
+        "candidates": [{"content": {"role": "model", "parts": [{"text": "Hello"}]}}],
+        "usageMetadata": {"promptTokenCount": 9, "candidatesTokenCount": 1, "totalTokenCount": 10},
+    },
+    {
+        "candidates": [
+            {
+                "content": {
+                    "role": "model",
+                    "parts": [
+                        {"text": " there."},
+                        {"functionCall": {"name": "get_weather", "args": {"city": "Rome"}}},
+                    ],
+                }
+            }
+        ]
+    },
+    {
+        "candidates": [
+            {
+                "content": {
+                    "role": "model",
+                    "parts": [{"functionCall": {"name": "get_time", "args": {"tz": "CET"}}}],
+                },
+                "finishReason": "STOP",
+            }
+        ],
+        "usageMetadata": {
+            "promptTokenCount": 9,
+            "candidatesTokenCount": 8,
+            "thoughtsTokenCount": 3,
+            "totalTokenCount": 20,
+        },
+    },
+]
+
+
+async def test_stream_events_in_order(google: GoogleUpstream, api: respx.MockRouter) -> None:
+    route = api.post(STREAM_URL, params={"alt": "sse"}).mock(
+        return_value=sse_response(sse_body(*STREAM_CHUNKS))
+    )
+    events = await collect(google, hello())
+
+    assert route.calls.last.request.headers["x-goog-api-key"] == KEY
+    assert [type(event) for event in events] == [
+        DeltaEvent,
+        DeltaEvent,
+        ToolCallEvent,
+        ToolCallEvent,
+        UsageEvent,
+        FinishEvent,
+    ]
+    assert [e.content for e in events if isinstance(e, DeltaEvent)] == ["Hello", " there."]
+    calls = [e for e in events if isinstance(e, ToolCallEvent)]
+    assert [(c.index, c.name) for c in calls] == [(0, "get_weather"), (1, "get_time")]
+    assert all(c.id and c.id.startswith("call_") for c in calls)
+    assert json.loads(calls[0].arguments_delta) == {"city": "Rome"}
+    usage = events[-2]
+    assert isinstance(usage, UsageEvent)
+    assert usage.usage.completion_tokens == 11
+    assert usage.usage.reasoning_tokens == 3
+    assert usage.usage.total_tokens == 20
+    finish = events[-1]
+    assert isinstance(finish, FinishEvent) and finish.finish_reason == "tool_calls"
+
+
+async def test_stream_assembles_like_chat(google: GoogleUpstream, api: respx.MockRouter) -> None:
+    api.post(STREAM_URL).mock(return_value=sse_response(sse_body(*STREAM_CHUNKS)))
+    assembler = StreamAssembler()
+    for event in await collect(google, hello()):
+        if not isinstance(event, FinishEvent):
+            assembler.add(event)
+    calls = assembler.tool_calls()
+    assert assembler.text == "Hello there."
+    assert calls is not None
+    assert [c.parsed_arguments() for c in calls] == [{"city": "Rome"}, {"tz": "CET"}]
+
+
+async def test_stream_text_only_finishes_stop(
+    google: GoogleUpstream, api: respx.MockRouter
+) -> None:
+    api.post(STREAM_URL).mock(
+        return_value=sse_response(
+            sse_body(
+                {"candidates": [{"content": {"parts": [{"text": "a"}]}}]},
+                {
+                    "candidates": [
+                        {"content": {"parts": [{"text": "b"}]}, "finishReason": "MAX_TOKENS"}
+                    ]
+                },
+            )
+        )
+    )
+    events = await collect(google, hello())
+    assert [type(e) for e in events] == [DeltaEvent, DeltaEvent, FinishEvent]
+    finish = events[-1]
+    assert isinstance(finish, FinishEvent) and finish.finish_reason == "length"
+
+
+async def test_stream_blocked_prompt(google: GoogleUpstream, api: respx.MockRouter) -> None:
+    api.post(STREAM_URL).mock(
+        return_value=sse_response(
+            sse_body(
+                {
+                    "promptFeedback": {"blockReason": "PROHIBITED_CONTENT"},
+                    "usageMetadata": {"promptTokenCount": 3, "totalTokenCount": 3},
+                }
+            )
+        )
+    )
+    events = await collect(google, hello())
+    assert [type(e) for e in events] == [UsageEvent, FinishEvent]
+    finish = events[-1]
+    assert isinstance(finish, FinishEvent) and finish.finish_reason == "content_filter"
+
+
+class TrackedStream(httpx.AsyncByteStream):
+    """A response body that records whether the adapter closed it."""
+
+    def __init__(self, chunks: list[bytes], fail_with: Exception | None = None) -> None:
+        self.chunks = chunks
+        self.fail_with = fail_with
+        self.closed = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for chunk in self.chunks:
+            yield chunk
+        if self.fail_with is not None:
+            raise self.fail_with
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+async def test_stopping_early_closes_the_response(
+    google: GoogleUpstream, api: respx.MockRouter
+) -> None:
+    body = TrackedStream([sse_body(chunk) for chunk in STREAM_CHUNKS])
+    api.post(STREAM_URL).mock(return_value=sse_response(body))
+    events = google.stream(hello())
+    first = await anext(events)
+    assert isinstance(first, DeltaEvent)
+    await events.aclose()
+    assert body.closed
+
+
+async def test_stream_cut_without_finish_reason_is_broken(
+    google: GoogleUpstream, api: respx.MockRouter
+) -> None:
+    api.post(STREAM_URL).mock(return_value=sse_response(sse_body(*STREAM_CHUNKS[:2])))
+    received: list[UpstreamEvent] = []
+    with pytest.raises(UpstreamError, match="malformed or truncated"):
+        async for event in google.stream(hello()):
+            received.append(event)
+    assert [type(e) for e in received] == [DeltaEvent]
+
+
+async def test_transport_error_mid_stream_is_broken(
+    google: GoogleUpstream, api: respx.MockRouter
+) -> None:
+    body = TrackedStream([sse_body(STREAM_CHUNKS[1])], fail_with=httpx.ReadError("reset"))
+    api.post(STREAM_URL).mock(return_value=sse_response(body))
+    received: list[UpstreamEvent] = []
+    with pytest.raises(UpstreamError, match="malformed or truncated"):
+        async for event in google.stream(hello()):
+            received.append(event)
+    assert received == [DeltaEvent(content="Hello")]
+    assert body.closed
+
+
+async def test_malformed_sse_data_is_broken(google: GoogleUpstream, api: respx.MockRouter) -> None:
+    api.post(STREAM_URL).mock(
+        return_value=sse_response(sse_body(STREAM_CHUNKS[1], "{not json", STREAM_CHUNKS[3]))
+    )
+    received: list[UpstreamEvent] = []
+    with pytest.raises(UpstreamError, match="malformed or truncated"):
+        async for event in google.stream(hello()):
+            received.append(event)
+    assert received == [DeltaEvent(content="Hello")]
+
+
+async def test_wrong_content_type_is_broken(google: GoogleUpstream, api: respx.MockRouter) -> None:
+    api.post(STREAM_URL).respond(200, json=gemini_reply([{"text": "x"}]))
+    with pytest.raises(UpstreamError, match="malformed or truncated"):
+        await collect(google, hello())
+
+
+async def test_error_frame_mid_stream(google: GoogleUpstream, api: respx.MockRouter) -> None:
+    api.post(STREAM_URL).mock(
+        return_value=sse_response(
+            sse_body(
+                STREAM_CHUNKS[1],
+                {"error": {"code": 503, "message": "overloaded", "status": "UNAVAILABLE"}},
+            )
+        )
+    )
+    with pytest.raises(UpstreamUnavailable):
+        await collect(google, hello())
+
+
+# --- errors --------------------------------------------------------------------------------
+
+
+def google_error(status: int, message: str, reason: str | None = None) -> dict[str, Any]:
+    error: dict[str, Any] = {"code": status, "message": message, "status": "X"}
+    if reason:
+        error["details"] = [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": reason}]
+    return {"error": error}
+
+
+async def fail(google: GoogleUpstream, streaming: bool) -> ProxyError:
+    with pytest.raises(ProxyError) as raised:
+        if streaming:
+            await collect(google, hello())
+        else:
+            await google.chat(hello())
+    return raised.value
+
+
+def route_for(api: respx.MockRouter, streaming: bool) -> respx.Route:
+    return api.post(STREAM_URL if streaming else CHAT_URL)
+
+
+STREAMING = pytest.mark.parametrize("streaming", [False, True], ids=["chat", "stream"])
+
+
+@STREAMING
+async def test_401_never_echoes_the_key(
+    google: GoogleUpstream, api: respx.MockRouter, streaming: bool
+) -> None:
+    route_for(api, streaming).respond(401, json=google_error(401, f"bad key {KEY}"))
+    error = await fail(google, streaming)
+    assert type(error) is UpstreamError
+    assert error.status == 502
+    assert "credentials" in error.message
+    assert KEY not in error.message and "bad key" not in error.message
+
+
+@STREAMING
+async def test_invalid_key_400_is_a_credentials_failure(
+    google: GoogleUpstream, api: respx.MockRouter, streaming: bool
+) -> None:
+    body = google_error(400, f"API key not valid: {KEY}", reason="API_KEY_INVALID")
+    route_for(api, streaming).respond(400, json=body)
+    error = await fail(google, streaming)
+    assert type(error) is UpstreamError
+    assert "credentials" in error.message
+    assert KEY not in error.message
+
+
+@STREAMING
+async def test_400_passes_the_vendor_message_redacted(
+    google: GoogleUpstream, api: respx.MockRouter, streaming: bool
+) -> None:
+    body = google_error(400, f"Invalid JSON payload near {KEY}", reason="BAD_FIELD")
+    route_for(api, streaming).respond(400, json=body)
+    error = await fail(google, streaming)
+    assert type(error) is InvalidRequest
+    assert "Invalid JSON payload" in error.message
+    assert KEY not in error.message
+
+
+async def test_404_is_not_found(google: GoogleUpstream, api: respx.MockRouter) -> None:
+    api.post(CHAT_URL).respond(404, json=google_error(404, "models/x is not found"))
+    error = await fail(google, streaming=False)
+    assert type(error) is NotFound
+
+
+@STREAMING
+async def test_429_with_retry_after(
+    google: GoogleUpstream, api: respx.MockRouter, streaming: bool
+) -> None:
+    route_for(api, streaming).respond(
+        429, json=google_error(429, "quota"), headers={"retry-after": "17"}
+    )
+    error = await fail(google, streaming)
+    assert type(error) is RateLimited
+    assert error.retry_after == 17
+
+
+@STREAMING
+async def test_429_with_retry_info_in_the_body(
+    google: GoogleUpstream, api: respx.MockRouter, streaming: bool
+) -> None:
+    body = google_error(429, "Resource has been exhausted")
+    body["error"]["details"] = [
+        {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "37s"}
+    ]
+    route_for(api, streaming).respond(429, json=body)
+    error = await fail(google, streaming)
+    assert type(error) is RateLimited
+    assert error.retry_after == 37
+
+
+async def test_429_frame_mid_stream(google: GoogleUpstream, api: respx.MockRouter) -> None:
+    frame = google_error(429, "slow down")
+    frame["error"]["details"] = [{"retryDelay": "1.5s"}]
+    api.post(STREAM_URL).mock(return_value=sse_response(sse_body(STREAM_CHUNKS[1], frame)))
+    error = await fail(google, streaming=True)
+    assert type(error) is RateLimited
+    assert error.retry_after == 1.5
+
+
+@STREAMING
+@pytest.mark.parametrize(("status", "kind"), [(500, UpstreamError), (503, UpstreamUnavailable)])
+async def test_server_errors(
+    google: GoogleUpstream,
+    api: respx.MockRouter,
+    streaming: bool,
+    status: int,
+    kind: type[ProxyError],
+) -> None:
+    route_for(api, streaming).respond(status, text="<html>oops</html>")
+    error = await fail(google, streaming)
+    assert type(error) is kind
+
+
+@STREAMING
+async def test_timeout(google: GoogleUpstream, api: respx.MockRouter, streaming: bool) -> None:
+    route_for(api, streaming).mock(side_effect=httpx.ReadTimeout("slow"))
+    error = await fail(google, streaming)
+    assert type(error) is UpstreamTimeout
+
+
+@STREAMING
+async def test_connect_error(
+    google: GoogleUpstream, api: respx.MockRouter, streaming: bool
+) -> None:
+    route_for(api, streaming).mock(side_effect=httpx.ConnectError("refused"))
+    error = await fail(google, streaming)
+    assert type(error) is UpstreamUnavailable
+
+
+# --- lifecycle -----------------------------------------------------------------------------
+
+
+async def test_models_and_close() -> None:
+    listed = GoogleUpstream(api_key=KEY, models=["a", "b"])
+    open_ended = GoogleUpstream(api_key=KEY)
+    assert listed.models() == ["a", "b"]
+    assert open_ended.models() is None
+    assert listed.name == "google"
+    await listed.aclose()
+    await open_ended.aclose()
