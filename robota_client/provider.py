@@ -1,0 +1,327 @@
+"""``RemoteAIProvider``: a model behind a Robota proxy, used as if it were a local provider.
+
+Input is validated here, before any network call, and bad input raises pydantic's
+``ValidationError`` (a ``ValueError``) rather than ``InvalidRequestError``: it is a bug in
+the calling code, found without a round trip, and pydantic's message says which field is
+wrong. ``InvalidRequestError`` is kept for what the proxy rejects (an unknown model, a
+request over its limits), so the two causes stay distinguishable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Protocol, runtime_checkable
+
+import httpx
+
+from robota_client.errors import ProtocolError
+from robota_client.messages import (
+    AssistantMessage,
+    ChatOptions,
+    ChatRequest,
+    DeltaEvent,
+    DoneEvent,
+    MessageLike,
+    StreamAssembler,
+    ToolSchema,
+    Usage,
+    to_universal_list,
+)
+from robota_client.transport import ChatEvent, EventStream, HTTPTransport, Sleep
+
+__all__ = ["AIProvider", "ChatStream", "RemoteAIProvider", "TextStream"]
+
+Options = ChatOptions | Mapping[str, Any] | None
+Tools = Sequence[ToolSchema | Mapping[str, Any]] | None
+
+
+@runtime_checkable
+class AIProvider(Protocol):
+    """What a local provider offers; ``RemoteAIProvider`` satisfies it, so code written
+    against a local provider runs unchanged against the proxy."""
+
+    name: str
+
+    async def chat(
+        self,
+        messages: Sequence[MessageLike],
+        options: Options = None,
+        tools: Tools = None,
+    ) -> AssistantMessage: ...
+
+    def chat_stream(
+        self,
+        messages: Sequence[MessageLike],
+        options: Options = None,
+        tools: Tools = None,
+    ) -> AsyncIterator[str]: ...
+
+    def supports_tools(self) -> bool: ...
+
+
+class RemoteAIProvider:
+    """Chat with ``model`` of ``target_provider`` (``openai``, ``anthropic``, ``google``)
+    through the proxy at ``server_url``, authenticating with ``api_key`` (a key the proxy
+    issued, never a vendor key).
+
+    Failed calls are retried ``max_retries`` times when the failure says nothing was done
+    (see ``robota_client.transport``); everything else raises a ``RemoteError`` subclass.
+    ``http_client`` is for tests and in-process mounting; the provider does not close a
+    client it was given.
+    """
+
+    name = "remote"
+
+    def __init__(
+        self,
+        server_url: str,
+        api_key: str | None,
+        target_provider: str,
+        model: str,
+        *,
+        timeout: float = 60.0,
+        max_retries: int = 2,
+        retry_initial_delay: float = 0.25,
+        retry_max_delay: float = 8.0,
+        headers: Mapping[str, str] | None = None,
+        http_client: httpx.AsyncClient | None = None,
+        sleep: Sleep | None = None,
+    ) -> None:
+        self.target_provider = target_provider
+        self.model = model
+        # The key lives only in the transport's request headers: not an attribute here, so
+        # it cannot turn up in a repr, a vars() dump or a debugger's locals view.
+        self._transport = HTTPTransport(
+            server_url,
+            api_key,
+            timeout=timeout,
+            max_retries=max_retries,
+            retry_initial_delay=retry_initial_delay,
+            retry_max_delay=retry_max_delay,
+            headers=headers,
+            http_client=http_client,
+            sleep=sleep,
+        )
+
+    @property
+    def server_url(self) -> str:
+        return self._transport.server_url
+
+    def __repr__(self) -> str:
+        return (
+            f"RemoteAIProvider(server_url={self.server_url!r}, "
+            f"target_provider={self.target_provider!r}, model={self.model!r})"
+        )
+
+    def supports_tools(self) -> bool:
+        # The proxy translates tool calls for every vendor it serves.
+        return True
+
+    def build_request(
+        self, messages: Sequence[MessageLike], options: Options = None, tools: Tools = None
+    ) -> ChatRequest:
+        """The validated wire request; raises ``pydantic.ValidationError`` for bad input."""
+        payload: dict[str, Any] = {
+            "provider": self.target_provider,
+            "model": self.model,
+            "messages": to_universal_list(messages),
+            "tools": list(tools) if tools is not None else None,
+        }
+        if options is not None:
+            payload["options"] = options
+        return ChatRequest.model_validate(payload)
+
+    async def chat(
+        self, messages: Sequence[MessageLike], options: Options = None, tools: Tools = None
+    ) -> AssistantMessage:
+        request = self.build_request(messages, options, tools)
+        data, headers = await self._transport.post_json("/ai/chat", request.to_wire())
+        request_id = headers.get("x-request-id")
+        try:
+            message = AssistantMessage.model_validate(data)
+        except ValueError as exc:
+            raise ProtocolError(
+                f"the chat answer is not an assistant message: {exc}", request_id=request_id
+            ) from exc
+        if message.metadata.request_id is None:
+            message.metadata.request_id = request_id
+        return message
+
+    def stream(
+        self, messages: Sequence[MessageLike], options: Options = None, tools: Tools = None
+    ) -> ChatStream:
+        """Typed events as they arrive; validates now, connects on first iteration."""
+        request = self.build_request(messages, options, tools)
+        return ChatStream(self._transport.stream("/ai/chat/stream", request.to_wire()))
+
+    def chat_stream(
+        self, messages: Sequence[MessageLike], options: Options = None, tools: Tools = None
+    ) -> TextStream:
+        """Text chunks only, the shape local providers stream. Use ``stream`` for tool calls
+        and usage."""
+        return TextStream(self.stream(messages, options, tools))
+
+    async def models(self) -> dict[str, list[str] | None]:
+        """Models per vendor the proxy serves; ``None`` where it allows any model."""
+        data, headers = await self._transport.get_json("/ai/models")
+        catalogue = _catalogue(data)
+        if catalogue is None:
+            raise ProtocolError(
+                "GET /ai/models answered JSON without the expected "
+                '{"providers": {name: {"models": [...] | null}}} shape',
+                request_id=headers.get("x-request-id"),
+            )
+        return catalogue
+
+    async def health(self) -> bool:
+        """Whether the proxy answers its health check; never raises for "down"."""
+        return await self._transport.get_status("/health") == 200
+
+    async def aclose(self) -> None:
+        await self._transport.aclose()
+
+    async def __aenter__(self) -> RemoteAIProvider:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+def _catalogue(data: Mapping[str, Any]) -> dict[str, list[str] | None] | None:
+    providers = data.get("providers")
+    if not isinstance(providers, dict):
+        return None
+    result: dict[str, list[str] | None] = {}
+    for name, entry in providers.items():
+        models = entry.get("models") if isinstance(entry, dict) else ()
+        if models is not None and not (
+            isinstance(models, list) and all(isinstance(model, str) for model in models)
+        ):
+            return None
+        result[name] = models
+    return result
+
+
+class ChatStream:
+    """One streamed chat call: an async iterator of ``DeltaEvent``, ``ToolCallEvent``,
+    ``UsageEvent`` and finally ``DoneEvent``.
+
+    After the ``done`` event, ``message`` is the whole answer (tool calls included) and
+    ``usage`` its token counts. A failure raises a ``RemoteError``; events already received
+    stay received, and ``text`` holds the text they carried.
+    """
+
+    def __init__(self, events: EventStream) -> None:
+        self._events = events
+        self._assembler = StreamAssembler()
+        self._done: DoneEvent | None = None
+        self._message: AssistantMessage | None = None
+
+    def __aiter__(self) -> ChatStream:
+        return self
+
+    async def __anext__(self) -> ChatEvent:
+        event = await self._events.__anext__()
+        if isinstance(event, DoneEvent):
+            self._done = event
+            self._message = self._final_message(event)
+        else:
+            self._assembler.add(event)
+        return event
+
+    def _final_message(self, done: DoneEvent) -> AssistantMessage:
+        message = done.message
+        if message.content is None and not message.tool_calls:
+            # A server that sends a bare ``done``: the deltas are the answer.
+            message = self._assembler.message(message.metadata)
+        if message.usage is None:
+            message.usage = self._assembler.usage
+        if message.metadata.finish_reason is None:
+            message.metadata.finish_reason = done.finish_reason
+        if message.metadata.request_id is None:
+            message.metadata.request_id = self._events.request_id
+        return message
+
+    @property
+    def done(self) -> bool:
+        return self._message is not None
+
+    @property
+    def message(self) -> AssistantMessage:
+        """The complete answer; only once the stream has delivered its ``done`` event."""
+        if self._message is None:
+            raise RuntimeError("the stream has not finished; iterate it to the end first")
+        return self._message
+
+    @property
+    def usage(self) -> Usage | None:
+        if self._message is not None and self._message.usage is not None:
+            return self._message.usage
+        return self._assembler.usage
+
+    @property
+    def text(self) -> str:
+        """The text received so far; useful after a stream broke part way."""
+        return self._assembler.text
+
+    @property
+    def request_id(self) -> str | None:
+        return self._events.request_id
+
+    async def final_message(self) -> AssistantMessage:
+        """Read the rest of the stream and return the complete answer."""
+        async for _ in self:
+            pass
+        return self.message
+
+    async def aclose(self) -> None:
+        await self._events.aclose()
+
+    async def __aenter__(self) -> ChatStream:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class TextStream:
+    """The text chunks of a ``ChatStream``. A class rather than an async generator so that
+    ``async with`` / ``aclose`` release the connection at once when the caller stops early,
+    instead of whenever the garbage collector finalises a generator."""
+
+    def __init__(self, stream: ChatStream) -> None:
+        self.stream = stream
+
+    def __aiter__(self) -> TextStream:
+        return self
+
+    async def __anext__(self) -> str:
+        while True:
+            event = await self.stream.__anext__()
+            if isinstance(event, DeltaEvent) and event.content:
+                return event.content
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+    async def __aenter__(self) -> TextStream:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
