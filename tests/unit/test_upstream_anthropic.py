@@ -1,0 +1,768 @@
+"""The Anthropic adapter against a mocked Messages API: request translation, response
+normalisation, SSE streaming and every failure mapped to the wire errors.
+
+The Anthropic SDK speaks ``httpx2``, which respx does not patch, so the ``api`` fixture
+routes the SDK's transport into a respx router (see ``_bridge``); the tests themselves are
+ordinary respx tests.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import anyio
+import httpx
+import httpx2
+import pytest
+import respx
+
+from robota_client.messages import (
+    ChatRequest,
+    DeltaEvent,
+    ResponseMetadata,
+    StreamAssembler,
+    ToolCallEvent,
+    Usage,
+    UsageEvent,
+)
+from robota_proxy.errors import (
+    InvalidRequest,
+    NotFound,
+    ProxyError,
+    RateLimited,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from robota_proxy.upstreams.anthropic import AnthropicUpstream
+from robota_proxy.upstreams.base import FinishEvent, UpstreamEvent
+
+pytestmark = pytest.mark.anyio
+
+KEY = "sk-ant-api03-TESTKEY0123456789abcdefghijklmnop"
+BASE = "https://anthropic.test"
+URL = f"{BASE}/v1/messages"
+MODEL = "claude-sonnet-5"
+
+WEATHER = {
+    "name": "get_weather",
+    "description": "Current weather for a city",
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+    },
+}
+CLOCK = {"name": "get_time", "parameters": {"type": "object", "properties": {}}}
+
+
+# --- respx behind the SDK's httpx2 transport -----------------------------------------------
+
+
+def _httpx2_error(error: httpx.TransportError, request: httpx2.Request) -> httpx2.TransportError:
+    """The ``httpx2`` twin of an ``httpx`` transport error (same class names)."""
+    kind = getattr(httpx2, type(error).__name__, httpx2.TransportError)
+    return kind(str(error), request=request)
+
+
+class _BridgedBody(httpx2.AsyncByteStream):
+    def __init__(self, response: httpx.Response, request: httpx2.Request) -> None:
+        self._response = response
+        self._request = request
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            # Decoded bytes: respx has often read the body already, and then only the
+            # decoded content is left.
+            async for part in self._response.aiter_bytes():
+                yield part
+        except httpx.TransportError as error:
+            raise _httpx2_error(error, self._request) from error
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
+async def _bridge(router: respx.Router, request: httpx2.Request) -> httpx2.Response:
+    legacy = httpx.Request(
+        request.method,
+        str(request.url),
+        headers=request.headers.multi_items(),
+        content=await request.aread(),
+    )
+    try:
+        response = await router.async_handler(legacy)
+    except httpx.TransportError as error:
+        raise _httpx2_error(error, request) from error
+    # The body is handed over decoded, so the headers describing its encoding must go.
+    stale = ("content-encoding", "content-length")
+    headers = [(k, v) for k, v in response.headers.multi_items() if k.lower() not in stale]
+    return httpx2.Response(
+        response.status_code,
+        headers=headers,
+        stream=_BridgedBody(response, request),
+        request=request,
+    )
+
+
+@pytest.fixture
+def api(monkeypatch: pytest.MonkeyPatch) -> Iterator[respx.Router]:
+    router = respx.Router(assert_all_mocked=True, assert_all_called=False)
+
+    async def handle(_: httpx2.AsyncHTTPTransport, request: httpx2.Request) -> httpx2.Response:
+        return await _bridge(router, request)
+
+    monkeypatch.setattr(httpx2.AsyncHTTPTransport, "handle_async_request", handle)
+    yield router
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[AnthropicUpstream]:
+    adapter = AnthropicUpstream(api_key=KEY, base_url=BASE)
+    yield adapter
+    await adapter.aclose()
+
+
+def chat_request(messages: list[dict[str, Any]] | None = None, **extra: Any) -> ChatRequest:
+    return ChatRequest.model_validate(
+        {
+            "provider": "anthropic",
+            "model": MODEL,
+            "messages": messages or [{"role": "user", "content": "hi"}],
+            **extra,
+        }
+    )
+
+
+def sent_body(route: respx.Route) -> dict[str, Any]:
+    body: dict[str, Any] = json.loads(route.calls.last.request.content)
+    return body
+
+
+def message(content: list[dict[str, Any]], stop: str = "end_turn", **usage: int) -> dict[str, Any]:
+    return {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-sonnet-5-20260115",
+        "content": content,
+        "stop_reason": stop,
+        "stop_sequence": None,
+        "usage": {"input_tokens": 10, "output_tokens": 5, **usage},
+    }
+
+
+def text_block(text: str) -> dict[str, Any]:
+    return {"type": "text", "text": text}
+
+
+def tool_use(call_id: str, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "tool_use", "id": call_id, "name": name, "input": arguments}
+
+
+def sse(*events: tuple[str, dict[str, Any]]) -> bytes:
+    return "".join(
+        f"event: {name}\ndata: {json.dumps({'type': name, **data})}\n\n" for name, data in events
+    ).encode()
+
+
+def message_start(**usage: int) -> tuple[str, dict[str, Any]]:
+    start = message([], stop="", **usage)
+    start["stop_reason"] = None
+    return ("message_start", {"message": start})
+
+
+def block_start(index: int, block: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    return ("content_block_start", {"index": index, "content_block": block})
+
+
+def text_delta(index: int, text: str) -> tuple[str, dict[str, Any]]:
+    return ("content_block_delta", {"index": index, "delta": {"type": "text_delta", "text": text}})
+
+
+def json_delta(index: int, fragment: str) -> tuple[str, dict[str, Any]]:
+    delta = {"type": "input_json_delta", "partial_json": fragment}
+    return ("content_block_delta", {"index": index, "delta": delta})
+
+
+def block_stop(index: int) -> tuple[str, dict[str, Any]]:
+    return ("content_block_stop", {"index": index})
+
+
+def message_delta(stop: str, output_tokens: int) -> tuple[str, dict[str, Any]]:
+    return (
+        "message_delta",
+        {
+            "delta": {"stop_reason": stop, "stop_sequence": None},
+            "usage": {"output_tokens": output_tokens},
+        },
+    )
+
+
+MESSAGE_STOP: tuple[str, dict[str, Any]] = ("message_stop", {})
+PING: tuple[str, dict[str, Any]] = ("ping", {})
+SSE_HEADERS = {"content-type": "text/event-stream"}
+
+
+class ScriptedBody(httpx.AsyncByteStream):
+    """A response body that can fail or stall part-way, and tells whether it was closed."""
+
+    def __init__(self, *parts: bytes | Exception, stall: bool = False) -> None:
+        self._parts = parts
+        self._stall = stall
+        self.closed = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for part in self._parts:
+            if isinstance(part, Exception):
+                raise part
+            yield part
+        if self._stall:
+            await anyio.sleep_forever()
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+async def collect(stream: AsyncIterator[UpstreamEvent]) -> list[UpstreamEvent]:
+    return [event async for event in stream]
+
+
+async def events_until_error(
+    stream: AsyncIterator[UpstreamEvent],
+) -> tuple[list[UpstreamEvent], ProxyError]:
+    events: list[UpstreamEvent] = []
+    with pytest.raises(ProxyError) as caught:
+        async for event in stream:
+            events.append(event)
+    return events, caught.value
+
+
+# --- request translation -------------------------------------------------------------------
+
+
+async def test_request_translation(upstream: AnthropicUpstream, api: respx.Router) -> None:
+    route = api.post(URL).respond(200, json=message([text_block("ok")]))
+    request = chat_request(
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Weather in Paris"},
+            {"role": "user", "content": "and the time?"},
+            {
+                "role": "assistant",
+                "content": "Checking.",
+                "toolCalls": [
+                    {
+                        "id": "toolu_1",
+                        "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'},
+                    },
+                    {"id": "toolu_2", "function": {"name": "get_time", "arguments": ""}},
+                ],
+            },
+            {"role": "tool", "toolCallId": "toolu_1", "content": "18C"},
+            {"role": "tool", "toolCallId": "toolu_2", "content": "noon"},
+            {"role": "system", "content": "Answer in French."},
+            {"role": "user", "content": "Thanks"},
+        ],
+        tools=[WEATHER, CLOCK],
+        options={
+            "temperature": 0.2,
+            "topP": 0.9,
+            "stop": ["END", "STOP"],
+            "toolChoice": "get_weather",
+        },
+    )
+
+    await upstream.chat(request)
+
+    assert sent_body(route) == {
+        "model": MODEL,
+        "max_tokens": 4096,
+        "system": "Be brief.\n\nAnswer in French.",
+        "messages": [
+            {
+                "role": "user",
+                "content": [text_block("Weather in Paris"), text_block("and the time?")],
+            },
+            {
+                "role": "assistant",
+                "content": [
+                    text_block("Checking."),
+                    tool_use("toolu_1", "get_weather", {"city": "Paris"}),
+                    tool_use("toolu_2", "get_time", {}),
+                ],
+            },
+            {
+                "role": "user",
+                "content": [
+                    {"type": "tool_result", "tool_use_id": "toolu_1", "content": "18C"},
+                    {"type": "tool_result", "tool_use_id": "toolu_2", "content": "noon"},
+                    text_block("Thanks"),
+                ],
+            },
+        ],
+        "tools": [
+            {
+                "name": "get_weather",
+                "description": "Current weather for a city",
+                "input_schema": WEATHER["parameters"],
+            },
+            {"name": "get_time", "input_schema": CLOCK["parameters"]},
+        ],
+        "tool_choice": {"type": "tool", "name": "get_weather"},
+        "stop_sequences": ["END", "STOP"],
+        "temperature": 0.2,
+        "top_p": 0.9,
+    }
+    headers = route.calls.last.request.headers
+    assert headers["authorization"] == f"Bearer {KEY}"
+    assert "anthropic-version" in headers
+
+
+async def test_minimal_request(upstream: AnthropicUpstream, api: respx.Router) -> None:
+    route = api.post(URL).respond(200, json=message([text_block("ok")]))
+
+    # JSON mode has no Anthropic equivalent and a tool choice needs tools: neither is sent.
+    await upstream.chat(
+        chat_request(options={"maxTokens": 64, "responseFormat": "json", "toolChoice": "auto"})
+    )
+
+    assert sent_body(route) == {
+        "model": MODEL,
+        "max_tokens": 64,
+        "messages": [{"role": "user", "content": [text_block("hi")]}],
+    }
+
+
+async def test_default_max_tokens_is_configurable(api: respx.Router) -> None:
+    route = api.post(URL).respond(200, json=message([text_block("ok")]))
+    upstream = AnthropicUpstream(api_key=KEY, base_url=BASE, default_max_tokens=1000)
+    try:
+        await upstream.chat(chat_request())
+    finally:
+        await upstream.aclose()
+
+    assert sent_body(route)["max_tokens"] == 1000
+
+
+@pytest.mark.parametrize(
+    ("choice", "sent"),
+    [
+        ("auto", {"type": "auto"}),
+        ("required", {"type": "any"}),
+        ("none", {"type": "none"}),
+    ],
+)
+async def test_tool_choice_mapping(
+    upstream: AnthropicUpstream, api: respx.Router, choice: str, sent: dict[str, Any]
+) -> None:
+    route = api.post(URL).respond(200, json=message([text_block("ok")]))
+
+    await upstream.chat(chat_request(tools=[WEATHER], options={"toolChoice": choice}))
+
+    assert sent_body(route)["tool_choice"] == sent
+
+
+@pytest.mark.parametrize("arguments", ['{"city": "Par', "[1, 2]"])
+async def test_tool_arguments_must_be_a_json_object(
+    upstream: AnthropicUpstream, api: respx.Router, arguments: str
+) -> None:
+    route = api.post(URL).respond(200, json=message([text_block("ok")]))
+    request = chat_request(
+        [
+            {"role": "user", "content": "Weather?"},
+            {
+                "role": "assistant",
+                "toolCalls": [
+                    {"id": "toolu_1", "function": {"name": "get_weather", "arguments": arguments}}
+                ],
+            },
+            {"role": "tool", "toolCallId": "toolu_1", "content": "18C"},
+        ],
+        tools=[WEATHER],
+    )
+
+    with pytest.raises(InvalidRequest) as caught:
+        await upstream.chat(request)
+    with pytest.raises(InvalidRequest):
+        await collect(upstream.stream(request))
+
+    assert "toolu_1" in caught.value.message
+    assert not route.called
+
+
+async def test_stream_request_body(upstream: AnthropicUpstream, api: respx.Router) -> None:
+    body = sse(message_start(), message_delta("end_turn", 1), MESSAGE_STOP)
+    route = api.post(URL).respond(200, content=body, headers=SSE_HEADERS)
+
+    await collect(upstream.stream(chat_request()))
+
+    assert sent_body(route)["stream"] is True
+
+
+# --- response normalisation ----------------------------------------------------------------
+
+
+async def test_parallel_tool_calls_and_usage(
+    upstream: AnthropicUpstream, api: respx.Router
+) -> None:
+    api.post(URL).respond(
+        200,
+        json=message(
+            [
+                {"type": "thinking", "thinking": "hmm", "signature": "sig"},
+                tool_use("toolu_a", "get_weather", {"city": "Paris"}),
+                tool_use("toolu_b", "get_time", {}),
+            ],
+            stop="tool_use",
+            input_tokens=20,
+            output_tokens=40,
+            cache_read_input_tokens=100,
+            cache_creation_input_tokens=30,
+        ),
+    )
+
+    answer = await upstream.chat(chat_request(tools=[WEATHER, CLOCK]))
+
+    assert answer.content is None
+    assert answer.tool_calls is not None
+    assert [call.model_dump() for call in answer.tool_calls] == [
+        {
+            "id": "toolu_a",
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'},
+        },
+        {"id": "toolu_b", "type": "function", "function": {"name": "get_time", "arguments": "{}"}},
+    ]
+    assert answer.usage == Usage(
+        prompt_tokens=150, completion_tokens=40, total_tokens=190, cached_prompt_tokens=100
+    )
+    assert answer.metadata == ResponseMetadata(
+        provider="anthropic", model="claude-sonnet-5-20260115", finish_reason="tool_calls"
+    )
+
+
+async def test_text_answer(upstream: AnthropicUpstream, api: respx.Router) -> None:
+    api.post(URL).respond(200, json=message([text_block("Hello "), text_block("there")]))
+
+    answer = await upstream.chat(chat_request())
+
+    assert answer.content == "Hello there"
+    assert answer.tool_calls is None
+    assert answer.usage == Usage(prompt_tokens=10, completion_tokens=5, total_tokens=15)
+    assert answer.metadata.finish_reason == "stop"
+
+
+@pytest.mark.parametrize(
+    ("vendor", "wire"),
+    [
+        ("end_turn", "stop"),
+        ("stop_sequence", "stop"),
+        ("pause_turn", "stop"),
+        ("max_tokens", "length"),
+        ("tool_use", "tool_calls"),
+        ("refusal", "content_filter"),
+    ],
+)
+async def test_finish_reason_mapping(
+    upstream: AnthropicUpstream, api: respx.Router, vendor: str, wire: str
+) -> None:
+    api.post(URL).respond(200, json=message([text_block("ok")], stop=vendor))
+
+    answer = await upstream.chat(chat_request())
+
+    assert answer.metadata.finish_reason == wire
+
+
+async def test_models() -> None:
+    listed = AnthropicUpstream(api_key=KEY, base_url=BASE, models=["claude-a"])
+    open_ended = AnthropicUpstream(api_key=KEY)
+    try:
+        assert listed.models() == ["claude-a"]
+        assert open_ended.models() is None
+        assert listed.name == "anthropic"
+    finally:
+        await listed.aclose()
+        await open_ended.aclose()
+
+
+# --- streaming -----------------------------------------------------------------------------
+
+
+async def test_stream_event_order(upstream: AnthropicUpstream, api: respx.Router) -> None:
+    body = sse(
+        message_start(input_tokens=25, output_tokens=1, cache_read_input_tokens=100),
+        PING,
+        block_start(0, text_block("")),
+        text_delta(0, "Let me "),
+        text_delta(0, "check."),
+        block_stop(0),
+        block_start(1, tool_use("toolu_a", "get_weather", {})),
+        json_delta(1, ""),
+        json_delta(1, '{"ci'),
+        json_delta(1, 'ty": "Paris"}'),
+        block_stop(1),
+        block_start(2, tool_use("toolu_b", "get_time", {})),
+        block_stop(2),
+        message_delta("tool_use", 57),
+        MESSAGE_STOP,
+    )
+    api.post(URL).respond(200, content=body, headers=SSE_HEADERS)
+
+    events = await collect(upstream.stream(chat_request(tools=[WEATHER, CLOCK])))
+
+    assert events == [
+        DeltaEvent(content="Let me "),
+        DeltaEvent(content="check."),
+        ToolCallEvent(index=0, id="toolu_a", name="get_weather"),
+        ToolCallEvent(index=0, arguments_delta='{"ci'),
+        ToolCallEvent(index=0, arguments_delta='ty": "Paris"}'),
+        ToolCallEvent(index=1, id="toolu_b", name="get_time"),
+        ToolCallEvent(index=1, arguments_delta="{}"),
+        UsageEvent(
+            usage=Usage(
+                prompt_tokens=125,
+                completion_tokens=57,
+                total_tokens=182,
+                cached_prompt_tokens=100,
+            )
+        ),
+        FinishEvent("tool_calls"),
+    ]
+    assembler = StreamAssembler()
+    for event in events:
+        if not isinstance(event, FinishEvent):
+            assembler.add(event)
+    calls = assembler.tool_calls()
+    assert calls is not None
+    assert [(call.id, call.parsed_arguments()) for call in calls] == [
+        ("toolu_a", {"city": "Paris"}),
+        ("toolu_b", {}),
+    ]
+
+
+async def test_stream_text_only(upstream: AnthropicUpstream, api: respx.Router) -> None:
+    body = sse(
+        message_start(input_tokens=5, output_tokens=1),
+        block_start(0, text_block("")),
+        text_delta(0, "Hi"),
+        block_stop(0),
+        message_delta("max_tokens", 3),
+        MESSAGE_STOP,
+    )
+    api.post(URL).respond(200, content=body, headers=SSE_HEADERS)
+
+    events = await collect(upstream.stream(chat_request()))
+
+    assert events == [
+        DeltaEvent(content="Hi"),
+        UsageEvent(usage=Usage(prompt_tokens=5, completion_tokens=3, total_tokens=8)),
+        FinishEvent("length"),
+    ]
+
+
+async def test_stream_cut_before_message_stop_is_an_error(
+    upstream: AnthropicUpstream, api: respx.Router
+) -> None:
+    body = sse(message_start(), block_start(0, text_block("")), text_delta(0, "Hel"))
+    api.post(URL).respond(200, content=body, headers=SSE_HEADERS)
+
+    events, error = await events_until_error(upstream.stream(chat_request()))
+
+    assert events == [DeltaEvent(content="Hel")]
+    assert type(error) is UpstreamError
+
+
+async def test_closing_the_stream_early_closes_the_response(
+    upstream: AnthropicUpstream, api: respx.Router
+) -> None:
+    body = ScriptedBody(
+        sse(message_start(), block_start(0, text_block("")), text_delta(0, "a")), stall=True
+    )
+    api.post(URL).respond(200, stream=body, headers=SSE_HEADERS)
+
+    stream = upstream.stream(chat_request())
+    assert await anext(stream) == DeltaEvent(content="a")
+    await stream.aclose()
+
+    assert body.closed
+
+
+async def test_cancelling_the_consumer_closes_the_response(
+    upstream: AnthropicUpstream, api: respx.Router
+) -> None:
+    body = ScriptedBody(
+        sse(message_start(), block_start(0, text_block("")), text_delta(0, "a")), stall=True
+    )
+    api.post(URL).respond(200, stream=body, headers=SSE_HEADERS)
+    received: list[UpstreamEvent] = []
+
+    async def consume() -> None:
+        async for event in upstream.stream(chat_request()):
+            received.append(event)
+
+    with anyio.move_on_after(0.2):
+        await consume()
+
+    assert received == [DeltaEvent(content="a")]
+    assert body.closed
+
+
+# --- errors --------------------------------------------------------------------------------
+
+
+def error_body(message: str, kind: str = "invalid_request_error") -> dict[str, Any]:
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+async def test_unauthorized_never_echoes_the_key(
+    upstream: AnthropicUpstream, api: respx.Router
+) -> None:
+    api.post(URL).respond(401, json=error_body(f"invalid x-api-key {KEY}", "authentication_error"))
+
+    with pytest.raises(UpstreamError) as caught:
+        await upstream.chat(chat_request())
+
+    assert KEY not in caught.value.message
+    assert "401" in caught.value.message
+
+
+async def test_bad_request_passes_the_reason_on_redacted(
+    upstream: AnthropicUpstream, api: respx.Router
+) -> None:
+    api.post(URL).respond(400, json=error_body(f"max_tokens: too large (key {KEY})"))
+
+    with pytest.raises(InvalidRequest) as caught:
+        await upstream.chat(chat_request())
+
+    assert "max_tokens: too large" in caught.value.message
+    assert KEY not in caught.value.message
+
+
+async def test_rate_limit_carries_retry_after(
+    upstream: AnthropicUpstream, api: respx.Router
+) -> None:
+    api.post(URL).respond(
+        429, json=error_body("slow down", "rate_limit_error"), headers={"retry-after": "12"}
+    )
+
+    with pytest.raises(RateLimited) as caught:
+        await upstream.chat(chat_request())
+
+    assert caught.value.retry_after == 12.0
+
+
+@pytest.mark.parametrize(
+    ("status", "kind", "error"),
+    [
+        (404, "not_found_error", NotFound),
+        (500, "api_error", UpstreamError),
+        (503, "api_error", UpstreamUnavailable),
+        (529, "overloaded_error", UpstreamUnavailable),
+    ],
+)
+async def test_status_mapping(
+    upstream: AnthropicUpstream,
+    api: respx.Router,
+    status: int,
+    kind: str,
+    error: type[ProxyError],
+) -> None:
+    api.post(URL).respond(status, json=error_body("nope", kind))
+
+    with pytest.raises(error):
+        await upstream.chat(chat_request())
+    with pytest.raises(error):
+        await collect(upstream.stream(chat_request()))
+
+
+async def test_timeout(upstream: AnthropicUpstream, api: respx.Router) -> None:
+    api.post(URL).mock(side_effect=httpx.ReadTimeout("timed out"))
+
+    with pytest.raises(UpstreamTimeout):
+        await upstream.chat(chat_request())
+    with pytest.raises(UpstreamTimeout):
+        await collect(upstream.stream(chat_request()))
+
+
+async def test_connect_error(upstream: AnthropicUpstream, api: respx.Router) -> None:
+    api.post(URL).mock(side_effect=httpx.ConnectError("refused"))
+
+    with pytest.raises(UpstreamUnavailable):
+        await upstream.chat(chat_request())
+    with pytest.raises(UpstreamUnavailable):
+        await collect(upstream.stream(chat_request()))
+
+
+@pytest.mark.parametrize(
+    ("kind", "error"),
+    [
+        ("overloaded_error", UpstreamUnavailable),
+        ("api_error", UpstreamError),
+        ("rate_limit_error", RateLimited),
+        ("something_new", UpstreamError),
+    ],
+)
+async def test_error_event_mid_stream(
+    upstream: AnthropicUpstream, api: respx.Router, kind: str, error: type[ProxyError]
+) -> None:
+    body = sse(
+        message_start(),
+        block_start(0, text_block("")),
+        text_delta(0, "Hel"),
+        ("error", error_body(f"trouble {KEY}", kind)),
+    )
+    api.post(URL).respond(200, content=body, headers=SSE_HEADERS)
+
+    events, raised = await events_until_error(upstream.stream(chat_request()))
+
+    assert events == [DeltaEvent(content="Hel")]
+    assert type(raised) is error
+    assert KEY not in raised.message
+
+
+async def test_malformed_event_mid_stream(upstream: AnthropicUpstream, api: respx.Router) -> None:
+    body = sse(message_start(), block_start(0, text_block("")), text_delta(0, "Hel"))
+    body += b'event: content_block_delta\ndata: {"type": "content_block_delta", \n\n'
+    api.post(URL).respond(200, content=body, headers=SSE_HEADERS)
+
+    events, error = await events_until_error(upstream.stream(chat_request()))
+
+    assert events == [DeltaEvent(content="Hel")]
+    assert type(error) is UpstreamError
+
+
+@pytest.mark.parametrize(
+    ("failure", "error"),
+    [
+        (httpx.RemoteProtocolError("peer closed connection"), UpstreamError),
+        (httpx.ReadError("connection reset"), UpstreamError),
+        (httpx.ReadTimeout("read timed out"), UpstreamTimeout),
+    ],
+)
+async def test_connection_failure_mid_stream(
+    upstream: AnthropicUpstream,
+    api: respx.Router,
+    failure: Exception,
+    error: type[ProxyError],
+) -> None:
+    body = ScriptedBody(
+        sse(message_start(), block_start(0, text_block("")), text_delta(0, "Hel")), failure
+    )
+    api.post(URL).respond(200, stream=body, headers=SSE_HEADERS)
+
+    events, raised = await events_until_error(upstream.stream(chat_request()))
+
+    assert events == [DeltaEvent(content="Hel")]
+    assert type(raised) is error
+    assert body.closed

@@ -1,0 +1,681 @@
+"""The OpenAI adapter against a mocked Chat Completions API: request translation, response
+normalisation, SSE streaming and every failure mapped to the wire errors."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+import respx
+
+from robota_client.messages import (
+    ChatRequest,
+    DeltaEvent,
+    ResponseMetadata,
+    StreamAssembler,
+    ToolCallEvent,
+    Usage,
+    UsageEvent,
+)
+from robota_proxy.errors import (
+    InvalidRequest,
+    NotFound,
+    ProxyError,
+    RateLimited,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from robota_proxy.upstreams.base import FinishEvent, UpstreamEvent
+from robota_proxy.upstreams.openai import OpenAIUpstream
+
+pytestmark = pytest.mark.anyio
+
+KEY = "sk-proj-TESTKEY0123456789abcdefghijklmnop"
+BASE = "https://openai.test/v1"
+URL = f"{BASE}/chat/completions"
+OFFICIAL_URL = "https://api.openai.com/v1/chat/completions"
+MODEL = "gpt-4o-mini"
+
+WEATHER = {
+    "name": "get_weather",
+    "description": "Current weather for a city",
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+    },
+}
+CLOCK = {"name": "get_time", "parameters": {"type": "object", "properties": {}}}
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[OpenAIUpstream]:
+    adapter = OpenAIUpstream(api_key=KEY, base_url=BASE, name="local")
+    yield adapter
+    await adapter.aclose()
+
+
+@pytest.fixture
+def api() -> Iterator[respx.MockRouter]:
+    with respx.mock(assert_all_mocked=True, assert_all_called=False) as router:
+        yield router
+
+
+def chat_request(messages: list[dict[str, Any]] | None = None, **extra: Any) -> ChatRequest:
+    return ChatRequest.model_validate(
+        {
+            "provider": "openai",
+            "model": MODEL,
+            "messages": messages or [{"role": "user", "content": "hi"}],
+            **extra,
+        }
+    )
+
+
+def sent_body(route: respx.Route) -> dict[str, Any]:
+    body: dict[str, Any] = json.loads(route.calls.last.request.content)
+    return body
+
+
+def completion(message: dict[str, Any], finish: str = "stop", **extra: Any) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "gpt-4o-mini-2024-07-18",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", **message},
+                "finish_reason": finish,
+            }
+        ],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+        **extra,
+    }
+
+
+def chunk(delta: dict[str, Any] | None = None, finish: str | None = None) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "gpt-4o-mini-2024-07-18",
+        "choices": [{"index": 0, "delta": delta or {}, "finish_reason": finish}],
+    }
+
+
+def usage_chunk(prompt: int, completion: int, cached: int = 0) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "gpt-4o-mini-2024-07-18",
+        "choices": [],
+        "usage": {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
+        },
+    }
+
+
+def sse(*payloads: dict[str, Any], done: bool = True) -> bytes:
+    events = [f"data: {json.dumps(payload)}\n\n" for payload in payloads]
+    if done:
+        events.append("data: [DONE]\n\n")
+    return "".join(events).encode()
+
+
+SSE_HEADERS = {"content-type": "text/event-stream"}
+
+
+class ScriptedBody(httpx.AsyncByteStream):
+    """A response body that can fail or stall part-way, and tells whether it was closed."""
+
+    def __init__(self, *parts: bytes | Exception, stall: bool = False) -> None:
+        self._parts = parts
+        self._stall = stall
+        self.closed = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for part in self._parts:
+            if isinstance(part, Exception):
+                raise part
+            yield part
+        if self._stall:
+            await anyio.sleep_forever()
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+async def collect(stream: AsyncIterator[UpstreamEvent]) -> list[UpstreamEvent]:
+    return [event async for event in stream]
+
+
+async def events_until_error(
+    stream: AsyncIterator[UpstreamEvent],
+) -> tuple[list[UpstreamEvent], ProxyError]:
+    events: list[UpstreamEvent] = []
+    with pytest.raises(ProxyError) as caught:
+        async for event in stream:
+            events.append(event)
+    return events, caught.value
+
+
+# --- request translation -------------------------------------------------------------------
+
+
+async def test_request_translation(upstream: OpenAIUpstream, api: respx.MockRouter) -> None:
+    route = api.post(URL).respond(200, json=completion({"content": "ok"}))
+    request = chat_request(
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Weather in Paris?", "name": "alice"},
+            {
+                "role": "assistant",
+                "content": None,
+                "toolCalls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "toolCallId": "call_1", "content": "18C", "name": "get_weather"},
+        ],
+        tools=[WEATHER],
+        options={
+            "temperature": 0.2,
+            "maxTokens": 100,
+            "topP": 0.9,
+            "stop": "END",
+            "toolChoice": "get_weather",
+            "responseFormat": "json",
+        },
+    )
+
+    await upstream.chat(request)
+
+    assert sent_body(route) == {
+        "model": MODEL,
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Weather in Paris?", "name": "alice"},
+            {
+                "role": "assistant",
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": "18C"},
+        ],
+        "tools": [{"type": "function", "function": WEATHER}],
+        "temperature": 0.2,
+        "top_p": 0.9,
+        "max_tokens": 100,
+        "stop": ["END"],
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        "response_format": {"type": "json_object"},
+    }
+    assert route.calls.last.request.headers["authorization"] == f"Bearer {KEY}"
+
+
+async def test_official_api_gets_max_completion_tokens(api: respx.MockRouter) -> None:
+    route = api.post(OFFICIAL_URL).respond(200, json=completion({"content": "ok"}))
+    upstream = OpenAIUpstream(api_key=KEY)
+    try:
+        await upstream.chat(chat_request(options={"maxTokens": 50}))
+    finally:
+        await upstream.aclose()
+
+    body = sent_body(route)
+    assert body["max_completion_tokens"] == 50
+    assert "max_tokens" not in body
+
+
+@pytest.mark.parametrize("choice", ["auto", "none", "required"])
+async def test_tool_choice_keywords_pass_through(
+    upstream: OpenAIUpstream, api: respx.MockRouter, choice: str
+) -> None:
+    route = api.post(URL).respond(200, json=completion({"content": "ok"}))
+
+    await upstream.chat(chat_request(tools=[WEATHER], options={"toolChoice": choice}))
+
+    assert sent_body(route)["tool_choice"] == choice
+
+
+async def test_minimal_request_sends_no_options(
+    upstream: OpenAIUpstream, api: respx.MockRouter
+) -> None:
+    route = api.post(URL).respond(200, json=completion({"content": "ok"}))
+
+    # A tool choice without tools would only earn a vendor 400, so it is not sent.
+    await upstream.chat(chat_request(options={"toolChoice": "auto", "responseFormat": "text"}))
+
+    assert sent_body(route) == {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+
+
+async def test_stream_asks_for_usage(upstream: OpenAIUpstream, api: respx.MockRouter) -> None:
+    route = api.post(URL).respond(
+        200, content=sse(chunk({"content": "x"}, "stop")), headers=SSE_HEADERS
+    )
+
+    await collect(upstream.stream(chat_request()))
+
+    body = sent_body(route)
+    assert body["stream"] is True
+    assert body["stream_options"] == {"include_usage": True}
+
+
+# --- response normalisation ----------------------------------------------------------------
+
+
+async def test_parallel_tool_calls_and_usage_details(
+    upstream: OpenAIUpstream, api: respx.MockRouter
+) -> None:
+    api.post(URL).respond(
+        200,
+        json=completion(
+            {
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_a",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'},
+                    },
+                    {
+                        "id": "call_b",
+                        "type": "function",
+                        "function": {"name": "get_time", "arguments": "{}"},
+                    },
+                ],
+            },
+            finish="tool_calls",
+            usage={
+                "prompt_tokens": 120,
+                "completion_tokens": 40,
+                "total_tokens": 160,
+                "prompt_tokens_details": {"cached_tokens": 100},
+                "completion_tokens_details": {"reasoning_tokens": 32},
+            },
+        ),
+    )
+
+    message = await upstream.chat(chat_request(tools=[WEATHER, CLOCK]))
+
+    assert message.content is None
+    assert message.tool_calls is not None
+    assert [call.model_dump() for call in message.tool_calls] == [
+        {
+            "id": "call_a",
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'},
+        },
+        {"id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": "{}"}},
+    ]
+    assert message.usage == Usage(
+        prompt_tokens=120,
+        completion_tokens=40,
+        total_tokens=160,
+        cached_prompt_tokens=100,
+        reasoning_tokens=32,
+    )
+    assert message.metadata == ResponseMetadata(
+        provider="local", model="gpt-4o-mini-2024-07-18", finish_reason="tool_calls"
+    )
+
+
+async def test_text_answer(upstream: OpenAIUpstream, api: respx.MockRouter) -> None:
+    api.post(URL).respond(200, json=completion({"content": "Hello!"}))
+
+    message = await upstream.chat(chat_request())
+
+    assert message.content == "Hello!"
+    assert message.tool_calls is None
+    assert message.usage == Usage(prompt_tokens=10, completion_tokens=5, total_tokens=15)
+    assert message.metadata.finish_reason == "stop"
+
+
+async def test_refusal_becomes_the_text(upstream: OpenAIUpstream, api: respx.MockRouter) -> None:
+    api.post(URL).respond(200, json=completion({"content": None, "refusal": "I can't help."}))
+
+    message = await upstream.chat(chat_request())
+
+    assert message.content == "I can't help."
+
+
+async def test_requested_model_when_vendor_reports_none(
+    upstream: OpenAIUpstream, api: respx.MockRouter
+) -> None:
+    body = completion({"content": "ok"})
+    body["model"] = ""
+    api.post(URL).respond(200, json=body)
+
+    message = await upstream.chat(chat_request())
+
+    assert message.metadata.model == MODEL
+
+
+@pytest.mark.parametrize(
+    ("vendor", "wire"),
+    [
+        ("stop", "stop"),
+        ("length", "length"),
+        ("tool_calls", "tool_calls"),
+        ("function_call", "tool_calls"),
+        ("content_filter", "content_filter"),
+        ("something_new", "stop"),
+    ],
+)
+async def test_finish_reason_mapping(
+    upstream: OpenAIUpstream, api: respx.MockRouter, vendor: str, wire: str
+) -> None:
+    api.post(URL).respond(200, json=completion({"content": "ok"}, finish=vendor))
+
+    message = await upstream.chat(chat_request())
+
+    assert message.metadata.finish_reason == wire
+
+
+async def test_models() -> None:
+    listed = OpenAIUpstream(api_key=KEY, base_url=BASE, models=["a", "b"])
+    open_ended = OpenAIUpstream(api_key=KEY, base_url=BASE)
+    try:
+        assert listed.models() == ["a", "b"]
+        assert open_ended.models() is None
+        assert listed.name == "openai"
+    finally:
+        await listed.aclose()
+        await open_ended.aclose()
+
+
+# --- streaming -----------------------------------------------------------------------------
+
+
+async def test_stream_event_order(upstream: OpenAIUpstream, api: respx.MockRouter) -> None:
+    body = sse(
+        chunk({"role": "assistant", "content": ""}),
+        chunk({"content": "Let me "}),
+        chunk({"content": "check."}),
+        chunk(
+            {
+                "tool_calls": [
+                    {
+                        "index": 0,
+                        "id": "call_a",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": ""},
+                    }
+                ]
+            }
+        ),
+        chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"ci'}}]}),
+        chunk({"tool_calls": [{"index": 0, "function": {"arguments": 'ty":"Paris"}'}}]}),
+        chunk(
+            {
+                "tool_calls": [
+                    {
+                        "index": 1,
+                        "id": "call_b",
+                        "type": "function",
+                        "function": {"name": "get_time", "arguments": "{}"},
+                    }
+                ]
+            }
+        ),
+        chunk({}, "tool_calls"),
+        usage_chunk(30, 12, cached=8),
+    )
+    api.post(URL).respond(200, content=body, headers=SSE_HEADERS)
+
+    events = await collect(upstream.stream(chat_request(tools=[WEATHER, CLOCK])))
+
+    assert events == [
+        DeltaEvent(content="Let me "),
+        DeltaEvent(content="check."),
+        ToolCallEvent(index=0, id="call_a", name="get_weather", arguments_delta=""),
+        ToolCallEvent(index=0, arguments_delta='{"ci'),
+        ToolCallEvent(index=0, arguments_delta='ty":"Paris"}'),
+        ToolCallEvent(index=1, id="call_b", name="get_time", arguments_delta="{}"),
+        UsageEvent(
+            usage=Usage(
+                prompt_tokens=30, completion_tokens=12, total_tokens=42, cached_prompt_tokens=8
+            )
+        ),
+        FinishEvent("tool_calls"),
+    ]
+    assembler = StreamAssembler()
+    for event in events:
+        if not isinstance(event, FinishEvent):
+            assembler.add(event)
+    calls = assembler.tool_calls()
+    assert calls is not None
+    assert [call.parsed_arguments() for call in calls] == [{"city": "Paris"}, {}]
+
+
+async def test_stream_without_usage_ends_with_finish(
+    upstream: OpenAIUpstream, api: respx.MockRouter
+) -> None:
+    body = sse(chunk({"content": "Hi"}), chunk({}, "length"))
+    api.post(URL).respond(200, content=body, headers=SSE_HEADERS)
+
+    events = await collect(upstream.stream(chat_request()))
+
+    assert events == [DeltaEvent(content="Hi"), FinishEvent("length")]
+
+
+async def test_stream_repeated_ids_are_sent_once(
+    upstream: OpenAIUpstream, api: respx.MockRouter
+) -> None:
+    # Some compatible servers repeat id and name on every piece of a call.
+    piece = {"index": 0, "id": "call_a", "type": "function"}
+    body = sse(
+        chunk({"tool_calls": [{**piece, "function": {"name": "get_time", "arguments": "{"}}]}),
+        chunk({"tool_calls": [{**piece, "function": {"name": "get_time", "arguments": "}"}}]}),
+        chunk({}, "tool_calls"),
+    )
+    api.post(URL).respond(200, content=body, headers=SSE_HEADERS)
+
+    events = await collect(upstream.stream(chat_request(tools=[CLOCK])))
+
+    assert events[:2] == [
+        ToolCallEvent(index=0, id="call_a", name="get_time", arguments_delta="{"),
+        ToolCallEvent(index=0, arguments_delta="}"),
+    ]
+
+
+async def test_stream_cut_before_finish_is_an_error(
+    upstream: OpenAIUpstream, api: respx.MockRouter
+) -> None:
+    body = sse(chunk({"content": "Hel"}), done=False)
+    api.post(URL).respond(200, content=body, headers=SSE_HEADERS)
+
+    events, error = await events_until_error(upstream.stream(chat_request()))
+
+    assert events == [DeltaEvent(content="Hel")]
+    assert isinstance(error, UpstreamError)
+
+
+async def test_closing_the_stream_early_closes_the_response(
+    upstream: OpenAIUpstream, api: respx.MockRouter
+) -> None:
+    body = ScriptedBody(sse(chunk({"content": "a"}), done=False), stall=True)
+    api.post(URL).respond(200, stream=body, headers=SSE_HEADERS)
+
+    stream = upstream.stream(chat_request())
+    assert await anext(stream) == DeltaEvent(content="a")
+    await stream.aclose()
+
+    assert body.closed
+
+
+async def test_cancelling_the_consumer_closes_the_response(
+    upstream: OpenAIUpstream, api: respx.MockRouter
+) -> None:
+    body = ScriptedBody(sse(chunk({"content": "a"}), done=False), stall=True)
+    api.post(URL).respond(200, stream=body, headers=SSE_HEADERS)
+    received: list[UpstreamEvent] = []
+
+    async def consume() -> None:
+        async for event in upstream.stream(chat_request()):
+            received.append(event)
+
+    with anyio.move_on_after(0.2):
+        await consume()
+
+    assert received == [DeltaEvent(content="a")]
+    assert body.closed
+
+
+# --- errors --------------------------------------------------------------------------------
+
+
+def error_body(message: str, kind: str = "invalid_request_error") -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+
+
+async def test_unauthorized_never_echoes_the_key(
+    upstream: OpenAIUpstream, api: respx.MockRouter
+) -> None:
+    api.post(URL).respond(401, json=error_body(f"Incorrect API key provided: {KEY}."))
+
+    with pytest.raises(UpstreamError) as caught:
+        await upstream.chat(chat_request())
+
+    assert KEY not in caught.value.message
+    assert KEY[:12] not in caught.value.message
+    assert "401" in caught.value.message
+
+
+async def test_bad_request_passes_the_reason_on_redacted(
+    upstream: OpenAIUpstream, api: respx.MockRouter
+) -> None:
+    api.post(URL).respond(400, json=error_body(f"Unsupported value 'temperature' for {KEY}"))
+
+    with pytest.raises(InvalidRequest) as caught:
+        await upstream.chat(chat_request())
+
+    assert "Unsupported value 'temperature'" in caught.value.message
+    assert KEY not in caught.value.message
+
+
+async def test_rate_limit_carries_retry_after(
+    upstream: OpenAIUpstream, api: respx.MockRouter
+) -> None:
+    api.post(URL).respond(429, json=error_body("slow down"), headers={"retry-after": "7"})
+
+    with pytest.raises(RateLimited) as caught:
+        await upstream.chat(chat_request())
+
+    assert caught.value.retry_after == 7.0
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [(404, NotFound), (500, UpstreamError), (503, UpstreamUnavailable), (502, UpstreamUnavailable)],
+)
+async def test_status_mapping(
+    upstream: OpenAIUpstream, api: respx.MockRouter, status: int, error: type[ProxyError]
+) -> None:
+    api.post(URL).respond(status, json=error_body("nope", "server_error"))
+
+    with pytest.raises(error):
+        await upstream.chat(chat_request())
+
+
+async def test_status_error_before_a_stream(
+    upstream: OpenAIUpstream, api: respx.MockRouter
+) -> None:
+    api.post(URL).respond(429, json=error_body("slow down"), headers={"retry-after-ms": "1500"})
+
+    with pytest.raises(RateLimited) as caught:
+        await collect(upstream.stream(chat_request()))
+
+    assert caught.value.retry_after == 1.5
+
+
+async def test_timeout(upstream: OpenAIUpstream, api: respx.MockRouter) -> None:
+    api.post(URL).mock(side_effect=httpx.ReadTimeout("timed out"))
+
+    with pytest.raises(UpstreamTimeout):
+        await upstream.chat(chat_request())
+
+
+async def test_connect_error(upstream: OpenAIUpstream, api: respx.MockRouter) -> None:
+    api.post(URL).mock(side_effect=httpx.ConnectError("refused"))
+
+    with pytest.raises(UpstreamUnavailable):
+        await upstream.chat(chat_request())
+    with pytest.raises(UpstreamUnavailable):
+        await collect(upstream.stream(chat_request()))
+
+
+async def test_malformed_body(upstream: OpenAIUpstream, api: respx.MockRouter) -> None:
+    api.post(URL).respond(200, json={"id": "x", "object": "chat.completion", "choices": []})
+
+    with pytest.raises(UpstreamError):
+        await upstream.chat(chat_request())
+
+
+async def test_malformed_chunk_mid_stream(upstream: OpenAIUpstream, api: respx.MockRouter) -> None:
+    body = sse(chunk({"content": "Hel"}), done=False) + b'data: {"choices": [\n\n'
+    api.post(URL).respond(200, content=body, headers=SSE_HEADERS)
+
+    events, error = await events_until_error(upstream.stream(chat_request()))
+
+    assert events == [DeltaEvent(content="Hel")]
+    assert type(error) is UpstreamError
+
+
+async def test_error_payload_mid_stream(upstream: OpenAIUpstream, api: respx.MockRouter) -> None:
+    body = sse(chunk({"content": "Hel"}), error_body(f"server exploded {KEY}"), done=False)
+    api.post(URL).respond(200, content=body, headers=SSE_HEADERS)
+
+    events, error = await events_until_error(upstream.stream(chat_request()))
+
+    assert events == [DeltaEvent(content="Hel")]
+    assert type(error) is UpstreamError
+    assert KEY not in error.message
+
+
+@pytest.mark.parametrize(
+    ("failure", "error"),
+    [
+        (httpx.RemoteProtocolError("peer closed connection"), UpstreamError),
+        (httpx.ReadError("connection reset"), UpstreamError),
+        (httpx.ReadTimeout("read timed out"), UpstreamTimeout),
+    ],
+)
+async def test_connection_failure_mid_stream(
+    upstream: OpenAIUpstream,
+    api: respx.MockRouter,
+    failure: Exception,
+    error: type[ProxyError],
+) -> None:
+    body = ScriptedBody(sse(chunk({"content": "Hel"}), done=False), failure)
+    api.post(URL).respond(200, stream=body, headers=SSE_HEADERS)
+
+    events, raised = await events_until_error(upstream.stream(chat_request()))
+
+    assert events == [DeltaEvent(content="Hel")]
+    assert type(raised) is error
+    assert body.closed
