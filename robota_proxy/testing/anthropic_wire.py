@@ -1,0 +1,254 @@
+"""Anthropic Messages as the official ``anthropic`` SDK expects it.
+
+Shapes follow the API reference: a ``message`` object with ``text`` / ``tool_use`` content
+blocks, and the streaming sequence ``message_start`` (input usage), ``content_block_start``,
+``ping``, ``content_block_delta`` (``text_delta`` or ``input_json_delta``),
+``content_block_stop``, ``message_delta`` (stop reason, output usage), ``message_stop``.
+Errors are ``{"type": "error", "error": {"type", "message"}, "request_id"}``.
+"""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from robota_proxy.testing.script import (
+    Conversation,
+    Finish,
+    LastRole,
+    Plan,
+    Vendor,
+    count_words,
+)
+from robota_proxy.testing.sse import SSEEvent
+from robota_proxy.testing.wire import (
+    Json,
+    as_list,
+    dumps,
+    json_response,
+    new_id,
+    retry_headers,
+    split_json,
+    split_text,
+    text_of,
+)
+
+STOP_REASONS: dict[Finish, str] = {
+    "stop": "end_turn",
+    "tool_calls": "tool_use",
+    "length": "max_tokens",
+    "content_filter": "refusal",
+}
+
+_ERRORS: dict[int, tuple[str, str]] = {
+    400: ("invalid_request_error", "Invalid request."),
+    401: ("authentication_error", "invalid x-api-key"),
+    403: ("permission_error", "Your API key does not have permission to use this resource."),
+    404: ("not_found_error", "Not found."),
+    413: ("request_too_large", "Request exceeds the maximum allowed number of bytes."),
+    429: ("rate_limit_error", "Number of requests has exceeded your rate limit."),
+    500: ("api_error", "Internal server error"),
+    503: ("overloaded_error", "Overloaded"),
+    529: ("overloaded_error", "Overloaded"),
+}
+
+
+def _blocks(content: object) -> list[Json]:
+    return [block for block in as_list(content) if isinstance(block, dict)]
+
+
+def _words(content: object) -> int:
+    if isinstance(content, str):
+        return count_words(content)
+    total = 0
+    for block in _blocks(content):
+        if block.get("type") == "tool_result":
+            total += count_words(text_of(block.get("content")))
+        elif isinstance(block.get("text"), str):
+            total += count_words(block["text"])
+    return total
+
+
+class AnthropicWire:
+    vendor: Vendor = "anthropic"
+    newline = "\n"
+
+    def headers(self) -> dict[str, str]:
+        return {"request-id": new_id("req_", 24)}
+
+    def auth_error(self, request: Request, api_key: str) -> Response | None:
+        # The classic header is x-api-key; recent official SDKs send the same key as
+        # ``Authorization: Bearer``, so either is accepted.
+        given = request.headers.get("x-api-key")
+        if given is None:
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            given = token.strip() if scheme.lower() == "bearer" else None
+        if given is None:
+            return self.error(401, "x-api-key header is required")
+        if given != api_key:
+            return self.error(401, "invalid x-api-key")
+        if "anthropic-version" not in request.headers:
+            return self.error(400, "anthropic-version: header is required")
+        return None
+
+    def summarize(self, body: Json) -> Conversation:
+        messages = [
+            message for message in as_list(body.get("messages")) if isinstance(message, dict)
+        ]
+        words = _words(body.get("system")) + sum(_words(m.get("content")) for m in messages)
+        if not messages:
+            return Conversation(words=words)
+        last = messages[-1]
+        results = [
+            text_of(block.get("content"))
+            for block in _blocks(last.get("content"))
+            if block.get("type") == "tool_result"
+        ]
+        if results:
+            return Conversation("tool", "\n".join(results), words)
+        role: LastRole = "assistant" if last.get("role") == "assistant" else "user"
+        return Conversation(role, text_of(last.get("content")), words)
+
+    def invalid(self, body: Json) -> str | None:
+        if not isinstance(body.get("model"), str) or not body["model"]:
+            return "model: Field required"
+        if not isinstance(body.get("max_tokens"), int):
+            return "max_tokens: Field required"
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return "messages: Field required"
+        pending: list[str] = []
+        for position, message in enumerate(messages):
+            role = message.get("role") if isinstance(message, dict) else None
+            if role == "system":
+                return (
+                    'messages: Unexpected role "system". The Messages API accepts a top-level '
+                    '`system` parameter, not "system" as an input message role.'
+                )
+            if role not in ("user", "assistant"):
+                return f"messages.{position}.role: Input should be 'user' or 'assistant'"
+            blocks = _blocks(message.get("content"))
+            answered = [
+                block.get("tool_use_id") for block in blocks if block.get("type") == "tool_result"
+            ]
+            stray = [call_id for call_id in answered if call_id not in pending]
+            if stray:
+                return (
+                    f"messages.{position}.content: unexpected `tool_use_id` found in "
+                    f"`tool_result` blocks: {stray[0]}. Each `tool_result` block must have a "
+                    "corresponding `tool_use` block in the previous message."
+                )
+            missing = [call_id for call_id in pending if call_id not in answered]
+            if missing:
+                return (
+                    f"messages.{position - 1}: `tool_use` ids were found without `tool_result` "
+                    f"blocks immediately after: {', '.join(missing)}. Each `tool_use` block must "
+                    "have a corresponding `tool_result` block in the next message."
+                )
+            pending = [
+                block["id"]
+                for block in blocks
+                if block.get("type") == "tool_use" and isinstance(block.get("id"), str)
+            ]
+        return None
+
+    def error(
+        self, status: int, message: str | None = None, retry_after: float | None = None
+    ) -> Response:
+        fallback = "api_error" if status >= 500 else "invalid_request_error"
+        kind, default_message = _ERRORS.get(status, (fallback, f"HTTP {status}"))
+        headers = self.headers()
+        body = {
+            "type": "error",
+            "error": {"type": kind, "message": message or default_message},
+            "request_id": headers["request-id"],
+        }
+        return json_response(body, status, {**headers, **retry_headers(retry_after)})
+
+    def reply(self, plan: Plan, model: str) -> Json:
+        content: list[Json] = []
+        if plan.text or not plan.tool_calls:
+            content.append({"type": "text", "text": plan.text})
+        content += [
+            {
+                "type": "tool_use",
+                "id": call.id or new_id("toolu_"),
+                "name": call.name,
+                "input": dict(call.arguments),
+            }
+            for call in plan.tool_calls
+        ]
+        return {
+            "id": new_id("msg_"),
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": content,
+            "stop_reason": STOP_REASONS[plan.finish],
+            "stop_sequence": None,
+            "usage": _usage(plan, plan.completion_tokens),
+        }
+
+    def events(self, plan: Plan, model: str, body: Json) -> list[SSEEvent]:
+        def event(payload: Json, content: bool = False) -> SSEEvent:
+            return SSEEvent(dumps(payload), event=payload["type"], content=content)
+
+        start: Json = {
+            "id": new_id("msg_"),
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": _usage(plan, 1),
+        }
+        events = [event({"type": "message_start", "message": start})]
+        blocks: list[tuple[Json, list[Json]]] = []
+        if plan.text or not plan.tool_calls:
+            deltas = [{"type": "text_delta", "text": piece} for piece in split_text(plan.text)]
+            blocks.append(({"type": "text", "text": ""}, deltas))
+        for call in plan.tool_calls:
+            opening = {
+                "type": "tool_use",
+                "id": call.id or new_id("toolu_"),
+                "name": call.name,
+                "input": {},
+            }
+            fragments = split_json(dumps(dict(call.arguments)))
+            blocks.append(
+                (opening, [{"type": "input_json_delta", "partial_json": f} for f in fragments])
+            )
+        for index, (opening, deltas) in enumerate(blocks):
+            events.append(
+                event({"type": "content_block_start", "index": index, "content_block": opening})
+            )
+            if index == 0:
+                events.append(event({"type": "ping"}))
+            events += [
+                event({"type": "content_block_delta", "index": index, "delta": delta}, True)
+                for delta in deltas
+            ]
+            events.append(event({"type": "content_block_stop", "index": index}))
+        events.append(
+            event(
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": STOP_REASONS[plan.finish], "stop_sequence": None},
+                    "usage": {"output_tokens": plan.completion_tokens},
+                }
+            )
+        )
+        events.append(event({"type": "message_stop"}))
+        return events
+
+
+def _usage(plan: Plan, output_tokens: int) -> Json:
+    # Anthropic's input_tokens leaves out the tokens read from (or written to) the cache.
+    return {
+        "input_tokens": plan.prompt_tokens - plan.cached_tokens,
+        "output_tokens": output_tokens,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": plan.cached_tokens,
+        "service_tier": "standard",
+    }

@@ -1,0 +1,135 @@
+"""The one Starlette app that answers for all three vendors.
+
+Each request goes the same way whatever the vendor: record it, check the key, check the
+body, pick the scripted reply, apply faults, render. Vendor modules only render.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import anyio
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from robota_proxy.testing.anthropic_wire import AnthropicWire
+from robota_proxy.testing.gemini_wire import GeminiWire
+from robota_proxy.testing.openai_wire import OpenAIWire, models_list
+from robota_proxy.testing.script import RecordedRequest, make_plan
+from robota_proxy.testing.sse import FaultyEventStream
+from robota_proxy.testing.state import FakeState
+from robota_proxy.testing.wire import Json, VendorWire, json_response
+
+_GEMINI_ACTIONS = ("generateContent", "streamGenerateContent")
+
+
+def _parse(raw: bytes) -> tuple[Json, str | None]:
+    try:
+        body: Any = json.loads(raw) if raw else None
+    except ValueError:
+        return {}, "We could not parse the JSON body of your request."
+    if not isinstance(body, dict):
+        return {}, "The request body must be a JSON object."
+    return body, None
+
+
+class FakeVendorApp:
+    """Holds what the handlers share; ``starlette`` is the ASGI app to serve."""
+
+    def __init__(self, state: FakeState, api_key: str) -> None:
+        self._state = state
+        self._api_key = api_key
+        self._openai = OpenAIWire()
+        self._anthropic = AnthropicWire()
+        self._gemini = GeminiWire()
+        self.starlette = Starlette(
+            routes=[
+                Route("/v1/chat/completions", self._openai_chat, methods=["POST"]),
+                Route("/v1/models", self._openai_models, methods=["GET"]),
+                Route("/v1/messages", self._anthropic_messages, methods=["POST"]),
+                Route("/v1beta/models/{target}", self._gemini_call, methods=["POST"]),
+                Route("/v1/models/{target}", self._gemini_call, methods=["POST"]),
+            ]
+        )
+
+    async def _openai_chat(self, request: Request) -> Response:
+        body, problem = _parse(await request.body())
+        model = str(body.get("model", ""))
+        stream = body.get("stream") is True
+        return await self._exchange(request, self._openai, body, problem, model, stream)
+
+    async def _openai_models(self, request: Request) -> Response:
+        self._state.record(
+            RecordedRequest(
+                vendor="openai",
+                path=request.url.path,
+                headers=dict(request.headers),
+                body={},
+                stream=False,
+            )
+        )
+        refusal = self._openai.auth_error(request, self._api_key)
+        return refusal or json_response(models_list(), headers=self._openai.headers())
+
+    async def _anthropic_messages(self, request: Request) -> Response:
+        body, problem = _parse(await request.body())
+        model = str(body.get("model", ""))
+        stream = body.get("stream") is True
+        return await self._exchange(request, self._anthropic, body, problem, model, stream)
+
+    async def _gemini_call(self, request: Request) -> Response:
+        model, _, action = str(request.path_params["target"]).rpartition(":")
+        if action not in _GEMINI_ACTIONS or not model:
+            return self._gemini.error(404, f"Unknown method {action!r} on models/{model}.")
+        body, problem = _parse(await request.body())
+        stream = action == "streamGenerateContent"
+        sse = request.query_params.get("alt") == "sse"
+        return await self._exchange(request, self._gemini, body, problem, model, stream, sse)
+
+    async def _exchange(
+        self,
+        request: Request,
+        wire: VendorWire,
+        body: Json,
+        problem: str | None,
+        model: str,
+        stream: bool,
+        sse: bool = True,
+    ) -> Response:
+        conversation = wire.summarize(body)
+        recorded = RecordedRequest(
+            vendor=wire.vendor,
+            path=request.url.path,
+            headers=dict(request.headers),
+            body=body,
+            stream=stream,
+            model=model,
+            last_role=conversation.last_role,
+            last_text=conversation.last_text,
+        )
+        self._state.record(recorded)
+        refusal = wire.auth_error(request, self._api_key)
+        if refusal is not None:
+            return refusal
+        problem = problem or wire.invalid(body)
+        if problem is not None:
+            return wire.error(400, problem)
+
+        plan = make_plan(self._state.choose(recorded), conversation)
+        fault = plan.fault
+        if fault is not None and fault.latency > 0:
+            await anyio.sleep(fault.latency)
+        if fault is not None and fault.status is not None:
+            return wire.error(fault.status, fault.message, fault.retry_after)
+        if not stream:
+            return json_response(wire.reply(plan, model), headers=wire.headers())
+        events = wire.events(plan, model, body)
+        if not sse:  # Gemini without alt=sse streams one JSON array
+            array = "[" + ",\r\n".join(event.data for event in events) + "]"
+            return Response(array.encode(), media_type="application/json")
+        return FaultyEventStream(
+            events, state=self._state, fault=fault, newline=wire.newline, headers=wire.headers()
+        )

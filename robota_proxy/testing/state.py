@@ -1,0 +1,90 @@
+"""The bookkeeping shared by the test thread and the server thread.
+
+The server runs on its own event loop in another thread, so every read and write goes
+through one ``threading.Lock``; each critical section is a few list operations, cheap
+enough for load benchmarks.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+
+from robota_proxy.testing.script import Fault, Matcher, RecordedRequest, Reply, Rule, Vendor
+
+
+class FakeState:
+    def __init__(self, max_recorded: int) -> None:
+        self._lock = threading.Lock()
+        self._rules: list[Rule] = []
+        # Bounded so a long benchmark cannot grow the test process without limit.
+        self._requests: deque[RecordedRequest] = deque(maxlen=max_recorded)
+        self._completed = 0
+        self._aborted = 0
+        self._dropped = 0
+
+    def add_rule(
+        self, reply: Reply | Fault, match: Matcher, times: int | None, vendor: Vendor | None
+    ) -> None:
+        if times is not None and times < 1:
+            raise ValueError("times must be at least 1 (or None for unlimited)")
+        with self._lock:
+            self._rules.append(Rule(reply=reply, match=match, times=times, vendor=vendor))
+
+    def record(self, request: RecordedRequest) -> None:
+        with self._lock:
+            self._requests.append(request)
+
+    def choose(self, request: RecordedRequest) -> Reply | Fault | None:
+        """The first rule that matches and still has uses, consuming one use."""
+        with self._lock:
+            rules = list(self._rules)
+        for rule in rules:
+            # A callable matcher is user code: run it outside the lock.
+            if not rule.matches(request):
+                continue
+            with self._lock:
+                if rule.times is not None:
+                    if rule.times <= 0:  # used up by a concurrent request meanwhile
+                        continue
+                    rule.times -= 1
+                return rule.reply
+        return None
+
+    def stream_completed(self) -> None:
+        with self._lock:
+            self._completed += 1
+
+    def stream_aborted(self) -> None:
+        with self._lock:
+            self._aborted += 1
+
+    def stream_dropped(self) -> None:
+        with self._lock:
+            self._dropped += 1
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        with self._lock:
+            return list(self._requests)
+
+    @property
+    def completed_streams(self) -> int:
+        with self._lock:
+            return self._completed
+
+    @property
+    def aborted_streams(self) -> int:
+        with self._lock:
+            return self._aborted
+
+    @property
+    def dropped_streams(self) -> int:
+        with self._lock:
+            return self._dropped
+
+    def reset(self) -> None:
+        with self._lock:
+            self._rules.clear()
+            self._requests.clear()
+            self._completed = self._aborted = self._dropped = 0
