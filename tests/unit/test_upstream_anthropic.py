@@ -41,7 +41,7 @@ from robota_proxy.upstreams.base import FinishEvent, UpstreamEvent
 
 pytestmark = pytest.mark.anyio
 
-KEY = "sk-ant-api03-TESTKEY0123456789abcdefghijklmnop"
+KEY = "test-anthropic-key-not-real-0123456789"
 BASE = "https://anthropic.test"
 URL = f"{BASE}/v1/messages"
 MODEL = "claude-sonnet-5"

@@ -32,7 +32,7 @@ from robota_proxy.upstreams.google import SKIP_SIGNATURE, GoogleUpstream
 
 pytestmark = pytest.mark.anyio
 
-KEY = "AIzaSyTESTKEY-0123456789abcdefghij"
+KEY = "test-google-key-not-real-0123456789"
 BASE = "https://gemini.test"
 MODEL = "gemini-2.5-flash"
 CHAT_URL = f"{BASE}/v1beta/models/{MODEL}:generateContent"
