@@ -96,5 +96,5 @@ async def run(question: str, *, max_turns: int = 5) -> str:
 
 
 if __name__ == "__main__":
-    question = " ".join(sys.argv[1:]) or "What is the weather in get_weather Paris? parallel"
+    question = " ".join(sys.argv[1:]) or 'What is the weather in Paris? {"city": "Paris"}'
     print(asyncio.run(run(question)))
