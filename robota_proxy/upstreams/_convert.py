@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
-from typing import Any, TypeAlias
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
+from typing import Any, TypeAlias, TypeVar
 
 from robota_client.messages import ToolCall, Usage
 from robota_proxy.errors import InvalidRequest, ProxyError, UpstreamError
 from robota_proxy.upstreams.errors import error_for_status, retry_after_seconds
 
 JSONDict: TypeAlias = dict[str, Any]
+T = TypeVar("T")
 
 #: Longest vendor error text passed on; a proxy answering with a whole HTML error page helps
 #: nobody.
@@ -101,3 +102,23 @@ def make_usage(
         cached_prompt_tokens=cached,
         reasoning_tokens=reasoning,
     )
+
+
+async def mapped_errors(
+    items: AsyncIterator[T],
+    errors: tuple[type[Exception], ...],
+    to_proxy_error: Callable[[Exception], ProxyError],
+) -> AsyncGenerator[T, None]:
+    """The vendor's stream items with its failures mapped to wire errors.
+
+    Kept apart from the adapter's own generator so that nothing the consumer throws into
+    that generator (cancellation, ``aclose``) is mistaken for a vendor error.
+    """
+    while True:
+        try:
+            item = await anext(items)
+        except StopAsyncIteration:
+            return
+        except errors as exc:
+            raise to_proxy_error(exc) from None
+        yield item

@@ -59,6 +59,7 @@ from robota_proxy.upstreams._convert import (
     arguments_json,
     make_usage,
     malformed_response_error,
+    mapped_errors,
     status_error,
     tool_arguments,
 )
@@ -165,7 +166,10 @@ class AnthropicUpstream:
             raise self._proxy_error(exc, streaming=False) from None
         # ``async with`` closes the vendor response however this generator ends: drained,
         # failed, closed early by the consumer, or cancelled.
-        async with events, aclosing(self._read(events)) as vendor_events:
+        async with (
+            events,
+            aclosing(mapped_errors(events, _CALL_ERRORS, self._stream_error)) as vendor_events,
+        ):
             reader = _EventReader()
             async for event in vendor_events:
                 for item in reader.events(event):
@@ -176,20 +180,6 @@ class AnthropicUpstream:
         if usage is not None:
             yield UsageEvent(usage=usage)
         yield FinishEvent(_finish_reason(reader.stop_reason))
-
-    async def _read(
-        self, events: anthropic.AsyncStream[RawMessageStreamEvent]
-    ) -> AsyncGenerator[RawMessageStreamEvent, None]:
-        """The vendor's events with failures mapped, kept apart from the consumer's side so
-        that nothing the consumer throws into ``stream`` is mistaken for a vendor error."""
-        while True:
-            try:
-                event = await anext(events)
-            except StopAsyncIteration:
-                return
-            except _CALL_ERRORS as exc:
-                raise self._proxy_error(exc, streaming=True) from None
-            yield event
 
     # --- request ---------------------------------------------------------------------------
 
@@ -252,6 +242,9 @@ class AnthropicUpstream:
         )
 
     # --- errors ----------------------------------------------------------------------------
+
+    def _stream_error(self, exc: Exception) -> ProxyError:
+        return self._proxy_error(exc, streaming=True)
 
     def _proxy_error(self, exc: Exception, *, streaming: bool) -> ProxyError:
         """``streaming`` says the response had started, so a broken connection means a

@@ -44,6 +44,7 @@ from robota_proxy.upstreams._convert import (
     JSONDict,
     make_usage,
     malformed_response_error,
+    mapped_errors,
     status_error,
 )
 from robota_proxy.upstreams.base import FinishEvent, UpstreamEvent
@@ -130,7 +131,10 @@ class OpenAIUpstream:
             raise self._proxy_error(exc, streaming=False) from None
         # ``async with`` closes the vendor response however this generator ends: drained,
         # failed, closed early by the consumer, or cancelled.
-        async with chunks, aclosing(self._read(chunks)) as vendor_chunks:
+        async with (
+            chunks,
+            aclosing(mapped_errors(chunks, _CALL_ERRORS, self._stream_error)) as vendor_chunks,
+        ):
             reader = _ChunkReader()
             async for chunk in vendor_chunks:
                 for event in reader.events(chunk):
@@ -140,20 +144,6 @@ class OpenAIUpstream:
         if reader.usage is not None:
             yield UsageEvent(usage=reader.usage)
         yield FinishEvent(reader.finish_reason)
-
-    async def _read(
-        self, chunks: openai.AsyncStream[ChatCompletionChunk]
-    ) -> AsyncGenerator[ChatCompletionChunk, None]:
-        """The vendor's chunks with failures mapped, kept apart from the consumer's side so
-        that nothing the consumer throws into ``stream`` is mistaken for a vendor error."""
-        while True:
-            try:
-                chunk = await anext(chunks)
-            except StopAsyncIteration:
-                return
-            except _CALL_ERRORS as exc:
-                raise self._proxy_error(exc, streaming=True) from None
-            yield chunk
 
     # --- request ---------------------------------------------------------------------------
 
@@ -201,6 +191,9 @@ class OpenAIUpstream:
         )
 
     # --- errors ----------------------------------------------------------------------------
+
+    def _stream_error(self, exc: Exception) -> ProxyError:
+        return self._proxy_error(exc, streaming=True)
 
     def _proxy_error(self, exc: Exception, *, streaming: bool) -> ProxyError:
         """``streaming`` says the response had started, so a broken connection means a
