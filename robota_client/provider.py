@@ -10,11 +10,11 @@ request over its limits), so the two causes stay distinguishable.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
-from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
 
 import httpx
 
+from robota_client.closing import AsyncClosing
 from robota_client.errors import ProtocolError
 from robota_client.messages import (
     AssistantMessage,
@@ -60,7 +60,7 @@ class AIProvider(Protocol):
     def supports_tools(self) -> bool: ...
 
 
-class RemoteAIProvider:
+class RemoteAIProvider(AsyncClosing):
     """Chat with ``model`` of ``target_provider`` (``openai``, ``anthropic``, ``google``)
     through the proxy at ``server_url``, authenticating with ``api_key`` (a key the proxy
     issued, never a vendor key).
@@ -181,17 +181,6 @@ class RemoteAIProvider:
     async def aclose(self) -> None:
         await self._transport.aclose()
 
-    async def __aenter__(self) -> RemoteAIProvider:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
 
 def _catalogue(data: Mapping[str, Any]) -> dict[str, list[str] | None] | None:
     providers = data.get("providers")
@@ -208,7 +197,7 @@ def _catalogue(data: Mapping[str, Any]) -> dict[str, list[str] | None] | None:
     return result
 
 
-class ChatStream:
+class ChatStream(AsyncClosing):
     """One streamed chat call: an async iterator of ``DeltaEvent``, ``ToolCallEvent``,
     ``UsageEvent`` and finally ``DoneEvent``.
 
@@ -283,19 +272,8 @@ class ChatStream:
     async def aclose(self) -> None:
         await self._events.aclose()
 
-    async def __aenter__(self) -> ChatStream:
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-
-class TextStream:
+class TextStream(AsyncClosing):
     """The text chunks of a ``ChatStream``. A class rather than an async generator so that
     ``async with`` / ``aclose`` release the connection at once when the caller stops early,
     instead of whenever the garbage collector finalises a generator."""
@@ -314,14 +292,3 @@ class TextStream:
 
     async def aclose(self) -> None:
         await self.stream.aclose()
-
-    async def __aenter__(self) -> TextStream:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()

@@ -17,7 +17,6 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
-from types import TracebackType
 from typing import Any, NoReturn, TypeAlias, TypeVar
 
 import anyio
@@ -32,6 +31,7 @@ from tenacity import (
     wait_random,
 )
 
+from robota_client.closing import AsyncClosing
 from robota_client.errors import (
     ProtocolError,
     RateLimitedError,
@@ -83,7 +83,7 @@ _RETRYABLE_REMOTE_ERRORS = (
 )
 
 
-class HTTPTransport:
+class HTTPTransport(AsyncClosing):
     """Talks to one proxy. Owns its ``httpx.AsyncClient`` unless one is injected (for tests,
     or to mount the proxy in-process with ``httpx.ASGITransport``); an injected client is
     left open by ``aclose``, since whoever created it decides its lifetime.
@@ -144,17 +144,6 @@ class HTTPTransport:
     async def aclose(self) -> None:
         if self._owns_client:
             await self._client.aclose()
-
-    async def __aenter__(self) -> HTTPTransport:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     # --- plain JSON calls -------------------------------------------------------------------
 
@@ -387,7 +376,7 @@ class _OpenStream:
         )
 
 
-class EventStream:
+class EventStream(AsyncClosing):
     """An async iterator of ``ChatEvent`` for one streamed call.
 
     Connects on first iteration (with retries), stops after ``done``, and raises the typed
@@ -440,17 +429,6 @@ class EventStream:
         self._finished = True
         if self._open is not None:
             await self._open.stack.aclose()
-
-    async def __aenter__(self) -> EventStream:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
 
 def _log_retry(state: RetryCallState, method: str, path: str) -> None:
