@@ -43,35 +43,46 @@ log = logging.getLogger("robota_proxy")
 
 
 class Resources:
-    """Everything the app opens at start and closes at stop, guarded to happen once."""
+    """Everything the app opens at start and closes at stop, guarded to happen once.
+
+    Counted rather than flagged so that nested lifespans (a standalone app also entered by a
+    host) close once, at the outermost exit.
+    """
 
     def __init__(self, registry: UpstreamRegistry) -> None:
         self.registry = registry
         self._lock = anyio.Lock()
-        self._open = False
         self._users = 0
 
     @property
     def is_open(self) -> bool:
-        return self._open
+        return self._users > 0
 
     async def open(self) -> None:
         async with self._lock:
             self._users += 1
-            if not self._open:
-                self.registry.open()
-                self._open = True
-                log.info("resources opened (providers: %s)", ", ".join(self.registry.names()))
+            if self._users == 1:
+                self._start()
+
+    async def ensure_open(self) -> None:
+        """For a bare mount: open once if no lifespan did, as one user that never leaves."""
+        async with self._lock:
+            if self._users == 0:
+                self._users = 1
+                self._start()
 
     async def close(self) -> None:
-        """Closes when the last opener leaves, so nested lifespans (standalone app that is
-        also entered by a host) close once, at the outermost exit."""
         async with self._lock:
-            self._users = max(0, self._users - 1)
-            if self._open and self._users == 0:
-                self._open = False
+            if self._users == 0:
+                return
+            self._users -= 1
+            if self._users == 0:
                 await self.registry.aclose()
                 log.info("resources closed")
+
+    def _start(self) -> None:
+        self.registry.open()
+        log.info("resources opened (providers: %s)", ", ".join(self.registry.names()))
 
 
 class ProxyApp(Starlette):
@@ -95,7 +106,7 @@ class ProxyApp(Starlette):
                 HTTPException: _http_error,
                 Exception: _unexpected_error,
             },
-            lifespan=self._own_lifespan,
+            lifespan=self.lifespan,
         )
 
     @asynccontextmanager
@@ -108,9 +119,6 @@ class ProxyApp(Starlette):
         finally:
             await self.resources.close()
 
-    def _own_lifespan(self, app: Starlette) -> AbstractAsyncContextManager[None]:
-        return self.lifespan(app)
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "lifespan" and not self.resources.is_open:
             if not self._warned_lazy:
@@ -120,7 +128,7 @@ class ProxyApp(Starlette):
                     "request and not closed at shutdown; use robota_proxy.mount(host, path, "
                     "proxy) or enter proxy.lifespan in the host's lifespan"
                 )
-            await self.resources.open()
+            await self.resources.ensure_open()
         await super().__call__(scope, receive, send)
 
 
@@ -168,10 +176,9 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     if exc.status_code == 404:
         error = NotFound(f"no route {request.method} {request.url.path}")
     elif exc.status_code == 405:
+        # No wire code of its own: an invalid request, with HTTP's own status kept.
         error = InvalidRequest(f"method {request.method} is not allowed here")
-        response = error_response(error, keys.request_id(request.scope))
-        response.status_code = 405
-        return response
+        return error_response(error, keys.request_id(request.scope), status=405)
     else:
         error = InvalidRequest(str(exc.detail))
     return error_response(error, keys.request_id(request.scope))

@@ -17,8 +17,10 @@ class WireResponse(Response):
         super().__init__(model.to_json(), status_code=status_code)
 
 
-def error_response(error: ProxyError, request_id: str | None) -> Response:
-    response = WireResponse(error.body(request_id), status_code=error.status)
+def error_response(
+    error: ProxyError, request_id: str | None, *, status: int | None = None
+) -> Response:
+    response = WireResponse(error.body(request_id), status_code=status or error.status)
     if error.retry_after is not None:
         response.headers["Retry-After"] = str(max(1, round(error.retry_after)))
     return response
