@@ -75,40 +75,54 @@ class ChatRoutes:
         first: UpstreamEvent | None,
         events: AsyncGenerator[UpstreamEvent, None],
     ) -> AsyncIterator[bytes]:
-        assembler = StreamAssembler()
         event_id = 0
-
-        def wire(event: UpstreamEvent) -> StreamEvent:
-            if isinstance(event, FinishEvent):
-                metadata = ResponseMetadata(
-                    provider=body.provider,
-                    model=body.model,
-                    finish_reason=event.finish_reason,
-                    request_id=request_id,
-                )
-                return DoneEvent(
-                    finish_reason=event.finish_reason, message=assembler.message(metadata)
-                )
-            assembler.add(event)
-            return event
-
-        async with aclosing(events):
-            try:
-                if first is not None:
-                    event_id += 1
-                    yield sse.frame(event_id, wire(first))
-                async for event in events:
-                    event_id += 1
-                    yield sse.frame(event_id, wire(event))
-            except ProxyError as exc:
+        # aclosing: a client that goes away closes the vendor call now, not at GC time.
+        async with aclosing(_wire_events(body, request_id, first, events)) as wire:
+            async for event in wire:
                 event_id += 1
-                yield sse.frame(event_id, _error_event(exc, request_id))
-            except Exception:
-                log.exception("stream %s failed", request_id)
-                event_id += 1
-                yield sse.frame(
-                    event_id, _error_event(UpstreamError("the stream failed"), request_id)
-                )
+                yield sse.frame(event_id, event)
+
+
+async def _wire_events(
+    body: ChatRequest,
+    request_id: str,
+    first: UpstreamEvent | None,
+    events: AsyncGenerator[UpstreamEvent, None],
+) -> AsyncGenerator[StreamEvent, None]:
+    """The upstream's events as wire events: its finish becomes ``done`` with the assembled
+    message, and a failure midway becomes a closing ``error`` event."""
+    assembler = StreamAssembler()
+    async with aclosing(events):
+        try:
+            pending = [] if first is None else [first]
+            async for event in _chain(pending, events):
+                if isinstance(event, FinishEvent):
+                    metadata = ResponseMetadata(
+                        provider=body.provider,
+                        model=body.model,
+                        finish_reason=event.finish_reason,
+                        request_id=request_id,
+                    )
+                    yield DoneEvent(
+                        finish_reason=event.finish_reason, message=assembler.message(metadata)
+                    )
+                else:
+                    assembler.add(event)
+                    yield event
+        except ProxyError as exc:
+            yield _error_event(exc, request_id)
+        except Exception:
+            log.exception("stream %s failed", request_id)
+            yield _error_event(UpstreamError("the stream failed"), request_id)
+
+
+async def _chain(
+    head: list[UpstreamEvent], rest: AsyncIterator[UpstreamEvent]
+) -> AsyncIterator[UpstreamEvent]:
+    for event in head:
+        yield event
+    async for event in rest:
+        yield event
 
 
 def _error_event(error: ProxyError, request_id: str) -> ErrorEvent:
