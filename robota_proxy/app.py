@@ -37,6 +37,7 @@ from robota_proxy.routes import health
 from robota_proxy.routes.account import AccountRoutes
 from robota_proxy.routes.chat import ChatRoutes
 from robota_proxy.settings import Settings
+from robota_proxy.storage.database import Database
 from robota_proxy.upstreams.registry import UpstreamRegistry, build_upstreams
 
 log = logging.getLogger("robota_proxy")
@@ -49,8 +50,9 @@ class Resources:
     host) close once, at the outermost exit.
     """
 
-    def __init__(self, registry: UpstreamRegistry) -> None:
+    def __init__(self, registry: UpstreamRegistry, database: Database) -> None:
         self.registry = registry
+        self.database = database
         self._lock = anyio.Lock()
         self._users = 0
 
@@ -60,16 +62,16 @@ class Resources:
 
     async def open(self) -> None:
         async with self._lock:
+            if self._users == 0:
+                await self._start()
             self._users += 1
-            if self._users == 1:
-                self._start()
 
     async def ensure_open(self) -> None:
         """For a bare mount: open once if no lifespan did, as one user that never leaves."""
         async with self._lock:
             if self._users == 0:
+                await self._start()
                 self._users = 1
-                self._start()
 
     async def close(self) -> None:
         async with self._lock:
@@ -78,9 +80,11 @@ class Resources:
             self._users -= 1
             if self._users == 0:
                 await self.registry.aclose()
+                await self.database.aclose()
                 log.info("resources closed")
 
-    def _start(self) -> None:
+    async def _start(self) -> None:
+        await self.database.open()
         self.registry.open()
         log.info("resources opened (providers: %s)", ", ".join(self.registry.names()))
 
@@ -91,7 +95,8 @@ class ProxyApp(Starlette):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         registry = UpstreamRegistry(lambda: build_upstreams(settings))
-        self.resources = Resources(registry)
+        database = Database(settings.database_url)
+        self.resources = Resources(registry, database)
         self._warned_lazy = False
         chat = ChatRoutes(registry, max_body_bytes=settings.max_body_bytes)
         account = AccountRoutes(registry)

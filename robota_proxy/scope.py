@@ -16,6 +16,9 @@ REQUEST_ID = "robota.request_id"
 PRINCIPAL = "robota.principal"
 #: ``robota_client.messages.ChatRequest``: the parsed chat body, read once and kept here.
 CHAT_REQUEST = "robota.chat_request"
+#: ``robota_proxy.call_record.CallRecord``: the call's accounting slip (usage, cost, status),
+#: created by ``MeteringMiddleware`` or on first use, filled by the route.
+CALL = "robota.call"
 
 
 def request_id(scope: MutableMapping[str, Any]) -> str:

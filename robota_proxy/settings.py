@@ -7,6 +7,7 @@ settings, or an exception that carries them, never shows a key.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
@@ -44,6 +45,38 @@ class Settings(BaseSettings):
     auth: Literal["keys", "disabled"] = "keys"
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
 
+    #: Compare with ``ROBOTA_ADMIN_KEY`` for the admin API (``/admin/...``); unset: no admin API.
+    admin_key: SecretStr | None = None
+
+    #: Keys, users and the usage ledger. SQLite for one process, PostgreSQL for several.
+    database_url: str = "sqlite:///robota.db"
+    #: Shared rate limits (and cache) for several processes; unset: in-process memory.
+    redis_url: str | None = None
+
+    #: Seconds a looked-up key is trusted before it is read again: the bound on how long a
+    #: revoked key keeps working on a process that had just seen it.
+    key_cache_seconds: float = Field(default=1.0, ge=0, le=60)
+    #: Failed authentications allowed per client address per minute (key guessing).
+    auth_failures_per_minute: int = Field(default=20, gt=0)
+
+    #: JWT bearer tokens: HS256 with a shared secret, or RS256/ES256 with a PEM public key.
+    jwt_secret: SecretStr | None = None
+    jwt_public_key_file: Path | None = None
+    jwt_algorithms: CommaList | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_leeway_seconds: float = Field(default=30.0, ge=0, le=600)
+    #: Take permissions from the token's namespaced claim instead of the user record.
+    jwt_trust_claims: bool = False
+    jwt_claims_namespace: str = "https://robota.dev/permissions"
+
+    #: JSON file of per-model price overrides (negotiated or self-hosted prices), and an
+    #: optional ``default`` price for models the price database does not know.
+    prices_file: Path | None = None
+    #: Output tokens reserved for a budgeted caller's request that sets no ``maxTokens``;
+    #: the proxy also sends it to the vendor as the limit, so the reservation is a true bound.
+    reserve_max_tokens: int = Field(default=4096, gt=0)
+
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     upstream_timeout: float = Field(default=60.0, gt=0)
     max_connections_per_vendor: int = Field(default=1000, gt=0)
@@ -72,10 +105,18 @@ class Settings(BaseSettings):
         "openai_models",
         "anthropic_models",
         "google_models",
+        "jwt_algorithms",
         mode="before",
     )(_split_commas)
 
     def secrets(self) -> list[str]:
         """Every secret the proxy holds, for redaction."""
-        held = [self.openai_api_key, self.anthropic_api_key, self.google_api_key, *self.api_keys]
+        held = [
+            self.openai_api_key,
+            self.anthropic_api_key,
+            self.google_api_key,
+            self.admin_key,
+            self.jwt_secret,
+            *self.api_keys,
+        ]
         return [secret.get_secret_value() for secret in held if secret is not None]

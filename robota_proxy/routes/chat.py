@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
+from decimal import Decimal
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -12,13 +13,18 @@ from starlette.routing import Route
 
 from robota_client.messages import (
     ChatRequest,
+    DeltaEvent,
     DoneEvent,
     ErrorEvent,
     ResponseMetadata,
     StreamAssembler,
     StreamEvent,
+    ToolCallEvent,
+    Usage,
+    UsageEvent,
 )
 from robota_proxy import scope as keys
+from robota_proxy.call_record import CallRecord, call_record
 from robota_proxy.chat_body import chat_request
 from robota_proxy.errors import ProxyError, UpstreamError
 from robota_proxy.responses import WireResponse
@@ -42,15 +48,27 @@ class ChatRoutes:
 
     async def chat(self, request: Request) -> Response:
         body = await chat_request(request, self.max_body_bytes)
+        request_id = keys.request_id(request.scope)
+        record = call_record(request.scope, request_id)
         upstream = self.registry.resolve(body)
-        message = await upstream.chat(body)
-        message.metadata.request_id = keys.request_id(request.scope)
+        record.provider, record.model, record.upstream_called = body.provider, body.model, True
+        try:
+            message = await upstream.chat(body)
+        except ProxyError as exc:
+            record.status = exc.code
+            raise
+        if message.usage is not None:
+            _put_cost(message.usage, record.settle_usage(body.provider, body.model, message.usage))
+        message.metadata.request_id = request_id
         return WireResponse(message)
 
     async def chat_stream(self, request: Request) -> Response:
         body = await chat_request(request, self.max_body_bytes)
-        upstream = self.registry.resolve(body)
         request_id = keys.request_id(request.scope)
+        record = call_record(request.scope, request_id)
+        record.streamed = True
+        upstream = self.registry.resolve(body)
+        record.provider, record.model, record.upstream_called = body.provider, body.model, True
         events = upstream.stream(body)
         # Wait for the first upstream event before answering 200: a vendor that refuses the
         # call outright (429, 401, unreachable) then gets a plain error status the client can
@@ -59,11 +77,12 @@ class ChatRoutes:
             first = await anext(events)
         except StopAsyncIteration:
             first = None
-        except BaseException:
+        except BaseException as exc:
+            record.status = exc.code if isinstance(exc, ProxyError) else "client_disconnected"
             await events.aclose()
             raise
         return StreamingResponse(
-            self._frames(body, request_id, first, events),
+            self._frames(body, record, first, events),
             media_type="text/event-stream",
             headers=sse.HEADERS,
         )
@@ -71,13 +90,13 @@ class ChatRoutes:
     async def _frames(
         self,
         body: ChatRequest,
-        request_id: str,
+        record: CallRecord,
         first: UpstreamEvent | None,
         events: AsyncGenerator[UpstreamEvent, None],
     ) -> AsyncIterator[bytes]:
         event_id = 0
         # aclosing: a client that goes away closes the vendor call now, not at GC time.
-        async with aclosing(_wire_events(body, request_id, first, events)) as wire:
+        async with aclosing(_wire_events(body, record, first, events)) as wire:
             async for event in wire:
                 event_id += 1
                 yield sse.frame(event_id, event)
@@ -85,17 +104,27 @@ class ChatRoutes:
 
 async def _wire_events(
     body: ChatRequest,
-    request_id: str,
+    record: CallRecord,
     first: UpstreamEvent | None,
     events: AsyncGenerator[UpstreamEvent, None],
 ) -> AsyncGenerator[StreamEvent, None]:
     """The upstream's events as wire events: its finish becomes ``done`` with the assembled
-    message, and a failure midway becomes a closing ``error`` event."""
+    message, and a failure midway becomes a closing ``error`` event. The call record learns
+    the usage (priced) and, until then, how much text was produced, so a stream cut short by
+    the client is still settled."""
     assembler = StreamAssembler()
+    request_id = record.request_id
     async with aclosing(events):
         try:
             pending = [] if first is None else [first]
             async for event in _chain(pending, events):
+                if isinstance(event, DeltaEvent):
+                    record.streamed_chars += len(event.content)
+                elif isinstance(event, ToolCallEvent):
+                    record.streamed_chars += len(event.arguments_delta) + len(event.name or "")
+                elif isinstance(event, UsageEvent):
+                    cost = record.settle_usage(body.provider, body.model, event.usage)
+                    _put_cost(event.usage, cost)
                 if isinstance(event, FinishEvent):
                     metadata = ResponseMetadata(
                         provider=body.provider,
@@ -110,10 +139,21 @@ async def _wire_events(
                     assembler.add(event)
                     yield event
         except ProxyError as exc:
+            record.status = exc.code
             yield _error_event(exc, request_id)
         except Exception:
+            record.status = UpstreamError.code
             log.exception("stream %s failed", request_id)
             yield _error_event(UpstreamError("the stream failed"), request_id)
+        except BaseException:
+            # Cancelled or closed: the client went away mid-stream.
+            record.status = "client_disconnected"
+            raise
+
+
+def _put_cost(usage: Usage, cost: Decimal | None) -> None:
+    """The wire carries the cost as a JSON number for display; the ledger keeps it exact."""
+    usage.cost = float(cost) if cost is not None else None
 
 
 async def _chain(

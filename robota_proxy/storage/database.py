@@ -1,0 +1,112 @@
+"""One async SQLAlchemy engine for SQLite or PostgreSQL, and the migrations applied at start.
+
+Users write the URLs they know (``sqlite:///robota.db``, ``postgresql://user@host/db``); the
+async driver (aiosqlite, asyncpg) is chosen here so that nobody has to spell
+``postgresql+asyncpg://``.
+
+Migrations are a numbered list of steps recorded in ``schema_version``; each process applies
+the missing ones at start, under a lock on PostgreSQL so that two workers starting together
+do not race. Alembic would add a config file and a migration environment to every install for
+what is, today, a handful of DDL steps; revisit when the schema needs data migrations.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+from sqlalchemy import Column, Integer, MetaData, Table, event, select, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
+
+from robota_proxy.storage import tables
+
+log = logging.getLogger("robota_proxy.storage")
+
+Migration = Callable[[AsyncConnection], Awaitable[None]]
+
+_version_meta = MetaData()
+schema_version = Table("schema_version", _version_meta, Column("version", Integer, nullable=False))
+
+
+async def _initial_schema(conn: AsyncConnection) -> None:
+    await conn.run_sync(tables.metadata.create_all)
+
+
+#: Append only: a released step is never edited, a change is a new step.
+MIGRATIONS: Sequence[Migration] = (_initial_schema,)
+
+# Any fixed number: the advisory lock that serialises migrations across PostgreSQL clients.
+_PG_MIGRATION_LOCK = 7_261_534
+
+
+class DatabaseURLError(ValueError):
+    """The configured database URL names no engine we support."""
+
+
+def async_url(url: str) -> str:
+    """``sqlite:///x.db`` -> ``sqlite+aiosqlite:///x.db``; ``postgresql://`` -> asyncpg."""
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        return str(parsed.set(drivername="sqlite+aiosqlite"))
+    if backend in ("postgresql", "postgres"):
+        return parsed.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
+    raise DatabaseURLError(
+        f"unsupported database {backend!r}: use sqlite:///path.db or postgresql://..."
+    )
+
+
+class Database:
+    """Owns the engine; ``open`` applies migrations, ``aclose`` disposes the pool."""
+
+    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+        self.url = url
+        self.is_sqlite = make_url(url).get_backend_name() == "sqlite"
+        if self.is_sqlite:
+            database = make_url(url).database
+            if database and database != ":memory:":
+                Path(database).parent.mkdir(parents=True, exist_ok=True)
+            # One connection per use: aiosqlite runs each in its own thread; SQLite itself
+            # serialises writers, and WAL lets readers go on beside them.
+            self.engine: AsyncEngine = create_async_engine(async_url(url), poolclass=NullPool)
+            event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+        else:
+            self.engine = create_async_engine(
+                async_url(url), pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
+            )
+
+    async def open(self) -> None:
+        await migrate(self.engine, is_sqlite=self.is_sqlite)
+
+    async def aclose(self) -> None:
+        await self.engine.dispose()
+
+
+def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:
+    cursor = dbapi_connection.cursor()  # type: ignore[attr-defined]
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()
+
+
+async def migrate(engine: AsyncEngine, *, is_sqlite: bool) -> int:
+    """Apply the missing migrations; returns the schema version now in force."""
+    async with engine.begin() as conn:
+        # SQLite: create_all checks before it creates, and busy_timeout makes a second
+        # process wait for the first one's write lock.
+        if not is_sqlite:
+            await conn.execute(text(f"SELECT pg_advisory_xact_lock({_PG_MIGRATION_LOCK})"))
+        await conn.run_sync(_version_meta.create_all)
+        current = (await conn.execute(select(schema_version.c.version))).scalar()
+        if current is None:
+            await conn.execute(schema_version.insert().values(version=0))
+            current = 0
+        for number, step in enumerate(MIGRATIONS[current:], start=current + 1):
+            log.info("applying database migration %d", number)
+            await step(conn)
+            await conn.execute(schema_version.update().values(version=number))
+        return len(MIGRATIONS) if current < len(MIGRATIONS) else current

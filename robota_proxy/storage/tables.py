@@ -1,0 +1,95 @@
+"""The SQL schema, in SQLAlchemy Core, identical on SQLite and PostgreSQL.
+
+Money is stored as integer picodollars (1e-12 USD, ``BigInteger``): exact on both engines,
+summable in SQL, and fine-grained enough for per-token prices such as $0.0375 per million
+tokens (37,500 pico per token). SQLite has no exact decimal type, so ``Numeric`` would
+round-trip through float there.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+)
+
+metadata = MetaData()
+
+users = Table(
+    "users",
+    metadata,
+    Column("user_id", String(200), primary_key=True),
+    #: ``UserPermissions.to_wire()``; shared by every key of the user.
+    Column("permissions", JSON, nullable=False, default=dict),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    #: The short public id, also embedded in the key itself (``rk_<id>_<secret>``).
+    Column("key_id", String(32), primary_key=True),
+    Column("user_id", String(200), nullable=False, index=True),
+    #: SHA-256 of the whole key, hex. The key has 256 random bits, so a fast hash is enough.
+    Column("secret_hash", String(64), nullable=False),
+    Column("name", String(200), nullable=True),
+    #: Overrides of the user's permissions for this key only.
+    Column("permissions", JSON, nullable=False, default=dict),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=True),
+    Column("revoked_at", DateTime(timezone=True), nullable=True),
+    Column("last_used_at", DateTime(timezone=True), nullable=True),
+)
+
+#: Monthly token and money counters per user. ``*_reserved`` holds in-flight worst cases;
+#: ``*_used`` is settled usage and always equals the ledger's sum for the same user and
+#: month, because both are written in one transaction.
+usage_counters = Table(
+    "usage_counters",
+    metadata,
+    Column("user_id", String(200), primary_key=True),
+    #: ``YYYY-MM`` in UTC.
+    Column("period", String(7), primary_key=True),
+    Column("tokens_used", BigInteger, nullable=False, default=0),
+    Column("tokens_reserved", BigInteger, nullable=False, default=0),
+    Column("cost_used_pico", BigInteger, nullable=False, default=0),
+    Column("cost_reserved_pico", BigInteger, nullable=False, default=0),
+    Column("requests", BigInteger, nullable=False, default=0),
+)
+
+usage_ledger = Table(
+    "usage_ledger",
+    metadata,
+    Column(
+        "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    ),
+    Column("request_id", String(100), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("user_id", String(200), nullable=False),
+    Column("key_id", String(64), nullable=True),
+    Column("provider", String(100), nullable=False),
+    Column("model", String(200), nullable=False),
+    Column("prompt_tokens", BigInteger, nullable=False, default=0),
+    Column("completion_tokens", BigInteger, nullable=False, default=0),
+    Column("cached_prompt_tokens", BigInteger, nullable=False, default=0),
+    Column("reasoning_tokens", BigInteger, nullable=False, default=0),
+    Column("cost_pico", BigInteger, nullable=False, default=0),
+    Column("latency_ms", Integer, nullable=False, default=0),
+    #: ``ok``, a wire error code (``upstream_error``...), or ``client_disconnected``.
+    Column("status", String(40), nullable=False),
+    Column("streamed", Boolean, nullable=False, default=False),
+    Column("cached", Boolean, nullable=False, default=False),
+    #: False when no price was known for the model: cost 0 here means "unpriced", not free.
+    Column("priced", Boolean, nullable=False, default=True),
+    #: True when the vendor never reported usage and the tokens were estimated.
+    Column("estimated", Boolean, nullable=False, default=False),
+    Index("ix_usage_ledger_user_time", "user_id", "created_at"),
+)
