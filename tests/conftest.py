@@ -2,11 +2,55 @@
 
 from __future__ import annotations
 
+import asyncio
+import random
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import pytest
+import redis
 
 
 @pytest.fixture(autouse=True)
 def _own_database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ROBOTA_DATABASE_URL", f"sqlite:///{tmp_path / 'robota.db'}")
+
+
+# --- the real services of the scale-out backends ----------------------------------------------
+# They must be running (``.ci/run`` starts them); a missing one fails the tests that need it,
+# it never skips them.
+
+POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
+REDIS_BASE_URL = "redis://127.0.0.1:6379"
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session, dropped at the end, so parallel
+    runs and earlier runs never see each other's keys or ledger rows."""
+    name = f"robota_test_{uuid.uuid4().hex[:12]}"
+
+    async def admin(statement: str) -> None:
+        conn = await asyncpg.connect(POSTGRES_ADMIN_URL.replace("postgresql", "postgres", 1))
+        try:
+            await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """A Redis database number of its own (flushed first), for the same reason."""
+    number = random.SystemRandom().randint(1, 15)
+    client = redis.Redis.from_url(f"{REDIS_BASE_URL}/{number}")
+    try:
+        client.flushdb()
+    finally:
+        client.close()
+    return f"{REDIS_BASE_URL}/{number}"
