@@ -1,0 +1,286 @@
+"""What a call costs, in exact ``Decimal`` USD, from the vendor's reported token usage.
+
+Prices come from ``genai-prices`` (a maintained price database, updated with the package)
+rather than a table kept here, so a vendor's price change is a dependency bump, not a code
+change. ``ROBOTA_PRICES_FILE`` overrides it per model (negotiated discounts, self-hosted models
+behind the OpenAI adapter) and may give a ``default`` price for models nobody knows::
+
+    {
+      "openai/gpt-4o-mini": {"input": "0.15", "output": "0.60", "cache_read": "0.075"},
+      "ollama-*": {"input": 0, "output": 0},
+      "default": {"input": "1", "output": "3"}
+    }
+
+Keys are ``provider/model`` or a model name, either of which may be a glob; prices are USD per
+million tokens. First match wins, in this order: an exact ``provider/model``, an exact model,
+then the globs in file order. Numbers are read as ``Decimal`` from their text, never through
+float.
+
+Token kinds: ``prompt_tokens`` includes the cached ones (``cached_prompt_tokens``), which are
+billed at the cache-read price; reasoning tokens are already inside ``completion_tokens`` (every
+adapter reports them so) and are billed as output. Costs are rounded *up* to whole
+picodollars (1e-12 USD), the unit the ledger stores, so what a caller is told and what the
+ledger holds are the same number.
+
+The offline ``mock`` provider costs nothing unless an entry of the file names it (the
+``default`` price does not apply to it): tests can price ``mock/mock-1`` to make budgets bite.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import ROUND_CEILING, Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+from cachetools import LRUCache
+from genai_prices import Usage as PriceUsage
+from genai_prices import calc_price
+
+from robota_client.messages import ChatRequest, Usage
+
+PICO_PER_USD = 10**12
+_MILLION = Decimal(1_000_000)
+_PICO = Decimal(1).scaleb(-12)
+
+#: Our provider names -> genai-prices provider ids. A provider not listed (the mock, or a
+#: name added later) is priced only by the prices file.
+GENAI_PROVIDER_IDS: Mapping[str, str] = {
+    "openai": "openai",
+    "anthropic": "anthropic",
+    "google": "google",
+}
+_FREE_PROVIDERS = frozenset({"mock"})
+_PRICE_FIELDS = ("input", "output", "cache_read", "cache_write")
+
+
+class PricesFileError(ValueError):
+    """The prices file is unreadable or says something that is not a price."""
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """USD per million tokens of each kind. ``cache_read``/``cache_write`` default to the
+    input price: a model without a cache discount bills cached tokens as plain input."""
+
+    input: Decimal
+    output: Decimal
+    cache_read: Decimal | None = None
+    cache_write: Decimal | None = None
+
+    def cost(self, usage: Usage) -> Decimal:
+        cached = min(usage.cached_prompt_tokens or 0, usage.prompt_tokens)
+        cache_read = self.input if self.cache_read is None else self.cache_read
+        per_million = (
+            (usage.prompt_tokens - cached) * self.input
+            + cached * cache_read
+            + usage.completion_tokens * self.output
+        )
+        return per_million / _MILLION
+
+    @classmethod
+    def from_json(cls, where: str, data: Any) -> Price:
+        if not isinstance(data, dict):
+            raise PricesFileError(f"{where}: a price is an object with input/output")
+        unknown = set(data) - set(_PRICE_FIELDS)
+        if unknown:
+            raise PricesFileError(
+                f"{where}: unknown field(s) {', '.join(sorted(unknown))}; "
+                f"known: {', '.join(_PRICE_FIELDS)}"
+            )
+        if "input" not in data or "output" not in data:
+            raise PricesFileError(f"{where}: both 'input' and 'output' are required")
+        values = {name: _amount(f"{where}.{name}", data[name]) for name in data}
+        return cls(**values)
+
+
+def _amount(where: str, value: Any) -> Decimal:
+    if isinstance(value, bool) or not isinstance(value, int | str | Decimal):
+        raise PricesFileError(f"{where}: a price is a number or a decimal string")
+    try:
+        amount = Decimal(value)
+    except InvalidOperation:
+        raise PricesFileError(f"{where}: {value!r} is not a decimal number") from None
+    if not amount.is_finite() or amount < 0:
+        raise PricesFileError(f"{where}: a price must be a non-negative amount")
+    return amount
+
+
+def to_pico(usd: Decimal) -> int:
+    """USD -> whole picodollars, rounded up: the proxy never undercharges a fraction."""
+    return int((usd / _PICO).to_integral_value(rounding=ROUND_CEILING))
+
+
+def from_pico(pico: int) -> Decimal:
+    return Decimal(pico).scaleb(-12)
+
+
+def usd_text(pico: int) -> str:
+    """Picodollars as a plain decimal string: ``"0.000435"``, ``"12"``, ``"0"``."""
+    text = format(from_pico(pico), "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return text or "0"
+
+
+class PriceBook:
+    """Prices every (provider, model); ``cost`` returns ``None`` when nothing knows it."""
+
+    def __init__(
+        self,
+        overrides: Mapping[str, Price] | None = None,
+        *,
+        default: Price | None = None,
+    ) -> None:
+        self._exact = {key: price for key, price in (overrides or {}).items() if not _glob(key)}
+        self._globs = [(key, price) for key, price in (overrides or {}).items() if _glob(key)]
+        self.default = default
+        # (provider, model) -> where its price comes from; lookups are pure, so each pair is
+        # resolved once. Bounded: callers choose model names, and may choose many.
+        self._resolved: LRUCache[tuple[str, str], Price | bool | None] = LRUCache(4096)
+
+    @classmethod
+    def from_file(cls, path: Path | None) -> PriceBook:
+        if path is None:
+            return cls()
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"), parse_float=Decimal)
+        except (OSError, ValueError) as exc:
+            raise PricesFileError(f"cannot read prices file {path}: {exc}") from None
+        if not isinstance(data, dict):
+            raise PricesFileError(f"{path}: the prices file is a JSON object")
+        default = data.pop("default", None)
+        overrides = {
+            str(key): Price.from_json(f"{path}: {key}", value) for key, value in data.items()
+        }
+        return cls(
+            overrides, default=None if default is None else Price.from_json("default", default)
+        )
+
+    # --- lookups ----------------------------------------------------------------------------
+
+    def _override(self, provider: str, model: str) -> Price | None:
+        qualified = f"{provider}/{model}"
+        found = self._exact.get(qualified) or self._exact.get(model)
+        if found is not None:
+            return found
+        for pattern, price in self._globs:
+            if fnmatch.fnmatchcase(qualified, pattern) or fnmatch.fnmatchcase(model, pattern):
+                return price
+        return None
+
+    def _source(self, provider: str, model: str) -> Price | bool | None:
+        """An override ``Price``; ``True`` when genai-prices knows the model; ``None`` when
+        only the default (or nothing) applies; ``False`` for the free mock."""
+        key = (provider, model)
+        if key in self._resolved:
+            return self._resolved[key]
+        found: Price | bool | None = self._override(provider, model)
+        if found is None:
+            if provider in _FREE_PROVIDERS:
+                found = False
+            elif _genai_knows(provider, model):
+                found = True
+        self._resolved[key] = found
+        return found
+
+    def knows(self, provider: str, model: str) -> bool:
+        """Whether calls to this model can be priced (the default price counts)."""
+        return self._source(provider, model) is not None or self.default is not None
+
+    def cost(self, provider: str, model: str, usage: Usage) -> Decimal | None:
+        """USD, exact and rounded up to a picodollar; ``None`` when no price is known."""
+        source = self._source(provider, model)
+        if source is False:
+            return Decimal(0)
+        if isinstance(source, Price):
+            usd = source.cost(usage)
+        elif source is True:
+            usd = _genai_cost(provider, model, usage)
+        elif self.default is not None:
+            usd = self.default.cost(usage)
+        else:
+            return None
+        return from_pico(to_pico(usd))
+
+    def __call__(self, provider: str, model: str, usage: Usage) -> Decimal | None:
+        """A ``robota_proxy.call_record.Pricer``."""
+        return self.cost(provider, model, usage)
+
+
+def _glob(key: str) -> bool:
+    return any(char in key for char in "*?[")
+
+
+def _genai_knows(provider: str, model: str) -> bool:
+    provider_id = GENAI_PROVIDER_IDS.get(provider)
+    if provider_id is None:
+        return False
+    try:
+        calc_price(
+            PriceUsage(input_tokens=0, output_tokens=0), model_ref=model, provider_id=provider_id
+        )
+    except LookupError:
+        return False
+    return True
+
+
+def _genai_cost(provider: str, model: str, usage: Usage) -> Decimal:
+    cached = min(usage.cached_prompt_tokens or 0, usage.prompt_tokens)
+    result = calc_price(
+        # genai-prices counts cache reads inside input_tokens, as our usage does.
+        PriceUsage(
+            input_tokens=usage.prompt_tokens,
+            cache_read_tokens=cached,
+            output_tokens=usage.completion_tokens,
+        ),
+        model_ref=model,
+        provider_id=GENAI_PROVIDER_IDS[provider],
+    )
+    return Decimal(result.total_price)
+
+
+def estimate_completion_tokens(streamed_chars: int) -> int:
+    """Tokens for text whose usage the vendor never reported: ~4 characters a token,
+    rounded up."""
+    return math.ceil(streamed_chars / 4)
+
+
+#: Tokens a vendor adds around each message (role markers, separators), generously.
+MESSAGE_OVERHEAD_TOKENS = 8
+#: Tokens a vendor adds once per request (reply priming, tool-use preamble).
+REQUEST_OVERHEAD_TOKENS = 16
+
+
+def prompt_token_bound(request: ChatRequest) -> int:
+    """An upper bound of the prompt's tokens without a tokenizer: BPE tokenizers never
+    produce more tokens than UTF-8 bytes, so bytes of every text the vendor sees (contents,
+    tool calls, tool schemas) plus per-message framing bounds the vendor's count."""
+    total = REQUEST_OVERHEAD_TOKENS
+    for message in request.messages:
+        total += MESSAGE_OVERHEAD_TOKENS + _utf8_len(message.content) + _utf8_len(message.name)
+        for call in message.tool_calls or ():
+            total += (
+                MESSAGE_OVERHEAD_TOKENS
+                + _utf8_len(call.id)
+                + _utf8_len(call.function.name)
+                + _utf8_len(call.function.arguments)
+            )
+        total += _utf8_len(message.tool_call_id)
+    for tool in request.tools or ():
+        total += MESSAGE_OVERHEAD_TOKENS + len(
+            json.dumps(
+                {"name": tool.name, "description": tool.description, "parameters": tool.parameters},
+                ensure_ascii=False,
+                separators=(",", ":"),
+            ).encode()
+        )
+    return total
+
+
+def _utf8_len(text: str | None) -> int:
+    return len(text.encode()) if text else 0

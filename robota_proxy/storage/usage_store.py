@@ -1,0 +1,357 @@
+"""Monthly counters and the usage ledger, in SQL, written so that they always add up.
+
+Two writes matter, and each is one transaction:
+
+- ``reserve``: one conditional ``UPDATE ... WHERE used + reserved + :x <= :limit``. The
+  database decides, row-locked (PostgreSQL) or under its single writer (SQLite), so any
+  number of concurrent requests, in any number of processes, can never reserve past a
+  limit; ``rowcount`` says whether this one got in.
+- ``settle``: release the reservation, add the real usage to ``*_used`` and insert the ledger
+  row, together. A crash leaves either all three or none, so ``*_used`` always equals the
+  ledger's sum for the user and month.
+
+The invariant, per user and month: ``cost_used_pico`` = sum of ``cost_pico``; ``requests`` =
+number of rows; ``tokens_used`` = sum of ``prompt_tokens + completion_tokens`` over the rows
+that are not cache hits (an answer from the cache costs no quota; its row keeps the tokens it
+represents, for reports).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, case, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from robota_proxy.storage import tables
+from robota_proxy.storage.database import Database
+
+counters = tables.usage_counters
+ledger = tables.usage_ledger
+
+
+def period_of(moment: datetime) -> str:
+    """The counters' month, ``YYYY-MM`` in UTC."""
+    return moment.astimezone(UTC).strftime("%Y-%m")
+
+
+@dataclass(frozen=True, slots=True)
+class Counters:
+    tokens_used: int = 0
+    tokens_reserved: int = 0
+    cost_used_pico: int = 0
+    cost_reserved_pico: int = 0
+    requests: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    user: str
+    period: str
+    tokens: int
+    cost_pico: int
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why a reservation was refused, and what was left of the limit it hit."""
+
+    limit: str  # "tokens" | "cost"
+    counters: Counters
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    request_id: str
+    created_at: datetime
+    user: str
+    key_id: str | None
+    provider: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int
+    reasoning_tokens: int
+    cost_pico: int
+    latency_ms: int
+    status: str
+    streamed: bool
+    cached: bool
+    priced: bool
+    estimated: bool
+
+    @property
+    def quota_tokens(self) -> int:
+        return 0 if self.cached else self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    """One group of a usage report (a day, a model, a user, or the total)."""
+
+    key: tuple[str, ...]
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int
+    reasoning_tokens: int
+    cost_pico: int
+
+
+@dataclass(frozen=True, slots=True)
+class UsageReport:
+    total: UsageRow
+    days: list[UsageRow]
+    models: list[UsageRow]
+    users: list[UsageRow]
+
+
+class UsageStore:
+    def __init__(self, database: Database) -> None:
+        self.database = database
+
+    @property
+    def _engine(self) -> Any:
+        return self.database.engine
+
+    # --- the hot path -----------------------------------------------------------------------
+
+    async def reserve(
+        self,
+        user: str,
+        period: str,
+        *,
+        tokens: int,
+        cost_pico: int,
+        token_limit: int | None,
+        cost_limit_pico: int | None,
+    ) -> Reservation | Refusal:
+        """Hold ``tokens`` and ``cost_pico`` against the limits, or say which one is hit."""
+        conditions = [counters.c.user_id == user, counters.c.period == period]
+        if token_limit is not None:
+            conditions.append(
+                counters.c.tokens_used + counters.c.tokens_reserved + tokens <= token_limit
+            )
+        if cost_limit_pico is not None:
+            conditions.append(
+                counters.c.cost_used_pico + counters.c.cost_reserved_pico + cost_pico
+                <= cost_limit_pico
+            )
+        statement = (
+            update(counters)
+            .where(and_(*conditions))
+            .values(
+                tokens_reserved=counters.c.tokens_reserved + tokens,
+                cost_reserved_pico=counters.c.cost_reserved_pico + cost_pico,
+            )
+        )
+        async with self._engine.begin() as conn:
+            # Update first: the row exists for every user who called this month, so the
+            # usual path is one statement. A miss is a new month or a refusal.
+            if (await conn.execute(statement)).rowcount == 1:
+                return Reservation(user, period, tokens, cost_pico)
+            await conn.execute(_insert_counters(conn, user, period))
+            if (await conn.execute(statement)).rowcount == 1:
+                return Reservation(user, period, tokens, cost_pico)
+            current = await _read_counters(conn, user, period)
+        over_tokens = (
+            token_limit is not None
+            and current.tokens_used + current.tokens_reserved + tokens > token_limit
+        )
+        return Refusal("tokens" if over_tokens else "cost", current)
+
+    async def release(self, reservation: Reservation) -> None:
+        """Give back a reservation for a call that never reached a vendor."""
+        async with self._engine.begin() as conn:
+            await conn.execute(_release(reservation))
+
+    async def settle(self, entry: LedgerEntry, reservation: Reservation | None) -> None:
+        """Release the reservation, count the usage and write the ledger row, atomically."""
+        period = period_of(entry.created_at)
+        async with self._engine.begin() as conn:
+            if reservation is not None and reservation.period != period:
+                await conn.execute(_release(reservation))
+                reservation = None
+            await conn.execute(_add_usage(conn, entry, period, reservation))
+            await conn.execute(ledger.insert().values(**_ledger_values(entry)))
+
+    # --- reading ----------------------------------------------------------------------------
+
+    async def counters(self, user: str, period: str) -> Counters:
+        async with self._engine.connect() as conn:
+            return await _read_counters(conn, user, period)
+
+    async def report(self, first: date, last: date, *, user: str | None = None) -> UsageReport:
+        """Totals, per UTC day, per model and per user between two dates, both included."""
+        start = datetime(first.year, first.month, first.day, tzinfo=UTC)
+        end = datetime(last.year, last.month, last.day, tzinfo=UTC) + timedelta(days=1)
+        where = [ledger.c.created_at >= start, ledger.c.created_at < end]
+        if user is not None:
+            where.append(ledger.c.user_id == user)
+        async with self._engine.connect() as conn:
+            day = _day(conn)
+            days = await _grouped(conn, where, [day])
+            models = await _grouped(conn, where, [ledger.c.provider, ledger.c.model])
+            users = await _grouped(conn, where, [ledger.c.user_id])
+            totals = await _grouped(conn, where, [])
+        total = totals[0] if totals else UsageRow((), 0, 0, 0, 0, 0, 0)
+        return UsageReport(total, days, models, users)
+
+    async def ledger_totals(self, user: str, period: str) -> Counters:
+        """The ledger summed the way the counters are, for checking the invariant."""
+        year, month = (int(part) for part in period.split("-"))
+        start = datetime(year, month, 1, tzinfo=UTC)
+        end = datetime(year + month // 12, month % 12 + 1, 1, tzinfo=UTC)
+        tokens = case(
+            (ledger.c.cached, 0), else_=ledger.c.prompt_tokens + ledger.c.completion_tokens
+        )
+        statement = select(
+            func.coalesce(func.sum(tokens), 0),
+            func.coalesce(func.sum(ledger.c.cost_pico), 0),
+            func.count(),
+        ).where(ledger.c.user_id == user, ledger.c.created_at >= start, ledger.c.created_at < end)
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(statement)).one()
+        return Counters(tokens_used=int(row[0]), cost_used_pico=int(row[1]), requests=int(row[2]))
+
+
+# --- statements ---------------------------------------------------------------------------------
+
+
+def _insert(conn: AsyncConnection) -> Any:
+    return postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+
+
+def _insert_counters(conn: AsyncConnection, user: str, period: str) -> Any:
+    return (
+        _insert(conn)(counters)
+        .values(user_id=user, period=period, **_ZERO)
+        .on_conflict_do_nothing(index_elements=[counters.c.user_id, counters.c.period])
+    )
+
+
+_ZERO = {
+    "tokens_used": 0,
+    "tokens_reserved": 0,
+    "cost_used_pico": 0,
+    "cost_reserved_pico": 0,
+    "requests": 0,
+}
+
+
+def _release(reservation: Reservation) -> Any:
+    return (
+        update(counters)
+        .where(counters.c.user_id == reservation.user, counters.c.period == reservation.period)
+        .values(
+            tokens_reserved=counters.c.tokens_reserved - reservation.tokens,
+            cost_reserved_pico=counters.c.cost_reserved_pico - reservation.cost_pico,
+        )
+    )
+
+
+def _add_usage(
+    conn: AsyncConnection, entry: LedgerEntry, period: str, reservation: Reservation | None
+) -> Any:
+    """One upsert: a user without limits may have no counters row yet."""
+    held_tokens = reservation.tokens if reservation else 0
+    held_cost = reservation.cost_pico if reservation else 0
+    insert = _insert(conn)(counters).values(
+        user_id=entry.user,
+        period=period,
+        tokens_used=entry.quota_tokens,
+        tokens_reserved=0,
+        cost_used_pico=entry.cost_pico,
+        cost_reserved_pico=0,
+        requests=1,
+    )
+    return insert.on_conflict_do_update(
+        index_elements=[counters.c.user_id, counters.c.period],
+        set_={
+            "tokens_used": counters.c.tokens_used + entry.quota_tokens,
+            "tokens_reserved": counters.c.tokens_reserved - held_tokens,
+            "cost_used_pico": counters.c.cost_used_pico + entry.cost_pico,
+            "cost_reserved_pico": counters.c.cost_reserved_pico - held_cost,
+            "requests": counters.c.requests + 1,
+        },
+    )
+
+
+def _ledger_values(entry: LedgerEntry) -> dict[str, Any]:
+    return {
+        "request_id": entry.request_id,
+        "created_at": entry.created_at,
+        "user_id": entry.user,
+        "key_id": entry.key_id,
+        "provider": entry.provider,
+        "model": entry.model,
+        "prompt_tokens": entry.prompt_tokens,
+        "completion_tokens": entry.completion_tokens,
+        "cached_prompt_tokens": entry.cached_prompt_tokens,
+        "reasoning_tokens": entry.reasoning_tokens,
+        "cost_pico": entry.cost_pico,
+        "latency_ms": entry.latency_ms,
+        "status": entry.status,
+        "streamed": entry.streamed,
+        "cached": entry.cached,
+        "priced": entry.priced,
+        "estimated": entry.estimated,
+    }
+
+
+async def _read_counters(conn: AsyncConnection, user: str, period: str) -> Counters:
+    row = (
+        await conn.execute(
+            select(
+                counters.c.tokens_used,
+                counters.c.tokens_reserved,
+                counters.c.cost_used_pico,
+                counters.c.cost_reserved_pico,
+                counters.c.requests,
+            ).where(counters.c.user_id == user, counters.c.period == period)
+        )
+    ).first()
+    return Counters() if row is None else Counters(*(int(value) for value in row))
+
+
+def _day(conn: AsyncConnection) -> ColumnElement[Any]:
+    """The UTC calendar day of a ledger row as ``YYYY-MM-DD`` text, on either engine."""
+    if conn.dialect.name == "postgresql":
+        return func.to_char(func.timezone("UTC", ledger.c.created_at), "YYYY-MM-DD")
+    # SQLite keeps the UTC timestamp as ISO text: its first ten characters are the day.
+    return func.substr(ledger.c.created_at, 1, 10)
+
+
+async def _grouped(
+    conn: AsyncConnection, where: Sequence[ColumnElement[bool]], keys: Sequence[Any]
+) -> list[UsageRow]:
+    labelled = [key.label(f"k{index}") for index, key in enumerate(keys)]
+    statement = select(
+        *labelled,
+        func.count().label("requests"),
+        *(
+            func.coalesce(func.sum(ledger.c[name]), 0).label(name)
+            for name in (
+                "prompt_tokens",
+                "completion_tokens",
+                "cached_prompt_tokens",
+                "reasoning_tokens",
+                "cost_pico",
+            )
+        ),
+    ).where(*where)
+    if labelled:
+        statement = statement.group_by(*labelled).order_by(*labelled)
+    rows = (await conn.execute(statement)).all()
+    size = len(labelled)
+    return [
+        UsageRow(
+            tuple(str(value) for value in row[:size]),
+            *(int(value) for value in row[size:]),
+        )
+        for row in rows
+    ]
