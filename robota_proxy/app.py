@@ -30,14 +30,18 @@ from robota_proxy import scope as keys
 from robota_proxy.errors import InternalError, InvalidRequest, NotFound, ProxyError
 from robota_proxy.middleware.auth import AuthMiddleware
 from robota_proxy.middleware.request_context import RequestContextMiddleware
+from robota_proxy.policy.authenticators import AuthFailureLimiter, build_authenticator
 from robota_proxy.policy.principals import Principal
 from robota_proxy.policy.static_keys import StaticKeyAuthenticator
 from robota_proxy.responses import error_response
 from robota_proxy.routes import health
 from robota_proxy.routes.account import AccountRoutes
+from robota_proxy.routes.admin import AdminGuard, AdminRoutes
 from robota_proxy.routes.chat import ChatRoutes
 from robota_proxy.settings import Settings
 from robota_proxy.storage.database import Database
+from robota_proxy.storage.key_store import KeyStore
+from robota_proxy.storage.limits_storage import limits_storage
 from robota_proxy.upstreams.registry import UpstreamRegistry, build_upstreams
 
 log = logging.getLogger("robota_proxy")
@@ -100,11 +104,15 @@ class ProxyApp(Starlette):
         self._warned_lazy = False
         chat = ChatRoutes(registry, max_body_bytes=settings.max_body_bytes)
         account = AccountRoutes(registry)
+        self.limits = limits_storage(settings.redis_url)
+        self.key_store = KeyStore(database)
+        failures = AuthFailureLimiter(self.limits, settings.auth_failures_per_minute)
+        admin = AdminRoutes(self.key_store, AdminGuard(settings.admin_key, failures))
         super().__init__(
-            routes=[*health.ROUTES, *chat.routes(), *account.routes()],
+            routes=[*health.ROUTES, *chat.routes(), *account.routes(), *admin.routes()],
             middleware=[
                 Middleware(RequestContextMiddleware),
-                Middleware(AuthMiddleware, **_auth_options(settings)),
+                Middleware(AuthMiddleware, **_auth_options(settings, self.key_store, failures)),
             ],
             exception_handlers={
                 ProxyError: _proxy_error,
@@ -137,19 +145,30 @@ class ProxyApp(Starlette):
         await super().__call__(scope, receive, send)
 
 
-def _auth_options(settings: Settings) -> dict[str, Any]:
-    keys_ = [key.get_secret_value() for key in settings.api_keys]
+def _auth_options(
+    settings: Settings, store: KeyStore, failures: AuthFailureLimiter
+) -> dict[str, Any]:
+    common: dict[str, Any] = {
+        "exempt_paths": ("/health",),
+        "exempt_prefixes": ("/admin/",),  # guarded by the admin key instead
+        "chat_paths": {"/ai/chat": "chat", "/ai/chat/stream": "stream"},
+        "max_body_bytes": settings.max_body_bytes,
+    }
     if settings.auth == "disabled":
         log.warning(
             "AUTHENTICATION IS DISABLED (ROBOTA_AUTH=disabled): anyone who can reach this "
             "proxy can spend its vendor keys"
         )
-        return {"authenticator": StaticKeyAuthenticator(()), "anonymous": Principal("anonymous")}
-    if not keys_:
-        log.warning(
-            "no API keys configured (ROBOTA_API_KEYS): every request will be refused with 401"
-        )
-    return {"authenticator": StaticKeyAuthenticator(keys_)}
+        return {
+            **common,
+            "authenticator": StaticKeyAuthenticator(()),
+            "anonymous": Principal("anonymous"),
+        }
+    return {
+        **common,
+        "authenticator": build_authenticator(settings, store),
+        "failure_limiter": failures,
+    }
 
 
 def create_app(settings: Settings | None = None) -> ProxyApp:

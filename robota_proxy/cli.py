@@ -1,4 +1,5 @@
-"""``robota-proxy``: the command line. ``serve`` runs the app under uvicorn."""
+"""``robota-proxy``: the command line. ``serve`` runs the app under uvicorn; ``keys`` and
+``users`` manage keys and permissions (``robota_proxy.cli_keys``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 import uvicorn
 
+from robota_proxy import cli_keys
 from robota_proxy.settings import Settings
 
 
@@ -62,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     serve.add_argument("--reload", action="store_true", help="restart on code changes (dev)")
     serve.set_defaults(handler=_serve)
+    cli_keys.add_commands(commands)
     return parser
 
 

@@ -1,0 +1,248 @@
+"""``robota-proxy keys ...`` and ``robota-proxy users ...``: keys and permissions from a shell.
+
+They work on ``ROBOTA_DATABASE_URL`` directly (applying migrations), so the operator needs no
+running proxy and no admin key. A key is printed once, by ``keys create``, and never again.
+Bad flags or values exit with status 2 and one line on stderr; an unknown id exits with 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any
+
+from robota_proxy.errors import InvalidRequest
+from robota_proxy.policy.keys import parse_expiry
+from robota_proxy.policy.principals import UserPermissions
+from robota_proxy.settings import Settings
+from robota_proxy.storage.database import Database, DatabaseURLError
+from robota_proxy.storage.key_store import KeyRecord, KeyStore, UserRecord
+
+USAGE_ERROR = 2
+NOT_FOUND = 1
+
+Command = Callable[[argparse.Namespace, KeyStore], Awaitable[int]]
+
+
+class UsageError(Exception):
+    """A bad value the user typed: exit 2 with this message."""
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
+    return value
+
+
+def _add_permission_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("permissions (unset: no restriction)")
+    group.add_argument("--providers", help="comma-separated providers, e.g. openai,anthropic")
+    group.add_argument("--models", help="comma-separated model globs, e.g. 'gpt-4o*,claude-*'")
+    group.add_argument("--features", help="comma-separated features: chat,stream,tools")
+    group.add_argument("--rpm", type=_non_negative_int, help="requests per minute")
+    group.add_argument("--tpm", type=_non_negative_int, help="tokens per minute")
+    group.add_argument("--daily-requests", type=_non_negative_int, help="requests per day")
+    group.add_argument("--monthly-tokens", type=_non_negative_int, help="tokens per month")
+    group.add_argument("--monthly-budget-usd", help="USD per month, e.g. 25.50")
+
+
+def permissions_from(args: argparse.Namespace) -> UserPermissions:
+    wire: dict[str, Any] = {
+        "allowedProviders": args.providers,
+        "allowedModels": args.models,
+        "allowedFeatures": args.features,
+        "rpm": args.rpm,
+        "tpm": args.tpm,
+        "dailyRequestLimit": args.daily_requests,
+        "monthlyTokenLimit": args.monthly_tokens,
+        "monthlyBudgetUsd": args.monthly_budget_usd,
+    }
+    try:
+        return UserPermissions.from_wire({k: v for k, v in wire.items() if v is not None})
+    except InvalidRequest as exc:
+        raise UsageError(exc.message) from None
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=None, sort_keys=True))
+
+
+def _describe_key(record: KeyRecord) -> str:
+    lines = [
+        f"id:          {record.key_id}",
+        f"user:        {record.user}",
+        f"name:        {record.name or '-'}",
+        f"status:      {record.status()}",
+        f"created:     {record.created_at.isoformat()}",
+        f"expires:     {_when(record.expires_at)}",
+        f"revoked:     {_when(record.revoked_at)}",
+        f"last used:   {_when(record.last_used_at)}",
+        f"permissions: {json.dumps(record.permissions.to_wire()) or '{}'}",
+    ]
+    return "\n".join(lines)
+
+
+def _when(value: datetime | None) -> str:
+    return value.isoformat() if value is not None else "-"
+
+
+async def _keys_create(args: argparse.Namespace, store: KeyStore) -> int:
+    permissions = permissions_from(args)
+    try:
+        expires_at = parse_expiry(args.expires) if args.expires else None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        key, record = await store.create_key(args.user, permissions, expires_at, args.name)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if args.json:
+        _print_json({"key": key, **record.to_wire()})
+    else:
+        print(key)
+        print(
+            f"(key {record.key_id} for user {record.user}: store it now, it is not shown again)",
+            file=sys.stderr,
+        )
+    return 0
+
+
+async def _keys_list(args: argparse.Namespace, store: KeyStore) -> int:
+    records = await store.list_keys(args.user)
+    if args.json:
+        _print_json({"keys": [record.to_wire() for record in records]})
+        return 0
+    for record in records:
+        print(
+            f"{record.key_id}  {record.user}  {record.status():8}  "
+            f"expires {_when(record.expires_at)}  {record.name or ''}".rstrip()
+        )
+    return 0
+
+
+async def _keys_show(args: argparse.Namespace, store: KeyStore) -> int:
+    record = await store.get_key(args.id)
+    if record is None:
+        print(f"no key with id {args.id!r}", file=sys.stderr)
+        return NOT_FOUND
+    if args.json:
+        _print_json(record.to_wire())
+    else:
+        print(_describe_key(record))
+    return 0
+
+
+async def _keys_revoke(args: argparse.Namespace, store: KeyStore) -> int:
+    record = await store.revoke_key(args.id)
+    if record is None:
+        print(f"no key with id {args.id!r}", file=sys.stderr)
+        return NOT_FOUND
+    print(f"revoked {record.key_id} (user {record.user}) at {_when(record.revoked_at)}")
+    return 0
+
+
+def _describe_user(record: UserRecord, keys: list[KeyRecord]) -> str:
+    return "\n".join(
+        [
+            f"user:        {record.user}",
+            f"created:     {record.created_at.isoformat()}",
+            f"permissions: {json.dumps(record.permissions.to_wire())}",
+            f"keys:        {', '.join(f'{k.key_id} ({k.status()})' for k in keys) or '-'}",
+        ]
+    )
+
+
+async def _users_set(args: argparse.Namespace, store: KeyStore) -> int:
+    try:
+        record = await store.set_user_permissions(args.user, permissions_from(args))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if args.json:
+        _print_json(record.to_wire())
+    else:
+        print(_describe_user(record, await store.list_keys(record.user)))
+    return 0
+
+
+async def _users_show(args: argparse.Namespace, store: KeyStore) -> int:
+    record = await store.get_user(args.user)
+    if record is None:
+        print(f"no user {args.user!r}", file=sys.stderr)
+        return NOT_FOUND
+    keys = await store.list_keys(record.user)
+    if args.json:
+        _print_json({**record.to_wire(), "keys": [key.to_wire() for key in keys]})
+    else:
+        print(_describe_user(record, keys))
+    return 0
+
+
+async def _with_store(command: Command, args: argparse.Namespace) -> int:
+    database = Database(Settings().database_url)
+    try:
+        await database.open()
+        return await command(args, KeyStore(database))
+    finally:
+        await database.aclose()
+
+
+def _runner(command: Command) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return asyncio.run(_with_store(command, args))
+        except (UsageError, DatabaseURLError) as exc:
+            print(f"robota-proxy: error: {exc}", file=sys.stderr)
+            return USAGE_ERROR
+
+    return run
+
+
+def add_commands(commands: Any) -> None:
+    """Add ``keys`` and ``users`` to the ``robota-proxy`` sub-command parser."""
+    keys = commands.add_parser("keys", help="create, list, show and revoke API keys")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+
+    create = key_commands.add_parser("create", help="issue a key (printed once)")
+    create.add_argument("--user", required=True, help="the user the key acts as")
+    _add_permission_flags(create)
+    create.add_argument("--expires", help="30d, 12h, 90m or an ISO date (default: never)")
+    create.add_argument("--name", help="a label for the key")
+    create.add_argument("--json", action="store_true", help="print one JSON object")
+    create.set_defaults(handler=_runner(_keys_create))
+
+    listing = key_commands.add_parser("list", help="list keys (never the secrets)")
+    listing.add_argument("--user", help="only this user's keys")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(handler=_runner(_keys_list))
+
+    show = key_commands.add_parser("show", help="one key's details")
+    show.add_argument("id")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(handler=_runner(_keys_show))
+
+    revoke = key_commands.add_parser("revoke", help="revoke a key (refused within seconds)")
+    revoke.add_argument("id")
+    revoke.set_defaults(handler=_runner(_keys_revoke))
+
+    users = commands.add_parser("users", help="set and show user permissions")
+    user_commands = users.add_subparsers(dest="users_command", required=True)
+    user_set = user_commands.add_parser(
+        "set", help="replace a user's permissions (shared by all their keys)"
+    )
+    user_set.add_argument("user")
+    _add_permission_flags(user_set)
+    user_set.add_argument("--json", action="store_true")
+    user_set.set_defaults(handler=_runner(_users_set))
+
+    user_show = user_commands.add_parser("show", help="a user's permissions and keys")
+    user_show.add_argument("user")
+    user_show.add_argument("--json", action="store_true")
+    user_show.set_defaults(handler=_runner(_users_show))

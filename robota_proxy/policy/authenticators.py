@@ -1,0 +1,194 @@
+"""The authenticators behind ``AuthMiddleware`` and how they are combined.
+
+- ``KeyStoreAuthenticator``: ``rk_`` keys from the database, cached for
+  ``key_cache_seconds`` so a revoked key is refused within that time on every process, while
+  most requests never touch the database.
+- ``CompositeAuthenticator``: picks by the credential's shape: ``rk_`` -> key store, a JWT ->
+  the JWT verifier, anything else -> the static ``ROBOTA_API_KEYS`` list.
+- ``AuthFailureLimiter``: failed authentications per client address (the ``limits``
+  library), so keys cannot be guessed at speed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from datetime import UTC, datetime
+
+from cachetools import TTLCache
+from limits import RateLimitItemPerMinute
+from limits.aio.storage import Storage
+from limits.aio.strategies import MovingWindowRateLimiter
+
+from robota_proxy.policy.jwt import JwtAuthenticator, verification_key
+from robota_proxy.policy.keys import looks_like_key, parse_key_id, verify_key
+from robota_proxy.policy.principals import Authenticator, Principal, UserPermissions
+from robota_proxy.policy.static_keys import StaticKeyAuthenticator
+from robota_proxy.settings import Settings
+from robota_proxy.storage.key_store import KeyLookup, KeyStore
+
+log = logging.getLogger("robota_proxy.auth")
+
+#: Bound on cached lookups (hits and misses): a flood of random ids cannot grow memory.
+CACHE_SIZE = 10_000
+#: Last-used times are written at most this often per key and process.
+TOUCH_INTERVAL_SECONDS = 60.0
+
+_JWT_SHAPE = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$")
+
+
+def looks_like_jwt(credential: str) -> bool:
+    return _JWT_SHAPE.match(credential) is not None
+
+
+class KeyStoreAuthenticator:
+    def __init__(self, store: KeyStore, *, cache_seconds: float = 1.0) -> None:
+        self.store = store
+        self.cache_seconds = cache_seconds
+        self._cache: TTLCache[str, KeyLookup | None] | None = (
+            TTLCache(maxsize=CACHE_SIZE, ttl=cache_seconds) if cache_seconds > 0 else None
+        )
+        self._touched: TTLCache[str, bool] = TTLCache(
+            maxsize=CACHE_SIZE, ttl=TOUCH_INTERVAL_SECONDS
+        )
+        self._pending: dict[str, datetime] = {}
+        self._flushing: asyncio.Task[None] | None = None
+
+    async def authenticate(self, credential: str) -> Principal | None:
+        key_id = parse_key_id(credential)
+        if key_id is None:
+            return None
+        found = await self._lookup(key_id)
+        if found is None or not verify_key(credential, found.secret_hash):
+            return None
+        record = found.record
+        if record.status() != "active":
+            return None
+        self._note_use(key_id)
+        return Principal(
+            user=record.user,
+            key_id=key_id,
+            permissions=found.user_permissions.overlay(record.permissions),
+        )
+
+    async def _lookup(self, key_id: str) -> KeyLookup | None:
+        if self._cache is not None and key_id in self._cache:
+            return self._cache[key_id]
+        found = await self.store.lookup(key_id)
+        if self._cache is not None:
+            self._cache[key_id] = found
+        return found
+
+    def _note_use(self, key_id: str) -> None:
+        """Queue a last-used write when this process has not written one for a minute; the
+        write happens in a background task so the request never waits for it."""
+        if key_id in self._touched:
+            return
+        self._touched[key_id] = True
+        self._pending[key_id] = datetime.now(UTC)
+        if self._flushing is None or self._flushing.done():
+            self._flushing = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, {}
+            try:
+                await self.store.touch(batch)
+            except Exception as exc:  # last-used is informational: never fail a request
+                log.warning("could not record key last-used times: %s", type(exc).__name__)
+
+    async def flush(self) -> None:
+        """Wait for queued last-used writes (tests, shutdown)."""
+        if self._flushing is not None:
+            await self._flushing
+
+
+class StoredUserPermissions:
+    """User permissions from the users table, cached like keys (JWT users)."""
+
+    def __init__(self, store: KeyStore, *, cache_seconds: float = 1.0) -> None:
+        self.store = store
+        self._cache: TTLCache[str, UserPermissions] | None = (
+            TTLCache(maxsize=CACHE_SIZE, ttl=cache_seconds) if cache_seconds > 0 else None
+        )
+
+    async def permissions(self, user: str) -> UserPermissions:
+        if self._cache is not None and user in self._cache:
+            return self._cache[user]
+        record = await self.store.get_user(user)
+        found = record.permissions if record is not None else UserPermissions()
+        if self._cache is not None:
+            self._cache[user] = found
+        return found
+
+
+class CompositeAuthenticator:
+    def __init__(
+        self,
+        *,
+        keys: Authenticator | None = None,
+        jwt: Authenticator | None = None,
+        static: StaticKeyAuthenticator | None = None,
+    ) -> None:
+        self.keys = keys
+        self.jwt = jwt
+        self.static = static if static else None
+
+    async def authenticate(self, credential: str) -> Principal | None:
+        if self.keys is not None and looks_like_key(credential):
+            found = await self.keys.authenticate(credential)
+        elif self.jwt is not None and looks_like_jwt(credential):
+            found = await self.jwt.authenticate(credential)
+        else:
+            found = None
+        if found is None and self.static is not None:
+            # Static keys are operator-chosen strings and may have any shape.
+            found = await self.static.authenticate(credential)
+        return found
+
+
+def build_authenticator(settings: Settings, store: KeyStore) -> CompositeAuthenticator:
+    """All the credential kinds the settings enable. Raises ``JwtConfigError`` on JWT settings
+    that cannot work, so a misconfigured proxy fails at start rather than refusing everyone."""
+    jwt: JwtAuthenticator | None = None
+    secret = settings.jwt_secret.get_secret_value() if settings.jwt_secret else None
+    if secret or settings.jwt_public_key_file:
+        key, algorithms = verification_key(
+            secret, settings.jwt_public_key_file, settings.jwt_algorithms
+        )
+        jwt = JwtAuthenticator(
+            key,
+            algorithms,
+            permissions=StoredUserPermissions(store, cache_seconds=settings.key_cache_seconds),
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+            leeway_seconds=settings.jwt_leeway_seconds,
+            trust_claims=settings.jwt_trust_claims,
+            claims_namespace=settings.jwt_claims_namespace,
+        )
+    static = StaticKeyAuthenticator(key.get_secret_value() for key in settings.api_keys)
+    return CompositeAuthenticator(
+        keys=KeyStoreAuthenticator(store, cache_seconds=settings.key_cache_seconds),
+        jwt=jwt,
+        static=static,
+    )
+
+
+class AuthFailureLimiter:
+    """Counts failed authentications per client address in a moving one-minute window."""
+
+    def __init__(self, storage: Storage, per_minute: int) -> None:
+        self.limiter = MovingWindowRateLimiter(storage)
+        self.item = RateLimitItemPerMinute(per_minute)
+
+    async def blocked_for(self, client: str) -> float | None:
+        """Seconds until ``client`` may try again, ``None`` when it may try now."""
+        if await self.limiter.test(self.item, "auth_failures", client):
+            return None
+        stats = await self.limiter.get_window_stats(self.item, "auth_failures", client)
+        return max(1.0, stats.reset_time - time.time())
+
+    async def failed(self, client: str) -> None:
+        await self.limiter.hit(self.item, "auth_failures", client)

@@ -1,0 +1,85 @@
+"""Issuing, parsing and hashing the proxy's own API keys (``rk_<id>_<secret>``).
+
+A key is ``rk_`` + an 8-character public id + ``_`` + 43 URL-safe characters (256 random
+bits). The prefix lets secret scanners and humans recognise a leaked key; the id lets the
+proxy find the key's row (and lets logs and usage reports name the key) without the secret.
+Only the SHA-256 of the whole key is stored: with 256 random bits there is nothing to
+brute-force, so a slow password hash would only cost latency on every request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import string
+from datetime import UTC, datetime, timedelta
+
+PREFIX = "rk_"
+ID_LENGTH = 8
+SECRET_BYTES = 32  # 256 bits
+SECRET_LENGTH = 43  # len(token_urlsafe(32))
+_ID_ALPHABET = string.ascii_lowercase + string.digits
+_KEY_SHAPE = re.compile(
+    rf"^{PREFIX}(?P<id>[a-z0-9]{{{ID_LENGTH}}})_(?P<secret>[A-Za-z0-9_-]{{{SECRET_LENGTH}}})$"
+)
+
+
+def new_key_id() -> str:
+    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(ID_LENGTH))
+
+
+def generate_key(key_id: str | None = None) -> tuple[str, str]:
+    """A fresh ``(key_id, key)``; the key is shown once and never stored."""
+    ident = key_id or new_key_id()
+    return ident, f"{PREFIX}{ident}_{secrets.token_urlsafe(SECRET_BYTES)}"
+
+
+def looks_like_key(credential: str) -> bool:
+    return credential.startswith(PREFIX)
+
+
+def parse_key_id(credential: str) -> str | None:
+    """The public id of a well-formed key, ``None`` for anything else."""
+    match = _KEY_SHAPE.match(credential)
+    return match.group("id") if match else None
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def verify_key(key: str, stored_hash: str) -> bool:
+    """Constant-time: the comparison says nothing about how much of the hash matched."""
+    return hmac.compare_digest(hash_key(key).encode(), stored_hash.encode())
+
+
+_DURATION = re.compile(r"^\s*(\d+)\s*([dhm])\s*$")
+_UNITS = {"d": "days", "h": "hours", "m": "minutes"}
+
+
+def parse_expiry(value: str, *, now: datetime | None = None) -> datetime:
+    """``30d``, ``12h``, ``90m`` from now, or an ISO date/datetime (UTC when no zone is given).
+
+    Raises ``ValueError`` with a message fit for a user; a date in the past is refused because
+    a key that is expired at birth is always a mistake.
+    """
+    now = now or datetime.now(UTC)
+    match = _DURATION.match(value)
+    if match:
+        amount = int(match.group(1))
+        if amount <= 0:
+            raise ValueError(f"expiry {value!r} must be a positive duration")
+        return now + timedelta(**{_UNITS[match.group(2)]: amount})
+    try:
+        when = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise ValueError(
+            f"expiry {value!r} is neither a duration (30d, 12h, 90m) nor an ISO date"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    if when <= now:
+        raise ValueError(f"expiry {value!r} is in the past")
+    return when

@@ -1,0 +1,270 @@
+"""``KeyStore``: users, their permissions and their API keys, in the SQL database.
+
+One code path for SQLite and PostgreSQL (SQLAlchemy Core). The store never holds or returns a
+key's secret: ``create_key`` hands the key string back once, and only its hash is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import RowMapping, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from robota_proxy.policy.keys import generate_key, hash_key
+from robota_proxy.policy.principals import UserPermissions
+from robota_proxy.storage.database import Database
+from robota_proxy.storage.tables import api_keys, users
+
+MAX_USER_LENGTH = 200
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    """SQLite hands timezone-aware columns back naive; everything we write is UTC."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class UserRecord:
+    user: str
+    permissions: UserPermissions
+    created_at: datetime
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "user": self.user,
+            "permissions": self.permissions.to_wire(),
+            "createdAt": _iso(self.created_at),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    """A key as the store knows it: everything but the secret."""
+
+    key_id: str
+    user: str
+    name: str | None
+    #: This key's overrides of the user's permissions.
+    permissions: UserPermissions
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+
+    def status(self, now: datetime | None = None) -> str:
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and self.expires_at <= (now or datetime.now(UTC)):
+            return "expired"
+        return "active"
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "id": self.key_id,
+            "user": self.user,
+            "name": self.name,
+            "permissions": self.permissions.to_wire(),
+            "status": self.status(),
+            "createdAt": _iso(self.created_at),
+            "expiresAt": _iso(self.expires_at),
+            "revokedAt": _iso(self.revoked_at),
+            "lastUsedAt": _iso(self.last_used_at),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class KeyLookup:
+    """What authentication needs about one key id, read in one query."""
+
+    record: KeyRecord
+    secret_hash: str
+    #: The owner's permissions, before the key's overlay.
+    user_permissions: UserPermissions
+
+
+def _key_record(row: RowMapping) -> KeyRecord:
+    return KeyRecord(
+        key_id=row["key_id"],
+        user=row["user_id"],
+        name=row["name"],
+        permissions=UserPermissions.from_wire(row["permissions"]),
+        created_at=_utc(row["created_at"]) or datetime.now(UTC),
+        expires_at=_utc(row["expires_at"]),
+        revoked_at=_utc(row["revoked_at"]),
+        last_used_at=_utc(row["last_used_at"]),
+    )
+
+
+def check_user(user: str) -> str:
+    """User names are free-form ids from the operator; only emptiness and length are rules."""
+    user = user.strip()
+    if not user:
+        raise ValueError("the user must be a non-empty string")
+    if len(user) > MAX_USER_LENGTH:
+        raise ValueError(f"the user must be at most {MAX_USER_LENGTH} characters")
+    return user
+
+
+class KeyStore:
+    def __init__(self, database: Database) -> None:
+        self.database = database
+
+    # --- users -------------------------------------------------------------------------------
+
+    async def get_user(self, user: str) -> UserRecord | None:
+        async with self.database.engine.connect() as conn:
+            row = (
+                (await conn.execute(select(users).where(users.c.user_id == user)))
+                .mappings()
+                .first()
+            )
+        if row is None:
+            return None
+        return UserRecord(
+            user=row["user_id"],
+            permissions=UserPermissions.from_wire(row["permissions"]),
+            created_at=_utc(row["created_at"]) or datetime.now(UTC),
+        )
+
+    async def set_user_permissions(self, user: str, permissions: UserPermissions) -> UserRecord:
+        """Replace the user's permissions, creating the user if needed."""
+        user = check_user(user)
+        wire = permissions.to_wire()
+        for _attempt in range(3):
+            async with self.database.engine.begin() as conn:
+                result = await conn.execute(
+                    update(users).where(users.c.user_id == user).values(permissions=wire)
+                )
+                if result.rowcount:
+                    break
+            if await self._insert_user(user, wire):
+                break
+        record = await self.get_user(user)
+        assert record is not None
+        return record
+
+    async def _ensure_user(self, user: str) -> None:
+        async with self.database.engine.connect() as conn:
+            exists = (
+                await conn.execute(select(users.c.user_id).where(users.c.user_id == user))
+            ).first()
+        if exists is None:
+            await self._insert_user(user, {})
+
+    async def _insert_user(self, user: str, wire: dict[str, Any]) -> bool:
+        """False when another process created the user first (then the caller updates)."""
+        try:
+            async with self.database.engine.begin() as conn:
+                await conn.execute(
+                    users.insert().values(
+                        user_id=user, permissions=wire, created_at=datetime.now(UTC)
+                    )
+                )
+        except IntegrityError:
+            return False
+        return True
+
+    # --- keys --------------------------------------------------------------------------------
+
+    async def create_key(
+        self,
+        user: str,
+        permissions: UserPermissions | None = None,
+        expires_at: datetime | None = None,
+        name: str | None = None,
+    ) -> tuple[str, KeyRecord]:
+        """A new key for ``user`` (created if unknown). The key string is returned here and
+        nowhere else, ever."""
+        user = check_user(user)
+        await self._ensure_user(user)
+        overlay = (permissions or UserPermissions()).to_wire()
+        for _attempt in range(5):
+            key_id, key = generate_key()
+            try:
+                async with self.database.engine.begin() as conn:
+                    await conn.execute(
+                        api_keys.insert().values(
+                            key_id=key_id,
+                            user_id=user,
+                            secret_hash=hash_key(key),
+                            name=name,
+                            permissions=overlay,
+                            created_at=datetime.now(UTC),
+                            expires_at=expires_at,
+                        )
+                    )
+            except IntegrityError:
+                continue  # an id collision (36^8 ids): draw again
+            record = await self.get_key(key_id)
+            assert record is not None
+            return key, record
+        raise RuntimeError("could not draw an unused key id")
+
+    async def get_key(self, key_id: str) -> KeyRecord | None:
+        async with self.database.engine.connect() as conn:
+            row = (
+                (await conn.execute(select(api_keys).where(api_keys.c.key_id == key_id)))
+                .mappings()
+                .first()
+            )
+        return _key_record(row) if row is not None else None
+
+    async def list_keys(self, user: str | None = None) -> list[KeyRecord]:
+        query = select(api_keys).order_by(api_keys.c.created_at, api_keys.c.key_id)
+        if user is not None:
+            query = query.where(api_keys.c.user_id == user)
+        async with self.database.engine.connect() as conn:
+            rows = (await conn.execute(query)).mappings().all()
+        return [_key_record(row) for row in rows]
+
+    async def revoke_key(self, key_id: str) -> KeyRecord | None:
+        """Revoke (idempotent: the first revocation time is kept); ``None`` if unknown."""
+        async with self.database.engine.begin() as conn:
+            await conn.execute(
+                update(api_keys)
+                .where(api_keys.c.key_id == key_id, api_keys.c.revoked_at.is_(None))
+                .values(revoked_at=datetime.now(UTC))
+            )
+        return await self.get_key(key_id)
+
+    async def lookup(self, key_id: str) -> KeyLookup | None:
+        """The key row and its owner's permissions, in one round trip (the hot path)."""
+        query = (
+            select(api_keys, users.c.permissions.label("user_permissions"))
+            .select_from(api_keys.outerjoin(users, users.c.user_id == api_keys.c.user_id))
+            .where(api_keys.c.key_id == key_id)
+        )
+        async with self.database.engine.connect() as conn:
+            row = (await conn.execute(query)).mappings().first()
+        if row is None:
+            return None
+        return KeyLookup(
+            record=_key_record(row),
+            secret_hash=row["secret_hash"],
+            user_permissions=UserPermissions.from_wire(row["user_permissions"]),
+        )
+
+    async def touch(self, used: Mapping[str, datetime]) -> None:
+        """Record last-used times, batched; never called per request."""
+        if not used:
+            return
+        async with self.database.engine.begin() as conn:
+            await _touch(conn, used)
+
+
+async def _touch(conn: AsyncConnection, used: Mapping[str, datetime]) -> None:
+    for key_id, when in used.items():
+        await conn.execute(
+            update(api_keys).where(api_keys.c.key_id == key_id).values(last_used_at=when)
+        )
