@@ -22,6 +22,13 @@ from robota_proxy.errors import (
     UpstreamUnavailable,
 )
 
+
+class VendorServerError(UpstreamError):
+    """A vendor 5xx without a more specific meaning: same wire error as ``UpstreamError``,
+    kept apart so the proxy's retries can tell it (worth another try) from a refused vendor
+    key or a malformed answer (not)."""
+
+
 _KEY_SHAPES = re.compile(r"(sk-[A-Za-z0-9_\-*]{8,}|AIza[0-9A-Za-z_\-]{10,}|rk_[A-Za-z0-9_\-]{8,})")
 
 
@@ -81,6 +88,8 @@ def error_for_status(
         return UpstreamUnavailable(
             f"{vendor} is unavailable (HTTP {status})", retry_after=retry_after
         )
+    if status >= 500:
+        return VendorServerError(f"{vendor} failed (HTTP {status})")
     return UpstreamError(f"{vendor} failed (HTTP {status})")
 
 
