@@ -82,6 +82,26 @@ class Settings(BaseSettings):
     max_connections_per_vendor: int = Field(default=1000, gt=0)
     log_level: str = "info"
 
+    # --- response cache and upstream resilience (README: Caching, Fallbacks and retries) ---
+    #: Exact-match cache of deterministic (temperature 0) or opted-in (``cache: true``) calls.
+    cache_enabled: bool = True
+    cache_ttl_seconds: float = Field(default=3600.0, gt=0)
+    #: Bound of the in-process cache (sum of stored entry sizes); Redis uses its maxmemory.
+    cache_max_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    #: ``user``: each user reads only answers given to them; ``shared``: everyone reads all.
+    cache_scope: Literal["user", "shared"] = "user"
+    #: Extra tries of a retryable vendor failure (429, 5xx, timeout, unreachable) per target.
+    upstream_retries: int = Field(default=2, ge=0, le=10)
+    retry_backoff_base: float = Field(default=0.5, ge=0)
+    retry_backoff_max: float = Field(default=8.0, ge=0)
+    #: The longest vendor ``Retry-After`` waited for; a longer one is not retried here.
+    retry_after_max: float = Field(default=10.0, ge=0)
+    #: ``{"alias or provider/model": ["provider/model", ...]}``, tried in order.
+    fallbacks: dict[str, list[str]] = Field(default_factory=dict)
+    #: Upper bound of a request's ``options.timeout`` (larger values are clamped) and the
+    #: deadline of requests that set none; covers retries, fallbacks and the whole stream.
+    max_request_timeout: float = Field(default=300.0, gt=0)
+
     #: The offline ``mock`` provider: on by default so a fresh install answers without keys.
     mock_enabled: bool = True
     mock_models: CommaList = Field(default_factory=lambda: ["mock-1"])
@@ -108,6 +128,18 @@ class Settings(BaseSettings):
         "jwt_algorithms",
         mode="before",
     )(_split_commas)
+
+    @field_validator("fallbacks")
+    @classmethod
+    def _check_fallbacks(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for name, chain in value.items():
+            for target in chain:
+                provider, _, model = target.partition("/")
+                if not provider or not model:
+                    raise ValueError(
+                        f"fallback {target!r} for {name!r} must be 'provider/model'"
+                    )
+        return value
 
     def secrets(self) -> list[str]:
         """Every secret the proxy holds, for redaction."""
