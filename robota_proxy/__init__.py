@@ -2,12 +2,16 @@
 
 from robota_proxy.app import ProxyApp, create_app, mount
 from robota_proxy.middleware.auth import AuthMiddleware
+from robota_proxy.middleware.ratelimit import RateLimitMiddleware
 from robota_proxy.middleware.request_context import RequestContextMiddleware
+from robota_proxy.policy.ratelimits import RateLimiter
 from robota_proxy.settings import Settings
 
 __all__ = [
     "AuthMiddleware",
     "ProxyApp",
+    "RateLimitMiddleware",
+    "RateLimiter",
     "RequestContextMiddleware",
     "Settings",
     "create_app",

@@ -1,0 +1,138 @@
+"""``RateLimitMiddleware``: per-user requests per minute, per day, and tokens per minute.
+
+Pure ASGI, so it can sit in front of any app once something has put a
+``robota_proxy.policy.principals.Principal`` in the scope under ``robota_proxy.scope.PRINCIPAL``
+(``AuthMiddleware`` does). What it reads and writes in the scope, and nothing else:
+
+* ``PRINCIPAL``: who to count (``.user``) and their limits (``.permissions``: ``rpm``,
+  ``daily_requests``, ``tpm``). No principal, or one without limits: not limited.
+* ``CHAT_REQUEST`` (optional): the parsed chat body, for the prompt-token estimate the ``tpm``
+  check needs before the call. Without it the check only requires the minute not to be spent.
+* ``CALL`` (optional, read after the call): the call record the route fills; its usage is what
+  ``tpm`` is charged. See ``robota_proxy.policy.ratelimits`` for the whole approach.
+
+Refusals are the contract's 429 ``rate_limited`` with ``Retry-After`` and ``X-RateLimit-Limit``,
+``X-RateLimit-Remaining``, ``X-RateLimit-Reset`` (seconds) of the limit that refused. Answers
+that pass carry the ``X-RateLimit-*`` headers of the tightest request limit, and
+``X-RateLimit-*-Tokens`` when a ``tpm`` is set.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection
+
+import anyio
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from robota_client.messages import ChatRequest
+from robota_proxy import scope as keys
+from robota_proxy.call_record import CallRecord
+from robota_proxy.errors import RateLimited
+from robota_proxy.middleware.paths import route_path
+from robota_proxy.policy.principals import Principal
+from robota_proxy.policy.ratelimits import (
+    Admission,
+    LimitStatus,
+    RateLimiter,
+    estimate_prompt_tokens,
+    has_rate_limits,
+)
+from robota_proxy.responses import error_response
+
+
+class RateLimitMiddleware:
+    def __init__(
+        self,
+        app: ASGIApp,
+        limiter: RateLimiter,
+        *,
+        exempt_paths: Collection[str] = ("/health",),
+    ) -> None:
+        """``exempt_paths``: route paths (below any mount point) never counted."""
+        self.app = app
+        self.limiter = limiter
+        self.exempt_paths = frozenset(exempt_paths)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        principal = scope.get(keys.PRINCIPAL)
+        if (
+            scope["type"] not in ("http", "websocket")
+            or not isinstance(principal, Principal)
+            or not has_rate_limits(principal.permissions)
+            or route_path(scope) in self.exempt_paths
+        ):
+            await self.app(scope, receive, send)
+            return
+        chat = scope.get(keys.CHAT_REQUEST)
+        prompt_tokens = estimate_prompt_tokens(chat) if isinstance(chat, ChatRequest) else 0
+        admission = await self.limiter.admit(principal, prompt_tokens)
+        if not admission.allowed:
+            await self._refuse(scope, receive, send, admission)
+            return
+        headers = _headers(admission)
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message).update(headers)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_headers if headers else send)
+        finally:
+            if principal.permissions.tpm is not None:
+                # Shielded: a client that went away cancels the request, not the charge.
+                with anyio.CancelScope(shield=True):
+                    await self.limiter.charge_tokens(principal, _used_tokens(scope, prompt_tokens))
+
+    async def _refuse(
+        self, scope: Scope, receive: Receive, send: Send, admission: Admission
+    ) -> None:
+        refused = admission.refused_by
+        assert refused is not None
+        retry_after = max(1, refused.reset_header)
+        error = RateLimited(
+            f"rate limit exceeded: {admission.reason}; retry in {retry_after} s",
+            retry_after=retry_after,
+        )
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 4429, "reason": error.message})
+            return
+        response = error_response(error, keys.request_id(scope))
+        response.headers.update(_limit_headers(refused))
+        await response(scope, receive, send)
+
+
+def _limit_headers(status: LimitStatus, suffix: str = "") -> dict[str, str]:
+    return {
+        f"X-RateLimit-Limit{suffix}": str(status.limit),
+        f"X-RateLimit-Remaining{suffix}": str(status.remaining),
+        f"X-RateLimit-Reset{suffix}": str(status.reset_header),
+    }
+
+
+def _headers(admission: Admission) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    if admission.requests is not None:
+        headers.update(_limit_headers(admission.requests))
+    if admission.tokens is not None:
+        headers.update(_limit_headers(admission.tokens, "-Tokens"))
+    return headers
+
+
+def _used_tokens(scope: Scope, prompt_tokens: int) -> int:
+    """What the finished call cost in tokens: the vendor's count when it reported one.
+
+    A call that produced output but no usage (the client went away mid-stream) is charged the
+    estimate of its prompt plus the text streamed; a call no vendor answered, or a cached
+    answer, costs the vendor nothing and is not charged.
+    """
+    record = scope.get(keys.CALL)
+    if not isinstance(record, CallRecord) or not record.upstream_called or record.cached:
+        return 0
+    if record.usage is not None:
+        return record.usage.total_tokens
+    if record.streamed_chars or record.status == "client_disconnected":
+        return prompt_tokens + math.ceil(record.streamed_chars / 4)
+    return 0
