@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from limits.aio.storage import MemoryStorage
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 from starlette.testclient import TestClient
+from starlette.websockets import WebSocket
 
 from robota_proxy import AuthMiddleware
+from robota_proxy.policy.authenticators import AuthFailureLimiter
+from robota_proxy.policy.principals import Principal, UserPermissions
 from robota_proxy.policy.static_keys import StaticKeyAuthenticator, key_id
-from robota_proxy.scope import PRINCIPAL
+from robota_proxy.scope import CHAT_REQUEST, PRINCIPAL
 
 
 async def whoami(request: Request) -> JSONResponse:
@@ -47,3 +51,120 @@ def test_exempt_paths_and_no_keys() -> None:
     client = TestClient(app_with([]))
     assert client.get("/health").status_code == 200
     assert client.get("/whoami", headers={"Authorization": "Bearer x"}).status_code == 401
+
+
+# --- authorization of chat bodies and the failed-authentication limit -----------------------
+
+
+class OneUser:
+    def __init__(self, key: str, permissions: UserPermissions) -> None:
+        self.key, self.permissions = key, permissions
+
+    async def authenticate(self, credential: str) -> Principal | None:
+        if credential == self.key:
+            return Principal("alice", "k1", self.permissions)
+        return None
+
+
+async def chat_echo(request: Request) -> JSONResponse:
+    body = request.scope[CHAT_REQUEST]  # parsed by the middleware, not read again
+    return JSONResponse({"model": body.model})
+
+
+def chat_app(permissions: UserPermissions, **options: object) -> Starlette:
+    return Starlette(
+        routes=[
+            Route("/ai/chat", chat_echo, methods=["POST"]),
+            Route("/ai/chat/stream", chat_echo, methods=["POST"]),
+            Route("/whoami", whoami),
+        ],
+        middleware=[
+            Middleware(
+                AuthMiddleware,
+                authenticator=OneUser("good", permissions),
+                chat_paths={"/ai/chat": "chat", "/ai/chat/stream": "stream"},
+                max_body_bytes=2000,
+                **options,
+            )
+        ],
+    )
+
+
+BODY = {
+    "provider": "openai",
+    "model": "gpt-4o-mini",
+    "messages": [{"role": "user", "content": "x"}],
+}
+GOOD = {"Authorization": "Bearer good"}
+
+
+def test_allowed_chat_reaches_the_route_with_the_parsed_body() -> None:
+    client = TestClient(chat_app(UserPermissions(allowed_providers=("openai",))))
+    response = client.post("/ai/chat", json=BODY, headers=GOOD)
+    assert response.status_code == 200 and response.json() == {"model": "gpt-4o-mini"}
+
+
+def test_forbidden_calls_name_what_was_denied() -> None:
+    cases = [
+        (UserPermissions(allowed_providers=("anthropic",)), "/ai/chat", BODY, "provider 'openai'"),
+        (UserPermissions(allowed_models=("gpt-4o",)), "/ai/chat", BODY, "model 'gpt-4o-mini'"),
+        (UserPermissions(allowed_features=("chat",)), "/ai/chat/stream", BODY, "'stream'"),
+        (
+            UserPermissions(allowed_features=("chat", "stream")),
+            "/ai/chat",
+            {**BODY, "tools": [{"name": "t", "description": "d", "parameters": {}}]},
+            "'tools'",
+        ),
+    ]
+    for permissions, path, body, words in cases:
+        response = TestClient(chat_app(permissions)).post(path, json=body, headers=GOOD)
+        assert response.status_code == 403, response.text
+        assert response.json()["error"]["code"] == "forbidden"
+        assert words in response.json()["error"]["message"]
+
+
+def test_bad_bodies_are_contract_errors_from_the_middleware() -> None:
+    client = TestClient(chat_app(UserPermissions()))
+    bad = client.post("/ai/chat", content=b"{nope", headers=GOOD)
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_request"
+    big = client.post("/ai/chat", content=b"x" * 5000, headers=GOOD)
+    assert big.status_code == 413 and big.json()["error"]["code"] == "payload_too_large"
+    # Not a chat path: no body parsing at all.
+    assert client.get("/whoami", headers=GOOD).status_code == 200
+
+
+def test_failed_authentications_are_limited_per_address() -> None:
+    limiter = AuthFailureLimiter(MemoryStorage(), per_minute=3)
+    client = TestClient(chat_app(UserPermissions(), failure_limiter=limiter))
+    for _ in range(3):
+        assert client.get("/whoami", headers={"Authorization": "Bearer bad"}).status_code == 401
+    blocked = client.get("/whoami", headers=GOOD)  # even the right key: checked before
+    assert blocked.status_code == 429
+    assert blocked.json()["error"]["code"] == "rate_limited"
+    assert int(blocked.headers["Retry-After"]) >= 1
+    # Another address is not affected.
+    other = TestClient(
+        chat_app(UserPermissions(), failure_limiter=limiter), client=("10.0.0.9", 1234)
+    )
+    assert other.get("/whoami", headers=GOOD).status_code == 200
+
+
+def test_successes_do_not_count() -> None:
+    limiter = AuthFailureLimiter(MemoryStorage(), per_minute=2)
+    client = TestClient(chat_app(UserPermissions(), failure_limiter=limiter))
+    for _ in range(10):
+        assert client.get("/whoami", headers=GOOD).status_code == 200
+
+
+def test_websocket_scopes_pass_through_with_a_principal() -> None:
+    async def ws(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.send_text(websocket.scope[PRINCIPAL].user)
+        await websocket.close()
+
+    app = Starlette(
+        routes=[WebSocketRoute("/ai/ws", ws)],
+        middleware=[Middleware(AuthMiddleware, authenticator=OneUser("good", UserPermissions()))],
+    )
+    with TestClient(app).websocket_connect("/ai/ws", headers=GOOD) as session:
+        assert session.receive_text() == "alice"

@@ -1,0 +1,176 @@
+"""JWT verification: what is accepted, and every way a token is refused."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from robota_proxy.policy.jwt import JwtAuthenticator, JwtConfigError, verification_key
+from robota_proxy.policy.principals import UserPermissions
+
+pytestmark = pytest.mark.anyio
+
+SECRET = "jwt-test-secret-" + "0123456789abcdef" * 4
+NS = "https://robota.dev/permissions"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def claims(**extra: Any) -> dict[str, Any]:
+    now = int(time.time())
+    return {"sub": "alice", "exp": now + 300, "iat": now, **extra}
+
+
+class Users:
+    def __init__(self, table: dict[str, UserPermissions]) -> None:
+        self.table = table
+
+    async def permissions(self, user: str) -> UserPermissions:
+        return self.table.get(user, UserPermissions())
+
+
+def hs(**options: Any) -> JwtAuthenticator:
+    key, algorithms = verification_key(SECRET, None, None)
+    return JwtAuthenticator(key, algorithms, **options)
+
+
+def pem_file(tmp_path: Path, private: Any) -> Path:
+    path = tmp_path / "public.pem"
+    path.write_bytes(
+        private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    return path
+
+
+async def test_valid_hs256_token() -> None:
+    users = Users({"alice": UserPermissions(rpm=7)})
+    principal = await hs(permissions=users).authenticate(
+        jwt.encode(claims(jti="t-1"), SECRET, algorithm="HS256")
+    )
+    assert principal is not None
+    assert (principal.user, principal.key_id) == ("alice", "jwt:t-1")
+    assert principal.permissions == UserPermissions(rpm=7)
+
+
+async def test_valid_rs256_and_es256_tokens(tmp_path: Path) -> None:
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    key, algorithms = verification_key(None, pem_file(tmp_path, rsa_key), None)
+    assert algorithms == ["RS256"]
+    principal = await JwtAuthenticator(key, algorithms).authenticate(
+        jwt.encode(claims(), rsa_key, algorithm="RS256")
+    )
+    assert principal is not None and principal.key_id == "jwt:alice"
+
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    key, algorithms = verification_key(None, pem_file(tmp_path, ec_key), None)
+    assert algorithms == ["ES256"]
+    token = jwt.encode(claims(), ec_key, algorithm="ES256")
+    assert await JwtAuthenticator(key, algorithms).authenticate(token) is not None
+
+
+def unsigned(payload: dict[str, Any]) -> str:
+    def part(data: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+    return f"{part({'alg': 'none', 'typ': 'JWT'})}.{part(payload)}."
+
+
+async def test_refused_tokens() -> None:
+    auth = hs(issuer="https://idp.example", audience="robota")
+    good = {"iss": "https://idp.example", "aud": "robota"}
+    now = int(time.time())
+    assert await auth.authenticate(jwt.encode(claims(**good), SECRET, "HS256")) is not None
+    refused = {
+        "expired": jwt.encode(claims(**good, exp=now - 3600), SECRET, "HS256"),
+        "not yet valid": jwt.encode(claims(**good, nbf=now + 3600), SECRET, "HS256"),
+        "wrong audience": jwt.encode(claims(iss=good["iss"], aud="other"), SECRET, "HS256"),
+        "wrong issuer": jwt.encode(claims(iss="https://evil", aud="robota"), SECRET, "HS256"),
+        "no audience": jwt.encode(claims(iss=good["iss"]), SECRET, "HS256"),
+        "wrong signature": jwt.encode(claims(**good), SECRET + "x", "HS256"),
+        "alg none": unsigned(claims(**good)),
+        "no exp": jwt.encode({"sub": "alice", **good}, SECRET, "HS256"),
+        "no sub": jwt.encode({"exp": now + 60, **good}, SECRET, "HS256"),
+        "empty sub": jwt.encode(claims(**good, sub=" "), SECRET, "HS256"),
+        "other hmac algorithm": jwt.encode(claims(**good), SECRET, "HS512"),
+        "garbage": "a.b.c",
+    }
+    for reason, token in refused.items():
+        assert await auth.authenticate(token) is None, reason
+
+
+async def test_leeway_accepts_slightly_expired() -> None:
+    token = jwt.encode(claims(exp=int(time.time()) - 5), SECRET, "HS256")
+    assert await hs(leeway_seconds=60).authenticate(token) is not None
+    assert await hs(leeway_seconds=0).authenticate(token) is None
+
+
+async def test_rsa_deployment_refuses_hmac_signed_with_the_public_key(tmp_path: Path) -> None:
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    path = pem_file(tmp_path, rsa_key)
+    key, algorithms = verification_key(None, path, None)
+    auth = JwtAuthenticator(key, algorithms)
+    header = base64.urlsafe_b64encode(b'{"alg":"HS256","typ":"JWT"}').rstrip(b"=")
+    payload = base64.urlsafe_b64encode(json.dumps(claims()).encode()).rstrip(b"=")
+    signing_input = header + b"." + payload
+    signature = hmac.new(path.read_bytes(), signing_input, hashlib.sha256).digest()
+    forged = (signing_input + b"." + base64.urlsafe_b64encode(signature).rstrip(b"=")).decode()
+    assert await auth.authenticate(forged) is None
+    assert await auth.authenticate(unsigned(claims())) is None
+
+
+async def test_trusted_claims() -> None:
+    users = Users({"alice": UserPermissions(rpm=1)})
+    auth = hs(permissions=users, trust_claims=True, claims_namespace=NS)
+    wire = {"allowedProviders": ["mock"], "allowedFeatures": ["chat"], "rpm": 50}
+    principal = await auth.authenticate(jwt.encode(claims(**{NS: wire}), SECRET, "HS256"))
+    assert principal is not None
+    assert principal.permissions == UserPermissions(
+        allowed_providers=("mock",), allowed_features=("chat",), rpm=50
+    )
+    # Without the claim: the user record.
+    plain = await auth.authenticate(jwt.encode(claims(), SECRET, "HS256"))
+    assert plain is not None and plain.permissions == UserPermissions(rpm=1)
+    for bad in ({"allowedFeatures": ["video"]}, {"nope": 1}, ["chat"], "chat"):
+        token = jwt.encode(claims(**{NS: bad}), SECRET, "HS256")
+        assert await auth.authenticate(token) is None, bad
+
+
+async def test_claims_ignored_when_not_trusted() -> None:
+    users = Users({"alice": UserPermissions(rpm=1)})
+    auth = hs(permissions=users, trust_claims=False, claims_namespace=NS)
+    token = jwt.encode(claims(**{NS: {"rpm": 1000}}), SECRET, "HS256")
+    principal = await auth.authenticate(token)
+    assert principal is not None and principal.permissions == UserPermissions(rpm=1)
+
+
+def test_configuration_errors(tmp_path: Path) -> None:
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    path = pem_file(tmp_path, rsa_key)
+    with pytest.raises(JwtConfigError, match="not both"):
+        verification_key(SECRET, path, None)
+    with pytest.raises(JwtConfigError, match="cannot be used"):
+        verification_key(SECRET, None, ["RS256"])
+    with pytest.raises(JwtConfigError, match="cannot be used"):
+        verification_key(None, path, ["HS256"])
+    with pytest.raises(JwtConfigError, match="cannot be used"):
+        verification_key(SECRET, None, ["none"])
+    with pytest.raises(JwtConfigError, match="PEM"):
+        verification_key(None, tmp_path / "missing.pem", None)
+    with pytest.raises(JwtConfigError, match="none"):
+        JwtAuthenticator(SECRET, ["HS256", "none"])
+    assert verification_key(SECRET, None, ["HS384"])[1] == ["HS384"]
