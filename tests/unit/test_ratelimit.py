@@ -41,8 +41,11 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[Clock]:
     yield fake
 
 
-def user(**limits: int) -> Principal:
-    return Principal(f"user-{uuid.uuid4().hex[:8]}", permissions=UserPermissions(**limits))
+def user(
+    *, rpm: int | None = None, daily_requests: int | None = None, tpm: int | None = None
+) -> Principal:
+    permissions = UserPermissions(rpm=rpm, daily_requests=daily_requests, tpm=tpm)
+    return Principal(f"user-{uuid.uuid4().hex[:8]}", permissions=permissions)
 
 
 @pytest.mark.anyio
