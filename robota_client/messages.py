@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from datetime import date
+from decimal import Decimal
 from typing import Annotated, Any, Literal, TypeAlias
 
 from pydantic import (
@@ -342,3 +344,95 @@ class ErrorBody(WireModel):
     """``{"error": {"code", "message", "requestId", "retryAfter"?}}``"""
 
     error: ErrorDetail
+
+
+# --- account: usage and limits (GET /ai/usage, GET /ai/me, GET /admin/usage) -----------------
+# Money is ``Decimal`` USD, a decimal string on the wire ("0.000435"): exact, never a float.
+
+
+class UsageTotals(WireModel):
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    #: Of the prompt tokens, served from the vendor's prompt cache (billed cheaper).
+    cached_prompt_tokens: int = 0
+    #: Of the completion tokens, hidden reasoning (billed as output).
+    reasoning_tokens: int = 0
+    total_tokens: int = 0
+    cost_usd: Decimal = Decimal(0)
+
+
+class DayUsage(UsageTotals):
+    #: The UTC calendar day.
+    day: date
+
+
+class ModelUsage(UsageTotals):
+    provider: str
+    model: str
+
+
+class UserUsage(UsageTotals):
+    user: str
+
+
+class UsageReport(WireModel):
+    """Usage between two UTC dates, both included: totals, per day and per model (and, in
+    the admin report, per user)."""
+
+    #: The caller; ``None`` in an admin report over every user.
+    user: str | None = None
+    from_date: date = Field(alias="from")
+    to_date: date = Field(alias="to")
+    totals: UsageTotals = Field(default_factory=UsageTotals)
+    days: list[DayUsage] = Field(default_factory=list)
+    models: list[ModelUsage] = Field(default_factory=list)
+    users: list[UserUsage] | None = None
+
+
+class TokenAllowance(WireModel):
+    """A monthly token quota as it stands: ``reserved`` is held by calls in flight, and
+    ``remaining`` is what a new request can still reserve."""
+
+    limit: int
+    used: int
+    reserved: int
+    remaining: int
+
+
+class BudgetAllowance(WireModel):
+    limit_usd: Decimal
+    used_usd: Decimal
+    reserved_usd: Decimal
+    remaining_usd: Decimal
+
+
+class RateAllowance(WireModel):
+    """A rate limit (rpm, per day, tpm); ``remaining`` is ``None`` when the proxy runs no
+    rate limiter to ask."""
+
+    limit: int
+    remaining: int | None = None
+    reset_seconds: int | None = None
+
+
+class Limits(WireModel):
+    #: ``YYYY-MM`` (UTC), the month the monthly limits count.
+    period: str
+    monthly_tokens: TokenAllowance | None = None
+    monthly_budget: BudgetAllowance | None = None
+    rpm: RateAllowance | None = None
+    daily_requests: RateAllowance | None = None
+    tpm: RateAllowance | None = None
+
+
+class Me(WireModel):
+    """Who the proxy thinks the caller is, what they may do, and what is left."""
+
+    user: str
+    key_id: str | None = None
+    #: ``UserPermissions`` in wire form (``allowedModels``, ``monthlyBudgetUsd``...).
+    permissions: dict[str, Any] = Field(default_factory=dict)
+    limits: Limits
+    #: This month's usage so far (settled calls).
+    month: UsageTotals = Field(default_factory=UsageTotals)

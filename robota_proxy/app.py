@@ -29,19 +29,23 @@ from starlette.types import Receive, Scope, Send
 from robota_proxy import scope as keys
 from robota_proxy.errors import InternalError, InvalidRequest, NotFound, ProxyError
 from robota_proxy.middleware.auth import AuthMiddleware
+from robota_proxy.middleware.metering import MeteringMiddleware
 from robota_proxy.middleware.request_context import RequestContextMiddleware
 from robota_proxy.policy.authenticators import AuthFailureLimiter, build_authenticator
+from robota_proxy.policy.pricing import PriceBook
 from robota_proxy.policy.principals import Principal
 from robota_proxy.policy.static_keys import StaticKeyAuthenticator
 from robota_proxy.responses import error_response
 from robota_proxy.routes import health
 from robota_proxy.routes.account import AccountRoutes
 from robota_proxy.routes.admin import AdminGuard, AdminRoutes
+from robota_proxy.routes.admin_usage import AdminUsageRoutes
 from robota_proxy.routes.chat import ChatRoutes
 from robota_proxy.settings import Settings
 from robota_proxy.storage.database import Database
 from robota_proxy.storage.key_store import KeyStore
 from robota_proxy.storage.limits_storage import limits_storage
+from robota_proxy.storage.usage_store import UsageStore
 from robota_proxy.upstreams.registry import UpstreamRegistry, build_upstreams
 
 log = logging.getLogger("robota_proxy")
@@ -103,16 +107,33 @@ class ProxyApp(Starlette):
         self.resources = Resources(registry, database)
         self._warned_lazy = False
         chat = ChatRoutes(registry, max_body_bytes=settings.max_body_bytes)
-        account = AccountRoutes(registry)
+        self.usage_store = UsageStore(database)
+        self.prices = PriceBook.from_file(settings.prices_file)
+        account = AccountRoutes(registry, self.usage_store)
         self.limits = limits_storage(settings.redis_url)
         self.key_store = KeyStore(database)
         failures = AuthFailureLimiter(self.limits, settings.auth_failures_per_minute)
-        admin = AdminRoutes(self.key_store, AdminGuard(settings.admin_key, failures))
+        admin_guard = AdminGuard(settings.admin_key, failures)
+        admin = AdminRoutes(self.key_store, admin_guard)
+        admin_usage = AdminUsageRoutes(self.usage_store, admin_guard)
         super().__init__(
-            routes=[*health.ROUTES, *chat.routes(), *account.routes(), *admin.routes()],
+            routes=[
+                *health.ROUTES,
+                *chat.routes(),
+                *account.routes(),
+                *admin.routes(),
+                *admin_usage.routes(),
+            ],
             middleware=[
                 Middleware(RequestContextMiddleware),
                 Middleware(AuthMiddleware, **_auth_options(settings, self.key_store, failures)),
+                Middleware(
+                    MeteringMiddleware,
+                    store=self.usage_store,
+                    prices=self.prices,
+                    reserve_max_tokens=settings.reserve_max_tokens,
+                    max_body_bytes=settings.max_body_bytes,
+                ),
             ],
             exception_handlers={
                 ProxyError: _proxy_error,

@@ -1,0 +1,77 @@
+"""Usage reports in wire form, shared by ``/ai/usage``, ``/admin/usage`` and the CLI.
+
+Dates are UTC calendar days, ``YYYY-MM-DD``, both ends included; the default is the current
+month so far, the period the monthly limits count.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, date, datetime
+
+from robota_client.messages import DayUsage, ModelUsage, UsageReport, UsageTotals, UserUsage
+from robota_proxy.errors import InvalidRequest
+from robota_proxy.policy.pricing import usd_text
+from robota_proxy.storage.usage_store import UsageRow, UsageStore
+
+_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+def parse_day(name: str, text: str) -> date:
+    """A strict ``YYYY-MM-DD``; anything else is a 400 that shows the expected form."""
+    if _DATE.match(text):
+        try:
+            return date.fromisoformat(text)
+        except ValueError:
+            pass
+    raise InvalidRequest(f"{name!r} must be a date as YYYY-MM-DD (for example 2025-01-31)")
+
+
+def date_range(
+    first: str | None, last: str | None, *, today: date | None = None
+) -> tuple[date, date]:
+    """``from`` and ``to`` query values (either may be missing) as an inclusive range."""
+    today = today or datetime.now(UTC).date()
+    start = parse_day("from", first) if first is not None else today.replace(day=1)
+    end = parse_day("to", last) if last is not None else max(today, start)
+    if start > end:
+        raise InvalidRequest(f"'from' ({start}) is after 'to' ({end})")
+    return start, end
+
+
+def totals_of(row: UsageRow) -> dict[str, object]:
+    return {
+        "requests": row.requests,
+        "prompt_tokens": row.prompt_tokens,
+        "completion_tokens": row.completion_tokens,
+        "cached_prompt_tokens": row.cached_prompt_tokens,
+        "reasoning_tokens": row.reasoning_tokens,
+        "total_tokens": row.prompt_tokens + row.completion_tokens,
+        "cost_usd": usd_text(row.cost_pico),
+    }
+
+
+async def usage_report(
+    store: UsageStore, first: date, last: date, *, user: str | None, per_user: bool = False
+) -> UsageReport:
+    report = await store.report(first, last, user=user)
+    return UsageReport(
+        user=user,
+        from_date=first,
+        to_date=last,
+        totals=UsageTotals.model_validate(totals_of(report.total)),
+        days=[
+            DayUsage.model_validate({"day": row.key[0], **totals_of(row)}) for row in report.days
+        ],
+        models=[
+            ModelUsage.model_validate(
+                {"provider": row.key[0], "model": row.key[1], **totals_of(row)}
+            )
+            for row in report.models
+        ],
+        users=[
+            UserUsage.model_validate({"user": row.key[0], **totals_of(row)}) for row in report.users
+        ]
+        if per_user
+        else None,
+    )
