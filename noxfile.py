@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import nox
 
 nox.options.sessions = ["tests", "lint", "types"]
@@ -27,3 +29,46 @@ def lint(session: nox.Session) -> None:
 def types(session: nox.Session) -> None:
     session.install("-e", ".[dev]")
     session.run("mypy", *PACKAGES)
+
+
+# --- benchmarks (issue 5) --------------------------------------------------------------------
+
+#: LiteLLM's proxy, the peer we compare with, first choice first: it gets a virtualenv of its own
+#: so that its many pinned dependencies never touch ours. 1.110.x needs ``litellm-proxy`` and
+#: ``litellm-proxy-extras`` releases that a package mirror may not carry yet; then the newest
+#: release that resolves is used (the results record which one ran).
+LITELLM_SPECS = ("litellm[proxy]==1.110.*", "litellm[proxy]==1.106.*")
+
+
+def _bench_install(session: nox.Session) -> None:
+    session.install("-e", ".[bench,redis,postgres]")
+
+
+@nox.session(python="3.11")
+def bench(session: nox.Session) -> None:
+    """Our proxy against the fake upstream directly. ``nox -s bench -- --quick`` for a smoke run."""
+    _bench_install(session)
+    session.run("python", "-m", "benchmarks.harness", *session.posargs)
+
+
+@nox.session(python="3.11")
+def bench_peers(session: nox.Session) -> None:
+    """``bench`` plus LiteLLM's proxy (``litellm[proxy]`` from PyPI, in its own virtualenv)."""
+    _bench_install(session)
+    venv = os.path.join(os.path.dirname(session.virtualenv.location), "litellm-peer")
+    litellm = os.path.join(venv, "bin", "litellm")
+    marker = os.path.join(venv, ".robota-bench-installed")
+    if not os.path.exists(marker):
+        session.run("python", "-m", "venv", "--clear", venv)
+        pip = os.path.join(venv, "bin", "pip")
+        session.run(pip, "install", "-q", "--upgrade", "pip", external=True)
+        for spec in LITELLM_SPECS:
+            session.run(pip, "install", "-q", spec, external=True, success_codes=[0, 1])
+            if os.path.exists(litellm):
+                break
+            session.warn(f"{spec} did not install; trying the next release line")
+        else:
+            session.error(f"none of {LITELLM_SPECS} installed")
+        with open(marker, "w", encoding="utf-8") as done:
+            done.write(spec + "\n")
+    session.run("python", "-m", "benchmarks.harness", "--litellm", litellm, *session.posargs)
