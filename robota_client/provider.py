@@ -10,9 +10,12 @@ request over its limits), so the two causes stay distinguishable.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from datetime import date
+from typing import Any, Protocol, TypeVar, runtime_checkable
+from urllib.parse import urlencode
 
 import httpx
+from pydantic import ValidationError
 
 from robota_client.closing import AsyncClosing
 from robota_client.errors import ProtocolError
@@ -22,10 +25,13 @@ from robota_client.messages import (
     ChatRequest,
     DeltaEvent,
     DoneEvent,
+    Me,
     MessageLike,
     StreamAssembler,
     ToolSchema,
     Usage,
+    UsageReport,
+    WireModel,
     to_universal_list,
 )
 from robota_client.transport import ChatEvent, EventStream, HTTPTransport, Sleep
@@ -33,6 +39,7 @@ from robota_client.transport import ChatEvent, EventStream, HTTPTransport, Sleep
 __all__ = ["AIProvider", "ChatStream", "RemoteAIProvider", "TextStream"]
 
 Options = ChatOptions | Mapping[str, Any] | None
+_Model = TypeVar("_Model", bound=WireModel)
 Tools = Sequence[ToolSchema | Mapping[str, Any]] | None
 
 
@@ -173,6 +180,33 @@ class RemoteAIProvider(AsyncClosing):
                 request_id=headers.get("x-request-id"),
             )
         return catalogue
+
+    async def usage(self, since: date | None = None, until: date | None = None) -> UsageReport:
+        """The caller's own usage between two UTC days, both included (default: this month
+        so far): totals, per day and per model, money as exact ``Decimal`` USD."""
+        query = {
+            name: value.isoformat()
+            for name, value in (("from", since), ("to", until))
+            if value is not None
+        }
+        path = "/ai/usage" + (f"?{urlencode(query)}" if query else "")
+        return await self._get_model(path, UsageReport)
+
+    async def me(self) -> Me:
+        """Who the proxy takes this key for, its permissions, and what is left of each
+        limit (monthly tokens and budget, and the rate limits)."""
+        return await self._get_model("/ai/me", Me)
+
+    async def _get_model(self, path: str, model: type[_Model]) -> _Model:
+        data, headers = await self._transport.get_json(path)
+        try:
+            return model.model_validate(data)
+        except ValidationError as exc:
+            raise ProtocolError(
+                f"GET {path.partition('?')[0]} answered JSON that is not a {model.__name__}: "
+                f"{exc.error_count()} problem(s), first: {exc.errors()[0]['msg']}",
+                request_id=headers.get("x-request-id"),
+            ) from exc
 
     async def health(self) -> bool:
         """Whether the proxy answers its health check; never raises for "down"."""

@@ -11,13 +11,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Awaitable, Mapping, Sequence
 from contextlib import AbstractContextManager
+from datetime import date
 from types import TracebackType
 from typing import Generic, Protocol, TypeVar
 
 import httpx
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from robota_client.messages import AssistantMessage, MessageLike, Usage
+from robota_client.messages import AssistantMessage, Me, MessageLike, Usage, UsageReport
 from robota_client.provider import ChatStream, Options, RemoteAIProvider, Tools
 from robota_client.transport import ChatEvent
 
@@ -220,6 +221,12 @@ class SyncRemoteAIProvider:
 
     def health(self) -> bool:
         return self._live_portal().call(self._provider.health)
+
+    def usage(self, since: date | None = None, until: date | None = None) -> UsageReport:
+        return self._live_portal().call(self._provider.usage, since, until)
+
+    def me(self) -> Me:
+        return self._live_portal().call(self._provider.me)
 
     def close(self) -> None:
         """Close the connection pool and stop the portal thread; idempotent."""
