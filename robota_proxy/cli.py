@@ -11,7 +11,7 @@ from typing import Any
 
 import uvicorn
 
-from robota_proxy import cli_keys
+from robota_proxy import cli_keys, cli_usage
 from robota_proxy.settings import Settings
 
 
@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--reload", action="store_true", help="restart on code changes (dev)")
     serve.set_defaults(handler=_serve)
     cli_keys.add_commands(commands)
+    cli_usage.add_commands(commands)
     return parser
 
 

@@ -28,14 +28,18 @@ def parse_day(name: str, text: str) -> date:
 
 
 def date_range(
-    first: str | None, last: str | None, *, today: date | None = None
+    first: str | None,
+    last: str | None,
+    *,
+    today: date | None = None,
+    names: tuple[str, str] = ("from", "to"),
 ) -> tuple[date, date]:
     """``from`` and ``to`` query values (either may be missing) as an inclusive range."""
     today = today or datetime.now(UTC).date()
-    start = parse_day("from", first) if first is not None else today.replace(day=1)
-    end = parse_day("to", last) if last is not None else max(today, start)
+    start = parse_day(names[0], first) if first is not None else today.replace(day=1)
+    end = parse_day(names[1], last) if last is not None else max(today, start)
     if start > end:
-        raise InvalidRequest(f"'from' ({start}) is after 'to' ({end})")
+        raise InvalidRequest(f"{names[0]!r} ({start}) is after {names[1]!r} ({end})")
     return start, end
 
 
