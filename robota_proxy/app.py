@@ -30,10 +30,12 @@ from robota_proxy import scope as keys
 from robota_proxy.errors import InternalError, InvalidRequest, NotFound, ProxyError
 from robota_proxy.middleware.auth import AuthMiddleware
 from robota_proxy.middleware.metering import MeteringMiddleware
+from robota_proxy.middleware.ratelimit import RateLimitMiddleware
 from robota_proxy.middleware.request_context import RequestContextMiddleware
 from robota_proxy.policy.authenticators import AuthFailureLimiter, build_authenticator
 from robota_proxy.policy.pricing import PriceBook
 from robota_proxy.policy.principals import Principal
+from robota_proxy.policy.ratelimits import RateLimiter
 from robota_proxy.policy.static_keys import StaticKeyAuthenticator
 from robota_proxy.responses import error_response
 from robota_proxy.routes import health
@@ -49,6 +51,9 @@ from robota_proxy.storage.usage_store import UsageStore
 from robota_proxy.upstreams.registry import UpstreamRegistry, build_upstreams
 
 log = logging.getLogger("robota_proxy")
+
+#: Reads about the caller's own account: never counted against their request rate limits.
+UNCOUNTED_PATHS = ("/health", "/ai/me", "/ai/usage", "/ai/models")
 
 
 class Resources:
@@ -111,6 +116,8 @@ class ProxyApp(Starlette):
         self.prices = PriceBook.from_file(settings.prices_file)
         account = AccountRoutes(registry, self.usage_store)
         self.limits = limits_storage(settings.redis_url)
+        #: Per-user rpm / per-day / tpm; ``await proxy.limiter.remaining(principal)`` reads them.
+        self.limiter = RateLimiter(self.limits)
         self.key_store = KeyStore(database)
         failures = AuthFailureLimiter(self.limits, settings.auth_failures_per_minute)
         admin_guard = AdminGuard(settings.admin_key, failures)
@@ -127,6 +134,7 @@ class ProxyApp(Starlette):
             middleware=[
                 Middleware(RequestContextMiddleware),
                 Middleware(AuthMiddleware, **_auth_options(settings, self.key_store, failures)),
+                Middleware(RateLimitMiddleware, limiter=self.limiter, exempt_paths=UNCOUNTED_PATHS),
                 Middleware(
                     MeteringMiddleware,
                     store=self.usage_store,
