@@ -15,10 +15,16 @@ Refusals are the contract's 429 ``rate_limited`` with ``Retry-After`` and ``X-Ra
 ``X-RateLimit-Remaining``, ``X-RateLimit-Reset`` (seconds) of the limit that refused. Answers
 that pass carry the ``X-RateLimit-*`` headers of the tightest request limit, and
 ``X-RateLimit-*-Tokens`` when a ``tpm`` is set.
+
+The tokens are charged just before the answer's last body message is sent (or when the call
+ends without one: an error, a client that went away), so the next request already sees them.
+If the limits storage fails (Redis down) requests pass unlimited and the failure is logged:
+rate limits smooth traffic, while the money limits are enforced in SQL by the metering.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Collection
 
@@ -40,6 +46,8 @@ from robota_proxy.policy.ratelimits import (
     has_rate_limits,
 )
 from robota_proxy.responses import error_response
+
+log = logging.getLogger("robota_proxy.ratelimit")
 
 
 class RateLimitMiddleware:
@@ -67,24 +75,51 @@ class RateLimitMiddleware:
             return
         chat = scope.get(keys.CHAT_REQUEST)
         prompt_tokens = estimate_prompt_tokens(chat) if isinstance(chat, ChatRequest) else 0
-        admission = await self.limiter.admit(principal, prompt_tokens)
+        try:
+            admission = await self.limiter.admit(principal, prompt_tokens)
+        except Exception:
+            # Fail open: rate limits smooth traffic, the money limits live in SQL (metering).
+            log.exception(
+                "rate limit storage failed; request %s not limited", keys.request_id(scope)
+            )
+            await self.app(scope, receive, send)
+            return
         if not admission.allowed:
             await self._refuse(scope, receive, send, admission)
             return
         headers = _headers(admission)
+        charges_tokens = principal.permissions.tpm is not None
+        charged = False
 
-        async def send_with_headers(message: Message) -> None:
+        async def charge() -> None:
+            nonlocal charged
+            if not charged:
+                charged = True
+                try:
+                    await self.limiter.charge_tokens(principal, _used_tokens(scope, prompt_tokens))
+                except Exception:
+                    log.exception("rate limit storage failed charging %s", keys.request_id(scope))
+
+        async def send_with_limits(message: Message) -> None:
             if message["type"] == "http.response.start":
                 MutableHeaders(scope=message).update(headers)
+            elif (
+                charges_tokens
+                and message["type"] == "http.response.body"
+                and not message.get("more_body", False)
+            ):
+                # Charged before the last byte leaves, so a caller that sends its next request
+                # the moment this answer is complete already finds the tokens counted.
+                await charge()
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_headers if headers else send)
+            await self.app(scope, receive, send_with_limits)
         finally:
-            if principal.permissions.tpm is not None:
+            if charges_tokens and not charged:
                 # Shielded: a client that went away cancels the request, not the charge.
                 with anyio.CancelScope(shield=True):
-                    await self.limiter.charge_tokens(principal, _used_tokens(scope, prompt_tokens))
+                    await charge()
 
     async def _refuse(
         self, scope: Scope, receive: Receive, send: Send, admission: Admission
