@@ -1,0 +1,167 @@
+"""rk_ keys end to end: issued by the CLI against the proxy's SQLite file, used through a real
+proxy process, revoked, expired, refused; permissions enforced before any vendor is called;
+failed authentications limited per address; no key in the proxy's log."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from robota_proxy.testing import FakeVendors
+from tests.e2e.auth_support import (
+    ADMIN_KEY,
+    admin,
+    chat,
+    chat_body,
+    cli,
+    create_key,
+    seconds_until_refused,
+)
+from tests.e2e.conftest import USER_KEY, ProxyProcess, start_proxy, stop_proxy, vendor_env
+
+pytestmark = pytest.mark.e2e
+
+#: The documented bound on how long a revoked key keeps working (ROBOTA_KEY_CACHE_SECONDS=1)
+#: plus room for one request round trip on a loaded CI machine.
+REVOKE_BOUND = 1.5
+
+
+@pytest.fixture(scope="module")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('keys') / 'robota.db'}"
+
+
+@pytest.fixture(scope="module")
+def keyed_proxy(
+    fake_server: FakeVendors, database_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ProxyProcess]:
+    env = {
+        **vendor_env(fake_server),
+        "ROBOTA_DATABASE_URL": database_url,
+        "ROBOTA_API_KEYS": USER_KEY,
+        "ROBOTA_ADMIN_KEY": ADMIN_KEY,
+        "ROBOTA_AUTH_FAILURES_PER_MINUTE": "1000",
+    }
+    running = start_proxy(env, tmp_path_factory.mktemp("keyed") / "proxy.log")
+    yield running
+    stop_proxy(running)
+
+
+def test_cli_key_works_and_wrong_keys_do_not(keyed_proxy: ProxyProcess, database_url: str) -> None:
+    created = create_key(database_url, "alice", "--name", "e2e")
+    key = created["key"]
+    assert key.startswith(f"rk_{created['id']}_") and created["user"] == "alice"
+    answer = chat(keyed_proxy.url, key)
+    assert answer.status_code == 200, answer.text
+    assert key not in answer.text
+
+    tampered = key[:-3] + ("aaa" if not key.endswith("aaa") else "bbb")
+    for wrong in (tampered, "rk_zzzzzzzz_" + "x" * 43, "rk_short", "nope"):
+        refused = chat(keyed_proxy.url, wrong)
+        assert refused.status_code == 401
+        assert refused.json()["error"]["code"] == "unauthenticated"
+        assert wrong not in refused.text
+    # The static ROBOTA_API_KEYS list keeps working beside the key store.
+    assert chat(keyed_proxy.url, USER_KEY).status_code == 200
+
+
+def test_revoked_key_is_refused_within_a_second(
+    keyed_proxy: ProxyProcess, database_url: str
+) -> None:
+    created = create_key(database_url, "bob")
+    assert chat(keyed_proxy.url, created["key"]).status_code == 200  # now cached
+    done = cli(database_url, "keys", "revoke", created["id"])
+    assert done.returncode == 0, done.stderr
+    assert seconds_until_refused([keyed_proxy.url], created["key"]) < REVOKE_BOUND
+    shown = admin("GET", keyed_proxy.url, f"/admin/keys/{created['id']}").json()
+    assert shown["status"] == "revoked" and shown["lastUsedAt"] is not None
+
+
+def test_expired_key_is_refused(keyed_proxy: ProxyProcess) -> None:
+    created = admin(
+        "POST", keyed_proxy.url, "/admin/keys", json={"user": "carol", "expiresIn": 1}
+    ).json()
+    key = created["key"]
+    assert chat(keyed_proxy.url, key).status_code == 200
+    time.sleep(1.1)
+    refused = chat(keyed_proxy.url, key)
+    assert refused.status_code == 401
+    assert admin("GET", keyed_proxy.url, f"/admin/keys/{created['id']}").json()["status"] == (
+        "expired"
+    )
+
+
+def test_forbidden_calls_never_reach_the_vendor(
+    keyed_proxy: ProxyProcess, database_url: str, fake: FakeVendors
+) -> None:
+    done = cli(database_url, "users", "set", "dave", "--providers", "openai,mock")
+    assert done.returncode == 0, done.stderr
+    key = create_key(database_url, "dave", "--models", "gpt-4o*,mock-*", "--features", "chat")[
+        "key"
+    ]
+    tools = [{"name": "lookup", "description": "d", "parameters": {"type": "object"}}]
+    cases = [
+        ("/ai/chat", chat_body("anthropic", "claude-3-5-haiku-latest"), "provider 'anthropic'"),
+        ("/ai/chat", chat_body("openai", "gpt-3.5-turbo"), "model 'gpt-3.5-turbo'"),
+        ("/ai/chat/stream", chat_body("openai", "gpt-4o-mini"), "feature 'stream'"),
+        ("/ai/chat", chat_body("openai", "gpt-4o-mini", tools=tools), "feature 'tools'"),
+    ]
+    for path, body, words in cases:
+        response = httpx.post(
+            f"{keyed_proxy.url}{path}",
+            json=body,
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=10,
+        )
+        assert response.status_code == 403, response.text
+        assert response.json()["error"]["code"] == "forbidden"
+        assert words in response.json()["error"]["message"]
+    assert fake.requests == []
+    # The allowed call does reach it: the refusals above were the permissions, not a fault.
+    allowed = chat(keyed_proxy.url, key, chat_body("openai", "gpt-4o-mini"))
+    assert allowed.status_code == 200, allowed.text
+    assert [request.model for request in fake.requests] == ["gpt-4o-mini"]
+
+
+def test_no_key_in_the_proxy_log(keyed_proxy: ProxyProcess, database_url: str) -> None:
+    created = create_key(database_url, "erin")
+    assert chat(keyed_proxy.url, created["key"]).status_code == 200
+    assert chat(keyed_proxy.url, created["key"][:-2] + "zz").status_code == 401
+    made = admin("POST", keyed_proxy.url, "/admin/keys", json={"user": "erin"})
+    assert made.status_code == 201
+    wrong_admin = httpx.get(
+        f"{keyed_proxy.url}/admin/keys", headers={"Authorization": "Bearer wrong-admin-key"}
+    )
+    assert wrong_admin.status_code == 401
+    time.sleep(0.2)  # let the access-log lines reach the file
+    log = keyed_proxy.log()
+    assert "POST /ai/chat 200" in log  # the log is being written
+    for secret in (created["key"], created["key"][:-2], made.json()["key"], ADMIN_KEY, USER_KEY):
+        assert secret not in log
+    assert "wrong-admin-key" not in log
+
+
+def test_failed_authentications_are_limited(
+    fake_server: FakeVendors, tmp_path: Path, database_url: str
+) -> None:
+    env = {
+        **vendor_env(fake_server),
+        "ROBOTA_DATABASE_URL": f"sqlite:///{tmp_path / 'limit.db'}",
+        "ROBOTA_API_KEYS": USER_KEY,
+        "ROBOTA_AUTH_FAILURES_PER_MINUTE": "5",
+    }
+    limited = start_proxy(env, tmp_path / "proxy.log")
+    try:
+        assert chat(limited.url, USER_KEY).status_code == 200  # successes do not count
+        for _ in range(5):
+            assert chat(limited.url, "rk_guessguess_" + "g" * 41).status_code == 401
+        blocked = chat(limited.url, USER_KEY)  # refused before the credential is checked
+        assert blocked.status_code == 429
+        assert blocked.json()["error"]["code"] == "rate_limited"
+        assert 1 <= int(blocked.headers["Retry-After"]) <= 60
+    finally:
+        stop_proxy(limited)
