@@ -8,7 +8,13 @@ the proxy could not be reached, a 429 with a short enough ``Retry-After``, or a 
 A 500 is never retried (the proxy failed at an unknown point, the vendor may already have
 been paid), nor is any other 4xx (sending the same request again gets the same answer). A
 stream is retried only until its first event reaches the caller; after that a resend would
-repeat text the caller already has, so failures are raised instead.
+repeat text the caller already has.
+
+A stream whose connection drops after the proxy announced it (``X-Robota-Stream-Id``) is
+*resumed* instead: ``GET <path>/<stream id>`` with ``Last-Event-ID`` re-attaches to the same
+answer (the proxy kept producing it), so the caller gets the rest exactly once, with no
+second vendor call. Resumes start at once and back off (the proxy waits only a short grace
+for an abandoned stream), and are bounded per break.
 """
 
 from __future__ import annotations
@@ -64,6 +70,8 @@ Sleep: TypeAlias = Callable[[float], Awaitable[None]]
 _T = TypeVar("_T")
 
 _EVENT_NAMES = frozenset({"delta", "tool_call", "usage", "done", "error"})
+#: The header naming a resumable stream (``robota_proxy.streams``).
+STREAM_ID_HEADER = "x-robota-stream-id"
 
 # Raised by httpx before the server could have acted on the request, or (for a stream that
 # has yielded nothing yet) before the caller saw anything: resending is safe. Timeouts while
@@ -103,6 +111,8 @@ class HTTPTransport(AsyncClosing):
         headers: Mapping[str, str] | None = None,
         http_client: httpx.AsyncClient | None = None,
         sleep: Sleep | None = None,
+        resume_attempts: int = 5,
+        resume_initial_delay: float = 0.05,
     ) -> None:
         if max_retries < 0:
             raise ValueError("max_retries must be >= 0")
@@ -127,6 +137,10 @@ class HTTPTransport(AsyncClosing):
         self._backoff = wait_exponential(
             multiplier=retry_initial_delay, max=retry_max_delay
         ) + wait_random(0, retry_initial_delay)
+        self.resume_attempts = resume_attempts
+        # The first resume goes out at once: the proxy keeps an abandoned stream's vendor
+        # call going only for a short grace (ROBOTA_RESUME_GRACE_SECONDS).
+        self._resume_backoff = wait_exponential(multiplier=resume_initial_delay, max=2.0)
 
     def __repr__(self) -> str:
         return f"HTTPTransport(server_url={self.server_url!r})"
@@ -230,17 +244,59 @@ class HTTPTransport(AsyncClosing):
     async def _open_stream(self, path: str, body: Mapping[str, Any]) -> _OpenStream:
         return await self._with_retries("POST", path, lambda: self._open_stream_once(path, body))
 
-    async def _open_stream_once(self, path: str, body: Mapping[str, Any]) -> _OpenStream:
+    async def _resume_stream(self, path: str, broken: _OpenStream) -> _OpenStream:
+        """Re-attach to ``broken``'s stream after its last delivered event."""
+        stream_id = broken.stream_id
+        assert stream_id is not None
+        resume_path = f"{path}/{stream_id}"
+        headers = {"Last-Event-ID": broken.last_event_id} if broken.last_event_id else {}
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.resume_attempts),
+            wait=self._resume_backoff,
+            retry=retry_if_exception(lambda exc: isinstance(exc, httpx.TransportError)),
+            sleep=self._sleep,
+            before_sleep=lambda state: _log_retry(state, "GET", resume_path),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    opened = await self._open_stream_once(
+                        resume_path, None, method="GET", headers=headers, read_first=False
+                    )
+                    opened.last_event_id = broken.last_event_id
+                    opened.request_id = opened.request_id or broken.request_id
+                    return opened
+        except httpx.TransportError as exc:
+            raise RemoteConnectionError(
+                f"the connection to the proxy broke mid-stream and resuming stream "
+                f"{stream_id} failed after {self.resume_attempts} attempts "
+                f"({type(exc).__name__})",
+                request_id=broken.request_id,
+            ) from exc
+        raise AssertionError("unreachable: tenacity re-raises the last failure")
+
+    async def _open_stream_once(
+        self,
+        path: str,
+        body: Mapping[str, Any] | None,
+        *,
+        method: str = "POST",
+        headers: Mapping[str, str] | None = None,
+        read_first: bool = True,
+    ) -> _OpenStream:
         stack = AsyncExitStack()
         try:
+            # A copy: aconnect_sse adds its Accept header to the mapping it is given.
+            request_headers = self._headers.copy()
+            request_headers.update(headers or {})
             source = await stack.enter_async_context(
                 aconnect_sse(
                     self._client,
-                    "POST",
+                    method,
                     self._url(path),
                     json=body,
-                    # A copy: aconnect_sse adds its Accept header to the mapping it is given.
-                    headers=self._headers.copy(),
+                    headers=request_headers,
                 )
             )
             response = source.response
@@ -252,22 +308,31 @@ class HTTPTransport(AsyncClosing):
                         response.status_code, content, response.headers, redact=self._secrets
                     )
                 raise ProtocolError(
-                    f"unexpected HTTP {response.status_code} from POST {path}",
+                    f"unexpected HTTP {response.status_code} from {method} {path}",
                     status=response.status_code,
                     request_id=request_id,
                 )
             media_type = response.headers.get("content-type", "").partition(";")[0].strip()
             if media_type != "text/event-stream":
                 raise ProtocolError(
-                    f"POST {path} answered {media_type or 'no content type'} instead of "
+                    f"{method} {path} answered {media_type or 'no content type'} instead of "
                     "text/event-stream",
                     status=response.status_code,
                     request_id=request_id,
                 )
             opened = _OpenStream(stack, source.aiter_sse(), request_id, self._stream_error)
+            opened.stream_id = response.headers.get(STREAM_ID_HEADER)
+            if not read_first:
+                return opened
             # Reading the first event is part of the retried unit: until it is handed over
-            # the caller has seen nothing, so a dropped connection can still be resent.
-            opened.first = await opened.next_event()
+            # the caller has seen nothing, so a dropped connection can still be resent...
+            try:
+                opened.first = await opened.next_event()
+            except httpx.TransportError:
+                if opened.stream_id is None:
+                    raise
+                # ...unless the proxy named the stream: then resume it, never resend.
+                opened.broken = True
             return opened
         except BaseException:
             # Shielded: on cancellation the connection must still be released.
@@ -352,12 +417,20 @@ class _OpenStream:
         self.request_id = request_id
         self.error_for = error_for
         self.first: ChatEvent | None = None
+        #: Set when the proxy announced a resumable stream.
+        self.stream_id: str | None = None
+        #: The id of the last event handed over, where a resume continues from.
+        self.last_event_id: str | None = None
+        #: The connection broke before the first event was read.
+        self.broken = False
 
     async def next_event(self) -> ChatEvent:
         """The next contract event; raises for ``error`` events and for a stream that ends
         without ``done`` or ``error``. httpx transport errors pass through untranslated so
         the caller can decide whether a resend is still allowed."""
         async for sse in self.events:
+            if sse.id:
+                self.last_event_id = sse.id
             if sse.event not in _EVENT_NAMES:
                 # Keep-alives or event types added after this client was written.
                 continue
@@ -391,6 +464,8 @@ class EventStream(AsyncClosing):
         self._open: _OpenStream | None = None
         self._finished = False
         self.request_id: str | None = None
+        #: How many times this stream was resumed after a dropped connection.
+        self.resumes = 0
 
     def __aiter__(self) -> EventStream:
         return self
@@ -413,17 +488,33 @@ class EventStream(AsyncClosing):
         if self._open is None:
             self._open = await self._transport._open_stream(self._path, self._body)
             self.request_id = self._open.request_id
-            first = self._open.first
-            assert first is not None
-            return first
-        try:
-            return await self._open.next_event()
-        except httpx.TransportError as exc:
-            raise RemoteConnectionError(
-                f"the connection to the proxy broke mid-stream ({type(exc).__name__}); "
-                "not resent because part of the answer was already delivered",
-                request_id=self.request_id,
-            ) from exc
+            if self._open.first is not None:
+                return self._open.first
+        breaks = 0
+        while True:
+            if not self._open.broken:
+                try:
+                    return await self._open.next_event()
+                except httpx.TransportError as exc:
+                    if self._open.stream_id is None:
+                        raise RemoteConnectionError(
+                            f"the connection to the proxy broke mid-stream "
+                            f"({type(exc).__name__}); not resent because part of the answer "
+                            "was already delivered",
+                            request_id=self.request_id,
+                        ) from exc
+            # Bounded: a proxy that accepts resumes but keeps breaking them is given up on.
+            breaks += 1
+            if breaks > self._transport.resume_attempts:
+                raise RemoteConnectionError(
+                    f"stream {self._open.stream_id} kept breaking; gave up after {breaks - 1} "
+                    "resumes",
+                    request_id=self.request_id,
+                )
+            broken = self._open
+            await broken.stack.aclose()
+            self._open = await self._transport._resume_stream(self._path, broken)
+            self.resumes += 1
 
     async def aclose(self) -> None:
         self._finished = True

@@ -29,6 +29,7 @@ from starlette.types import Receive, Scope, Send
 from robota_proxy import scope as keys
 from robota_proxy.errors import InternalError, InvalidRequest, NotFound, ProxyError
 from robota_proxy.middleware.auth import AuthMiddleware
+from robota_proxy.middleware.cache import CacheMiddleware
 from robota_proxy.middleware.metering import MeteringMiddleware
 from robota_proxy.middleware.ratelimit import RateLimitMiddleware
 from robota_proxy.middleware.request_context import RequestContextMiddleware
@@ -43,12 +44,17 @@ from robota_proxy.routes.account import AccountRoutes
 from robota_proxy.routes.admin import AdminGuard, AdminRoutes
 from robota_proxy.routes.admin_usage import AdminUsageRoutes
 from robota_proxy.routes.chat import ChatRoutes
+from robota_proxy.routes.ws import WebSocketRoutes
 from robota_proxy.settings import Settings
 from robota_proxy.storage.database import Database
 from robota_proxy.storage.key_store import KeyStore
 from robota_proxy.storage.limits_storage import limits_storage
+from robota_proxy.storage.response_cache import response_cache
 from robota_proxy.storage.usage_store import UsageStore
+from robota_proxy.streams.factory import stream_buffer
+from robota_proxy.streams.route import ResumeRoutes
 from robota_proxy.upstreams.registry import UpstreamRegistry, build_upstreams
+from robota_proxy.upstreams.resilience import Resilience, RetryPolicy
 
 log = logging.getLogger("robota_proxy")
 
@@ -111,7 +117,24 @@ class ProxyApp(Starlette):
         database = Database(settings.database_url)
         self.resources = Resources(registry, database)
         self._warned_lazy = False
-        chat = ChatRoutes(registry, max_body_bytes=settings.max_body_bytes)
+        self.streams = stream_buffer(settings.redis_url, settings.resume_window_seconds)
+        self.resilience = _resilience(registry, settings)
+        #: Upstream attempts by target and outcome (the attempt metrics; no endpoint yet).
+        self.upstream_attempts = self.resilience.counter
+        self.response_cache = response_cache(
+            settings.redis_url, ttl=settings.cache_ttl_seconds, max_bytes=settings.cache_max_bytes
+        )
+        chat = ChatRoutes(
+            registry,
+            max_body_bytes=settings.max_body_bytes,
+            streams=self.streams,
+            resume_grace=settings.resume_grace_seconds,
+            resilience=self.resilience,
+        )
+        resume = ResumeRoutes(self.streams)
+        websockets = WebSocketRoutes(
+            max_in_flight=settings.ws_max_in_flight, send_queue=settings.ws_send_queue
+        )
         self.usage_store = UsageStore(database)
         self.prices = PriceBook.from_file(settings.prices_file)
         account = AccountRoutes(registry, self.usage_store)
@@ -127,6 +150,8 @@ class ProxyApp(Starlette):
             routes=[
                 *health.ROUTES,
                 *chat.routes(),
+                *resume.routes(),
+                *websockets.routes(),
                 *account.routes(),
                 *admin.routes(),
                 *admin_usage.routes(),
@@ -141,6 +166,14 @@ class ProxyApp(Starlette):
                     prices=self.prices,
                     reserve_max_tokens=settings.reserve_max_tokens,
                     max_body_bytes=settings.max_body_bytes,
+                ),
+                Middleware(
+                    CacheMiddleware,
+                    cache=self.response_cache,
+                    scope=settings.cache_scope,
+                    enabled=settings.cache_enabled,
+                    max_body_bytes=settings.max_body_bytes,
+                    max_entry_bytes=min(settings.cache_max_bytes, 4 * 1024 * 1024),
                 ),
             ],
             exception_handlers={
@@ -160,6 +193,9 @@ class ProxyApp(Starlette):
             yield
         finally:
             await self.resources.close()
+            if not self.resources.is_open:
+                await self.streams.aclose()
+                await self.response_cache.aclose()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "lifespan" and not self.resources.is_open:
@@ -172,6 +208,21 @@ class ProxyApp(Starlette):
                 )
             await self.resources.ensure_open()
         await super().__call__(scope, receive, send)
+
+
+def _resilience(registry: UpstreamRegistry, settings: Settings) -> Resilience:
+    policy = RetryPolicy(
+        retries=settings.upstream_retries,
+        backoff_base=settings.retry_backoff_base,
+        backoff_max=settings.retry_backoff_max,
+        retry_after_max=settings.retry_after_max,
+    )
+    return Resilience(
+        registry,
+        policy=policy,
+        fallbacks=settings.fallbacks,
+        max_timeout=settings.max_request_timeout,
+    )
 
 
 def _auth_options(

@@ -77,6 +77,16 @@ class Settings(BaseSettings):
     #: the proxy also sends it to the vendor as the limit, so the reservation is a true bound.
     reserve_max_tokens: int = Field(default=4096, gt=0)
 
+    #: Resumable streams: how long a stream's events stay resumable after it ended (memory,
+    #: or Redis when ``redis_url`` is set), and how long an abandoned stream's vendor call
+    #: goes on waiting for its client to resume before it is cancelled.
+    resume_window_seconds: float = Field(default=60.0, gt=0, le=24 * 3600)
+    resume_grace_seconds: float = Field(default=0.5, ge=0, le=60)
+    #: ``/ai/ws``: concurrent requests per socket, and frames queued per socket for a slow
+    #: reader before the stream writers wait.
+    ws_max_in_flight: int = Field(default=16, gt=0)
+    ws_send_queue: int = Field(default=64, gt=0)
+
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     upstream_timeout: float = Field(default=60.0, gt=0)
     max_connections_per_vendor: int = Field(default=1000, gt=0)

@@ -8,7 +8,7 @@ from contextlib import aclosing
 from decimal import Decimal
 
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import Route
 
 from robota_client.messages import (
@@ -27,18 +27,35 @@ from robota_proxy import scope as keys
 from robota_proxy.call_record import CallRecord, call_record
 from robota_proxy.chat_body import chat_request
 from robota_proxy.errors import ProxyError, UpstreamError
+from robota_proxy.policy.principals import Principal
 from robota_proxy.responses import WireResponse
-from robota_proxy.routes import sse
+from robota_proxy.streams.buffer import StreamBuffer, new_stream_id
+from robota_proxy.streams.memory import MemoryStreamBuffer
+from robota_proxy.streams.response import ProducingStream
 from robota_proxy.upstreams.base import FinishEvent, UpstreamEvent
 from robota_proxy.upstreams.registry import UpstreamRegistry
+from robota_proxy.upstreams.resilience import Resilience
 
 log = logging.getLogger("robota_proxy.chat")
 
 
 class ChatRoutes:
-    def __init__(self, registry: UpstreamRegistry, *, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        registry: UpstreamRegistry,
+        *,
+        max_body_bytes: int,
+        streams: StreamBuffer | None = None,
+        resume_grace: float = 0.5,
+        resilience: Resilience | None = None,
+    ) -> None:
         self.registry = registry
+        #: Retries, fallbacks and the deadline around every upstream call.
+        self.resilience = resilience if resilience is not None else Resilience(registry)
         self.max_body_bytes = max_body_bytes
+        #: Where streamed answers are produced into, so a dropped client can resume them.
+        self.streams: StreamBuffer = streams if streams is not None else MemoryStreamBuffer(60)
+        self.resume_grace = resume_grace
 
     def routes(self) -> list[Route]:
         return [
@@ -50,16 +67,17 @@ class ChatRoutes:
         body = await chat_request(request, self.max_body_bytes)
         request_id = keys.request_id(request.scope)
         record = call_record(request.scope, request_id)
-        upstream = self.registry.resolve(body)
-        record.provider, record.model, record.upstream_called = body.provider, body.model, True
         try:
-            message = await upstream.chat(body)
+            message, served = await self.resilience.chat(body, _principal(request), record)
         except ProxyError as exc:
             record.status = exc.code
             raise
+        sent = served.request  # after fallbacks: the provider and model that answered
         if message.usage is not None:
-            _put_cost(message.usage, record.settle_usage(body.provider, body.model, message.usage))
+            _put_cost(message.usage, record.settle_usage(sent.provider, sent.model, message.usage))
         message.metadata.request_id = request_id
+        if served.vendor_calls > 1:
+            message.metadata.attempts = served.vendor_calls  # type: ignore[attr-defined]
         return WireResponse(message)
 
     async def chat_stream(self, request: Request) -> Response:
@@ -67,39 +85,27 @@ class ChatRoutes:
         request_id = keys.request_id(request.scope)
         record = call_record(request.scope, request_id)
         record.streamed = True
-        upstream = self.registry.resolve(body)
-        record.provider, record.model, record.upstream_called = body.provider, body.model, True
-        events = upstream.stream(body)
         # Wait for the first upstream event before answering 200: a vendor that refuses the
         # call outright (429, 401, unreachable) then gets a plain error status the client can
-        # retry on, instead of a 200 stream that only says "error".
+        # retry on, instead of a 200 stream that only says "error". Until then the call may be
+        # retried and fall back (robota_proxy.upstreams.resilience); after it, never.
         try:
-            first = await anext(events)
-        except StopAsyncIteration:
-            first = None
+            opened = await self.resilience.open_stream(body, _principal(request), record)
         except BaseException as exc:
             record.status = exc.code if isinstance(exc, ProxyError) else "client_disconnected"
-            await events.aclose()
             raise
-        return StreamingResponse(
-            self._frames(body, record, first, events),
-            media_type="text/event-stream",
-            headers=sse.HEADERS,
+        body, first, events = opened.served.request, opened.first, opened.events
+        # The producer is decoupled from this connection (see robota_proxy.streams.response):
+        # a client that drops can resume the same answer; one that does not come back within
+        # the grace has the vendor call cancelled and what was produced settled.
+        principal = request.scope.get(keys.PRINCIPAL)
+        return ProducingStream(
+            self.streams,
+            new_stream_id(),
+            principal.user if principal is not None else "anonymous",
+            _wire_events(body, record, first, events),
+            grace=self.resume_grace,
         )
-
-    async def _frames(
-        self,
-        body: ChatRequest,
-        record: CallRecord,
-        first: UpstreamEvent | None,
-        events: AsyncGenerator[UpstreamEvent, None],
-    ) -> AsyncIterator[bytes]:
-        event_id = 0
-        # aclosing: a client that goes away closes the vendor call now, not at GC time.
-        async with aclosing(_wire_events(body, record, first, events)) as wire:
-            async for event in wire:
-                event_id += 1
-                yield sse.frame(event_id, event)
 
 
 async def _wire_events(
@@ -149,6 +155,11 @@ async def _wire_events(
             # Cancelled or closed: the client went away mid-stream.
             record.status = "client_disconnected"
             raise
+
+
+def _principal(request: Request) -> Principal | None:
+    principal = request.scope.get(keys.PRINCIPAL)
+    return principal if isinstance(principal, Principal) else None
 
 
 def _put_cost(usage: Usage, cost: Decimal | None) -> None:

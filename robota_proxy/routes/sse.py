@@ -16,5 +16,10 @@ HEADERS = {
 }
 
 
-def frame(event_id: int, event: StreamEvent) -> bytes:
-    return f"id: {event_id}\nevent: {event.type}\ndata: {event.to_json()}\n\n".encode()
+def frame(event_id: int | str, event: StreamEvent) -> bytes:
+    return encode(str(event_id), event.type, event.to_json())
+
+
+def encode(event_id: str, name: str, data: str) -> bytes:
+    """One event whose JSON is already serialised (as kept in a stream buffer)."""
+    return f"id: {event_id}\nevent: {name}\ndata: {data}\n\n".encode()

@@ -1,0 +1,15 @@
+"""The stream buffer the settings ask for: Redis when several processes share streams."""
+
+from __future__ import annotations
+
+from robota_proxy.streams.buffer import StreamBuffer
+from robota_proxy.streams.memory import MemoryStreamBuffer
+
+
+def stream_buffer(redis_url: str | None, window: float) -> StreamBuffer:
+    if redis_url:
+        # Imported here so a single-process install does not need the redis extra.
+        from robota_proxy.streams.redis import RedisStreamBuffer
+
+        return RedisStreamBuffer(redis_url, window)
+    return MemoryStreamBuffer(window)
