@@ -16,6 +16,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 
@@ -285,6 +286,11 @@ async def test_me_shows_what_is_left_and_bad_dates_are_400(
     async with RemoteAIProvider(proxy.url, key, "mock", "mock-1") as ai:
         await ai.chat([{"role": "user", "content": "one two three"}], {"maxTokens": 3})
         me = await ai.me()
+        for _ in range(100):  # the settle is written just after the answer went out
+            if me.month.requests:
+                break
+            await anyio.sleep(0.02)
+            me = await ai.me()
         assert me.permissions["monthlyBudgetUsd"] == "1"
         budget = me.limits.monthly_budget
         assert budget is not None and budget.limit_usd == Decimal(1)
