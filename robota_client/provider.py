@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import date
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 from urllib.parse import urlencode
 
 import httpx
@@ -35,6 +35,7 @@ from robota_client.messages import (
     to_universal_list,
 )
 from robota_client.transport import ChatEvent, EventStream, HTTPTransport, Sleep
+from robota_client.ws import WSEventStream, WSTransport
 
 __all__ = ["AIProvider", "ChatStream", "RemoteAIProvider", "TextStream"]
 
@@ -94,9 +95,15 @@ class RemoteAIProvider(AsyncClosing):
         headers: Mapping[str, str] | None = None,
         http_client: httpx.AsyncClient | None = None,
         sleep: Sleep | None = None,
+        transport: Literal["sse", "ws"] = "sse",
     ) -> None:
+        """``transport="ws"``: chat calls and streams share one WebSocket to ``/ai/ws``
+        (reconnected and resumed when it drops); other calls stay plain HTTP."""
+        if transport not in ("sse", "ws"):
+            raise ValueError(f"transport must be 'sse' or 'ws', got {transport!r}")
         self.target_provider = target_provider
         self.model = model
+        self._ws = WSTransport(server_url, api_key, headers=headers) if transport == "ws" else None
         # The key lives only in the transport's request headers: not an attribute here, so
         # it cannot turn up in a repr, a vars() dump or a debugger's locals view.
         self._transport = HTTPTransport(
@@ -143,8 +150,12 @@ class RemoteAIProvider(AsyncClosing):
         self, messages: Sequence[MessageLike], options: Options = None, tools: Tools = None
     ) -> AssistantMessage:
         request = self.build_request(messages, options, tools)
-        data, headers = await self._transport.post_json("/ai/chat", request.to_wire())
-        request_id = headers.get("x-request-id")
+        request_id: str | None
+        if self._ws is not None:
+            data, request_id = await self._ws.chat(request.to_wire())
+        else:
+            data, headers = await self._transport.post_json("/ai/chat", request.to_wire())
+            request_id = headers.get("x-request-id")
         try:
             message = AssistantMessage.model_validate(data)
         except ValueError as exc:
@@ -160,6 +171,8 @@ class RemoteAIProvider(AsyncClosing):
     ) -> ChatStream:
         """Typed events as they arrive; validates now, connects on first iteration."""
         request = self.build_request(messages, options, tools)
+        if self._ws is not None:
+            return ChatStream(self._ws.stream(request.to_wire()))
         return ChatStream(self._transport.stream("/ai/chat/stream", request.to_wire()))
 
     def chat_stream(
@@ -213,6 +226,8 @@ class RemoteAIProvider(AsyncClosing):
         return await self._transport.get_status("/health") == 200
 
     async def aclose(self) -> None:
+        if self._ws is not None:
+            await self._ws.aclose()
         await self._transport.aclose()
 
 
@@ -240,7 +255,7 @@ class ChatStream(AsyncClosing):
     stay received, and ``text`` holds the text they carried.
     """
 
-    def __init__(self, events: EventStream) -> None:
+    def __init__(self, events: EventStream | WSEventStream) -> None:
         self._events = events
         self._assembler = StreamAssembler()
         self._done: DoneEvent | None = None
