@@ -183,6 +183,12 @@ class FakeVendors:
         return self._state.aborted_streams
 
     @property
+    def aborted_at(self) -> list[float]:
+        """``time.monotonic()`` when each aborted stream saw its client (the proxy) go away:
+        with a timestamp taken in the test, the cancellation delay as the vendor saw it."""
+        return self._state.aborted_at
+
+    @property
     def dropped_streams(self) -> int:
         """Streams cut on purpose by a ``drop_after`` fault."""
         return self._state.dropped_streams

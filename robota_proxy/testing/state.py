@@ -8,6 +8,7 @@ enough for load benchmarks.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 
 from robota_proxy.testing.script import Fault, Matcher, RecordedRequest, Reply, Rule, Vendor
@@ -22,6 +23,7 @@ class FakeState:
         self._completed = 0
         self._aborted = 0
         self._dropped = 0
+        self._aborted_at: list[float] = []
 
     def add_rule(
         self, reply: Reply | Fault, match: Matcher, times: int | None, vendor: Vendor | None
@@ -58,6 +60,7 @@ class FakeState:
     def stream_aborted(self) -> None:
         with self._lock:
             self._aborted += 1
+            self._aborted_at.append(time.monotonic())
 
     def stream_dropped(self) -> None:
         with self._lock:
@@ -79,6 +82,11 @@ class FakeState:
             return self._aborted
 
     @property
+    def aborted_at(self) -> list[float]:
+        with self._lock:
+            return list(self._aborted_at)
+
+    @property
     def dropped_streams(self) -> int:
         with self._lock:
             return self._dropped
@@ -88,3 +96,4 @@ class FakeState:
             self._rules.clear()
             self._requests.clear()
             self._completed = self._aborted = self._dropped = 0
+            self._aborted_at.clear()
