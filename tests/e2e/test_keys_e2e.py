@@ -69,6 +69,14 @@ def test_cli_key_works_and_wrong_keys_do_not(keyed_proxy: ProxyProcess, database
     assert chat(keyed_proxy.url, USER_KEY).status_code == 200
 
 
+def test_cli_process_exit_codes(database_url: str) -> None:
+    """The real process: a bad value is status 2 with stderr only (every flag is covered in
+    tests/unit/test_keys_cli.py)."""
+    done = cli(database_url, "keys", "create", "--user", "alice", "--expires", "soon", "--json")
+    assert done.returncode == 2
+    assert done.stdout == "" and "expiry 'soon'" in done.stderr
+
+
 def test_revoked_key_is_refused_within_a_second(
     keyed_proxy: ProxyProcess, database_url: str
 ) -> None:
