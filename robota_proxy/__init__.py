@@ -2,6 +2,7 @@
 
 from robota_proxy.app import ProxyApp, create_app, mount
 from robota_proxy.middleware.auth import AuthMiddleware
+from robota_proxy.middleware.cache import CacheMiddleware
 from robota_proxy.middleware.ratelimit import RateLimitMiddleware
 from robota_proxy.middleware.request_context import RequestContextMiddleware
 from robota_proxy.policy.ratelimits import RateLimiter
@@ -9,6 +10,7 @@ from robota_proxy.settings import Settings
 
 __all__ = [
     "AuthMiddleware",
+    "CacheMiddleware",
     "ProxyApp",
     "RateLimitMiddleware",
     "RateLimiter",

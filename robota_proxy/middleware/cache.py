@@ -1,0 +1,334 @@
+"""``CacheMiddleware``: exact-match response cache for chat calls.
+
+Sits innermost, just before the routes: authentication, rate limits and metering run for a
+cached answer exactly as for any other (a hit is one request, one ledger row marked cached
+with cost 0), and only the vendor call is saved.
+
+What is cached: a request whose answer is worth repeating, i.e. deterministic
+(``temperature: 0``) or opted in (``options.cache: true``; ``cache: false`` opts out). The key
+is the SHA-256 of the canonical JSON of the scope (``user:<principal>`` by default, or
+``shared``), provider, model, messages (as the vendor sees them: a message's ``id``,
+``timestamp`` and ``metadata`` are left out), tools and options (less ``cache`` and
+``timeout``, which do not change the answer). ``Cache-Control: no-cache`` skips the read,
+``no-store`` the write.
+
+Only a complete success is stored: a 200 JSON answer, or a stream whose last event is
+``done`` with no ``error`` before it, while the call record says ``ok``. The entry keeps the
+final ``AssistantMessage`` and, for a stream, its event list, so a streamed request replays
+the same events (delta, tool_call, usage, done) and a plain request is answered from a stored
+stream and the other way round (the events are rebuilt from the message).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import httpx
+from httpx_sse import EventSource
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from robota_client.messages import (
+    AssistantMessage,
+    ChatRequest,
+    DeltaEvent,
+    DoneEvent,
+    StreamEvent,
+    ToolCallEvent,
+    Usage,
+    UsageEvent,
+    parse_event,
+)
+from robota_proxy import scope as keys
+from robota_proxy.call_record import CallRecord, call_record
+from robota_proxy.chat_body import chat_request
+from robota_proxy.errors import ProxyError
+from robota_proxy.middleware.paths import route_path
+from robota_proxy.policy.principals import Principal
+from robota_proxy.responses import WireResponse, error_response
+from robota_proxy.routes import sse
+from robota_proxy.storage.response_cache import MemoryResponseCache, ResponseCache
+
+log = logging.getLogger("robota_proxy.cache")
+
+CACHE_HEADER = "X-Robota-Cache"
+#: The chat routes and whether each streams.
+CHAT_PATHS = {"/ai/chat": False, "/ai/chat/stream": True}
+#: Options that say how to run the call, not what to answer.
+_NOT_IN_KEY = {"cache", "timeout"}
+#: Message fields vendors never see: different on every call from TypeScript Robota.
+_MESSAGE_BOOKKEEPING = {"id", "timestamp", "metadata"}
+#: Stored metadata that belongs to the call that stored it.
+_PER_CALL_METADATA = {"requestId", "request_id", "attempts", "cached"}
+_FORMAT = 1
+
+
+def is_cacheable(request: ChatRequest) -> bool:
+    if request.options.cache is not None:
+        return request.options.cache
+    return request.options.temperature == 0
+
+
+def cache_key(scope_name: str, request: ChatRequest) -> str:
+    """SHA-256 of the canonical JSON (sorted keys, no spaces) of what decides the answer."""
+    options = {k: v for k, v in request.options.to_wire().items() if k not in _NOT_IN_KEY}
+    document = {
+        "scope": scope_name,
+        "provider": request.provider,
+        "model": request.model,
+        "messages": [
+            m.model_dump(
+                by_alias=True, exclude_none=True, mode="json", exclude=_MESSAGE_BOOKKEEPING
+            )
+            for m in request.messages
+        ],
+        "tools": [tool.to_wire() for tool in request.tools] if request.tools else None,
+        "options": options,
+    }
+    canonical = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def cache_directives(scope: Scope) -> set[str]:
+    directives: set[str] = set()
+    for name, value in scope.get("headers", ()):
+        if name == b"cache-control":
+            text = value.decode("latin-1").lower()
+            directives.update(part.strip() for part in text.split(",") if part.strip())
+    return directives
+
+
+@dataclass(slots=True)
+class CachedAnswer:
+    """One stored answer: the final message, and the stream's events when it was a stream."""
+
+    message: AssistantMessage
+    #: ``(event name, data JSON)`` of every event before ``done``; None: stored from JSON.
+    events: list[tuple[str, str]] | None = None
+
+    def to_bytes(self) -> bytes:
+        message = self.message.to_wire()
+        metadata = message.get("metadata", {})
+        for name in _PER_CALL_METADATA:
+            metadata.pop(name, None)
+        data = {"v": _FORMAT, "message": message, "events": self.events}
+        return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> CachedAnswer | None:
+        """None for an entry this version cannot read (written by another release)."""
+        try:
+            data = json.loads(raw)
+            if data.get("v") != _FORMAT:
+                return None
+            events = data.get("events")
+            return cls(
+                message=AssistantMessage.model_validate(data["message"]),
+                events=[(str(name), str(body)) for name, body in events]
+                if events is not None
+                else None,
+            )
+        except (ValueError, KeyError, TypeError, ValidationError):
+            return None
+
+    def replay(self, request_id: str) -> tuple[AssistantMessage, list[StreamEvent]]:
+        """The message and the stream events to send for this hit, marked cached, cost 0."""
+        message = self.message.model_copy(deep=True)
+        message.metadata.cached = True
+        message.metadata.request_id = request_id
+        if message.usage is not None:
+            message.usage.cost = 0.0
+        events: list[StreamEvent] = []
+        if self.events is None:
+            events.extend(_events_of(message))
+        else:
+            for name, data in self.events:
+                event = parse_event(name, data)
+                if isinstance(event, UsageEvent):
+                    event.usage.cost = 0.0
+                events.append(event)
+        finish = message.metadata.finish_reason or "stop"
+        events.append(DoneEvent(finish_reason=finish, message=message))
+        return message, events
+
+
+def _events_of(message: AssistantMessage) -> list[StreamEvent]:
+    """The events a stream of this message would have carried."""
+    events: list[StreamEvent] = []
+    if message.content:
+        events.append(DeltaEvent(content=message.content))
+    for index, call in enumerate(message.tool_calls or []):
+        events.append(
+            ToolCallEvent(
+                index=index,
+                id=call.id,
+                name=call.function.name,
+                arguments_delta=call.function.arguments,
+            )
+        )
+    if message.usage is not None:
+        events.append(UsageEvent(usage=message.usage))
+    return events
+
+
+class _Capture:
+    """Passes the route's response on, adding the MISS header, and keeps a copy of the body
+    (up to a bound) to store once it is complete."""
+
+    def __init__(self, send: Send, max_bytes: int) -> None:
+        self._send = send
+        self._max_bytes = max_bytes
+        self.status = 0
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.complete = False
+        self.too_big = False
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            message = {
+                **message,
+                "headers": [*message.get("headers", []), (b"x-robota-cache", b"MISS")],
+            }
+        elif message["type"] == "http.response.body":
+            body: bytes = message.get("body", b"")
+            self.size += len(body)
+            if self.size > self._max_bytes:
+                self.too_big = True
+                self.chunks.clear()
+            elif body:
+                self.chunks.append(body)
+            if not message.get("more_body", False):
+                self.complete = True
+        await self._send(message)
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(self.chunks)
+
+
+class CacheMiddleware:
+    def __init__(
+        self,
+        app: ASGIApp,
+        cache: ResponseCache | None = None,
+        *,
+        scope: Literal["user", "shared"] = "user",
+        enabled: bool = True,
+        max_body_bytes: int = 4 * 1024 * 1024,
+        max_entry_bytes: int = 4 * 1024 * 1024,
+    ) -> None:
+        """``cache``: the backend (default: in-process, 1 h, 64 MiB). ``scope``: ``user``
+        keeps each user's answers to themselves; ``shared`` lets every caller read every
+        answer (only for deployments whose users may see each other's prompts' answers)."""
+        self.app = app
+        self.cache: ResponseCache = (
+            cache if cache is not None else MemoryResponseCache(ttl=3600, max_bytes=64 << 20)
+        )
+        self.scope = scope
+        self.enabled = enabled
+        self.max_body_bytes = max_body_bytes
+        self.max_entry_bytes = max_entry_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        streamed = CHAT_PATHS.get(route_path(scope)) if scope["type"] == "http" else None
+        if not self.enabled or streamed is None or scope.get("method") != "POST":
+            await self.app(scope, receive, send)
+            return
+        request_id = keys.request_id(scope)
+        try:
+            body = await chat_request(Request(scope, receive), self.max_body_bytes)
+        except ProxyError as exc:
+            # The body is spent: answer the error here rather than hand the route nothing.
+            await error_response(exc, request_id)(scope, receive, send)
+            return
+        if not is_cacheable(body):
+            await self.app(scope, receive, send)
+            return
+        directives = cache_directives(scope)
+        key = cache_key(self._scope_name(scope), body)
+        if "no-cache" not in directives:
+            raw = await self.cache.get(key)
+            answer = CachedAnswer.from_bytes(raw) if raw is not None else None
+            if answer is not None:
+                log.info("cache hit %s %s/%s", request_id, body.provider, body.model)
+                await self._hit(answer, streamed, scope, receive, send)
+                return
+        capture = _Capture(send, self.max_entry_bytes)
+        await self.app(scope, receive, capture.send)
+        if "no-store" not in directives:
+            stored = self._answer(capture, streamed, scope)
+            if stored is not None:
+                await self.cache.set(key, stored.to_bytes())
+
+    def _scope_name(self, scope: Scope) -> str:
+        if self.scope == "shared":
+            return "shared"
+        principal = scope.get(keys.PRINCIPAL)
+        return f"user:{principal.user if isinstance(principal, Principal) else 'anonymous'}"
+
+    async def _hit(
+        self, answer: CachedAnswer, streamed: bool, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        request_id = keys.request_id(scope)
+        message, events = answer.replay(request_id)
+        record = call_record(scope, request_id)
+        record.cached, record.streamed = True, streamed
+        provider = message.metadata.provider or ""
+        model = message.metadata.model or ""
+        record.settle_usage(provider, model, message.usage or Usage())
+        if not streamed:
+            response = WireResponse(message)
+            response.headers[CACHE_HEADER] = "HIT"
+            await response(scope, receive, send)
+            return
+        headers = {**sse.HEADERS, "content-type": "text/event-stream", CACHE_HEADER: "HIT"}
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+            }
+        )
+        frames = b"".join(sse.frame(number, event) for number, event in enumerate(events, 1))
+        await send({"type": "http.response.body", "body": frames, "more_body": False})
+
+    def _answer(self, capture: _Capture, streamed: bool, scope: Scope) -> CachedAnswer | None:
+        """What to store of the route's response, or None when it is not a complete success."""
+        record = scope.get(keys.CALL)
+        if not isinstance(record, CallRecord) or record.status != "ok":
+            return None
+        if capture.status != 200 or not capture.complete or capture.too_big:
+            return None
+        try:
+            if not streamed:
+                return CachedAnswer(AssistantMessage.model_validate_json(capture.body))
+            return _stream_answer(capture.body)
+        except (ValueError, ValidationError):
+            log.warning("cache: could not read the route's own answer; not stored")
+            return None
+
+
+def _stream_answer(body: bytes) -> CachedAnswer | None:
+    """The events of a finished stream, parsed with httpx-sse; None unless it ended ``done``."""
+    response = httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body)
+    events: list[tuple[str, str]] = []
+    done: DoneEvent | None = None
+    for item in EventSource(response).iter_sse():
+        if done is not None or item.event == "error":
+            return None
+        if item.event == "done":
+            parsed = parse_event(item.event, item.data)
+            assert isinstance(parsed, DoneEvent)
+            done = parsed
+        elif item.event in ("delta", "tool_call", "usage"):
+            events.append((item.event, item.data))
+    if done is None:
+        return None
+    return CachedAnswer(done.message, events)

@@ -1,0 +1,340 @@
+"""Retries, fallback chains and the per-request deadline around the upstream calls.
+
+Everything here happens before the caller has seen a byte: a non-streamed call is retried as a
+whole, a stream only until its first upstream event (after that, text has gone out and a retry
+would repeat it, so a failure midway ends the stream with an error event as before).
+
+For each target, in order, the request is first authorized (the principal's allowed providers
+and models apply to fallback targets too: a target it may not use is skipped) and resolved
+(a target this proxy does not serve is skipped); then the call is tried, and a retryable
+failure (vendor 429 whose ``Retry-After`` is within the cap, vendor 5xx, timeout, unreachable)
+is tried again with tenacity's exponential back-off. When a target's tries are spent on an
+upstream-side failure the next target is tried; a failure that is the caller's own
+(``InvalidRequest``) would fail on every target and is passed on at once.
+
+The deadline (``options.timeout`` clamped to the server's maximum, or that maximum) covers all
+of it, back-off sleeps included, and for streams the whole stream too; passing it is
+``UpstreamTimeout`` (504), or an ``upstream_timeout`` error event once a stream has started.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import anyio
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
+from tenacity.wait import wait_exponential_jitter
+
+from robota_client.messages import AssistantMessage, ChatRequest
+from robota_proxy.call_record import CallRecord
+from robota_proxy.errors import (
+    Forbidden,
+    NotFound,
+    ProxyError,
+    RateLimited,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from robota_proxy.policy.principals import Feature, Principal
+from robota_proxy.upstreams.base import Upstream, UpstreamEvent
+from robota_proxy.upstreams.errors import VendorServerError
+from robota_proxy.upstreams.registry import UpstreamRegistry
+
+log = logging.getLogger("robota_proxy.upstream")
+
+T = TypeVar("T")
+
+#: Failures worth another try of the same target.
+_RETRYABLE = (RateLimited, UpstreamUnavailable, UpstreamTimeout, VendorServerError)
+#: Failures on the upstream's side, after which the next target of a chain is tried. A vendor
+#: 404 counts: the next target is another model. ``InvalidRequest`` does not.
+_FALLS_BACK = (RateLimited, UpstreamError, UpstreamUnavailable, UpstreamTimeout, NotFound)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    provider: str
+    model: str
+
+    @classmethod
+    def parse(cls, text: str) -> Target:
+        """``provider/model``; the model part may itself contain slashes."""
+        provider, _, model = text.partition("/")
+        if not provider or not model:
+            raise ValueError(f"a fallback target must be 'provider/model', not {text!r}")
+        return cls(provider, model)
+
+    def __str__(self) -> str:
+        return f"{self.provider}/{self.model}"
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    #: Extra tries per target after the first.
+    retries: int = 2
+    backoff_base: float = 0.5
+    backoff_max: float = 8.0
+    #: The longest vendor ``Retry-After`` honoured; a longer one is passed on (or falls back)
+    #: rather than held in a sleeping request.
+    retry_after_max: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    target: Target
+    #: ``ok``, a wire error code, ``timeout`` (the deadline passed), ``cancelled``,
+    #: or ``skipped`` (not allowed for the principal or not served here).
+    outcome: str
+    ms: int
+
+
+@dataclass(slots=True)
+class Served:
+    """Which target answered, the request as sent to it, and what was tried on the way."""
+
+    target: Target
+    request: ChatRequest
+    attempts: list[Attempt] = field(default_factory=list)
+
+    @property
+    def vendor_calls(self) -> int:
+        return sum(1 for attempt in self.attempts if attempt.outcome != "skipped")
+
+
+@dataclass(slots=True)
+class OpenedStream:
+    served: Served
+    first: UpstreamEvent | None
+    events: AsyncGenerator[UpstreamEvent, None]
+
+
+class AttemptCounter:
+    """Upstream attempts by ``provider/model`` and outcome: the proxy's attempt metrics,
+    read from ``ProxyApp.upstream_attempts`` (there is no metrics endpoint yet)."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[tuple[str, str]] = Counter()
+
+    def add(self, attempt: Attempt) -> None:
+        self.counts[(str(attempt.target), attempt.outcome)] += 1
+
+    def snapshot(self) -> dict[str, int]:
+        return {f"{target} {outcome}": n for (target, outcome), n in sorted(self.counts.items())}
+
+
+class Resilience:
+    """Runs one chat call against its target chain; one per app."""
+
+    def __init__(
+        self,
+        registry: UpstreamRegistry,
+        *,
+        policy: RetryPolicy | None = None,
+        fallbacks: Mapping[str, Sequence[str]] | None = None,
+        max_timeout: float = 300.0,
+        counter: AttemptCounter | None = None,
+    ) -> None:
+        self.registry = registry
+        self.policy = policy if policy is not None else RetryPolicy()
+        self.fallbacks = {
+            name: [Target.parse(text) for text in chain]
+            for name, chain in (fallbacks or {}).items()
+        }
+        self.max_timeout = max_timeout
+        self.counter = counter if counter is not None else AttemptCounter()
+        self._backoff = wait_exponential_jitter(
+            initial=self.policy.backoff_base,
+            max=self.policy.backoff_max,
+            jitter=self.policy.backoff_base,
+        )
+
+    # --- what to try ------------------------------------------------------------------------
+
+    def targets(self, request: ChatRequest) -> list[Target]:
+        """A chain keyed ``provider/model`` follows the requested pair; a chain keyed by a
+        bare name is an alias, used whatever provider the request names, and replaces it."""
+        requested = Target(request.provider, request.model)
+        concrete = self.fallbacks.get(str(requested))
+        if concrete is not None:
+            return [requested, *(t for t in concrete if t != requested)]
+        alias = self.fallbacks.get(request.model)
+        if alias is not None:
+            return list(alias)
+        return [requested]
+
+    def deadline(self, request: ChatRequest) -> float:
+        """Seconds for the whole call: the request's own, clamped to the server maximum."""
+        wanted = request.options.timeout
+        return self.max_timeout if wanted is None else min(wanted, self.max_timeout)
+
+    # --- calls ------------------------------------------------------------------------------
+
+    async def chat(
+        self, request: ChatRequest, principal: Principal | None, record: CallRecord | None
+    ) -> tuple[AssistantMessage, Served]:
+        seconds = self.deadline(request)
+
+        async def call(upstream: Upstream, sent: ChatRequest) -> AssistantMessage:
+            return await upstream.chat(sent)
+
+        try:
+            with anyio.fail_after(seconds):
+                return await self._run(request, principal, "chat", record, call)
+        except TimeoutError:
+            raise _deadline_error(seconds) from None
+
+    async def open_stream(
+        self, request: ChatRequest, principal: Principal | None, record: CallRecord | None
+    ) -> OpenedStream:
+        """The first event of the first target that produced one, and the rest of its
+        stream bounded by what is left of the deadline."""
+        seconds = self.deadline(request)
+        ends_at = anyio.current_time() + seconds
+
+        async def call(
+            upstream: Upstream, sent: ChatRequest
+        ) -> tuple[UpstreamEvent | None, AsyncGenerator[UpstreamEvent, None]]:
+            events = upstream.stream(sent)
+            try:
+                first = await anext(events)
+            except StopAsyncIteration:
+                return None, events
+            except BaseException:
+                await events.aclose()
+                raise
+            return first, events
+
+        try:
+            with anyio.fail_after(seconds):
+                (first, events), served = await self._run(
+                    request, principal, "stream", record, call
+                )
+        except TimeoutError:
+            raise _deadline_error(seconds) from None
+        return OpenedStream(served, first, _until(ends_at, seconds, events))
+
+    async def _run(
+        self,
+        request: ChatRequest,
+        principal: Principal | None,
+        feature: Feature,
+        record: CallRecord | None,
+        call: Callable[[Upstream, ChatRequest], Awaitable[T]],
+    ) -> tuple[T, Served]:
+        attempts: list[Attempt] = []
+        refused: ProxyError | None = None
+        failed: ProxyError | None = None
+        for target in self.targets(request):
+            sent = request.model_copy(update={"provider": target.provider, "model": target.model})
+            try:
+                if principal is not None:
+                    principal.permissions.authorize(sent, feature)
+                upstream = self.registry.resolve(sent)
+            except (Forbidden, NotFound) as exc:
+                self._note(attempts, Attempt(target, "skipped", 0), request.model, exc.code)
+                refused = refused or exc
+                continue
+            if record is not None:
+                record.provider, record.model = target.provider, target.model
+                record.upstream_called = True
+            try:
+                result = await self._retrying(target, upstream, sent, attempts, call)
+            except _FALLS_BACK as exc:
+                failed = exc
+                continue
+            return result, Served(target, sent, attempts)
+        # Every target failed or was skipped: the last vendor failure says most; with none,
+        # the first refusal (for a plain request: exactly what resolving it alone raised).
+        error = failed or refused
+        if error is None:  # an alias whose chain is empty
+            raise NotFound(f"model {request.model!r} has no fallback target configured")
+        raise error
+
+    async def _retrying(
+        self,
+        target: Target,
+        upstream: Upstream,
+        sent: ChatRequest,
+        attempts: list[Attempt],
+        call: Callable[[Upstream, ChatRequest], Awaitable[T]],
+    ) -> T:
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.policy.retries + 1),
+            wait=self._wait,
+            retry=retry_if_exception(self._retryable),
+            reraise=True,
+        )
+        async for try_ in retrying:
+            with try_:
+                started = time.perf_counter()
+                outcome = "cancelled"
+                try:
+                    result = await call(upstream, sent)
+                    outcome = "ok"
+                except ProxyError as exc:
+                    outcome = exc.code
+                    raise
+                except TimeoutError:
+                    outcome = "timeout"
+                    raise
+                finally:
+                    ms = round((time.perf_counter() - started) * 1000)
+                    self._note(attempts, Attempt(target, outcome, ms), sent.model)
+                return result
+        raise AssertionError("tenacity ended without a result or an error")  # pragma: no cover
+
+    def _retryable(self, exc: BaseException) -> bool:
+        if not isinstance(exc, _RETRYABLE):
+            return False
+        return exc.retry_after is None or exc.retry_after <= self.policy.retry_after_max
+
+    def _wait(self, state: RetryCallState) -> float:
+        """The vendor's ``Retry-After`` when it sent one (within the cap, see ``_retryable``),
+        else tenacity's exponential back-off with jitter."""
+        error = state.outcome.exception() if state.outcome is not None else None
+        if isinstance(error, ProxyError) and error.retry_after is not None:
+            return min(error.retry_after, self.policy.retry_after_max)
+        return float(self._backoff(state))
+
+    def _note(
+        self, attempts: list[Attempt], attempt: Attempt, requested: str, why: str = ""
+    ) -> None:
+        attempts.append(attempt)
+        self.counter.add(attempt)
+        # Provider, model, outcome and time only: never a key, never vendor text.
+        log.info(
+            "upstream attempt %d for %s: %s %s in %d ms%s",
+            len(attempts),
+            requested,
+            attempt.target,
+            attempt.outcome,
+            attempt.ms,
+            f" ({why})" if why else "",
+        )
+
+
+async def _until(
+    ends_at: float, seconds: float, events: AsyncGenerator[UpstreamEvent, None]
+) -> AsyncGenerator[UpstreamEvent, None]:
+    """The rest of a stream, ended by ``UpstreamTimeout`` when the deadline passes."""
+    async with aclosing(events):
+        while True:
+            with anyio.move_on_after(ends_at - anyio.current_time()) as scope:
+                try:
+                    event = await anext(events)
+                except StopAsyncIteration:
+                    return
+            if scope.cancelled_caught:
+                raise _deadline_error(seconds)
+            yield event
+
+
+def _deadline_error(seconds: float) -> UpstreamTimeout:
+    return UpstreamTimeout(f"the request did not complete within its deadline of {seconds:g} s")
