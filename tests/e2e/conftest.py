@@ -52,6 +52,9 @@ def start_proxy(env: Mapping[str, str], log_path: Path) -> ProxyProcess:
         if not key.startswith("ROBOTA_")
         and key not in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GOOGLE_API_KEY")
     }
+    # Server-side retries off unless a test asks for them: the error-mapping tests expect one
+    # vendor call per request (and would wait out back-off and Retry-After otherwise).
+    full_env["ROBOTA_UPSTREAM_RETRIES"] = "0"
     full_env.update(env)
     full_env["ROBOTA_LOG_LEVEL"] = "info"
     log_file = log_path.open("wb")
