@@ -15,13 +15,17 @@ import asyncio
 import logging
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 
 from cachetools import TTLCache
 from limits import RateLimitItemPerMinute
 from limits.aio.storage import Storage
 from limits.aio.strategies import MovingWindowRateLimiter
+from sqlalchemy.exc import SQLAlchemyError
 
+from robota_proxy.errors import UpstreamUnavailable
 from robota_proxy.policy.jwt import JwtAuthenticator, verification_key
 from robota_proxy.policy.keys import looks_like_key, parse_key_id, verify_key
 from robota_proxy.policy.principals import Authenticator, Principal, UserPermissions
@@ -37,6 +41,17 @@ CACHE_SIZE = 10_000
 TOUCH_INTERVAL_SECONDS = 60.0
 
 _JWT_SHAPE = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$")
+
+
+@contextmanager
+def store_errors() -> Iterator[None]:
+    """A database that cannot answer is a 503 the client may retry, never a 500 and never a
+    401 (which would count as a failed authentication and tell the caller the key is bad)."""
+    try:
+        yield
+    except (SQLAlchemyError, OSError) as exc:
+        log.error("key store unavailable: %s", type(exc).__name__)
+        raise UpstreamUnavailable("the key store is unavailable; try again shortly") from None
 
 
 def looks_like_jwt(credential: str) -> bool:
@@ -76,7 +91,8 @@ class KeyStoreAuthenticator:
     async def _lookup(self, key_id: str) -> KeyLookup | None:
         if self._cache is not None and key_id in self._cache:
             return self._cache[key_id]
-        found = await self.store.lookup(key_id)
+        with store_errors():
+            found = await self.store.lookup(key_id)
         if self._cache is not None:
             self._cache[key_id] = found
         return found
@@ -117,7 +133,8 @@ class StoredUserPermissions:
     async def permissions(self, user: str) -> UserPermissions:
         if self._cache is not None and user in self._cache:
             return self._cache[user]
-        record = await self.store.get_user(user)
+        with store_errors():
+            record = await self.store.get_user(user)
         found = record.permissions if record is not None else UserPermissions()
         if self._cache is not None:
             self._cache[user] = found

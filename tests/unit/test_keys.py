@@ -3,6 +3,7 @@ on a real SQLite file."""
 
 from __future__ import annotations
 
+import socket
 import string
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from robota_proxy.errors import UpstreamUnavailable
 from robota_proxy.policy.authenticators import (
     CompositeAuthenticator,
     KeyStoreAuthenticator,
@@ -207,3 +209,17 @@ async def test_composite_routes_by_shape(store: KeyStore) -> None:
     assert await composite.authenticate("a.b.c") is not None
     assert await composite.authenticate("nope") is None
     await composite.keys.flush()  # type: ignore[union-attr]
+
+
+async def test_unreachable_key_store_is_a_503_not_a_401() -> None:
+    """A closed port: the caller is told to retry, and nothing counts as a failed login."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    database = Database(f"postgresql://postgres@127.0.0.1:{port}/nothing")
+    try:
+        auth = KeyStoreAuthenticator(KeyStore(database), cache_seconds=0)
+        with pytest.raises(UpstreamUnavailable):
+            await auth.authenticate(generate_key()[1])
+    finally:
+        await database.aclose()
