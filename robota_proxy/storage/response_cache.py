@@ -8,6 +8,8 @@ logs and answers "not cached" / drops the write instead of raising.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from typing import Protocol
 
 from cachetools import TTLCache
@@ -37,9 +39,12 @@ class MemoryResponseCache:
     first, each entry gone after ``ttl`` seconds. An entry larger than the whole bound is
     simply not stored."""
 
-    def __init__(self, *, ttl: float, max_bytes: int) -> None:
+    def __init__(
+        self, *, ttl: float, max_bytes: int, timer: Callable[[], float] = time.monotonic
+    ) -> None:
+        """``timer``: the clock of the expiry (a test passes its own instead of sleeping)."""
         self._entries: TTLCache[str, bytes] = TTLCache(
-            maxsize=max_bytes, ttl=ttl, getsizeof=_entry_size
+            maxsize=max_bytes, ttl=ttl, timer=timer, getsizeof=_entry_size
         )
 
     @property

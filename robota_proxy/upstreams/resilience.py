@@ -150,7 +150,7 @@ class Resilience:
         self.max_timeout = max_timeout
         self.counter = counter if counter is not None else AttemptCounter()
         self._backoff = wait_exponential_jitter(
-            initial=self.policy.backoff_base,
+            multiplier=self.policy.backoff_base,
             max=self.policy.backoff_max,
             jitter=self.policy.backoff_base,
         )

@@ -1,0 +1,250 @@
+"""Resilience alone: retries, fallback order, permissions per target, the deadline.
+
+The upstreams here are scripted in-process stand-ins (the e2e tests run the real adapters
+against fake vendors over sockets); what is under test is only the order and number of calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+
+import anyio
+import pytest
+
+from robota_client.messages import (
+    AssistantMessage,
+    ChatRequest,
+    DeltaEvent,
+    ResponseMetadata,
+)
+from robota_proxy.call_record import CallRecord
+from robota_proxy.errors import (
+    Forbidden,
+    InvalidRequest,
+    NotFound,
+    ProxyError,
+    RateLimited,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from robota_proxy.policy.principals import Principal, UserPermissions
+from robota_proxy.upstreams.base import FinishEvent, Upstream, UpstreamEvent
+from robota_proxy.upstreams.errors import VendorServerError, error_for_status
+from robota_proxy.upstreams.registry import UpstreamRegistry
+from robota_proxy.upstreams.resilience import Resilience, RetryPolicy, Target
+
+pytestmark = pytest.mark.anyio
+
+#: Back-off small enough that the tests do not wait; what is tested is the call count.
+FAST = RetryPolicy(retries=2, backoff_base=0.001, backoff_max=0.002, retry_after_max=0.05)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class Scripted:
+    """Answers each call with the next item of its script (the last one repeats)."""
+
+    def __init__(self, name: str, script: list[ProxyError | str], *, hang: bool = False) -> None:
+        self.name = name
+        self.script = script
+        self.calls: list[str] = []
+        self.hang = hang
+
+    def models(self) -> list[str] | None:
+        return None
+
+    def _next(self, request: ChatRequest) -> str:
+        self.calls.append(request.model)
+        item = self.script[min(len(self.calls) - 1, len(self.script) - 1)]
+        if isinstance(item, ProxyError):
+            raise item
+        return item
+
+    async def chat(self, request: ChatRequest) -> AssistantMessage:
+        if self.hang:
+            await anyio.sleep_forever()
+        text = self._next(request)
+        return AssistantMessage(
+            content=text, metadata=ResponseMetadata(provider=self.name, model=request.model)
+        )
+
+    async def stream(self, request: ChatRequest) -> AsyncGenerator[UpstreamEvent, None]:
+        text = self._next(request)
+        for word in text.split():
+            yield DeltaEvent(content=word)
+        if text == "cut midway":
+            raise UpstreamUnavailable("gone")
+        yield FinishEvent("stop")
+
+    async def aclose(self) -> None:
+        return None
+
+
+def resilience(
+    *upstreams: Scripted, policy: RetryPolicy = FAST, fallbacks: dict[str, list[str]] | None = None
+) -> Resilience:
+    table: dict[str, Upstream] = {upstream.name: upstream for upstream in upstreams}
+    registry = UpstreamRegistry(lambda: table)
+    registry.open()
+    return Resilience(registry, policy=policy, fallbacks=fallbacks, max_timeout=30)
+
+
+def ask(provider: str = "a", model: str = "m1", timeout: float | None = None) -> ChatRequest:
+    return ChatRequest.model_validate(
+        {
+            "provider": provider,
+            "model": model,
+            "messages": [{"role": "user", "content": "hi"}],
+            "options": {"timeout": timeout} if timeout else {},
+        }
+    )
+
+
+async def test_a_vendor_500_is_retried_and_the_answer_comes_from_the_second_call() -> None:
+    vendor = Scripted("a", [error_for_status("a", 500), "fine"])
+    message, served = await resilience(vendor).chat(ask(), None, None)
+    assert message.content == "fine"
+    assert vendor.calls == ["m1", "m1"]
+    assert [a.outcome for a in served.attempts] == ["upstream_error", "ok"]
+    assert isinstance(error_for_status("a", 500), VendorServerError)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RateLimited("slow down", retry_after=0.01),
+        UpstreamUnavailable("down"),
+        UpstreamTimeout("late"),
+    ],
+)
+async def test_retryable_failures_are_retried_up_to_the_limit(error: ProxyError) -> None:
+    vendor = Scripted("a", [error])
+    with pytest.raises(type(error)):
+        await resilience(vendor).chat(ask(), None, None)
+    assert len(vendor.calls) == 3  # one call and two retries
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        InvalidRequest("bad"),
+        error_for_status("a", 401),  # the proxy's vendor key: another try will not help
+        RateLimited("come back tomorrow", retry_after=3600),  # beyond the cap: passed on
+    ],
+)
+async def test_other_failures_are_not_retried(error: ProxyError) -> None:
+    vendor = Scripted("a", [error])
+    with pytest.raises(type(error)) as raised:
+        await resilience(vendor).chat(ask(), None, None)
+    assert vendor.calls == ["m1"]
+    assert raised.value.retry_after == error.retry_after
+
+
+def test_retry_after_is_the_wait_up_to_the_cap() -> None:
+    policy = RetryPolicy(retries=1, backoff_base=0.001, backoff_max=0.002, retry_after_max=5)
+    subject = resilience(Scripted("a", ["x"]), policy=policy)
+
+    class State:
+        def __init__(self, error: BaseException) -> None:
+            self.outcome = self
+            self.attempt_number = 1
+            self._error = error
+
+        def exception(self) -> BaseException:
+            return self._error
+
+    assert subject._wait(State(RateLimited("x", retry_after=3))) == 3  # type: ignore[arg-type]
+    assert subject._wait(State(UpstreamUnavailable("x"))) <= 0.002 + 0.001  # type: ignore[arg-type]
+    assert subject._retryable(RateLimited("x", retry_after=5))
+    assert not subject._retryable(RateLimited("x", retry_after=6))
+
+
+async def test_an_alias_tries_its_chain_in_order_and_says_which_served() -> None:
+    first = Scripted("a", [UpstreamUnavailable("down")])
+    second = Scripted("b", ["from b"])
+    subject = resilience(first, second, fallbacks={"fast": ["a/small", "b/other"]})
+    record = CallRecord("req_1")
+    message, served = await subject.chat(ask("auto", "fast"), None, record)
+    assert message.content == "from b"
+    assert served.target == Target("b", "other")
+    assert (record.provider, record.model, record.upstream_called) == ("b", "other", True)
+    assert len(first.calls) == 3 and second.calls == ["other"]
+    assert served.vendor_calls == 4
+    assert subject.counter.snapshot() == {"a/small upstream_unavailable": 3, "b/other ok": 1}
+
+
+async def test_a_concrete_chain_starts_with_the_requested_model() -> None:
+    vendor = Scripted("a", [error_for_status("a", 404), "second"])
+    subject = resilience(vendor, fallbacks={"a/m1": ["a/m2"]})
+    message, served = await subject.chat(ask("a", "m1"), None, None)
+    assert vendor.calls == ["m1", "m2"] and message.content == "second"
+    assert served.request.model == "m2"
+
+
+async def test_targets_the_principal_may_not_use_are_skipped() -> None:
+    a, b, c = Scripted("a", ["from a"]), Scripted("b", ["from b"]), Scripted("c", ["from c"])
+    subject = resilience(a, b, c, fallbacks={"fast": ["a/x", "b/y", "c/z"]})
+    only_c = Principal("u", permissions=UserPermissions(allowed_providers=("b", "c")))
+    no_y = Principal("u", permissions=UserPermissions(allowed_models=("x", "z")))
+    message, served = await subject.chat(ask("auto", "fast"), only_c, None)
+    assert message.content == "from b" and a.calls == []
+    assert [attempt.outcome for attempt in served.attempts] == ["skipped", "ok"]
+    a.script = [UpstreamUnavailable("down")]
+    message, _ = await subject.chat(ask("auto", "fast"), no_y, None)
+    assert message.content == "from c" and b.calls == ["y"]
+
+
+async def test_nothing_allowed_or_configured_is_the_first_refusal() -> None:
+    subject = resilience(Scripted("a", ["x"]), fallbacks={"fast": ["a/x", "nowhere/y"]})
+    nobody = Principal("u", permissions=UserPermissions(allowed_providers=("nowhere",)))
+    with pytest.raises(Forbidden):
+        await subject.chat(ask("auto", "fast"), nobody, None)
+    with pytest.raises(NotFound):
+        await subject.chat(ask("nowhere", "m"), None, None)
+
+
+async def test_a_failure_that_is_the_callers_is_not_passed_to_the_next_target() -> None:
+    a, b = Scripted("a", [InvalidRequest("bad tools")]), Scripted("b", ["from b"])
+    with pytest.raises(InvalidRequest):
+        await resilience(a, b, fallbacks={"fast": ["a/x", "b/y"]}).chat(
+            ask("a", "fast"), None, None
+        )
+    assert b.calls == []
+
+
+async def test_the_deadline_covers_the_call_and_is_clamped() -> None:
+    subject = resilience(Scripted("a", ["never"], hang=True))
+    with pytest.raises(UpstreamTimeout) as raised:
+        await subject.chat(ask(timeout=0.05), None, None)
+    assert "deadline" in raised.value.message
+    assert subject.deadline(ask(timeout=10_000)) == 30
+    assert subject.deadline(ask()) == 30
+    assert subject.deadline(ask(timeout=2)) == 2
+
+
+async def test_a_stream_is_retried_only_before_its_first_event() -> None:
+    vendor = Scripted("a", [UpstreamUnavailable("down"), "one two"])
+    opened = await resilience(vendor).open_stream(ask(), None, None)
+    assert opened.first == DeltaEvent(content="one")
+    rest = [event async for event in opened.events]
+    assert rest == [DeltaEvent(content="two"), FinishEvent("stop")]
+    assert len(vendor.calls) == 2
+
+    cut = Scripted("a", ["cut midway", "never asked"])
+    opened = await resilience(cut).open_stream(ask(), None, None)
+    with pytest.raises(UpstreamUnavailable):
+        async for _ in opened.events:
+            pass
+    assert cut.calls == ["m1"]
+
+
+async def test_upstream_error_falls_back_too() -> None:
+    a, b = Scripted("a", [UpstreamError("a sent garbage")]), Scripted("b", ["from b"])
+    message, _ = await resilience(a, b, fallbacks={"fast": ["a/x", "b/y"]}).chat(
+        ask("auto", "fast"), None, None
+    )
+    assert message.content == "from b" and a.calls == ["x"]
