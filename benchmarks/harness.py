@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from benchmarks import processes, profiling, report
 from benchmarks.loadgen import Spec
 from benchmarks.processes import Sampler, Server
@@ -321,6 +323,7 @@ def _failed_raw(reason: str) -> dict[str, Any]:
         "ttft_ms": [],
         "gap_ms": [],
         "ok": 0,
+        "ok_in_window": 0,
         "errors": {reason: 1},
         "window_s": 0.0,
         "peak_open_streams": 0,
@@ -331,7 +334,7 @@ def _failed_raw(reason: str) -> dict[str, Any]:
 def settle(target: Target, limit_s: float = 30.0) -> None:
     """Wait until the server is idle (below 5% of a core), so that work left over from the
     previous step (streams whose clients went away) does not count against this one."""
-    if target.server is None:
+    if target.server is None or not target.available:
         return
     deadline = time.monotonic() + limit_s
     before = target.server.cpu_seconds()
@@ -383,9 +386,13 @@ def run_steps(
                     f"[{done}/{total}, ~{eta / 60:.1f} min left] scenario {step.scenario} "
                     f"{step.label} {'stream' if step.stream else 'chat'} -> {name}"
                 )
-                settle(target)
+                for other in targets.values():
+                    settle(other)
+                psutil.cpu_percent()  # starts the machine-wide measurement
                 with Sampler(target.server) as sampler:
                     raw = run_load(step, target, workdir)
+                raw["machine_cpu_pct"] = psutil.cpu_percent()
+                raw["loadavg_1m"] = round(os.getloadavg()[0], 2)
                 raws[name].append(raw)
                 peak, cpu = resources.get(name, (0, 0.0))
                 resources[name] = (max(peak, sampler.peak_rss), cpu + sampler.cpu_s)
@@ -406,6 +413,8 @@ def run_steps(
                 )
                 continue
             raw = merge(runs)
+            raw["machine_cpu_pct"] = max(r.get("machine_cpu_pct", 0.0) for r in runs)
+            raw["loadavg_1m"] = max(r.get("loadavg_1m", 0.0) for r in runs)
             peak, cpu = resources[name]
             key = f"{step.scenario} {step.label}|{name}"
             samples[key] = {k: raw[k] for k in ("latency_ms", "ttft_ms", "gap_ms")}

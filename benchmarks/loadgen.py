@@ -1,7 +1,8 @@
 """Closed-loop load generator (aiohttp on uvloop), run as its own process by the harness.
 
 ``concurrency`` workers each send one request after another until ``duration_s`` is over;
-requests started during the first ``warmup_s`` are not recorded. For each recorded request it
+requests that end during the first ``warmup_s`` are not recorded, and throughput counts the
+requests that end inside the measured window. For each recorded request it
 keeps the whole latency, and for streams the time to the first token and the gaps between
 token chunks (all in milliseconds). It speaks two dialects:
 
@@ -54,9 +55,9 @@ class Result:
     ttft_ms: list[float] = field(default_factory=list)
     gap_ms: list[float] = field(default_factory=list)
     ok: int = 0
+    ok_in_window: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     window_s: float = 0.0
-    started: int = 0
     peak_open_streams: int = 0
     peak_in_flight: int = 0
     wall_s: float = 0.0
@@ -121,6 +122,7 @@ class Load:
         self.result.window_s = spec.duration_s
         if spec.requests_per_worker is not None:  # done when the last request is
             self.result.window_s = self.result.wall_s - spec.warmup_s
+            self.result.ok_in_window = self.result.ok
         return self.result
 
     async def _worker(self, session: aiohttp.ClientSession) -> None:
@@ -134,48 +136,56 @@ class Load:
                 if sent >= self.spec.requests_per_worker:
                     return
                 sent += 1
-            recorded = started >= self.measure_from
-            if recorded:
-                result.started += 1
             self.in_flight += 1
             result.peak_in_flight = max(result.peak_in_flight, self.in_flight)
+            ttft: float | None = None
+            gaps: list[float] = []
             try:
-                error = await self._one(session, started, recorded)
+                error, ttft, gaps = await self._one(session, started)
             except TimeoutError:
                 error = "timeout"
             except aiohttp.ClientError as exc:
                 error = type(exc).__name__
             finally:
                 self.in_flight -= 1
-            if not recorded:
+            finished = time.perf_counter()
+            # Recorded: every request that ends after the warm-up (a slow proxy may take longer
+            # than the warm-up for a single request); throughput counts those ending in time.
+            if finished < self.measure_from:
                 continue
             if error is None:
                 result.ok += 1
-                result.latency_ms.append((time.perf_counter() - started) * 1000)
+                if finished <= self.end:
+                    result.ok_in_window += 1
+                result.latency_ms.append((finished - started) * 1000)
+                if ttft is not None:
+                    result.ttft_ms.append(ttft)
+                    result.gap_ms.extend(gaps)
             else:
                 self.errors[error] += 1
                 await asyncio.sleep(0.01)  # a refusing server must not turn this into a spin
 
     async def _one(
-        self, session: aiohttp.ClientSession, started: float, recorded: bool
-    ) -> str | None:
+        self, session: aiohttp.ClientSession, started: float
+    ) -> tuple[str | None, float | None, list[float]]:
+        """One request: (error or None, time to first token in ms, gaps between tokens)."""
         async with session.post(self.url, data=self.body, headers=self.headers) as response:
             if response.status != 200:
                 await response.read()
-                return f"HTTP {response.status}"
+                return f"HTTP {response.status}", None, []
             if not self.spec.stream:
                 payload = await response.read()
-                return None if b"tok" in payload else "reply without content"
+                return (None if b"tok" in payload else "reply without content"), None, []
             self.open_streams += 1
             self.result.peak_open_streams = max(self.result.peak_open_streams, self.open_streams)
             try:
-                return await self._read_stream(response, started, recorded)
+                return await self._read_stream(response, started)
             finally:
                 self.open_streams -= 1
 
     async def _read_stream(
-        self, response: aiohttp.ClientResponse, started: float, recorded: bool
-    ) -> str | None:
+        self, response: aiohttp.ClientResponse, started: float
+    ) -> tuple[str | None, float | None, list[float]]:
         robota = self.spec.kind == "robota"
         first: float | None = None
         last = 0.0
@@ -184,45 +194,39 @@ class Load:
         finished = False
         async for line in response.content:
             if robota:
-                if line.startswith(b"event: "):
-                    name = line[7:].strip()
-                    if name == b"delta":
-                        token = True
-                    elif name == b"done":
-                        finished = True
-                        continue
-                    elif name == b"error":
-                        return "stream error event"
-                    else:
-                        continue
-                else:
+                if not line.startswith(b"event: "):
+                    continue
+                name = line[7:].strip()
+                if name == b"done":
+                    finished = True
+                    continue
+                if name == b"error":
+                    return "stream error event", None, []
+                if name != b"delta":
                     continue
             elif line.startswith(b"data: "):
                 if line.startswith(b"data: [DONE]"):
                     finished = True
                     continue
-                token = _OPENAI_TOKEN.search(line) is not None
+                if _OPENAI_TOKEN.search(line) is None:
+                    continue
             else:
                 continue
-            if token:
-                now = time.perf_counter()
-                tokens += 1
-                if first is None:
-                    first = now
-                else:
-                    gaps.append((now - last) * 1000)
-                last = now
+            now = time.perf_counter()
+            tokens += 1
+            if first is None:
+                first = now
+            else:
+                gaps.append((now - last) * 1000)
+            last = now
         if not finished:
-            return "stream ended early"
+            return "stream ended early", None, []
         if first is None:
-            return "stream without tokens"
+            return "stream without tokens", None, []
         expected = self.spec.expect_tokens
         if expected is not None and tokens != expected:
-            return f"stream with {tokens} tokens, expected {expected}"
-        if recorded:
-            self.result.ttft_ms.append((first - started) * 1000)
-            self.result.gap_ms.extend(gaps)
-        return None
+            return f"stream with {tokens} tokens, expected {expected}", None, []
+        return None, (first - started) * 1000, gaps
 
 
 def run(spec: Spec) -> Result:

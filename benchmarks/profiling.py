@@ -167,9 +167,10 @@ def profile_proxy(
         except subprocess.TimeoutExpired:
             recorder.kill()
             output, _ = recorder.communicate()
+        rps = raw["ok_in_window"] / max(raw["window_s"], 1e-9)
         entry: dict[str, Any] = {
             "label": label,
-            "throughput_rps_while_profiled": round(raw["ok"] / max(raw["window_s"], 1e-9), 1),
+            "throughput_rps_while_profiled": round(rps, 1),
             "file": str(raw_path),
         }
         if recorder.returncode != 0 or not raw_path.exists():

@@ -261,7 +261,9 @@ def markdown(document: dict[str, Any]) -> str:
         "",
         "Added = proxy minus direct (the load generator against the fake upstream itself), in ms;",
         "x direct / x LiteLLM = ratio of the same figure. Closed loop: at concurrency c, "
-        "latency includes queueing (about c / throughput once the proxy saturates).",
+        "latency includes queueing (about c / throughput once the proxy saturates). "
+        "Machine CPU % = all processes on the machine during the step (100 = all cores busy); "
+        "other people's tests share this machine, so compare targets within a step.",
         "",
         "## Targets",
         "",
@@ -322,12 +324,13 @@ def _step_table(results: list[dict[str, Any]], step: str, rows: list[dict[str, A
         header = (
             "| target | streams/s | TTFT p50 | TTFT p99 | added TTFT p50 | added TTFT p99 "
             "| gap p50 | gap p99 | added gap p99 | latency p50 | latency p99 | errors "
-            "| peak open | RSS MB | CPU ms/req |"
+            "| peak open | RSS MB | CPU ms/req | machine CPU % |"
         )
     else:
         header = (
             "| target | req/s | p50 | p90 | p99 | added p50 | added p90 | added p99 "
-            "| p50 x direct | p50 x LiteLLM | req/s x LiteLLM | errors | RSS MB | CPU ms/req |"
+            "| p50 x direct | p50 x LiteLLM | req/s x LiteLLM | errors | RSS MB | CPU ms/req "
+            "| machine CPU % |"
         )
     out = [header, "|" + " --- |" * (header.count("|") - 1)]
     for row in rows:
@@ -342,6 +345,7 @@ def _step_table(results: list[dict[str, Any]], step: str, rows: list[dict[str, A
             kinds = ", ".join(f"{k}: {v}" for k, v in list(s["error_kinds"].items())[:3])
             errors += f" ({kinds})"
         rss, cpu = _fmt(s.get("peak_rss_mb"), 0), _fmt(s.get("cpu_ms_per_request"), 3)
+        machine = _fmt(s.get("machine_cpu_pct"), 0)
         if stream:
             cells = [
                 _fmt(s["throughput_rps"], 1),
@@ -358,6 +362,7 @@ def _step_table(results: list[dict[str, Any]], step: str, rows: list[dict[str, A
                 str(s.get("peak_open_streams", "-")),
                 rss,
                 cpu,
+                machine,
             ]
         else:
             p50 = _get(entry, "latency_ms.p50")
@@ -381,6 +386,7 @@ def _step_table(results: list[dict[str, Any]], step: str, rows: list[dict[str, A
                 errors,
                 rss,
                 cpu,
+                machine,
             ]
         out.append(f"| {name} | " + " | ".join(cells) + " |")
     return out

@@ -37,7 +37,7 @@ def summarize(raw: dict[str, Any], peak_rss: int, cpu_s: float | None) -> dict[s
         "ok": ok,
         "errors": sum(raw["errors"].values()),
         "error_kinds": raw["errors"],
-        "throughput_rps": round(ok / window, 1) if window else None,
+        "throughput_rps": round(raw["ok_in_window"] / window, 1) if window else None,
         "latency_ms": distribution(raw["latency_ms"]),
         "peak_in_flight": raw["peak_in_flight"],
     }
@@ -45,6 +45,9 @@ def summarize(raw: dict[str, Any], peak_rss: int, cpu_s: float | None) -> dict[s
         summary["ttft_ms"] = distribution(raw["ttft_ms"])
         summary["gap_ms"] = distribution(raw["gap_ms"])
         summary["peak_open_streams"] = raw["peak_open_streams"]
+    for key in ("machine_cpu_pct", "loadavg_1m"):
+        if key in raw:
+            summary[key] = raw[key]
     if peak_rss:
         summary["peak_rss_mb"] = round(peak_rss / 2**20, 1)
     if cpu_s is not None and ok:
@@ -59,6 +62,7 @@ def merge(raws: list[dict[str, Any]]) -> dict[str, Any]:
         "ttft_ms": [],
         "gap_ms": [],
         "ok": 0,
+        "ok_in_window": 0,
         "errors": {},
         "window_s": 0.0,
         "peak_open_streams": 0,
@@ -68,6 +72,7 @@ def merge(raws: list[dict[str, Any]]) -> dict[str, Any]:
         for key in ("latency_ms", "ttft_ms", "gap_ms"):
             merged[key].extend(raw[key])
         merged["ok"] += raw["ok"]
+        merged["ok_in_window"] += raw["ok_in_window"]
         merged["window_s"] += raw["window_s"]
         for kind, count in raw["errors"].items():
             merged["errors"][kind] = merged["errors"].get(kind, 0) + count
