@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+import anyio
 from sqlalchemy import ColumnElement, and_, case, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -113,6 +114,8 @@ class UsageReport:
 class UsageStore:
     def __init__(self, database: Database) -> None:
         self.database = database
+        self._queue: list[_Settle] = []
+        self._writing = False
 
     @property
     def _engine(self) -> Any:
@@ -170,14 +173,42 @@ class UsageStore:
             await conn.execute(_release(reservation))
 
     async def settle(self, entry: LedgerEntry, reservation: Reservation | None) -> None:
-        """Release the reservation, count the usage and write the ledger row, atomically."""
-        period = period_of(entry.created_at)
-        async with self._engine.begin() as conn:
-            if reservation is not None and reservation.period != period:
-                await conn.execute(_release(reservation))
-                reservation = None
-            await conn.execute(_add_usage(conn, entry, period, reservation))
-            await conn.execute(ledger.insert().values(**_ledger_values(entry)))
+        """Release the reservation, count the usage and write the ledger row, atomically;
+        returns once they are committed.
+
+        Group commit: settles that arrive while a transaction is being written wait for it
+        and are then written together, in one transaction (one counters upsert per user and
+        month, one multi-row ledger insert). Under load that turns hundreds of small
+        transactions into a few, which is what SQLite, with its single writer, needs; every
+        settle is still all-or-nothing with its ledger row."""
+        waiting = _Settle(entry, reservation)
+        self._queue.append(waiting)
+        if not self._writing:
+            self._writing = True
+            try:
+                while self._queue:
+                    batch, self._queue = self._queue, []
+                    await self._write(batch)
+            finally:
+                self._writing = False
+        await waiting.done.wait()
+        if waiting.error is not None:
+            raise waiting.error
+
+    async def _write(self, batch: list[_Settle]) -> None:
+        try:
+            async with self._engine.begin() as conn:
+                await _write_settles(conn, batch)
+        except Exception as exc:
+            if len(batch) == 1:
+                batch[0].finish(exc)
+                return
+            # One bad settle must not lose the others: write them one by one.
+            for one in batch:
+                await self._write([one])
+            return
+        for one in batch:
+            one.finish(None)
 
     # --- reading ----------------------------------------------------------------------------
 
@@ -219,6 +250,50 @@ class UsageStore:
         return Counters(tokens_used=int(row[0]), cost_used_pico=int(row[1]), requests=int(row[2]))
 
 
+class _Settle:
+    """One settle waiting for the transaction that writes it."""
+
+    def __init__(self, entry: LedgerEntry, reservation: Reservation | None) -> None:
+        self.entry = entry
+        self.reservation = reservation
+        self.done = anyio.Event()
+        self.error: Exception | None = None
+
+    def finish(self, error: Exception | None) -> None:
+        self.error = error
+        self.done.set()
+
+
+@dataclass(slots=True)
+class _Sums:
+    tokens: int = 0
+    cost: int = 0
+    requests: int = 0
+    held_tokens: int = 0
+    held_cost: int = 0
+
+
+async def _write_settles(conn: AsyncConnection, batch: list[_Settle]) -> None:
+    sums: dict[tuple[str, str], _Sums] = {}
+    for one in batch:
+        entry, reservation = one.entry, one.reservation
+        period = period_of(entry.created_at)
+        if reservation is not None and reservation.period != period:
+            # Reserved in one month, settled in the next: give back where it was held.
+            await conn.execute(_release(reservation))
+            reservation = None
+        total = sums.setdefault((entry.user, period), _Sums())
+        total.tokens += entry.quota_tokens
+        total.cost += entry.cost_pico
+        total.requests += 1
+        if reservation is not None:
+            total.held_tokens += reservation.tokens
+            total.held_cost += reservation.cost_pico
+    for (user, period), total in sorted(sums.items()):  # sorted: one lock order for all
+        await conn.execute(_add_usage(conn, user, period, total))
+    await conn.execute(ledger.insert(), [_ledger_values(one.entry) for one in batch])
+
+
 # --- statements ---------------------------------------------------------------------------------
 
 
@@ -254,29 +329,26 @@ def _release(reservation: Reservation) -> Any:
     )
 
 
-def _add_usage(
-    conn: AsyncConnection, entry: LedgerEntry, period: str, reservation: Reservation | None
-) -> Any:
-    """One upsert: a user without limits may have no counters row yet."""
-    held_tokens = reservation.tokens if reservation else 0
-    held_cost = reservation.cost_pico if reservation else 0
+def _add_usage(conn: AsyncConnection, user: str, period: str, total: _Sums) -> Any:
+    """One upsert: a user without limits may have no counters row yet (and then holds no
+    reservation either)."""
     insert = _insert(conn)(counters).values(
-        user_id=entry.user,
+        user_id=user,
         period=period,
-        tokens_used=entry.quota_tokens,
+        tokens_used=total.tokens,
         tokens_reserved=0,
-        cost_used_pico=entry.cost_pico,
+        cost_used_pico=total.cost,
         cost_reserved_pico=0,
-        requests=1,
+        requests=total.requests,
     )
     return insert.on_conflict_do_update(
         index_elements=[counters.c.user_id, counters.c.period],
         set_={
-            "tokens_used": counters.c.tokens_used + entry.quota_tokens,
-            "tokens_reserved": counters.c.tokens_reserved - held_tokens,
-            "cost_used_pico": counters.c.cost_used_pico + entry.cost_pico,
-            "cost_reserved_pico": counters.c.cost_reserved_pico - held_cost,
-            "requests": counters.c.requests + 1,
+            "tokens_used": counters.c.tokens_used + total.tokens,
+            "tokens_reserved": counters.c.tokens_reserved - total.held_tokens,
+            "cost_used_pico": counters.c.cost_used_pico + total.cost,
+            "cost_reserved_pico": counters.c.cost_reserved_pico - total.held_cost,
+            "requests": counters.c.requests + total.requests,
         },
     )
 

@@ -172,3 +172,41 @@ async def test_report_totals_per_day_and_model(store: UsageStore) -> None:
         user: 600,
         other: 999,
     }
+
+
+@pytest.mark.anyio
+async def test_concurrent_settles_are_written_together_and_still_add_up(
+    store: UsageStore,
+) -> None:
+    users = [unique("eve"), unique("frank")]
+    when = datetime(2030, 5, 5, tzinfo=UTC)
+    period = period_of(when)
+    held: list[Reservation] = []
+    for index in range(20):
+        result = await store.reserve(
+            users[index % 2],
+            period,
+            tokens=50,
+            cost_pico=500,
+            token_limit=None,
+            cost_limit_pico=None,
+        )
+        assert isinstance(result, Reservation)
+        held.append(result)
+
+    async def one(index: int) -> None:
+        reservation = held[index] if index < 20 else None
+        await store.settle(
+            entry(users[index % 2], when=when, cost=index, request_id=f"req_{index}"), reservation
+        )
+
+    async with anyio.create_task_group() as group:
+        for index in range(60):
+            group.start_soon(one, index)
+    for number, user in enumerate(users):
+        counters = await store.counters(user, period)
+        summed = await store.ledger_totals(user, period)
+        assert (counters.tokens_reserved, counters.cost_reserved_pico) == (0, 0)
+        assert counters.requests == summed.requests == 30
+        assert counters.cost_used_pico == summed.cost_used_pico == sum(range(number, 60, 2))
+        assert counters.tokens_used == summed.tokens_used == 30 * 15
