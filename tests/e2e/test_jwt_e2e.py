@@ -8,7 +8,6 @@ import base64
 import json
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -174,15 +173,3 @@ def test_trusted_claims_set_the_permissions(
         claims(**{NAMESPACE: {"allowedFeatures": ["teleport"]}}), rsa_key, algorithm="RS256"
     )
     assert chat(rs_proxy.url, bad_claim).status_code == 401
-
-
-def test_unreadable_public_key_stops_the_proxy_at_start(
-    fake_server: FakeVendors, tmp_path: Path
-) -> None:
-    env = _env(
-        fake_server,
-        f"sqlite:///{tmp_path / 'r.db'}",
-        ROBOTA_JWT_PUBLIC_KEY_FILE=str(tmp_path / "missing.pem"),
-    )
-    with pytest.raises(RuntimeError, match="ROBOTA_JWT_PUBLIC_KEY_FILE"):
-        start_proxy(env, tmp_path / "proxy.log")

@@ -153,9 +153,10 @@ def test_no_key_in_the_proxy_log(keyed_proxy: ProxyProcess, database_url: str) -
     assert "wrong-admin-key" not in log
 
 
-def test_failed_authentications_are_limited(
-    fake_server: FakeVendors, tmp_path: Path, database_url: str
+def test_failed_authentications_are_limited_and_admin_api_off_without_a_key(
+    fake_server: FakeVendors, tmp_path: Path
 ) -> None:
+    """One proxy for two things: a low failure limit, and no ROBOTA_ADMIN_KEY."""
     env = {
         **vendor_env(fake_server),
         "ROBOTA_DATABASE_URL": f"sqlite:///{tmp_path / 'limit.db'}",
@@ -164,6 +165,9 @@ def test_failed_authentications_are_limited(
     }
     limited = start_proxy(env, tmp_path / "proxy.log")
     try:
+        off = httpx.get(f"{limited.url}/admin/keys", headers={"Authorization": "Bearer x"})
+        assert off.status_code == 403
+        assert "ROBOTA_ADMIN_KEY" in off.json()["error"]["message"]
         assert chat(limited.url, USER_KEY).status_code == 200  # successes do not count
         for _ in range(5):
             assert chat(limited.url, "rk_guessguess_" + "g" * 41).status_code == 401

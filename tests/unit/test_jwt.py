@@ -15,8 +15,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from robota_proxy.app import create_app
 from robota_proxy.policy.jwt import JwtAuthenticator, JwtConfigError, verification_key
 from robota_proxy.policy.principals import UserPermissions
+from robota_proxy.settings import Settings
 
 pytestmark = pytest.mark.anyio
 
@@ -174,3 +176,12 @@ def test_configuration_errors(tmp_path: Path) -> None:
     with pytest.raises(JwtConfigError, match="none"):
         JwtAuthenticator(SECRET, ["HS256", "none"])
     assert verification_key(SECRET, None, ["HS384"])[1] == ["HS384"]
+
+
+def test_a_proxy_with_unusable_jwt_settings_does_not_start(tmp_path: Path) -> None:
+    """Refusing to build the app beats a proxy that answers 401 to every token."""
+    with pytest.raises(JwtConfigError, match="ROBOTA_JWT_PUBLIC_KEY_FILE"):
+        create_app(Settings(jwt_public_key_file=tmp_path / "missing.pem"))
+    with pytest.raises(JwtConfigError, match="cannot be used"):
+        create_app(Settings(jwt_secret=SECRET, jwt_algorithms=["RS256"]))
+    assert create_app(Settings(jwt_secret=SECRET)) is not None
