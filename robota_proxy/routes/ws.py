@@ -309,7 +309,13 @@ class Session:
         except OSError:
             pass
         finally:
-            self.calls.pop(call.id, None)
+            self._done(call)
+
+    def _done(self, call: _Call) -> None:
+        """Out of the in-flight count once its answer is complete (the internal call may
+        still be settling its bill), so a client can send its next request at once."""
+        if self.calls.get(call.id) is call:
+            del self.calls[call.id]
 
     async def _forward(
         self,
@@ -348,10 +354,12 @@ class Session:
                     await self.emit(frame)
                     if sse.event in ("done", "error"):
                         call.terminal = True
+                        self._done(call)
             else:
                 content = b"".join([chunk async for chunk in chunks])
                 await self.emit(_whole_answer(call.id, status, content))
                 call.terminal = True
+                self._done(call)
 
 
 class _Chunks(httpx.AsyncByteStream):
