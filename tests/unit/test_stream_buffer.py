@@ -1,0 +1,107 @@
+"""The stream buffer backends (memory, and a real Redis) behave the same: numbered entries,
+reads from a position that wait for more, owner, cancel marker, attached readers."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+
+from robota_proxy.streams.buffer import (
+    CANCELLED,
+    Entry,
+    StreamBuffer,
+    event_id,
+    new_stream_id,
+    parse_event_id,
+)
+from robota_proxy.streams.memory import MemoryStreamBuffer
+from robota_proxy.streams.redis import RedisStreamBuffer
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def buffer(request: pytest.FixtureRequest, redis_url: str) -> AsyncIterator[StreamBuffer]:
+    made: StreamBuffer = (
+        MemoryStreamBuffer(60) if request.param == "memory" else RedisStreamBuffer(redis_url, 60)
+    )
+    yield made
+    await made.aclose()
+
+
+async def read_all(buffer: StreamBuffer, stream_id: str, after: int) -> list[Entry]:
+    return [entry async for entry in buffer.read(stream_id, after)]
+
+
+async def test_reads_from_a_position_up_to_the_terminal_entry(buffer: StreamBuffer) -> None:
+    stream_id = new_stream_id()
+    await buffer.open(stream_id, "alice")
+    entries = [Entry(1, "delta", '{"content":"a"}'), Entry(2, "delta", '{"content":"b"}')]
+    entries.append(Entry(3, "done", "{}"))
+    for entry in entries:
+        await buffer.append(stream_id, entry)
+    assert await read_all(buffer, stream_id, 0) == entries
+    assert await read_all(buffer, stream_id, 2) == entries[2:]
+    assert await buffer.owner(stream_id) == "alice"
+    assert await buffer.owner(new_stream_id()) is None
+    assert not await buffer.cancelled(stream_id)
+
+
+async def test_a_reader_waits_for_entries_still_to_come(buffer: StreamBuffer) -> None:
+    stream_id = new_stream_id()
+    await buffer.open(stream_id, "bob")
+    await buffer.append(stream_id, Entry(1, "delta", "{}"))
+    seen: list[Entry] = []
+
+    async def reader() -> None:
+        seen.extend(await read_all(buffer, stream_id, 0))
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(reader)
+        await anyio.wait_all_tasks_blocked()
+        await buffer.append(stream_id, Entry(2, CANCELLED, "{}"))
+    assert [entry.seq for entry in seen] == [1, 2]
+    assert await buffer.cancelled(stream_id)
+
+
+async def test_attached_counts_connections(buffer: StreamBuffer) -> None:
+    stream_id = new_stream_id()
+    await buffer.open(stream_id, "carol")
+    assert not await buffer.attached(stream_id)
+    async with buffer.attach(stream_id):
+        assert await buffer.attached(stream_id)
+        async with buffer.attach(stream_id):
+            assert await buffer.attached(stream_id)
+        assert await buffer.attached(stream_id)
+    assert not await buffer.attached(stream_id)
+
+
+async def test_memory_streams_expire_a_window_after_they_end() -> None:
+    now = [100.0]
+    buffer = MemoryStreamBuffer(60, clock=lambda: now[0])
+    ended, running = new_stream_id(), new_stream_id()
+    await buffer.open(ended, "dave")
+    await buffer.open(running, "dave")
+    await buffer.append(ended, Entry(1, "done", "{}"))
+    now[0] += 59
+    assert await buffer.owner(ended) == "dave"
+    now[0] += 2
+    await buffer.open(new_stream_id(), "erin")  # sweeps
+    assert await buffer.owner(ended) is None
+    assert await buffer.owner(running) == "dave", "a stream still producing never expires"
+    assert len(buffer) == 2
+
+
+def test_event_ids_locate_a_stream_and_a_position() -> None:
+    stream_id = f"s_{uuid.uuid4().hex}"
+    assert parse_event_id(event_id(stream_id, 42)) == (stream_id, 42)
+    for bad in ("42", "s_x:1", f"{stream_id}:", f"{stream_id}:-1", f"{stream_id}:1e3"):
+        assert parse_event_id(bad) is None
