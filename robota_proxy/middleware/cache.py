@@ -10,7 +10,8 @@ is the SHA-256 of the canonical JSON of the scope (``user:<principal>`` by defau
 ``shared``), provider, model, messages (as the vendor sees them: a message's ``id``,
 ``timestamp`` and ``metadata`` are left out), tools and options (less ``cache`` and
 ``timeout``, which do not change the answer). ``Cache-Control: no-cache`` skips the read,
-``no-store`` the write.
+``no-store`` the write; on the stream route only ``X-Robota-Cache-Control`` (also accepted on
+the plain route) says so, see ``cache_directives``.
 
 Only a complete success is stored: a 200 JSON answer, or a stream whose last event is
 ``done`` with no ``error`` before it, while the call record says ``ok``. The entry keeps the
@@ -24,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -94,10 +96,17 @@ def cache_key(scope_name: str, request: ChatRequest) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def cache_directives(scope: Scope) -> set[str]:
+def cache_directives(scope: Scope, streamed: bool) -> set[str]:
+    """``no-cache`` / ``no-store`` from ``X-Robota-Cache-Control`` and, on the plain route,
+    ``Cache-Control``. Not ``Cache-Control`` on the stream route: SSE clients send it on every
+    request as a transport matter (httpx-sse ``no-store``, browsers' EventSource
+    ``no-cache``), which would otherwise switch the cache off for every stream."""
+    names = (
+        (b"x-robota-cache-control",) if streamed else (b"x-robota-cache-control", b"cache-control")
+    )
     directives: set[str] = set()
     for name, value in scope.get("headers", ()):
-        if name == b"cache-control":
+        if name in names:
             text = value.decode("latin-1").lower()
             directives.update(part.strip() for part in text.split(",") if part.strip())
     return directives
@@ -178,11 +187,16 @@ def _events_of(message: AssistantMessage) -> list[StreamEvent]:
 
 class _Capture:
     """Passes the route's response on, adding the MISS header, and keeps a copy of the body
-    (up to a bound) to store once it is complete."""
+    (up to a bound). ``on_complete`` runs when the last body message arrives, *before* it is
+    passed on: a client that asks again as soon as it has the whole answer finds it stored
+    (a stream's producer may still be winding down well after the last byte went out)."""
 
-    def __init__(self, send: Send, max_bytes: int) -> None:
+    def __init__(
+        self, send: Send, max_bytes: int, on_complete: Callable[[_Capture], Awaitable[None]]
+    ) -> None:
         self._send = send
         self._max_bytes = max_bytes
+        self._on_complete = on_complete
         self.status = 0
         self.chunks: list[bytes] = []
         self.size = 0
@@ -206,6 +220,7 @@ class _Capture:
                 self.chunks.append(body)
             if not message.get("more_body", False):
                 self.complete = True
+                await self._on_complete(self)
         await self._send(message)
 
     @property
@@ -251,7 +266,7 @@ class CacheMiddleware:
         if not is_cacheable(body):
             await self.app(scope, receive, send)
             return
-        directives = cache_directives(scope)
+        directives = cache_directives(scope, streamed)
         key = cache_key(self._scope_name(scope), body)
         if "no-cache" not in directives:
             raw = await self.cache.get(key)
@@ -260,12 +275,15 @@ class CacheMiddleware:
                 log.info("cache hit %s %s/%s", request_id, body.provider, body.model)
                 await self._hit(answer, streamed, scope, receive, send)
                 return
-        capture = _Capture(send, self.max_entry_bytes)
-        await self.app(scope, receive, capture.send)
-        if "no-store" not in directives:
-            stored = self._answer(capture, streamed, scope)
-            if stored is not None:
-                await self.cache.set(key, stored.to_bytes())
+
+        async def store(capture: _Capture) -> None:
+            if "no-store" in directives:
+                return
+            answer = self._answer(capture, streamed, scope)
+            if answer is not None:
+                await self.cache.set(key, answer.to_bytes())
+
+        await self.app(scope, receive, _Capture(send, self.max_entry_bytes, store).send)
 
     def _scope_name(self, scope: Scope) -> str:
         if self.scope == "shared":
