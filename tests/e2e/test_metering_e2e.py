@@ -299,6 +299,8 @@ async def test_me_shows_what_is_left_and_bad_dates_are_400(
         tokens = me.limits.monthly_tokens
         assert tokens is not None and tokens.used > 0 and tokens.remaining == 100000 - tokens.used
         assert me.limits.rpm is not None and me.limits.rpm.limit == 50
+        # Read from the rate limiter: the chat call above counted against the minute.
+        assert me.limits.rpm.remaining is not None and me.limits.rpm.remaining < 50
         report = await ai.usage(since=datetime.now(UTC).date(), until=datetime.now(UTC).date())
         assert report.totals.cost_usd == budget.used_usd
     with pytest.raises(RemoteError):
