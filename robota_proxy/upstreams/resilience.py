@@ -229,6 +229,8 @@ class Resilience:
         call: Callable[[Upstream, ChatRequest], Awaitable[T]],
     ) -> tuple[T, Served]:
         attempts: list[Attempt] = []
+        # What the log lines name: the request and what the caller asked for.
+        label = f"{record.request_id if record else '-'} {request.provider}/{request.model}"
         refused: ProxyError | None = None
         failed: ProxyError | None = None
         for target in self.targets(request):
@@ -238,14 +240,14 @@ class Resilience:
                     principal.permissions.authorize(sent, feature)
                 upstream = self.registry.resolve(sent)
             except (Forbidden, NotFound) as exc:
-                self._note(attempts, Attempt(target, "skipped", 0), request.model, exc.code)
+                self._note(attempts, Attempt(target, "skipped", 0), label, exc.code)
                 refused = refused or exc
                 continue
             if record is not None:
                 record.provider, record.model = target.provider, target.model
                 record.upstream_called = True
             try:
-                result = await self._retrying(target, upstream, sent, attempts, call)
+                result = await self._retrying(target, upstream, sent, attempts, label, call)
             except _FALLS_BACK as exc:
                 failed = exc
                 continue
@@ -263,6 +265,7 @@ class Resilience:
         upstream: Upstream,
         sent: ChatRequest,
         attempts: list[Attempt],
+        label: str,
         call: Callable[[Upstream, ChatRequest], Awaitable[T]],
     ) -> T:
         retrying = AsyncRetrying(
@@ -286,7 +289,7 @@ class Resilience:
                     raise
                 finally:
                     ms = round((time.perf_counter() - started) * 1000)
-                    self._note(attempts, Attempt(target, outcome, ms), sent.model)
+                    self._note(attempts, Attempt(target, outcome, ms), label)
                 return result
         raise AssertionError("tenacity ended without a result or an error")  # pragma: no cover
 
@@ -303,16 +306,14 @@ class Resilience:
             return min(error.retry_after, self.policy.retry_after_max)
         return float(self._backoff(state))
 
-    def _note(
-        self, attempts: list[Attempt], attempt: Attempt, requested: str, why: str = ""
-    ) -> None:
+    def _note(self, attempts: list[Attempt], attempt: Attempt, label: str, why: str = "") -> None:
         attempts.append(attempt)
         self.counter.add(attempt)
         # Provider, model, outcome and time only: never a key, never vendor text.
         log.info(
             "upstream attempt %d for %s: %s %s in %d ms%s",
             len(attempts),
-            requested,
+            label,
             attempt.target,
             attempt.outcome,
             attempt.ms,
