@@ -60,6 +60,21 @@ CHAIN_PROFILES: dict[str, dict[str, Any]] = {
 VARIANTS: dict[str, dict[str, Any]] = {
     "robota-quiet": {"workers": 1, "env": {"ROBOTA_LOG_LEVEL": "warning"}},
     "robota-2w": {"workers": 2, "env": {}},
+    # The ledger on PostgreSQL (a connection pool) instead of the default SQLite file.
+    "robota-pg": {
+        "workers": 1,
+        "env": {"ROBOTA_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/test"},
+    },
+    "robota-pool100": {"workers": 1, "env": {"ROBOTA_MAX_CONNECTIONS_PER_VENDOR": "100"}},
+    "robota-nocache": {"workers": 1, "env": {"ROBOTA_CACHE_ENABLED": "false"}},
+    "robota-lean": {
+        "workers": 1,
+        "env": {
+            "ROBOTA_LOG_LEVEL": "warning",
+            "ROBOTA_CACHE_ENABLED": "false",
+            "ROBOTA_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/test",
+        },
+    },
 }
 
 

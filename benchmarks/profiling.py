@@ -8,6 +8,7 @@ everything they call (inclusive), and packages.
 
 from __future__ import annotations
 
+import linecache
 import re
 import shutil
 import subprocess
@@ -61,7 +62,22 @@ def package_of(file: str) -> str:
     return name if name in _PACKAGES else f"stdlib/{name}" if "python3" in file else name
 
 
+#: A leaf frame on one of these source lines is a thread waiting, not working. py-spy cannot
+#: always tell (a thread blocked on a queue or lock in C looks busy), e.g. aiosqlite's
+#: connection threads parked on ``tx.get()``.
+_WAITING = re.compile(r"(\.get\(|\.wait\(|\.acquire\(|\bselect\(|\bsleep\(|\.join\()")
+
+
+def is_waiting(file: str, line: str | None) -> bool:
+    if not line:
+        return False
+    source = linecache.getline(file, int(line))
+    return bool(_WAITING.search(source))
+
+
 def summarize_collapsed(text: str, top: int = 20) -> dict[str, Any]:
+    """Shares of the samples of threads that were working (waiting leaves left out)."""
+    waiting = 0
     self_time: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     package_self: Counter[str] = Counter()
@@ -76,13 +92,19 @@ def summarize_collapsed(text: str, top: int = 20) -> dict[str, Any]:
         frames = [f for f in stack.split(";") if f]
         # py-spy's first frame is the thread ("process 123:..."); keep the Python frames.
         parsed = []
+        leaf_file, leaf_line = "", None
         for frame in frames:
             match = _FRAME.match(frame)
             if match is None:
                 continue
             file = match["file"]
+            leaf_file, leaf_line = file, match["line"]
             parsed.append((f"{match['func']} ({_short(file)})", package_of(file)))
         if not parsed:
+            continue
+        if is_waiting(leaf_file, leaf_line):
+            waiting += count
+            total -= count
             continue
         leaf, leaf_pkg = parsed[-1]
         self_time[leaf] += count
@@ -97,6 +119,7 @@ def summarize_collapsed(text: str, top: int = 20) -> dict[str, Any]:
 
     return {
         "samples": total,
+        "waiting_samples_left_out": waiting,
         "self_pct": pct(self_time, top),
         "inclusive_pct": pct(inclusive, top + 10),
         "package_self_pct": pct(package_self, 15),
@@ -112,6 +135,18 @@ def _short(file: str) -> str:
         if root in parts:
             return "/".join(parts[parts.index(root) :])
     return "/".join(parts[-2:])
+
+
+def main() -> None:
+    """``python -m benchmarks.profiling FILE.collapsed.txt``: summarise a recorded profile."""
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m benchmarks.profiling FILE.collapsed.txt")
+    summary = summarize_collapsed(Path(sys.argv[1]).read_text(errors="replace"))
+    print(f"{summary['samples']} working samples ({summary['waiting_samples_left_out']} waiting)")
+    for key in ("package_self_pct", "package_inclusive_pct", "self_pct", "inclusive_pct"):
+        print(f"\n{key}:")
+        for name, pct in summary[key]:
+            print(f"  {pct:5.1f}  {name}")
 
 
 def profile_proxy(
@@ -179,3 +214,7 @@ def profile_proxy(
             entry.update(summarize_collapsed(raw_path.read_text(errors="replace")))
         profiles.append(entry)
     return profiles
+
+
+if __name__ == "__main__":
+    main()

@@ -294,7 +294,9 @@ def markdown(document: dict[str, Any]) -> str:
             lines.append(f"profile failed: {profile['error']}")
             continue
         lines.append(
-            f"{profile['samples']} samples at 200 Hz while serving "
+            f"{profile['samples']} working samples at 200 Hz "
+            f"({profile.get('waiting_samples_left_out', 0)} of threads waiting left out) while "
+            "serving "
             f"{profile['throughput_rps_while_profiled']} req/s; raw stacks: `{profile['file']}`"
         )
         lines += [
@@ -440,3 +442,29 @@ def plot(samples: dict[str, dict[str, list[float]]], path: Any) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def main() -> None:
+    """``python -m benchmarks.report RESULTS.json``: summarise the profiles again from their
+    raw stacks and rewrite the JSON and Markdown (after a change to the summaries)."""
+    import json
+    import sys
+
+    from benchmarks.profiling import summarize_collapsed
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m benchmarks.report RESULTS.json")
+    path = Path(sys.argv[1])
+    document = json.loads(path.read_text(encoding="utf-8"))
+    for profile in document.get("profiles", []):
+        raw = Path(profile.get("file", ""))
+        if "error" not in profile and raw.is_file():
+            profile.update(summarize_collapsed(raw.read_text(errors="replace")))
+    document["targets"] = check_targets(document["results"])
+    document["comparisons"] = comparisons(document["results"])
+    path.write_text(json.dumps(document, indent=1), encoding="utf-8")
+    path.with_suffix(".md").write_text(markdown(document), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
