@@ -19,7 +19,7 @@ from pathlib import Path
 from sqlalchemy import Column, Integer, MetaData, Table, event, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
-from sqlalchemy.pool import NullPool
+from sqlalchemy.pool import AsyncAdaptedQueuePool, StaticPool
 
 from robota_proxy.storage import tables
 
@@ -67,11 +67,19 @@ class Database:
         self.is_sqlite = make_url(url).get_backend_name() == "sqlite"
         if self.is_sqlite:
             database = make_url(url).database
-            if database and database != ":memory:":
+            in_memory = not database or database == ":memory:"
+            if not in_memory:
                 Path(database).parent.mkdir(parents=True, exist_ok=True)
-            # One connection per use: aiosqlite runs each in its own thread; SQLite itself
-            # serialises writers, and WAL lets readers go on beside them.
-            self.engine: AsyncEngine = create_async_engine(async_url(url), poolclass=NullPool)
+            # A small pool of long-lived connections: opening one (a thread for aiosqlite, and
+            # the PRAGMAs) costs ~10 ms, far more than a write. SQLite serialises writers
+            # anyway and WAL lets readers go on beside them, so a few connections suffice.
+            # An in-memory database lives in one connection, so it gets exactly one.
+            pool = (
+                {"poolclass": StaticPool}
+                if in_memory
+                else {"poolclass": AsyncAdaptedQueuePool, "pool_size": 4, "max_overflow": 4}
+            )
+            self.engine: AsyncEngine = create_async_engine(async_url(url), **pool)
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         else:
             self.engine = create_async_engine(
