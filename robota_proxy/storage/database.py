@@ -68,7 +68,7 @@ class Database:
         if self.is_sqlite:
             database = make_url(url).database
             in_memory = not database or database == ":memory:"
-            if not in_memory:
+            if database and not in_memory:
                 Path(database).parent.mkdir(parents=True, exist_ok=True)
             # A small pool of long-lived connections: opening one (a thread for aiosqlite, and
             # the PRAGMAs) costs ~10 ms, far more than a write. SQLite serialises writers
