@@ -38,6 +38,7 @@ from robota_proxy.errors import (
 )
 from robota_proxy.upstreams.anthropic import AnthropicUpstream
 from robota_proxy.upstreams.base import FinishEvent, UpstreamEvent
+from robota_proxy.upstreams.errors import VendorServerError
 
 pytestmark = pytest.mark.anyio
 
@@ -708,7 +709,7 @@ async def test_connect_error(upstream: AnthropicUpstream, api: respx.Router) -> 
     ("kind", "error"),
     [
         ("overloaded_error", UpstreamUnavailable),
-        ("api_error", UpstreamError),
+        ("api_error", VendorServerError),
         ("rate_limit_error", RateLimited),
         ("something_new", UpstreamError),
     ],

@@ -14,7 +14,12 @@ from robota_proxy.errors import (
     UpstreamError,
     UpstreamUnavailable,
 )
-from robota_proxy.upstreams.errors import error_for_status, redact, retry_after_seconds
+from robota_proxy.upstreams.errors import (
+    VendorServerError,
+    error_for_status,
+    redact,
+    retry_after_seconds,
+)
 
 
 @pytest.mark.parametrize(
@@ -26,7 +31,7 @@ from robota_proxy.upstreams.errors import error_for_status, redact, retry_after_
         (404, NotFound, 404),
         (422, InvalidRequest, 400),
         (429, RateLimited, 429),
-        (500, UpstreamError, 502),
+        (500, VendorServerError, 502),  # an UpstreamError the proxy retries
         (502, UpstreamUnavailable, 503),
         (503, UpstreamUnavailable, 503),
         (529, UpstreamUnavailable, 503),

@@ -28,6 +28,7 @@ from robota_proxy.errors import (
     UpstreamUnavailable,
 )
 from robota_proxy.upstreams.base import FinishEvent, UpstreamEvent
+from robota_proxy.upstreams.errors import VendorServerError
 from robota_proxy.upstreams.google import SKIP_SIGNATURE, GoogleUpstream
 
 pytestmark = pytest.mark.anyio
@@ -724,7 +725,7 @@ async def test_429_frame_mid_stream(google: GoogleUpstream, api: respx.MockRoute
 
 
 @STREAMING
-@pytest.mark.parametrize(("status", "kind"), [(500, UpstreamError), (503, UpstreamUnavailable)])
+@pytest.mark.parametrize(("status", "kind"), [(500, VendorServerError), (503, UpstreamUnavailable)])
 async def test_server_errors(
     google: GoogleUpstream,
     api: respx.MockRouter,
