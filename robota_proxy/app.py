@@ -140,9 +140,7 @@ class ProxyApp(Starlette):
         self.limits = limits_storage(settings.redis_url)
         #: Per-user rpm / per-day / tpm; ``await proxy.limiter.remaining(principal)`` reads them.
         self.limiter = RateLimiter(self.limits)
-        account = AccountRoutes(
-            registry, self.usage_store, rate_status=self.limiter.remaining
-        )
+        account = AccountRoutes(registry, self.usage_store, rate_status=self.limiter.remaining)
         self.key_store = KeyStore(database)
         failures = AuthFailureLimiter(self.limits, settings.auth_failures_per_minute)
         admin_guard = AdminGuard(settings.admin_key, failures)

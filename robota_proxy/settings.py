@@ -146,9 +146,7 @@ class Settings(BaseSettings):
             for target in chain:
                 provider, _, model = target.partition("/")
                 if not provider or not model:
-                    raise ValueError(
-                        f"fallback {target!r} for {name!r} must be 'provider/model'"
-                    )
+                    raise ValueError(f"fallback {target!r} for {name!r} must be 'provider/model'")
         return value
 
     def secrets(self) -> list[str]:

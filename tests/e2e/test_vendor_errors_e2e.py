@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+
+from robota_client import RemoteAIProvider
 from robota_client.errors import (
     RateLimitedError,
     RemoteError,
@@ -14,8 +16,6 @@ from robota_client.errors import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
-
-from robota_client import RemoteAIProvider
 from robota_proxy.testing import FakeVendors, Fault, Reply
 from tests.e2e.conftest import USER_KEY, VENDOR_KEY, ProxyProcess
 
