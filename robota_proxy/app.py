@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import anyio
@@ -48,9 +48,10 @@ from robota_proxy.routes.ws import WebSocketRoutes
 from robota_proxy.settings import Settings
 from robota_proxy.storage.database import Database
 from robota_proxy.storage.key_store import KeyStore
-from robota_proxy.storage.limits_storage import limits_storage
-from robota_proxy.storage.response_cache import response_cache
+from robota_proxy.storage.limits_storage import LimitsStorage
+from robota_proxy.storage.response_cache import ResponseCache, response_cache
 from robota_proxy.storage.usage_store import UsageStore
+from robota_proxy.streams.buffer import StreamBuffer
 from robota_proxy.streams.factory import stream_buffer
 from robota_proxy.streams.route import ResumeRoutes
 from robota_proxy.upstreams.registry import UpstreamRegistry, build_upstreams
@@ -66,12 +67,25 @@ class Resources:
     """Everything the app opens at start and closes at stop, guarded to happen once.
 
     Counted rather than flagged so that nested lifespans (a standalone app also entered by a
-    host) close once, at the outermost exit.
+    host) close once, at the outermost exit. The registry and the database are opened at
+    start; the stream buffer, the response cache and the limits storage connect on first use
+    and are only closed here.
     """
 
-    def __init__(self, registry: UpstreamRegistry, database: Database) -> None:
+    def __init__(
+        self,
+        registry: UpstreamRegistry,
+        database: Database,
+        *,
+        streams: StreamBuffer,
+        response_cache: ResponseCache,
+        limits: LimitsStorage,
+    ) -> None:
         self.registry = registry
         self.database = database
+        self.streams = streams
+        self.response_cache = response_cache
+        self.limits = limits
         self._lock = anyio.Lock()
         self._users = 0
 
@@ -98,14 +112,22 @@ class Resources:
                 return
             self._users -= 1
             if self._users == 0:
-                await self.registry.aclose()
-                await self.database.aclose()
+                await self._stop()
                 log.info("resources closed")
 
     async def _start(self) -> None:
         await self.database.open()
         self.registry.open()
         log.info("resources opened (providers: %s)", ", ".join(self.registry.names()))
+
+    async def _stop(self) -> None:
+        # Each one is closed even when closing another fails; the first failure is raised.
+        async with AsyncExitStack() as stack:
+            stack.push_async_callback(self.registry.aclose)
+            stack.push_async_callback(self.database.aclose)
+            stack.push_async_callback(self.streams.aclose)
+            stack.push_async_callback(self.response_cache.aclose)
+            stack.push_async_callback(self.limits.aclose)
 
 
 class ProxyApp(Starlette):
@@ -115,15 +137,22 @@ class ProxyApp(Starlette):
         self.settings = settings
         registry = UpstreamRegistry(lambda: build_upstreams(settings))
         database = Database(settings.database_url)
-        self.resources = Resources(registry, database)
-        self._warned_lazy = False
         self.streams = stream_buffer(settings.redis_url, settings.resume_window_seconds)
-        self.resilience = _resilience(registry, settings)
-        #: Upstream attempts by target and outcome (the attempt metrics; no endpoint yet).
-        self.upstream_attempts = self.resilience.counter
         self.response_cache = response_cache(
             settings.redis_url, ttl=settings.cache_ttl_seconds, max_bytes=settings.cache_max_bytes
         )
+        self.limits = LimitsStorage(settings.redis_url)
+        self.resources = Resources(
+            registry,
+            database,
+            streams=self.streams,
+            response_cache=self.response_cache,
+            limits=self.limits,
+        )
+        self._warned_lazy = False
+        self.resilience = _resilience(registry, settings)
+        #: Upstream attempts by target and outcome (the attempt metrics; no endpoint yet).
+        self.upstream_attempts = self.resilience.counter
         chat = ChatRoutes(
             registry,
             max_body_bytes=settings.max_body_bytes,
@@ -137,12 +166,11 @@ class ProxyApp(Starlette):
         )
         self.usage_store = UsageStore(database)
         self.prices = PriceBook.from_file(settings.prices_file)
-        self.limits = limits_storage(settings.redis_url)
         #: Per-user rpm / per-day / tpm; ``await proxy.limiter.remaining(principal)`` reads them.
-        self.limiter = RateLimiter(self.limits)
+        self.limiter = RateLimiter(self.limits.storage)
         account = AccountRoutes(registry, self.usage_store, rate_status=self.limiter.remaining)
         self.key_store = KeyStore(database)
-        failures = AuthFailureLimiter(self.limits, settings.auth_failures_per_minute)
+        failures = AuthFailureLimiter(self.limits.storage, settings.auth_failures_per_minute)
         admin_guard = AdminGuard(settings.admin_key, failures)
         admin = AdminRoutes(self.key_store, admin_guard)
         admin_usage = AdminUsageRoutes(self.usage_store, admin_guard)
@@ -193,9 +221,6 @@ class ProxyApp(Starlette):
             yield
         finally:
             await self.resources.close()
-            if not self.resources.is_open:
-                await self.streams.aclose()
-                await self.response_cache.aclose()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "lifespan" and not self.resources.is_open:

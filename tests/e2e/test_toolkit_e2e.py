@@ -26,7 +26,7 @@ from robota_proxy import AuthMiddleware, RateLimiter, RateLimitMiddleware
 from robota_proxy.policy.principals import Principal, UserPermissions
 from robota_proxy.policy.static_keys import StaticKeyAuthenticator
 from robota_proxy.scope import PRINCIPAL
-from robota_proxy.storage.limits_storage import limits_storage
+from robota_proxy.storage.limits_storage import LimitsStorage
 from tests.e2e.conftest import free_port
 
 pytestmark = pytest.mark.e2e
@@ -60,7 +60,7 @@ def host_app() -> Starlette:
         ],
         middleware=[
             Middleware(AuthMiddleware, authenticator=ThreePerMinute([ALICE, BOB])),
-            Middleware(RateLimitMiddleware, limiter=RateLimiter(limits_storage(None))),
+            Middleware(RateLimitMiddleware, limiter=RateLimiter(LimitsStorage(None).storage)),
         ],
     )
 

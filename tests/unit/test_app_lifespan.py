@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 from fastapi import FastAPI
@@ -34,6 +35,11 @@ class Counter:
 
         registry.open = counted_open  # type: ignore[method-assign]
         registry.aclose = counted_close  # type: ignore[method-assign]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
 
 
 @pytest.fixture
@@ -104,3 +110,33 @@ def test_auth_disabled_only_when_asked(caplog: pytest.LogCaptureFixture) -> None
     closed_proxy = create_app(Settings(_env_file=None))  # type: ignore[call-arg]
     with TestClient(closed_proxy) as client:
         assert client.post("/ai/chat", json=BODY).status_code == 401
+
+
+@pytest.mark.anyio
+async def test_every_resource_is_closed_once_at_the_outermost_exit(proxy: ProxyApp) -> None:
+    resources = proxy.resources
+    owned = {
+        "registry": resources.registry,
+        "database": resources.database,
+        "streams": resources.streams,
+        "response_cache": resources.response_cache,
+        "limits": resources.limits,
+    }
+    closed: list[str] = []
+    for name, resource in owned.items():
+        original = resource.aclose
+
+        async def counted(name: str = name, original: Any = original) -> None:
+            closed.append(name)
+            await original()
+
+        resource.aclose = counted  # type: ignore[method-assign]
+
+    async with proxy.lifespan():
+        async with proxy.lifespan():  # a host entering the lifespan of a standalone app
+            pass
+        assert closed == []
+    assert sorted(closed) == sorted(owned)
+    # The app's parts use the very objects the resources close.
+    assert proxy.streams is resources.streams and proxy.limits is resources.limits
+    assert proxy.response_cache is resources.response_cache

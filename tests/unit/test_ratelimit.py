@@ -13,7 +13,7 @@ from limits.aio.storage import MemoryStorage
 from robota_client.messages import ChatRequest
 from robota_proxy.policy.principals import Principal, UserPermissions
 from robota_proxy.policy.ratelimits import RateLimiter, estimate_prompt_tokens
-from robota_proxy.storage.limits_storage import limits_storage
+from robota_proxy.storage.limits_storage import LimitsStorage
 
 
 @pytest.fixture
@@ -183,7 +183,8 @@ async def test_concurrent_requests_never_pass_more_than_the_limit_in_memory(cloc
 @pytest.mark.anyio
 async def test_redis_limits_hold_across_limiters_and_concurrent_requests(redis_url: str) -> None:
     # Two limiters, each with its own connection pool: two processes as far as Redis knows.
-    first, second = RateLimiter(limits_storage(redis_url)), RateLimiter(limits_storage(redis_url))
+    pools = LimitsStorage(redis_url), LimitsStorage(redis_url)
+    first, second = RateLimiter(pools[0].storage), RateLimiter(pools[1].storage)
     henry = user(rpm=4, tpm=100)
     verdicts = [(await limiter.admit(henry)).allowed for limiter in (first, second) * 3]
     assert verdicts == [True, True, True, True, False, False]
@@ -200,6 +201,8 @@ async def test_redis_limits_hold_across_limiters_and_concurrent_requests(redis_u
         for index in range(20):
             group.start_soon(one, (first, second)[index % 2])
     assert allowed.count(True) == 5
+    for pool in pools:
+        await pool.aclose()
 
 
 def test_prompt_estimate_is_utf8_bytes_over_four() -> None:
