@@ -161,11 +161,25 @@ class ChatRequest(WireModel):
 
 
 class Usage(WireModel):
+    """Token counts as the vendor reported them, in one shape for every vendor.
+
+    The token kinds nest rather than add up, so that ``prompt_tokens + completion_tokens``
+    is always what the call consumed whichever vendor answered: ``prompt_tokens`` is ALL the
+    input, including the tokens read from the prompt cache (``cached_prompt_tokens``) and
+    those written to it (``cache_write_tokens``), and ``completion_tokens`` includes the
+    hidden ``reasoning_tokens``. Vendors that count cached input apart (Anthropic) are
+    summed into this shape by their adapter. The kinds are kept because they are priced
+    differently (a cache read costs a fraction of plain input, a cache write more than it).
+    ``None`` means the vendor did not say; ``0`` that it said none.
+    """
+
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
     #: Of the prompt tokens, how many the vendor served from its prompt cache.
     cached_prompt_tokens: int | None = None
+    #: Of the prompt tokens, how many the vendor wrote to its prompt cache (Anthropic).
+    cache_write_tokens: int | None = None
     #: Of the completion tokens, how many were hidden reasoning.
     reasoning_tokens: int | None = None
     #: USD; filled by the proxy when it knows the price.

@@ -57,7 +57,6 @@ from robota_proxy.errors import ProxyError
 from robota_proxy.upstreams._convert import (
     JSONDict,
     arguments_json,
-    make_usage,
     malformed_response_error,
     mapped_errors,
     status_error,
@@ -433,13 +432,18 @@ def _usage(
     cache_creation: int | None,
     thinking: int | None,
 ) -> Usage:
-    """Anthropic counts cached input apart from ``input_tokens``; the contract's prompt
-    tokens are all of the input, cached or not, as with OpenAI."""
-    return make_usage(
-        prompt=input_tokens + (cache_read or 0) + (cache_creation or 0),
-        completion=output_tokens,
-        cached=cache_read,
-        reasoning=thinking,
+    """Anthropic counts cached input apart from ``input_tokens`` (which is only the input
+    that neither read nor wrote the cache); the contract's prompt tokens are all of the input,
+    as with OpenAI, with the cache reads and writes named inside them because each is billed
+    at its own price. ``output_tokens`` already includes the thinking tokens."""
+    prompt = input_tokens + (cache_read or 0) + (cache_creation or 0)
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=output_tokens,
+        total_tokens=prompt + output_tokens,
+        cached_prompt_tokens=cache_read,
+        cache_write_tokens=cache_creation,
+        reasoning_tokens=thinking,
     )
 
 

@@ -150,7 +150,7 @@ def sent_body(route: respx.Route) -> dict[str, Any]:
     return body
 
 
-def message(content: list[dict[str, Any]], stop: str = "end_turn", **usage: int) -> dict[str, Any]:
+def message(content: list[dict[str, Any]], stop: str = "end_turn", **usage: Any) -> dict[str, Any]:
     return {
         "id": "msg_1",
         "type": "message",
@@ -177,7 +177,7 @@ def sse(*events: tuple[str, dict[str, Any]]) -> bytes:
     ).encode()
 
 
-def message_start(**usage: int) -> tuple[str, dict[str, Any]]:
+def message_start(**usage: Any) -> tuple[str, dict[str, Any]]:
     start = message([], stop="", **usage)
     start["stop_reason"] = None
     return ("message_start", {"message": start})
@@ -200,12 +200,12 @@ def block_stop(index: int) -> tuple[str, dict[str, Any]]:
     return ("content_block_stop", {"index": index})
 
 
-def message_delta(stop: str, output_tokens: int) -> tuple[str, dict[str, Any]]:
+def message_delta(stop: str, output_tokens: int, **usage: Any) -> tuple[str, dict[str, Any]]:
     return (
         "message_delta",
         {
             "delta": {"stop_reason": stop, "stop_sequence": None},
-            "usage": {"output_tokens": output_tokens},
+            "usage": {"output_tokens": output_tokens, **usage},
         },
     )
 
@@ -446,7 +446,11 @@ async def test_parallel_tool_calls_and_usage(
         {"id": "toolu_b", "type": "function", "function": {"name": "get_time", "arguments": "{}"}},
     ]
     assert answer.usage == Usage(
-        prompt_tokens=150, completion_tokens=40, total_tokens=190, cached_prompt_tokens=100
+        prompt_tokens=150,
+        completion_tokens=40,
+        total_tokens=190,
+        cached_prompt_tokens=100,
+        cache_write_tokens=30,
     )
     assert answer.metadata == ResponseMetadata(
         provider="anthropic", model="claude-sonnet-5-20260115", finish_reason="tool_calls"
@@ -617,6 +621,116 @@ async def test_cancelling_the_consumer_closes_the_response(
 
     assert received == [DeltaEvent(content="a")]
     assert body.closed
+
+
+# --- usage: every token kind, chat and stream ----------------------------------------------
+
+#: Anthropic's counts are disjoint: 7 plain input + 1200 read from the cache + 800 written to
+#: it. The contract's prompt tokens are all 2007, with the two cache kinds named inside.
+CACHED_USAGE = {
+    "input_tokens": 7,
+    "cache_read_input_tokens": 1200,
+    "cache_creation_input_tokens": 800,
+    "cache_creation": {"ephemeral_5m_input_tokens": 800, "ephemeral_1h_input_tokens": 0},
+}
+CACHED_WIRE_USAGE = Usage(
+    prompt_tokens=2007,
+    completion_tokens=300,
+    total_tokens=2307,
+    cached_prompt_tokens=1200,
+    cache_write_tokens=800,
+    reasoning_tokens=120,
+)
+
+
+async def test_chat_usage_names_cache_reads_writes_and_thinking(
+    upstream: AnthropicUpstream, api: respx.Router
+) -> None:
+    api.post(URL).respond(
+        200,
+        json=message(
+            [text_block("ok")],
+            output_tokens=300,
+            output_tokens_details={"thinking_tokens": 120},
+            **CACHED_USAGE,
+        ),
+    )
+
+    answer = await upstream.chat(chat_request())
+
+    assert answer.usage == CACHED_WIRE_USAGE
+    assert answer.usage is not None
+    assert answer.usage.to_wire() == {
+        "promptTokens": 2007,
+        "completionTokens": 300,
+        "totalTokens": 2307,
+        "cachedPromptTokens": 1200,
+        "cacheWriteTokens": 800,
+        "reasoningTokens": 120,
+    }
+
+
+async def test_chat_usage_without_cache_fields_has_no_cache_counts(
+    upstream: AnthropicUpstream, api: respx.Router
+) -> None:
+    api.post(URL).respond(200, json=message([text_block("ok")], input_tokens=40))
+
+    answer = await upstream.chat(chat_request())
+
+    assert answer.usage is not None
+    assert answer.usage.to_wire() == {"promptTokens": 40, "completionTokens": 5, "totalTokens": 45}
+
+
+async def test_stream_usage_input_from_message_start_output_from_message_delta(
+    upstream: AnthropicUpstream, api: respx.Router
+) -> None:
+    """The older stream shape: the cache counts only in ``message_start``, whose output
+    count is a placeholder that ``message_delta`` replaces."""
+    body = sse(
+        message_start(output_tokens=1, **CACHED_USAGE),
+        block_start(0, text_block("")),
+        text_delta(0, "ok"),
+        block_stop(0),
+        message_delta("end_turn", 300, output_tokens_details={"thinking_tokens": 120}),
+        MESSAGE_STOP,
+    )
+    api.post(URL).respond(200, content=body, headers=SSE_HEADERS)
+
+    events = await collect(upstream.stream(chat_request()))
+
+    assert events[-2:] == [UsageEvent(usage=CACHED_WIRE_USAGE), FinishEvent("stop")]
+
+
+async def test_stream_usage_cumulative_counts_in_message_delta_win(
+    upstream: AnthropicUpstream, api: respx.Router
+) -> None:
+    """The current stream shape: ``message_delta`` repeats every count, cumulatively; its
+    numbers are the final ones even where they differ from ``message_start``'s."""
+    body = sse(
+        message_start(
+            input_tokens=7,
+            output_tokens=1,
+            cache_read_input_tokens=0,
+            cache_creation_input_tokens=0,
+        ),
+        block_start(0, text_block("")),
+        text_delta(0, "ok"),
+        block_stop(0),
+        message_delta(
+            "end_turn",
+            300,
+            input_tokens=7,
+            cache_read_input_tokens=1200,
+            cache_creation_input_tokens=800,
+            output_tokens_details={"thinking_tokens": 120},
+        ),
+        MESSAGE_STOP,
+    )
+    api.post(URL).respond(200, content=body, headers=SSE_HEADERS)
+
+    events = await collect(upstream.stream(chat_request()))
+
+    assert events[-2:] == [UsageEvent(usage=CACHED_WIRE_USAGE), FinishEvent("stop")]
 
 
 # --- errors --------------------------------------------------------------------------------

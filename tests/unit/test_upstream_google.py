@@ -499,6 +499,63 @@ async def test_stream_assembles_like_chat(google: GoogleUpstream, api: respx.Moc
     assert [c.parsed_arguments() for c in calls] == [{"city": "Rome"}, {"tz": "CET"}]
 
 
+#: Gemini's promptTokenCount includes the cached content; candidatesTokenCount leaves out
+#: the thoughts, which are billed as output, so the contract's completion tokens add them.
+GEMINI_USAGE = {
+    "promptTokenCount": 3000,
+    "cachedContentTokenCount": 2048,
+    "candidatesTokenCount": 150,
+    "thoughtsTokenCount": 450,
+    "totalTokenCount": 3600,
+}
+GEMINI_WIRE_USAGE = {
+    "promptTokens": 3000,
+    "completionTokens": 600,
+    "totalTokens": 3600,
+    "cachedPromptTokens": 2048,
+    "reasoningTokens": 450,
+}
+
+
+async def test_chat_usage_cached_and_thought_tokens(
+    google: GoogleUpstream, api: respx.MockRouter
+) -> None:
+    reply = gemini_reply([{"text": "ok"}])
+    api.post(CHAT_URL).respond(json={**reply, "usageMetadata": GEMINI_USAGE})
+
+    answer = await google.chat(hello())
+
+    assert answer.usage is not None
+    assert answer.usage.to_wire() == GEMINI_WIRE_USAGE
+    assert answer.usage.cache_write_tokens is None
+
+
+async def test_stream_usage_is_the_last_cumulative_report(
+    google: GoogleUpstream, api: respx.MockRouter
+) -> None:
+    early = {"promptTokenCount": 3000, "cachedContentTokenCount": 2048, "totalTokenCount": 3000}
+    chunks = [
+        {
+            "candidates": [{"content": {"role": "model", "parts": [{"text": "o"}]}}],
+            "usageMetadata": early,
+        },
+        {
+            "candidates": [
+                {"content": {"role": "model", "parts": [{"text": "k"}]}, "finishReason": "STOP"}
+            ],
+            "usageMetadata": GEMINI_USAGE,
+        },
+    ]
+    api.post(STREAM_URL).mock(return_value=sse_response(sse_body(*chunks)))
+
+    events = await collect(google, hello())
+
+    usage = events[-2]
+    assert isinstance(usage, UsageEvent)
+    assert usage.usage.to_wire() == GEMINI_WIRE_USAGE
+    assert events[-1] == FinishEvent("stop")
+
+
 async def test_stream_text_only_finishes_stop(
     google: GoogleUpstream, api: respx.MockRouter
 ) -> None:

@@ -472,6 +472,55 @@ async def test_stream_event_order(upstream: OpenAIUpstream, api: respx.MockRoute
     assert [call.parsed_arguments() for call in calls] == [{"city": "Paris"}, {}]
 
 
+#: OpenAI's counts nest: the cached tokens are inside prompt_tokens, the reasoning tokens
+#: inside completion_tokens, as in the contract. OpenAI reports no cache writes (they are
+#: billed as plain input), so ``cache_write_tokens`` stays unknown.
+OPENAI_USAGE = {
+    "prompt_tokens": 2048,
+    "completion_tokens": 700,
+    "total_tokens": 2748,
+    "prompt_tokens_details": {"cached_tokens": 1536, "audio_tokens": 0},
+    "completion_tokens_details": {"reasoning_tokens": 512, "audio_tokens": 0},
+}
+OPENAI_WIRE_USAGE = {
+    "promptTokens": 2048,
+    "completionTokens": 700,
+    "totalTokens": 2748,
+    "cachedPromptTokens": 1536,
+    "reasoningTokens": 512,
+}
+
+
+async def test_chat_usage_cached_and_reasoning_tokens(
+    upstream: OpenAIUpstream, api: respx.MockRouter
+) -> None:
+    api.post(URL).respond(200, json=completion({"content": "ok"}, usage=OPENAI_USAGE))
+
+    message = await upstream.chat(chat_request())
+
+    assert message.usage is not None
+    assert message.usage.to_wire() == OPENAI_WIRE_USAGE
+    assert message.usage.cache_write_tokens is None
+
+
+async def test_stream_usage_cached_and_reasoning_tokens(
+    upstream: OpenAIUpstream, api: respx.MockRouter
+) -> None:
+    body = sse(
+        chunk({"content": "ok"}),
+        chunk({}, "stop"),
+        {**usage_chunk(0, 0), "usage": OPENAI_USAGE},
+    )
+    api.post(URL).respond(200, content=body, headers=SSE_HEADERS)
+
+    events = await collect(upstream.stream(chat_request()))
+
+    usage = events[-2]
+    assert isinstance(usage, UsageEvent)
+    assert usage.usage.to_wire() == OPENAI_WIRE_USAGE
+    assert events[-1] == FinishEvent("stop")
+
+
 async def test_stream_without_usage_ends_with_finish(
     upstream: OpenAIUpstream, api: respx.MockRouter
 ) -> None:
