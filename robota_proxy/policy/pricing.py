@@ -7,6 +7,7 @@ behind the OpenAI adapter) and may give a ``default`` price for models nobody kn
 
     {
       "openai/gpt-4o-mini": {"input": "0.15", "output": "0.60", "cache_read": "0.075"},
+      "claude-*": {"input": 3, "output": 15, "cache_read": "0.3", "cache_write": "3.75"},
       "ollama-*": {"input": 0, "output": 0},
       "default": {"input": "1", "output": "3"}
     }
@@ -16,11 +17,15 @@ million tokens. First match wins, in this order: an exact ``provider/model``, an
 then the globs in file order. Numbers are read as ``Decimal`` from their text, never through
 float.
 
-Token kinds: ``prompt_tokens`` includes the cached ones (``cached_prompt_tokens``), which are
-billed at the cache-read price; reasoning tokens are already inside ``completion_tokens`` (every
-adapter reports them so) and are billed as output. Costs are rounded *up* to whole
-picodollars (1e-12 USD), the unit the ledger stores, so what a caller is told and what the
-ledger holds are the same number.
+Token kinds: ``prompt_tokens`` includes the tokens read from the prompt cache
+(``cached_prompt_tokens``), billed at the cache-read price, and those written to it
+(``cache_write_tokens``, Anthropic), billed at the cache-write price (about 1.25x input); the
+rest of the prompt is billed as input. This is also genai-prices' convention (its
+``input_tokens`` contains ``cache_read_tokens`` and ``cache_write_tokens``), so the usage is
+handed over as it is. A model without a cache price bills those tokens as plain input.
+Reasoning tokens are already inside ``completion_tokens`` (every adapter reports them so) and
+are billed as output. Costs are rounded *up* to whole picodollars (1e-12 USD), the unit the
+ledger stores, so what a caller is told and what the ledger holds are the same number.
 
 The offline ``mock`` provider costs nothing unless an entry of the file names it (the
 ``default`` price does not apply to it): tests can price ``mock/mock-1`` to make budgets bite.
@@ -58,6 +63,32 @@ _FREE_PROVIDERS = frozenset({"mock"})
 _PRICE_FIELDS = ("input", "output", "cache_read", "cache_write")
 
 
+@dataclass(frozen=True, slots=True)
+class _TokenKinds:
+    """A usage split into the disjoint kinds that have a price each.
+
+    The cache counts are clamped into the prompt (reads first, then writes): a compatible
+    server reporting more cached tokens than prompt tokens must not make the plain input
+    negative, and genai-prices refuses such usage outright.
+    """
+
+    prompt: int
+    cache_read: int
+    cache_write: int
+    output: int
+
+    @property
+    def plain_input(self) -> int:
+        return self.prompt - self.cache_read - self.cache_write
+
+    @classmethod
+    def of(cls, usage: Usage) -> _TokenKinds:
+        prompt = max(usage.prompt_tokens, 0)
+        cache_read = min(max(usage.cached_prompt_tokens or 0, 0), prompt)
+        cache_write = min(max(usage.cache_write_tokens or 0, 0), prompt - cache_read)
+        return cls(prompt, cache_read, cache_write, max(usage.completion_tokens, 0))
+
+
 class PricesFileError(ValueError):
     """The prices file is unreadable or says something that is not a price."""
 
@@ -73,12 +104,14 @@ class Price:
     cache_write: Decimal | None = None
 
     def cost(self, usage: Usage) -> Decimal:
-        cached = min(usage.cached_prompt_tokens or 0, usage.prompt_tokens)
+        tokens = _TokenKinds.of(usage)
         cache_read = self.input if self.cache_read is None else self.cache_read
+        cache_write = self.input if self.cache_write is None else self.cache_write
         per_million = (
-            (usage.prompt_tokens - cached) * self.input
-            + cached * cache_read
-            + usage.completion_tokens * self.output
+            tokens.plain_input * self.input
+            + tokens.cache_read * cache_read
+            + tokens.cache_write * cache_write
+            + tokens.output * self.output
         )
         return per_million / _MILLION
 
@@ -230,13 +263,15 @@ def _genai_knows(provider: str, model: str) -> bool:
 
 
 def _genai_cost(provider: str, model: str, usage: Usage) -> Decimal:
-    cached = min(usage.cached_prompt_tokens or 0, usage.prompt_tokens)
+    tokens = _TokenKinds.of(usage)
     result = calc_price(
-        # genai-prices counts cache reads inside input_tokens, as our usage does.
+        # genai-prices counts cache reads and writes inside input_tokens, as our usage does,
+        # and bills them at the model's cache prices (plain input when it has none).
         PriceUsage(
-            input_tokens=usage.prompt_tokens,
-            cache_read_tokens=cached,
-            output_tokens=usage.completion_tokens,
+            input_tokens=tokens.prompt,
+            cache_read_tokens=tokens.cache_read,
+            cache_write_tokens=tokens.cache_write,
+            output_tokens=tokens.output,
         ),
         model_ref=model,
         provider_id=GENAI_PROVIDER_IDS[provider],

@@ -79,7 +79,10 @@ usage_ledger = Table(
     Column("model", String(200), nullable=False),
     Column("prompt_tokens", BigInteger, nullable=False, default=0),
     Column("completion_tokens", BigInteger, nullable=False, default=0),
+    #: Of ``prompt_tokens``, those read from and those written to the vendor's prompt cache;
+    #: each kind has its own price, so the row says how its cost was made up.
     Column("cached_prompt_tokens", BigInteger, nullable=False, default=0),
+    Column("cache_write_tokens", BigInteger, nullable=False, default=0),
     Column("reasoning_tokens", BigInteger, nullable=False, default=0),
     Column("cost_pico", BigInteger, nullable=False, default=0),
     Column("latency_ms", Integer, nullable=False, default=0),

@@ -84,6 +84,9 @@ class LedgerEntry:
     cached: bool
     priced: bool
     estimated: bool
+    #: Of ``prompt_tokens``, those written to the vendor's prompt cache. Last and defaulted
+    #: so that writers which predate it keep working (they record 0: no cache write).
+    cache_write_tokens: int = 0
 
     @property
     def quota_tokens(self) -> int:
@@ -101,6 +104,7 @@ class UsageRow:
     cached_prompt_tokens: int
     reasoning_tokens: int
     cost_pico: int
+    cache_write_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,6 +368,7 @@ def _ledger_values(entry: LedgerEntry) -> dict[str, Any]:
         "prompt_tokens": entry.prompt_tokens,
         "completion_tokens": entry.completion_tokens,
         "cached_prompt_tokens": entry.cached_prompt_tokens,
+        "cache_write_tokens": entry.cache_write_tokens,
         "reasoning_tokens": entry.reasoning_tokens,
         "cost_pico": entry.cost_pico,
         "latency_ms": entry.latency_ms,
@@ -405,16 +410,7 @@ async def _grouped(
     statement = select(
         *labelled,
         func.count().label("requests"),
-        *(
-            func.coalesce(func.sum(ledger.c[name]), 0).label(name)
-            for name in (
-                "prompt_tokens",
-                "completion_tokens",
-                "cached_prompt_tokens",
-                "reasoning_tokens",
-                "cost_pico",
-            )
-        ),
+        *(func.coalesce(func.sum(ledger.c[name]), 0).label(name) for name in _SUMMED),
     ).where(*where)
     if labelled:
         statement = statement.group_by(*labelled).order_by(*labelled)
@@ -422,8 +418,20 @@ async def _grouped(
     size = len(labelled)
     return [
         UsageRow(
-            tuple(str(value) for value in row[:size]),
-            *(int(value) for value in row[size:]),
+            key=tuple(str(value) for value in row[:size]),
+            requests=int(row[size]),
+            **{name: int(value) for name, value in zip(_SUMMED, row[size + 1 :], strict=True)},
         )
         for row in rows
     ]
+
+
+#: The ledger columns a usage report sums, by their ``UsageRow`` names.
+_SUMMED = (
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_prompt_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+    "cost_pico",
+)

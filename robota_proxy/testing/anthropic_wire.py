@@ -3,7 +3,7 @@
 Shapes follow the API reference: a ``message`` object with ``text`` / ``tool_use`` content
 blocks, and the streaming sequence ``message_start`` (input usage), ``content_block_start``,
 ``ping``, ``content_block_delta`` (``text_delta`` or ``input_json_delta``),
-``content_block_stop``, ``message_delta`` (stop reason, output usage), ``message_stop``.
+``content_block_stop``, ``message_delta`` (stop reason, cumulative usage), ``message_stop``.
 Errors are ``{"type": "error", "error": {"type", "message"}, "request_id"}``.
 """
 
@@ -235,7 +235,7 @@ class AnthropicWire:
                 {
                     "type": "message_delta",
                     "delta": {"stop_reason": STOP_REASONS[plan.finish], "stop_sequence": None},
-                    "usage": {"output_tokens": plan.completion_tokens},
+                    "usage": _delta_usage(plan),
                 }
             )
         )
@@ -245,10 +245,35 @@ class AnthropicWire:
 
 def _usage(plan: Plan, output_tokens: int) -> Json:
     # Anthropic's input_tokens leaves out the tokens read from (or written to) the cache.
-    return {
-        "input_tokens": plan.prompt_tokens - plan.cached_tokens,
+    usage: Json = {
+        "input_tokens": plan.prompt_tokens - plan.cached_tokens - plan.cache_write_tokens,
         "output_tokens": output_tokens,
-        "cache_creation_input_tokens": 0,
+        "cache_creation_input_tokens": plan.cache_write_tokens,
         "cache_read_input_tokens": plan.cached_tokens,
+        "cache_creation": {
+            "ephemeral_5m_input_tokens": plan.cache_write_tokens,
+            "ephemeral_1h_input_tokens": 0,
+        },
         "service_tier": "standard",
+    }
+    if output_tokens == plan.completion_tokens and plan.reasoning_tokens:
+        # Thinking is inside output_tokens; the details only break it down.
+        usage["output_tokens_details"] = {"thinking_tokens": plan.reasoning_tokens}
+    return usage
+
+
+def _delta_usage(plan: Plan) -> Json:
+    """The closing counts, cumulative, as the current API sends them: the input counts
+    again (the same as in ``message_start``) beside the final output count."""
+    usage = _usage(plan, plan.completion_tokens)
+    return {
+        key: usage[key]
+        for key in (
+            "input_tokens",
+            "output_tokens",
+            "cache_creation_input_tokens",
+            "cache_read_input_tokens",
+            "output_tokens_details",
+        )
+        if key in usage
     }

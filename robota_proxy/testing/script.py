@@ -69,6 +69,9 @@ class Reply:
     completion_tokens: int | None = None
     #: Of the prompt tokens, how many the vendor reports as served from its prompt cache.
     cached_tokens: int = 0
+    #: Of the prompt tokens, how many the vendor reports as written to its prompt cache.
+    #: Only Anthropic reports cache writes; the other vendors fold them into plain input.
+    cache_write_tokens: int = 0
     #: Of the completion tokens, how many the vendor reports as hidden reasoning.
     reasoning_tokens: int = 0
     fault: Fault | None = None
@@ -134,6 +137,7 @@ class Plan:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
+    cache_write_tokens: int
     reasoning_tokens: int
     fault: Fault | None
 
@@ -171,6 +175,7 @@ def make_plan(chosen: Reply | Fault | None, conversation: Conversation) -> Plan:
         prompt_tokens=prompt,
         completion_tokens=completion,
         cached_tokens=min(reply.cached_tokens, prompt),
+        cache_write_tokens=min(reply.cache_write_tokens, prompt - min(reply.cached_tokens, prompt)),
         reasoning_tokens=min(reply.reasoning_tokens, completion),
         fault=reply.fault,
     )

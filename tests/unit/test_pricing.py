@@ -7,6 +7,8 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from genai_prices import Usage as GenaiUsage
+from genai_prices import calc_price
 
 from robota_client.messages import ChatRequest, Usage
 from robota_proxy.policy.pricing import (
@@ -20,12 +22,18 @@ from robota_proxy.policy.pricing import (
 )
 
 
-def usage(prompt: int, completion: int, cached: int = 0) -> Usage:
+def usage(
+    prompt: int, completion: int, cached: int = 0, *, written: int = 0, reasoning: int = 0
+) -> Usage:
+    """``prompt`` is all the input (cache reads and writes included), ``completion`` all the
+    output (reasoning included), as the adapters report them."""
     return Usage(
         prompt_tokens=prompt,
         completion_tokens=completion,
         total_tokens=prompt + completion,
         cached_prompt_tokens=cached or None,
+        cache_write_tokens=written or None,
+        reasoning_tokens=reasoning or None,
     )
 
 
@@ -67,6 +75,82 @@ def test_cached_prompt_tokens_are_cheaper() -> None:
     assert cached < plain
 
 
+def test_genai_prices_data_has_the_published_cache_prices() -> None:
+    """The per-million prices the exact expectations below are computed from, read from
+    genai-prices itself, so a data change shows up here rather than as a puzzling sum."""
+    haiku = calc_price(GenaiUsage(), model_ref="claude-3-5-haiku", provider_id="anthropic")
+    assert (
+        haiku.model_price.input_mtok,
+        haiku.model_price.output_mtok,
+        haiku.model_price.cache_read_mtok,
+        haiku.model_price.cache_write_mtok,
+    ) == (Decimal("0.8"), Decimal("4"), Decimal("0.08"), Decimal("1"))
+    o3 = calc_price(GenaiUsage(), model_ref="o3-mini", provider_id="openai")
+    assert (
+        o3.model_price.input_mtok,
+        o3.model_price.output_mtok,
+        o3.model_price.cache_read_mtok,
+        o3.model_price.cache_write_mtok,
+    ) == (Decimal("1.1"), Decimal("4.4"), Decimal("0.55"), None)
+    flash = calc_price(GenaiUsage(), model_ref="gemini-2.5-flash", provider_id="google")
+    assert (
+        flash.model_price.input_mtok,
+        flash.model_price.output_mtok,
+        flash.model_price.cache_read_mtok,
+    ) == (Decimal("0.3"), Decimal("2.5"), Decimal("0.03"))
+
+
+def test_anthropic_cache_writes_reads_and_thinking_each_at_their_price() -> None:
+    # 2007 input = 7 plain + 1200 read from the cache + 800 written to it; 300 output of
+    # which 120 thinking. claude-3-5-haiku per MTok: input $0.80, cache read $0.08,
+    # cache write $1, output $4 (thinking is output).
+    # (7 * 0.8 + 1200 * 0.08 + 800 * 1 + 300 * 4) / 1e6 = (5.6 + 96 + 800 + 1200) / 1e6
+    cost = PriceBook().cost(
+        "anthropic", "claude-3-5-haiku", usage(2007, 300, 1200, written=800, reasoning=120)
+    )
+    assert cost == Decimal("0.0021016")
+    # Before cache writes were told apart they were billed as input: $0.20/MTok less.
+    folded = PriceBook().cost("anthropic", "claude-3-5-haiku", usage(2007, 300, 1200))
+    assert folded == Decimal("0.0019416")
+    assert cost - folded == 800 * (Decimal(1) - Decimal("0.8")) / 1_000_000
+
+
+def test_openai_reasoning_is_output_and_cached_input_is_a_cache_read() -> None:
+    # o3-mini per MTok: input $1.10, cache read $0.55, output $4.40.
+    # 2048 input of which 1536 cached; 700 output of which 512 reasoning.
+    # (512 * 1.1 + 1536 * 0.55 + 700 * 4.4) / 1e6 = (563.2 + 844.8 + 3080) / 1e6
+    book = PriceBook()
+    cost = book.cost("openai", "o3-mini", usage(2048, 700, 1536, reasoning=512))
+    assert cost == Decimal("0.004488")
+    assert cost == book.cost("openai", "o3-mini", usage(2048, 700, 1536))
+
+
+def test_gemini_cached_content_is_a_cache_read() -> None:
+    # gemini-2.5-flash per MTok: input $0.30, cache read $0.03, output $2.50 (thoughts too).
+    # (952 * 0.3 + 2048 * 0.03 + 600 * 2.5) / 1e6 = (285.6 + 61.44 + 1500) / 1e6
+    cost = PriceBook().cost("google", "gemini-2.5-flash", usage(3000, 600, 2048, reasoning=450))
+    assert cost == Decimal("0.00184704")
+
+
+def test_cache_writes_without_a_cache_write_price_are_plain_input() -> None:
+    book = PriceBook()
+    # gpt-4o-mini has no cache-write price: the writes cost what input costs.
+    assert book.cost("openai", "gpt-4o-mini", usage(1000, 10, written=400)) == book.cost(
+        "openai", "gpt-4o-mini", usage(1000, 10)
+    )
+    override = PriceBook({"x/y": Price(input=Decimal(2), output=Decimal(0))})
+    assert override.cost("x", "y", usage(1_000_000, 0, written=500_000)) == Decimal(2)
+
+
+def test_cache_counts_larger_than_the_prompt_are_clamped_not_negative() -> None:
+    # A compatible server reporting 80 reads + 50 writes of a 100-token prompt: 80 reads,
+    # the 20 left as writes, nothing as plain input; genai-prices alone would refuse it.
+    cost = PriceBook().cost("anthropic", "claude-3-5-haiku", usage(100, 0, 80, written=50))
+    assert cost == (80 * Decimal("0.08") + 20 * Decimal(1)) / 1_000_000
+    book = PriceBook({"x/y": Price(input=Decimal(1), output=Decimal(0), cache_write=Decimal(10))})
+    assert book.cost("x", "y", usage(100, 0, 80, written=50)) == Decimal(20 * 10 + 80) / 10**6
+
+
 def test_decimal_exactness_no_float_drift() -> None:
     book = PriceBook({"openai/exact": Price(input=Decimal("0.1"), output=Decimal("0.2"))})
     total = sum(
@@ -103,6 +187,27 @@ def test_override_file_wins_over_genai_prices(tmp_path: Path) -> None:
     assert book.cost("anthropic", "claude-3-5-haiku", usage(1_000_000, 0)) == Decimal(10)
     # Not overridden: still genai-prices.
     assert book.cost("google", "gemini-2.5-flash", usage(1_000_000, 0)) == Decimal("0.3")
+
+
+def test_override_file_prices_cache_writes(tmp_path: Path) -> None:
+    path = write_prices(
+        tmp_path,
+        {
+            "anthropic/claude-*": {
+                "input": "3",
+                "output": "15",
+                "cache_read": "0.3",
+                "cache_write": "3.75",
+            },
+            "anthropic/no-cache-prices": {"input": "3", "output": "15"},
+        },
+    )
+    book = PriceBook.from_file(path)
+    # (7 * 3 + 1200 * 0.3 + 800 * 3.75 + 300 * 15) / 1e6 = (21 + 360 + 3000 + 4500) / 1e6
+    tokens = usage(2007, 300, 1200, written=800, reasoning=120)
+    assert book.cost("anthropic", "claude-sonnet-4-5", tokens) == Decimal("0.007881")
+    # Without cache prices, reads and writes are plain input: (2007 * 3 + 300 * 15) / 1e6.
+    assert book.cost("anthropic", "no-cache-prices", tokens) == Decimal("0.010521")
 
 
 def test_unknown_model_has_no_price_unless_a_default_is_set(tmp_path: Path) -> None:

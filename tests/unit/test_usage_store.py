@@ -4,12 +4,15 @@ concurrency, settles keep the counters equal to the ledger, reports group by day
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, date, datetime
 from pathlib import Path
 
 import anyio
 import pytest
+from sqlalchemy import select
 
+from robota_proxy.storage import tables
 from robota_proxy.storage.database import Database
 from robota_proxy.storage.usage_store import (
     LedgerEntry,
@@ -143,6 +146,54 @@ async def test_settle_keeps_counters_equal_to_the_ledger(store: UsageStore) -> N
     assert counters.requests == 3
     summed = await store.ledger_totals(user, period)
     assert (summed.tokens_used, summed.cost_used_pico, summed.requests) == (30, 1300, 3)
+
+
+@pytest.mark.anyio
+async def test_ledger_row_keeps_every_token_kind(store: UsageStore) -> None:
+    """Cache reads, cache writes and reasoning each have a column (and a report sum), so a
+    row shows how its cost was made up; writers that predate cache writes record 0."""
+    user = unique("erin")
+    when = datetime(2030, 5, 6, 7, 8, tzinfo=UTC)
+    kinds = replace(
+        entry(user, when=when, cost=2_101_600_000, prompt=2007, completion=300),
+        cached_prompt_tokens=1200,
+        cache_write_tokens=800,
+        reasoning_tokens=120,
+        request_id="req_kinds",
+    )
+    await store.settle(kinds, None)
+    await store.settle(entry(user, when=when, cost=1, request_id="req_plain"), None)
+    ledger = tables.usage_ledger
+    async with store.database.engine.connect() as conn:
+        rows = (
+            await conn.execute(
+                select(
+                    ledger.c.request_id,
+                    ledger.c.prompt_tokens,
+                    ledger.c.completion_tokens,
+                    ledger.c.cached_prompt_tokens,
+                    ledger.c.cache_write_tokens,
+                    ledger.c.reasoning_tokens,
+                    ledger.c.cost_pico,
+                )
+                .where(ledger.c.user_id == user)
+                .order_by(ledger.c.id)
+            )
+        ).all()
+    assert [tuple(row) for row in rows] == [
+        ("req_kinds", 2007, 300, 1200, 800, 120, 2_101_600_000),
+        ("req_plain", 10, 5, 0, 0, 0, 1),
+    ]
+    report = await store.report(date(2030, 5, 6), date(2030, 5, 6), user=user)
+    total = report.total
+    assert (
+        total.prompt_tokens,
+        total.cached_prompt_tokens,
+        total.cache_write_tokens,
+        total.reasoning_tokens,
+        total.cost_pico,
+    ) == (2017, 1200, 800, 120, 2_101_600_001)
+    assert [(row.key, row.cache_write_tokens) for row in report.models] == [(("openai", "m1"), 800)]
 
 
 @pytest.mark.anyio
