@@ -30,6 +30,8 @@ from robota_proxy.policy.principals import Authenticator, Feature, Principal
 from robota_proxy.responses import error_response
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+#: The ASGI extension that lets a WebSocket handshake be answered with a plain HTTP response.
+WS_DENIAL = "websocket.http.response"
 
 
 def bearer_credential(scope: Scope) -> str | None:
@@ -116,8 +118,14 @@ class AuthMiddleware:
         return principal
 
     async def _refuse(self, error: ProxyError, scope: Scope, receive: Receive, send: Send) -> None:
+        """A refused WebSocket handshake gets the same JSON 401/429 as HTTP when the server
+        offers the ``websocket.http.response`` extension (uvicorn does); a close before
+        accept would reach the client as a bare 403, hiding 401 from 429."""
+        response = error_response(error, keys.request_id(scope))
         if scope["type"] == "websocket":
-            code = 4429 if isinstance(error, RateLimited) else 4401
-            await send({"type": "websocket.close", "code": code, "reason": error.message})
-            return
-        await error_response(error, keys.request_id(scope))(scope, receive, send)
+            if WS_DENIAL not in scope.get("extensions", {}):
+                code = 4429 if isinstance(error, RateLimited) else 4401
+                await send({"type": "websocket.close", "code": code, "reason": error.message})
+                return
+            response.headers["X-Request-ID"] = keys.request_id(scope)
+        await response(scope, receive, send)

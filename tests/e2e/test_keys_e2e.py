@@ -4,12 +4,15 @@ failed authentications limited per address; no key in the proxy's log."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect as ws_connect
 
 from robota_proxy.testing import FakeVendors
 from tests.e2e.auth_support import (
@@ -175,5 +178,12 @@ def test_failed_authentications_are_limited_and_admin_api_off_without_a_key(
         assert blocked.status_code == 429
         assert blocked.json()["error"]["code"] == "rate_limited"
         assert 1 <= int(blocked.headers["Retry-After"]) <= 60
+        # A WebSocket handshake is refused the same way, with the same JSON 429.
+        ws_url = limited.url.replace("http://", "ws://") + "/ai/ws"
+        with pytest.raises(InvalidStatus) as refused:
+            ws_connect(ws_url, additional_headers={"Authorization": f"Bearer {USER_KEY}"})
+        assert refused.value.response.status_code == 429
+        assert json.loads(refused.value.response.body)["error"]["code"] == "rate_limited"
+        assert 1 <= int(refused.value.response.headers["Retry-After"]) <= 60
     finally:
         stop_proxy(limited)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 from limits.aio.storage import MemoryStorage
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
-from starlette.testclient import TestClient
+from starlette.testclient import TestClient, WebSocketDenialResponse
+from starlette.types import Message
 from starlette.websockets import WebSocket
 
 from robota_proxy import AuthMiddleware
@@ -168,3 +170,58 @@ def test_websocket_scopes_pass_through_with_a_principal() -> None:
     )
     with TestClient(app).websocket_connect("/ai/ws", headers=GOOD) as session:
         assert session.receive_text() == "alice"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def ws_app(**options: object) -> Starlette:
+    async def ws(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.close()
+
+    return Starlette(
+        routes=[WebSocketRoute("/ai/ws", ws)],
+        middleware=[
+            Middleware(AuthMiddleware, authenticator=OneUser("good", UserPermissions()), **options)
+        ],
+    )
+
+
+def test_refused_websockets_get_the_http_error_when_the_server_allows_it() -> None:
+    limiter = AuthFailureLimiter(MemoryStorage(), per_minute=1)
+    client = TestClient(ws_app(failure_limiter=limiter))
+    refusals = []
+    for headers in ({"Authorization": "Bearer bad"}, GOOD):
+        with (
+            pytest.raises(WebSocketDenialResponse) as denied,
+            client.websocket_connect("/ai/ws", headers=headers),
+        ):
+            pass
+        refusals.append(denied.value)
+    unauthenticated, limited = refusals
+    assert unauthenticated.status_code == 401
+    error = unauthenticated.json()["error"]
+    assert error["code"] == "unauthenticated"
+    assert unauthenticated.headers["X-Request-ID"] == error["requestId"]
+    assert limited.status_code == 429
+    assert limited.json()["error"]["code"] == "rate_limited"
+    assert int(limited.headers["Retry-After"]) >= 1
+
+
+@pytest.mark.anyio
+async def test_refused_websockets_are_closed_when_the_server_has_no_denial_response() -> None:
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    async def receive() -> Message:
+        raise AssertionError("a refusal reads nothing")
+
+    middleware = AuthMiddleware(ws_app(), OneUser("good", UserPermissions()))
+    scope = {"type": "websocket", "path": "/ai/ws", "headers": [], "extensions": {}}
+    await middleware(scope, receive, send)
+    assert [(m["type"], m["code"]) for m in sent] == [("websocket.close", 4401)]
