@@ -44,6 +44,7 @@ from robota_proxy.routes.account import AccountRoutes
 from robota_proxy.routes.admin import AdminGuard, AdminRoutes
 from robota_proxy.routes.admin_usage import AdminUsageRoutes
 from robota_proxy.routes.chat import ChatRoutes
+from robota_proxy.routes.metrics import MetricsRoutes
 from robota_proxy.routes.ws import WebSocketRoutes
 from robota_proxy.settings import Settings
 from robota_proxy.storage.database import Database
@@ -151,7 +152,7 @@ class ProxyApp(Starlette):
         )
         self._warned_lazy = False
         self.resilience = _resilience(registry, settings)
-        #: Upstream attempts by target and outcome (the attempt metrics; no endpoint yet).
+        #: Upstream attempts by target and outcome, served by ``GET /admin/metrics``.
         self.upstream_attempts = self.resilience.counter
         chat = ChatRoutes(
             registry,
@@ -174,6 +175,7 @@ class ProxyApp(Starlette):
         admin_guard = AdminGuard(settings.admin_key, failures)
         admin = AdminRoutes(self.key_store, admin_guard)
         admin_usage = AdminUsageRoutes(self.usage_store, admin_guard)
+        metrics = MetricsRoutes(self.upstream_attempts, admin_guard)
         super().__init__(
             routes=[
                 *health.ROUTES,
@@ -183,6 +185,7 @@ class ProxyApp(Starlette):
                 *account.routes(),
                 *admin.routes(),
                 *admin_usage.routes(),
+                *metrics.routes(),
             ],
             middleware=[
                 Middleware(RequestContextMiddleware),

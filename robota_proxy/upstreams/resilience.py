@@ -117,7 +117,7 @@ class OpenedStream:
 
 class AttemptCounter:
     """Upstream attempts by ``provider/model`` and outcome: the proxy's attempt metrics,
-    read from ``ProxyApp.upstream_attempts`` (there is no metrics endpoint yet)."""
+    served by ``GET /admin/metrics`` (``robota_proxy.routes.metrics``)."""
 
     def __init__(self) -> None:
         self.counts: Counter[tuple[str, str]] = Counter()
