@@ -9,8 +9,6 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-import uvicorn
-
 from robota_proxy import cli_keys, cli_usage
 from robota_proxy.settings import Settings
 
@@ -18,6 +16,8 @@ from robota_proxy.settings import Settings
 def log_config(level: str) -> dict[str, Any]:
     """uvicorn's logging config plus our loggers. Passed to uvicorn rather than applied here
     because uvicorn applies it again inside every worker process it starts."""
+    import uvicorn.config  # here, not at the top: ``keys`` and ``usage`` start faster without
+
     config: dict[str, Any] = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     config["formatters"]["robota"] = {
         "format": "%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -36,6 +36,8 @@ def log_config(level: str) -> dict[str, Any]:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
     settings = Settings()
     host = args.host or settings.host
     port = args.port or settings.port

@@ -4,6 +4,8 @@ codes, error messages, and the key shown once only."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -144,3 +146,18 @@ def test_bad_database_url_is_a_usage_error(
     monkeypatch.setenv("ROBOTA_DATABASE_URL", "mysql://somewhere/db")
     code, _, err = run(capsys, "keys", "list")
     assert code == 2 and "unsupported database" in err
+
+
+def test_the_command_line_does_not_import_the_app() -> None:
+    # A fresh interpreter: this one has imported the app already.
+    heavy = ["robota_proxy.app", "starlette.applications", "openai", "anthropic", "uvicorn"]
+    probe = (
+        f"import sys, robota_proxy.cli; print(','.join(m for m in {heavy!r} if m in sys.modules))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert loaded == ""
+    # The public names still resolve, on first use.
+    names = "from robota_proxy import create_app, mount, AuthMiddleware, Settings, RateLimiter"
+    subprocess.run([sys.executable, "-c", names], check=True)
