@@ -23,7 +23,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
-from typing import Any, NoReturn, TypeAlias, TypeVar
+from typing import Any, NoReturn, Self, TypeAlias, TypeVar
 
 import anyio
 import httpx
@@ -449,25 +449,14 @@ class _OpenStream:
         )
 
 
-class EventStream(AsyncClosing):
-    """An async iterator of ``ChatEvent`` for one streamed call.
+class ChatEventIterator(AsyncClosing):
+    """What both transports' streams share: an async iterator of ``ChatEvent`` that stops
+    after ``done`` and releases its connection (``aclose``) when anything goes wrong,
+    cancellation included. Subclasses say how to get the next event and what ``done`` ends."""
 
-    Connects on first iteration (with retries), stops after ``done``, and raises the typed
-    error for an ``error`` event. Use ``async with`` (or ``aclose``) to release the
-    connection when abandoning a stream early; a stream read to the end closes itself.
-    """
+    _finished = False
 
-    def __init__(self, transport: HTTPTransport, path: str, body: Mapping[str, Any]) -> None:
-        self._transport = transport
-        self._path = path
-        self._body = body
-        self._open: _OpenStream | None = None
-        self._finished = False
-        self.request_id: str | None = None
-        #: How many times this stream was resumed after a dropped connection.
-        self.resumes = 0
-
-    def __aiter__(self) -> EventStream:
+    def __aiter__(self) -> Self:
         return self
 
     async def __anext__(self) -> ChatEvent:
@@ -481,8 +470,32 @@ class EventStream(AsyncClosing):
                 await self.aclose()
             raise
         if isinstance(event, DoneEvent):
-            await self.aclose()
+            await self._on_done()
         return event
+
+    async def _next(self) -> ChatEvent:
+        raise NotImplementedError
+
+    async def _on_done(self) -> None:
+        await self.aclose()
+
+
+class EventStream(ChatEventIterator):
+    """An async iterator of ``ChatEvent`` for one streamed call.
+
+    Connects on first iteration (with retries), stops after ``done``, and raises the typed
+    error for an ``error`` event. Use ``async with`` (or ``aclose``) to release the
+    connection when abandoning a stream early; a stream read to the end closes itself.
+    """
+
+    def __init__(self, transport: HTTPTransport, path: str, body: Mapping[str, Any]) -> None:
+        self._transport = transport
+        self._path = path
+        self._body = body
+        self._open: _OpenStream | None = None
+        self.request_id: str | None = None
+        #: How many times this stream was resumed after a dropped connection.
+        self.resumes = 0
 
     async def _next(self) -> ChatEvent:
         if self._open is None:

@@ -22,7 +22,6 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-import anyio
 import httpx
 from tenacity import (
     AsyncRetrying,
@@ -43,7 +42,7 @@ from robota_client.errors import (
     error_from_response,
 )
 from robota_client.messages import DoneEvent, ErrorEvent, parse_event
-from robota_client.transport import ChatEvent
+from robota_client.transport import ChatEvent, ChatEventIterator
 
 __all__ = ["WSEventStream", "WSTransport"]
 
@@ -274,33 +273,20 @@ class WSTransport(AsyncClosing):
                 await reader
 
 
-class WSEventStream(AsyncClosing):
+class WSEventStream(ChatEventIterator):
     """The WebSocket twin of ``EventStream``: an async iterator of ``ChatEvent``."""
 
     def __init__(self, transport: WSTransport, body: Mapping[str, Any]) -> None:
         self._transport = transport
         self._body = body
         self._call: _Call | None = None
-        self._finished = False
         self.request_id: str | None = None
 
-    def __aiter__(self) -> WSEventStream:
-        return self
-
-    async def __anext__(self) -> ChatEvent:
-        if self._finished:
-            raise StopAsyncIteration
-        try:
-            event = await self._next()
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await self.aclose()
-            raise
-        if isinstance(event, DoneEvent):
-            self._finished = True
-            if self._call is not None:
-                self._transport._calls.pop(self._call.id, None)
-        return event
+    async def _on_done(self) -> None:
+        # The answer is complete: forget the call, with no cancel frame (that is ``aclose``).
+        self._finished = True
+        if self._call is not None:
+            self._transport._calls.pop(self._call.id, None)
 
     async def _next(self) -> ChatEvent:
         if self._call is None:
