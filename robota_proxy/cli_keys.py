@@ -11,9 +11,10 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from robota_proxy.errors import InvalidRequest
 from robota_proxy.policy.keys import parse_expiry
@@ -26,10 +27,38 @@ USAGE_ERROR = 2
 NOT_FOUND = 1
 
 Command = Callable[[argparse.Namespace, KeyStore], Awaitable[int]]
+R = TypeVar("R")
 
 
 class UsageError(Exception):
     """A bad value the user typed: exit 2 with this message."""
+
+
+class NotFoundError(Exception):
+    """An id or user that does not exist: exit 1 with this message."""
+
+
+def _found(record: R | None, message: str) -> R:
+    if record is None:
+        raise NotFoundError(message)
+    return record
+
+
+@contextmanager
+def _typed_values() -> Iterator[None]:
+    """A ``ValueError`` from parsing or from the store is about a value the user typed."""
+    try:
+        yield
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _output(args: argparse.Namespace, wire: Any, text: Callable[[], str]) -> None:
+    """One JSON object with ``--json``, else the text for people."""
+    if args.json:
+        _print_json(wire)
+    else:
+        print(text())
 
 
 def _non_negative_int(text: str) -> int:
@@ -96,14 +125,9 @@ def _when(value: datetime | None) -> str:
 
 async def _keys_create(args: argparse.Namespace, store: KeyStore) -> int:
     permissions = permissions_from(args)
-    try:
+    with _typed_values():
         expires_at = parse_expiry(args.expires) if args.expires else None
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    try:
         key, record = await store.create_key(args.user, permissions, expires_at, args.name)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
     if args.json:
         _print_json({"key": key, **record.to_wire()})
     else:
@@ -129,22 +153,13 @@ async def _keys_list(args: argparse.Namespace, store: KeyStore) -> int:
 
 
 async def _keys_show(args: argparse.Namespace, store: KeyStore) -> int:
-    record = await store.get_key(args.id)
-    if record is None:
-        print(f"no key with id {args.id!r}", file=sys.stderr)
-        return NOT_FOUND
-    if args.json:
-        _print_json(record.to_wire())
-    else:
-        print(_describe_key(record))
+    record = _found(await store.get_key(args.id), f"no key with id {args.id!r}")
+    _output(args, record.to_wire(), lambda: _describe_key(record))
     return 0
 
 
 async def _keys_revoke(args: argparse.Namespace, store: KeyStore) -> int:
-    record = await store.revoke_key(args.id)
-    if record is None:
-        print(f"no key with id {args.id!r}", file=sys.stderr)
-        return NOT_FOUND
+    record = _found(await store.revoke_key(args.id), f"no key with id {args.id!r}")
     print(f"revoked {record.key_id} (user {record.user}) at {_when(record.revoked_at)}")
     return 0
 
@@ -161,27 +176,18 @@ def _describe_user(record: UserRecord, keys: list[KeyRecord]) -> str:
 
 
 async def _users_set(args: argparse.Namespace, store: KeyStore) -> int:
-    try:
+    with _typed_values():
         record = await store.set_user_permissions(args.user, permissions_from(args))
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    if args.json:
-        _print_json(record.to_wire())
-    else:
-        print(_describe_user(record, await store.list_keys(record.user)))
+    keys = await store.list_keys(record.user)
+    _output(args, record.to_wire(), lambda: _describe_user(record, keys))
     return 0
 
 
 async def _users_show(args: argparse.Namespace, store: KeyStore) -> int:
-    record = await store.get_user(args.user)
-    if record is None:
-        print(f"no user {args.user!r}", file=sys.stderr)
-        return NOT_FOUND
+    record = _found(await store.get_user(args.user), f"no user {args.user!r}")
     keys = await store.list_keys(record.user)
-    if args.json:
-        _print_json({**record.to_wire(), "keys": [key.to_wire() for key in keys]})
-    else:
-        print(_describe_user(record, keys))
+    wire = {**record.to_wire(), "keys": [key.to_wire() for key in keys]}
+    _output(args, wire, lambda: _describe_user(record, keys))
     return 0
 
 
@@ -201,6 +207,9 @@ def _runner(command: Command) -> Callable[[argparse.Namespace], int]:
         except (UsageError, DatabaseURLError) as exc:
             print(f"robota-proxy: error: {exc}", file=sys.stderr)
             return USAGE_ERROR
+        except NotFoundError as exc:
+            print(exc, file=sys.stderr)
+            return NOT_FOUND
 
     return run
 
