@@ -31,6 +31,7 @@ from robota_proxy.errors import InternalError, InvalidRequest, NotFound, ProxyEr
 from robota_proxy.middleware.auth import AuthMiddleware
 from robota_proxy.middleware.cache import CacheMiddleware
 from robota_proxy.middleware.metering import MeteringMiddleware
+from robota_proxy.middleware.paths import CHAT_PATHS
 from robota_proxy.middleware.ratelimit import RateLimitMiddleware
 from robota_proxy.middleware.request_context import RequestContextMiddleware
 from robota_proxy.policy.authenticators import AuthFailureLimiter, build_authenticator
@@ -259,7 +260,7 @@ def _auth_options(
     common: dict[str, Any] = {
         "exempt_paths": ("/health",),
         "exempt_prefixes": ("/admin/",),  # guarded by the admin key instead
-        "chat_paths": {"/ai/chat": "chat", "/ai/chat/stream": "stream"},
+        "chat_paths": CHAT_PATHS,
         "max_body_bytes": settings.max_body_bytes,
     }
     if settings.auth == "disabled":

@@ -65,8 +65,8 @@ class AuthMiddleware:
     ) -> None:
         """``anonymous``: the principal for requests without credentials; leave it ``None``
         unless the operator turned authentication off on purpose. ``exempt_prefixes``: paths
-        with their own guard (the admin API). ``chat_paths``: route path -> feature
-        (``{"/ai/chat": "chat", "/ai/chat/stream": "stream"}``) for POST bodies to authorize."""
+        with their own guard (the admin API). ``chat_paths``: route path -> feature for POST
+        bodies to authorize (the proxy's own: ``robota_proxy.middleware.paths.CHAT_PATHS``)."""
         self.app = app
         self.authenticator = authenticator
         self.anonymous = anonymous

@@ -50,7 +50,7 @@ from robota_proxy import scope as keys
 from robota_proxy.call_record import CallRecord, call_record
 from robota_proxy.chat_body import chat_request
 from robota_proxy.errors import ProxyError
-from robota_proxy.middleware.paths import route_path
+from robota_proxy.middleware.paths import CHAT_PATHS, route_path
 from robota_proxy.policy.principals import Principal
 from robota_proxy.responses import WireResponse, error_response
 from robota_proxy.routes import sse
@@ -59,8 +59,6 @@ from robota_proxy.storage.response_cache import MemoryResponseCache, ResponseCac
 log = logging.getLogger("robota_proxy.cache")
 
 CACHE_HEADER = "X-Robota-Cache"
-#: The chat routes and whether each streams.
-CHAT_PATHS = {"/ai/chat": False, "/ai/chat/stream": True}
 #: Options that say how to run the call, not what to answer.
 _NOT_IN_KEY = {"cache", "timeout"}
 #: Message fields vendors never see: different on every call from TypeScript Robota.
@@ -252,10 +250,11 @@ class CacheMiddleware:
         self.max_entry_bytes = max_entry_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        streamed = CHAT_PATHS.get(route_path(scope)) if scope["type"] == "http" else None
-        if not self.enabled or streamed is None or scope.get("method") != "POST":
+        feature = CHAT_PATHS.get(route_path(scope)) if scope["type"] == "http" else None
+        if not self.enabled or feature is None or scope.get("method") != "POST":
             await self.app(scope, receive, send)
             return
+        streamed = feature == "stream"
         request_id = keys.request_id(scope)
         try:
             body = await chat_request(Request(scope, receive), self.max_body_bytes)

@@ -38,7 +38,7 @@ from robota_proxy import scope as keys
 from robota_proxy.call_record import CallRecord, call_record
 from robota_proxy.chat_body import chat_request
 from robota_proxy.errors import BudgetExceeded, Forbidden, ProxyError, QuotaExceeded
-from robota_proxy.middleware.paths import route_path
+from robota_proxy.middleware.paths import CHAT_PATHS, route_path
 from robota_proxy.policy.pricing import (
     PriceBook,
     estimate_completion_tokens,
@@ -72,7 +72,7 @@ class MeteringMiddleware:
         prices: PriceBook,
         reserve_max_tokens: int = 4096,
         max_body_bytes: int = 4 * 1024 * 1024,
-        paths: Collection[str] = ("/ai/chat", "/ai/chat/stream"),
+        paths: Collection[str] = tuple(CHAT_PATHS),
         anonymous_user: str = "anonymous",
     ) -> None:
         self.app = app

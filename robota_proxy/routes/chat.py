@@ -27,6 +27,7 @@ from robota_proxy import scope as keys
 from robota_proxy.call_record import CallRecord, call_record
 from robota_proxy.chat_body import chat_request
 from robota_proxy.errors import ProxyError, UpstreamError
+from robota_proxy.middleware.paths import CHAT_PATH, STREAM_PATH
 from robota_proxy.policy.principals import Principal
 from robota_proxy.responses import WireResponse
 from robota_proxy.streams.buffer import StreamBuffer, new_stream_id
@@ -59,8 +60,8 @@ class ChatRoutes:
 
     def routes(self) -> list[Route]:
         return [
-            Route("/ai/chat", self.chat, methods=["POST"]),
-            Route("/ai/chat/stream", self.chat_stream, methods=["POST"]),
+            Route(CHAT_PATH, self.chat, methods=["POST"]),
+            Route(STREAM_PATH, self.chat_stream, methods=["POST"]),
         ]
 
     async def chat(self, request: Request) -> Response:

@@ -49,7 +49,7 @@ from starlette.routing import WebSocketRoute
 from starlette.types import ASGIApp, Message, Scope
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from robota_proxy.middleware.paths import route_path
+from robota_proxy.middleware.paths import CHAT_PATH, STREAM_PATH, route_path
 from robota_proxy.streams.buffer import is_stream_id
 from robota_proxy.streams.response import CANCEL_KEY
 
@@ -225,7 +225,7 @@ class Session:
                 await self._refuse(request_id, "invalid_request", "'body' must be a ChatRequest")
                 return
             streamed = frame.get("stream", True) is not False
-            path = "/ai/chat/stream" if streamed else "/ai/chat"
+            path = STREAM_PATH if streamed else CHAT_PATH
             body = json.dumps(frame["body"]).encode()
             scope = self._scope("POST", path, body, {})
         else:
