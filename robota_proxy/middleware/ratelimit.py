@@ -25,7 +25,6 @@ rate limits smooth traffic, while the money limits are enforced in SQL by the me
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Collection
 
 import anyio
@@ -37,6 +36,7 @@ from robota_proxy import scope as keys
 from robota_proxy.call_record import CallRecord
 from robota_proxy.errors import RateLimited
 from robota_proxy.middleware.paths import route_path
+from robota_proxy.policy.pricing import estimate_completion_tokens
 from robota_proxy.policy.principals import Principal
 from robota_proxy.policy.ratelimits import (
     Admission,
@@ -169,5 +169,5 @@ def _used_tokens(scope: Scope, prompt_tokens: int) -> int:
     if record.usage is not None:
         return record.usage.total_tokens
     if record.streamed_chars or record.status == "client_disconnected":
-        return prompt_tokens + math.ceil(record.streamed_chars / 4)
+        return prompt_tokens + estimate_completion_tokens(record.streamed_chars)
     return 0

@@ -106,7 +106,10 @@ def estimate_prompt_tokens(request: ChatRequest) -> int:
     """UTF-8 bytes / 4 over the messages, tool calls and tool schemas, rounded up.
 
     Deliberately cheap (no tokenizer, no JSON dump of the whole request): it only decides
-    whether a request may start; the real count from the vendor is what gets charged.
+    whether a request may start; the real count from the vendor is what gets charged. Not
+    ``robota_proxy.policy.pricing.prompt_token_bound``, on purpose: that is the worst case
+    (a token per byte) that money reservations must never undershoot, about four times this
+    typical count, and would refuse most requests a ``tpm`` limit ought to let through.
     """
     size = 0
     for message in request.messages:
