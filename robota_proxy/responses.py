@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from robota_client.messages import WireModel
+from robota_proxy import scope as keys
 from robota_proxy.errors import ProxyError
+
+#: The ASGI extension that lets a WebSocket handshake be answered with a plain HTTP response.
+WS_DENIAL = "websocket.http.response"
 
 
 class WireResponse(Response):
@@ -24,3 +31,28 @@ def error_response(
     if error.retry_after is not None:
         response.headers["Retry-After"] = str(max(1, round(error.retry_after)))
     return response
+
+
+async def refuse(
+    error: ProxyError,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    headers: Mapping[str, str] | None = None,
+) -> None:
+    """Answer a request, or a WebSocket handshake, with the contract's error.
+
+    A refused handshake gets the same JSON response as HTTP when the server offers the
+    ``websocket.http.response`` extension (uvicorn does): a close before accept would reach the
+    client as a bare 403, hiding 401 from 429. Without it: close code 4000 + the HTTP status.
+    """
+    request_id = keys.request_id(scope)
+    response = error_response(error, request_id)
+    response.headers.update(headers or {})
+    if scope["type"] == "websocket":
+        if WS_DENIAL not in scope.get("extensions", {}):
+            code = 4000 + error.status
+            await send({"type": "websocket.close", "code": code, "reason": error.message})
+            return
+        response.headers["X-Request-ID"] = request_id
+    await response(scope, receive, send)

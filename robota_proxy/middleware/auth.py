@@ -27,11 +27,9 @@ from robota_proxy.errors import ProxyError, RateLimited, Unauthenticated
 from robota_proxy.middleware.paths import route_path
 from robota_proxy.policy.authenticators import AuthFailureLimiter
 from robota_proxy.policy.principals import Authenticator, Feature, Principal
-from robota_proxy.responses import error_response
+from robota_proxy.responses import refuse
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
-#: The ASGI extension that lets a WebSocket handshake be answered with a plain HTTP response.
-WS_DENIAL = "websocket.http.response"
 
 
 def bearer_credential(scope: Scope) -> str | None:
@@ -92,7 +90,7 @@ class AuthMiddleware:
                 body = await chat_request(Request(scope, receive), self.max_body_bytes)
                 principal.permissions.authorize(body, feature)
         except ProxyError as error:
-            await self._refuse(error, scope, receive, send)
+            await refuse(error, scope, receive, send)
             return
         await self.app(scope, receive, send)
 
@@ -116,16 +114,3 @@ class AuthMiddleware:
                 await self.failure_limiter.failed(client)
             raise Unauthenticated("a valid 'Authorization: Bearer <key>' header is required")
         return principal
-
-    async def _refuse(self, error: ProxyError, scope: Scope, receive: Receive, send: Send) -> None:
-        """A refused WebSocket handshake gets the same JSON 401/429 as HTTP when the server
-        offers the ``websocket.http.response`` extension (uvicorn does); a close before
-        accept would reach the client as a bare 403, hiding 401 from 429."""
-        response = error_response(error, keys.request_id(scope))
-        if scope["type"] == "websocket":
-            if WS_DENIAL not in scope.get("extensions", {}):
-                code = 4429 if isinstance(error, RateLimited) else 4401
-                await send({"type": "websocket.close", "code": code, "reason": error.message})
-                return
-            response.headers["X-Request-ID"] = keys.request_id(scope)
-        await response(scope, receive, send)

@@ -45,7 +45,7 @@ from robota_proxy.policy.ratelimits import (
     estimate_prompt_tokens,
     has_rate_limits,
 )
-from robota_proxy.responses import error_response
+from robota_proxy.responses import refuse
 
 log = logging.getLogger("robota_proxy.ratelimit")
 
@@ -131,12 +131,7 @@ class RateLimitMiddleware:
             f"rate limit exceeded: {admission.reason}; retry in {retry_after} s",
             retry_after=retry_after,
         )
-        if scope["type"] == "websocket":
-            await send({"type": "websocket.close", "code": 4429, "reason": error.message})
-            return
-        response = error_response(error, keys.request_id(scope))
-        response.headers.update(_limit_headers(refused))
-        await response(scope, receive, send)
+        await refuse(error, scope, receive, send, _limit_headers(refused))
 
 
 def _limit_headers(status: LimitStatus, suffix: str = "") -> dict[str, str]:

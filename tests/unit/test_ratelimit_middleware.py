@@ -16,7 +16,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
-from starlette.testclient import TestClient
+from starlette.testclient import TestClient, WebSocketDenialResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -84,7 +84,19 @@ async def socket(websocket: WebSocket) -> None:
     await websocket.close()
 
 
-def client() -> TestClient:
+class WithoutDenialResponses:
+    """A server without the ``websocket.http.response`` extension (uvicorn has it)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope["extensions"] = {}
+        await self.app(scope, receive, send)
+
+
+def client(*, denial_responses: bool = True) -> TestClient:
+    outer = [] if denial_responses else [Middleware(WithoutDenialResponses)]
     app = Starlette(
         routes=[
             Route("/chat", chat, methods=["POST"]),
@@ -94,6 +106,7 @@ def client() -> TestClient:
             WebSocketRoute("/ws", socket),
         ],
         middleware=[
+            *outer,
             Middleware(PutPrincipal),
             Middleware(RateLimitMiddleware, limiter=RateLimiter(MemoryStorage())),
         ],
@@ -169,8 +182,24 @@ def test_streams_and_failed_routes_are_charged_when_they_end() -> None:
         assert "tpm" in refused.json()["error"]["message"]
 
 
-def test_a_refused_websocket_is_closed_with_4429() -> None:
+def test_a_refused_websocket_gets_the_http_429_when_the_server_allows_it() -> None:
     http, alice = client(), as_user("rpm3")
+    for _ in range(3):
+        with http.websocket_connect("/ws", headers=alice) as ws:
+            assert ws.receive_text() == "hello"
+    with (
+        pytest.raises(WebSocketDenialResponse) as denied,
+        http.websocket_connect("/ws", headers=alice),
+    ):
+        pass
+    assert denied.value.status_code == 429
+    assert "rpm" in denied.value.json()["error"]["message"]
+    assert denied.value.headers["X-RateLimit-Limit"] == "3"
+    assert int(denied.value.headers["Retry-After"]) >= 1
+
+
+def test_a_refused_websocket_is_closed_with_4429_otherwise() -> None:
+    http, alice = client(denial_responses=False), as_user("rpm3")
     for _ in range(3):
         with http.websocket_connect("/ws", headers=alice) as ws:
             assert ws.receive_text() == "hello"
