@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -141,3 +143,21 @@ def broken_proxy(
     running = start_proxy(env, tmp_path_factory.mktemp("broken") / "proxy.log")
     yield running
     stop_proxy(running)
+
+
+def ledger_rows(database: Path, request_id: str) -> list[dict[str, Any]]:
+    """The SQLite ledger rows of one request, waiting up to 5 s for the settle to land (it
+    is written after the answer's last byte)."""
+    deadline = time.monotonic() + 5
+    while True:
+        with sqlite3.connect(database) as conn:
+            conn.row_factory = sqlite3.Row
+            rows = [
+                dict(row)
+                for row in conn.execute(
+                    "SELECT * FROM usage_ledger WHERE request_id = ?", (request_id,)
+                )
+            ]
+        if rows or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.05)

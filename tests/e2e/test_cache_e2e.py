@@ -4,8 +4,6 @@ processes."""
 
 from __future__ import annotations
 
-import sqlite3
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +15,14 @@ from httpx_sse import connect_sse
 
 from robota_proxy.policy.static_keys import key_id
 from robota_proxy.testing import FakeVendors, Reply, ToolCallSpec
-from tests.e2e.conftest import USER_KEY, ProxyProcess, start_proxy, stop_proxy, vendor_env
+from tests.e2e.conftest import (
+    USER_KEY,
+    ProxyProcess,
+    ledger_rows,
+    start_proxy,
+    stop_proxy,
+    vendor_env,
+)
 
 pytestmark = [pytest.mark.e2e]
 
@@ -127,25 +132,9 @@ def test_two_identical_deterministic_requests_reach_the_vendor_once(
     assert second.json()["usage"]["totalTokens"] == first.json()["usage"]["totalTokens"]
     assert second.json()["usage"]["cost"] == 0
     # Metering: the hit is its own ledger row, marked cached, costing nothing.
-    rows = wait_for_rows(database, second.headers["x-request-id"])
+    rows = ledger_rows(database, second.headers["x-request-id"])
     assert [(row["cached"], row["cost_pico"]) for row in rows] == [(1, 0)]
     assert rows[0]["provider"] == "openai" and rows[0]["model"] == "gpt-4o-mini"
-
-
-def wait_for_rows(database: Path, request_id: str) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + 5
-    while True:
-        with sqlite3.connect(database) as conn:
-            conn.row_factory = sqlite3.Row
-            rows = [
-                dict(row)
-                for row in conn.execute(
-                    "SELECT * FROM usage_ledger WHERE request_id = ?", (request_id,)
-                )
-            ]
-        if rows or time.monotonic() > deadline:
-            return rows
-        time.sleep(0.05)
 
 
 def test_non_deterministic_requests_are_cached_only_when_asked(
@@ -193,7 +182,7 @@ def test_one_user_never_reads_another_users_answer(
     assert theirs.headers["x-robota-cache"] == "MISS"
     assert theirs.json()["content"] == f"Echo: {text}"
     assert vendor_calls(fake, text) == 2
-    rows = wait_for_rows(database, theirs.headers["x-request-id"])
+    rows = ledger_rows(database, theirs.headers["x-request-id"])
     assert rows and rows[0]["user_id"] == key_id(OTHER_KEY) and rows[0]["cached"] == 0
 
 

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -16,7 +14,7 @@ from websockets.asyncio.client import connect
 
 from robota_client import RemoteAIProvider
 from robota_proxy.testing import FakeVendors, Fault, Reply
-from tests.e2e.conftest import USER_KEY, ProxyProcess
+from tests.e2e.conftest import USER_KEY, ProxyProcess, ledger_rows
 
 pytestmark = [pytest.mark.e2e, pytest.mark.anyio]
 
@@ -42,18 +40,9 @@ async def cancel_delay(fake: FakeVendors, left_at: float, what: str) -> float:
 
 
 def ledger_status(proxy: ProxyProcess, request_id: str) -> tuple[str, int]:
-    database = proxy.log_path.parent / "robota.db"
-    deadline = time.monotonic() + 5
-    while True:
-        with sqlite3.connect(Path(database)) as conn:
-            row = conn.execute(
-                "SELECT status, completion_tokens FROM usage_ledger WHERE request_id = ?",
-                (request_id,),
-            ).fetchone()
-        if row is not None or time.monotonic() > deadline:
-            assert row is not None, "no ledger row for the abandoned stream"
-            return str(row[0]), int(row[1])
-        time.sleep(0.05)
+    rows = ledger_rows(proxy.log_path.parent / "robota.db", request_id)
+    assert rows, "no ledger row for the abandoned stream"
+    return str(rows[0]["status"]), int(rows[0]["completion_tokens"])
 
 
 async def test_http_disconnect(proxy: ProxyProcess, fake: FakeVendors) -> None:

@@ -4,18 +4,15 @@ call, and the ledger has one row; with Redis the resume lands on another proxy p
 
 from __future__ import annotations
 
-import sqlite3
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from robota_client import RemoteAIProvider
 from robota_proxy.testing import FakeVendors, Fault, Reply
-from tests.e2e.conftest import ProxyProcess, start_proxy, stop_proxy, vendor_env
+from tests.e2e.conftest import ProxyProcess, ledger_rows, start_proxy, stop_proxy, vendor_env
 from tests.e2e.relay import CuttingRelay
 
 pytestmark = [pytest.mark.e2e, pytest.mark.anyio]
@@ -70,22 +67,6 @@ def address(proxy: ProxyProcess) -> tuple[str, int]:
     url = httpx.URL(proxy.url)
     assert url.port is not None
     return "127.0.0.1", url.port
-
-
-def ledger_rows(database: Path, request_id: str) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + 5
-    while True:
-        with sqlite3.connect(database) as conn:
-            conn.row_factory = sqlite3.Row
-            rows = [
-                dict(row)
-                for row in conn.execute(
-                    "SELECT * FROM usage_ledger WHERE request_id = ?", (request_id,)
-                )
-            ]
-        if rows or time.monotonic() > deadline:
-            return rows
-        time.sleep(0.05)
 
 
 def vendor_calls(fake: FakeVendors, marker: str) -> int:
