@@ -60,7 +60,10 @@ def anyio_backend() -> str:
 
 @pytest.fixture
 async def upstream() -> AsyncIterator[OpenAIUpstream]:
-    adapter = OpenAIUpstream(api_key=KEY, base_url=BASE, name="local")
+    # An httpx client, which respx mocks (production uses the SDK's aiohttp client).
+    adapter = OpenAIUpstream(
+        api_key=KEY, base_url=BASE, name="local", http_client=httpx.AsyncClient()
+    )
     yield adapter
     await adapter.aclose()
 
@@ -240,7 +243,7 @@ async def test_request_translation(upstream: OpenAIUpstream, api: respx.MockRout
 
 async def test_official_api_gets_max_completion_tokens(api: respx.MockRouter) -> None:
     route = api.post(OFFICIAL_URL).respond(200, json=completion({"content": "ok"}))
-    upstream = OpenAIUpstream(api_key=KEY)
+    upstream = OpenAIUpstream(api_key=KEY, http_client=httpx.AsyncClient())
     try:
         await upstream.chat(chat_request(options={"maxTokens": 50}))
     finally:

@@ -1,0 +1,110 @@
+"""Quick per-request CPU cost of robota-proxy: about 30 s, robust to a shared machine.
+
+    python -m benchmarks.cpu_cost                    # plain proxy and the SQLite chain
+    python -m benchmarks.cpu_cost --seconds 3 --only chat
+
+Starts the fake upstream and real proxy processes (as the harness does), drives each with the
+load generator, and reads the proxy's CPU seconds (psutil, whole process tree) per request:
+unlike latency, that figure hardly moves when other work shares the cores. Latency and TTFT
+are printed as well, proxy minus direct.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import processes
+from benchmarks.harness import CHAIN_PROFILES, Step, Target, create_chain_key, run_load
+from benchmarks.processes import Sampler
+from benchmarks.stats import summarize
+
+STEPS = [("chat", False, 1), ("chat", False, 50), ("stream", True, 1), ("stream", True, 50)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.cpu_cost")
+    parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per step")
+    parser.add_argument("--only", choices=("chat", "stream"), help="one kind of step")
+    parser.add_argument("--no-chain", action="store_true", help="plain proxy only")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+    extra = dict(pair.split("=", 1) for pair in args.env)
+    workdir = Path(tempfile.mkdtemp(prefix="robota-cpu-"))
+    upstream = processes.fake_upstream(workdir, 20, 1.0)
+    upstream.start()
+    upstream_url = processes.base_url(upstream)
+    targets: list[Target] = []
+    rows: list[dict[str, Any]] = []
+    try:
+        server = processes.robota_proxy("robota", workdir, upstream_url, extra, 1)
+        targets.append(Target("robota", "robota", processes.base_url(server), "bench-key", server))
+        if not args.no_chain:
+            env = {
+                k: v.format(workdir=workdir)
+                for k, v in CHAIN_PROFILES["chain-sqlite"]["env"].items()
+            }
+            server = processes.robota_proxy("chain-sqlite", workdir, upstream_url, {**extra, **env})
+            chain = Target("chain-sqlite", "robota", processes.base_url(server), "", server)
+            key, reason = create_chain_key("chain-sqlite", server)
+            if key is None:
+                sys.exit(reason)
+            chain.api_key = key
+            targets.append(chain)
+        for target in targets:
+            assert target.server is not None
+            target.server.start()
+        direct = Target("direct", "openai", upstream_url, "sk-bench")
+        for kind, stream, concurrency in STEPS:
+            if args.only and kind != args.only:
+                continue
+            step = Step(kind, f"c={concurrency}", stream, concurrency, args.seconds, 0.5, [])
+            step.expect_tokens = 20 if stream else None
+            base = summarize(run_load(step, direct, workdir), 0, None)
+            for target in targets:
+                time.sleep(0.3)
+                with Sampler(target.server) as sampler:
+                    raw = run_load(step, target, workdir)
+                s = summarize(raw, sampler.peak_rss, sampler.cpu_s)
+                row = {
+                    "step": f"{kind} c={concurrency}",
+                    "target": target.name,
+                    "rps": s["throughput_rps"],
+                    "cpu_ms": s.get("cpu_ms_per_request"),
+                    "p50": s["latency_ms"]["p50"] - base["latency_ms"]["p50"],
+                    "p99": s["latency_ms"]["p99"] - base["latency_ms"]["p99"],
+                    "errors": s["errors"],
+                }
+                if stream:
+                    row["ttft_p50"] = s["ttft_ms"]["p50"] - base["ttft_ms"]["p50"]
+                    row["ttft_p99"] = s["ttft_ms"]["p99"] - base["ttft_ms"]["p99"]
+                rows.append(row)
+                print(_line(row), flush=True)
+    finally:
+        for target in targets:
+            if target.server is not None:
+                target.server.stop()
+        upstream.stop()
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    return 0
+
+
+def _line(row: dict[str, Any]) -> str:
+    text = (
+        f"{row['step']:<12} {row['target']:<13} cpu {row['cpu_ms'] or 0:6.3f} ms/req "
+        f"{row['rps'] or 0:7.1f} req/s  added p50 {row['p50']:+8.2f} p99 {row['p99']:+8.2f}"
+    )
+    if "ttft_p99" in row:
+        text += f"  ttft p50 {row['ttft_p50']:+7.2f} p99 {row['ttft_p99']:+8.2f}"
+    return text + f"  errors {row['errors']}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
