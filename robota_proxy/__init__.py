@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from robota_proxy.app import ProxyApp, create_app, mount
     from robota_proxy.middleware.auth import AuthMiddleware
     from robota_proxy.middleware.cache import CacheMiddleware
+    from robota_proxy.middleware.metering import MeteringMiddleware
     from robota_proxy.middleware.ratelimit import RateLimitMiddleware
     from robota_proxy.middleware.request_context import RequestContextMiddleware
     from robota_proxy.policy.ratelimits import RateLimiter
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 _EXPORTS = {
     "AuthMiddleware": "robota_proxy.middleware.auth",
     "CacheMiddleware": "robota_proxy.middleware.cache",
+    "MeteringMiddleware": "robota_proxy.middleware.metering",
     "ProxyApp": "robota_proxy.app",
     "RateLimitMiddleware": "robota_proxy.middleware.ratelimit",
     "RateLimiter": "robota_proxy.policy.ratelimits",
@@ -35,6 +37,7 @@ _EXPORTS = {
 __all__ = [
     "AuthMiddleware",
     "CacheMiddleware",
+    "MeteringMiddleware",
     "ProxyApp",
     "RateLimitMiddleware",
     "RateLimiter",
