@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -16,9 +17,11 @@ from robota_proxy.streams.buffer import CANCELLED, Entry
 class _Stream:
     owner: str
     entries: list[Entry] = field(default_factory=list)
-    #: Replaced on every append; readers wait on the one they saw.
-    changed: anyio.Event = field(default_factory=anyio.Event)
+    #: Set and dropped on every append; readers wait on the one they saw. Made only when a
+    #: reader waits, not on every append (an ``anyio.Event`` is not free).
+    changed: anyio.Event | None = None
     readers: int = 0
+    size: int = 0
     #: Set once the terminal entry is in: the resume window counts from here.
     expires_at: float | None = None
 
@@ -28,13 +31,28 @@ class _Stream:
 
 
 class MemoryStreamBuffer:
-    """Entries live until ``window`` seconds after their stream ended; expired streams are
-    swept on the next ``open``, so memory is bounded by the streams of the last window."""
+    """Entries live until ``window`` seconds after their stream ended, and ended streams are
+    dropped oldest first sooner when they hold more than ``max_bytes`` of event data.
 
-    def __init__(self, window: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+    Ended streams wait in a queue in the order they ended; with one window for all, that is
+    also the order they expire in, so the sweep on each ``open`` looks only at the front of
+    the queue (O(1) amortised) instead of at every stream kept."""
+
+    def __init__(
+        self,
+        window: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        max_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
         self.window = window
+        self.max_bytes = max_bytes
         self._clock = clock
         self._streams: dict[str, _Stream] = {}
+        #: ``(expires_at, stream_id)`` of ended streams, in the order they ended.
+        self._ended: deque[tuple[float, str]] = deque()
+        #: Event data held by ended streams (the ones the byte bound may drop).
+        self._ended_bytes = 0
 
     async def open(self, stream_id: str, owner: str) -> None:
         self._sweep()
@@ -45,10 +63,17 @@ class MemoryStreamBuffer:
         if stream is None:
             return
         stream.entries.append(entry)
-        if entry.terminal:
+        stream.size += len(entry.data)
+        if stream.expires_at is not None:
+            self._ended_bytes += len(entry.data)
+        elif entry.terminal:
             stream.expires_at = self._clock() + self.window
-        changed, stream.changed = stream.changed, anyio.Event()
-        changed.set()
+            self._ended.append((stream.expires_at, stream_id))
+            self._ended_bytes += stream.size
+        changed = stream.changed
+        if changed is not None:
+            stream.changed = None
+            changed.set()
 
     async def owner(self, stream_id: str) -> str | None:
         stream = self._live(stream_id)
@@ -65,6 +90,8 @@ class MemoryStreamBuffer:
             if stream is None:
                 return
             changed = stream.changed
+            if changed is None:
+                changed = stream.changed = anyio.Event()
             while position < len(stream.entries):
                 entry = stream.entries[position]
                 position += 1
@@ -91,6 +118,8 @@ class MemoryStreamBuffer:
 
     async def aclose(self) -> None:
         self._streams.clear()
+        self._ended.clear()
+        self._ended_bytes = 0
 
     def __len__(self) -> int:
         return len(self._streams)
@@ -99,16 +128,18 @@ class MemoryStreamBuffer:
         stream = self._streams.get(stream_id)
         expires_at = stream.expires_at if stream is not None else None
         if expires_at is not None and expires_at <= self._clock():
-            del self._streams[stream_id]
+            self._drop(stream_id)
             return None
         return stream
 
     def _sweep(self) -> None:
         now = self._clock()
-        expired = [
-            key
-            for key, stream in self._streams.items()
-            if stream.expires_at is not None and stream.expires_at <= now
-        ]
-        for key in expired:
-            del self._streams[key]
+        ended = self._ended
+        while ended and (ended[0][0] <= now or self._ended_bytes > self.max_bytes):
+            _, stream_id = ended.popleft()
+            self._drop(stream_id)
+
+    def _drop(self, stream_id: str) -> None:
+        stream = self._streams.pop(stream_id, None)
+        if stream is not None and stream.expires_at is not None:
+            self._ended_bytes -= stream.size

@@ -105,3 +105,25 @@ def test_event_ids_locate_a_stream_and_a_position() -> None:
     assert parse_event_id(event_id(stream_id, 42)) == (stream_id, 42)
     for bad in ("42", "s_x:1", f"{stream_id}:", f"{stream_id}:-1", f"{stream_id}:1e3"):
         assert parse_event_id(bad) is None
+
+
+async def test_memory_sweep_drops_ended_streams_over_the_byte_bound() -> None:
+    """Ended streams beyond ``max_bytes`` go oldest first, before their window is over;
+    a stream still running is never dropped."""
+    buffer = MemoryStreamBuffer(60, max_bytes=100)
+    await buffer.open("running", "alice")
+    await buffer.append("running", Entry(1, "delta", "x" * 80))
+    for name in ("old", "new"):
+        await buffer.open(name, "alice")
+        await buffer.append(name, Entry(1, "delta", "y" * 40))
+        await buffer.append(name, Entry(2, "done", "{}"))
+    await buffer.open("next", "alice")  # sweeps: old + new hold 84 bytes, within the bound
+    assert await buffer.owner("old") == "alice"
+    await buffer.open("third", "alice")
+    await buffer.append("third", Entry(1, "delta", "z" * 40))
+    await buffer.append("third", Entry(2, "done", "{}"))
+    await buffer.open("last", "alice")  # 126 bytes ended: the oldest goes
+    assert await buffer.owner("old") is None
+    assert await buffer.owner("new") == "alice"
+    assert await buffer.owner("third") == "alice"
+    assert await buffer.owner("running") == "alice"
