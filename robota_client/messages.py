@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from datetime import date
+from datetime import date, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal, TypeAlias
 
@@ -365,15 +365,22 @@ class ErrorBody(WireModel):
 
 
 class UsageTotals(WireModel):
+    """The seed's ``UsageMetrics`` (tokensUsed, requestCount, cost, lastUsed) for a group of
+    calls, with the tokens broken down by the kinds vendors bill differently."""
+
     requests: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     #: Of the prompt tokens, served from the vendor's prompt cache (billed cheaper).
     cached_prompt_tokens: int = 0
+    #: Of the prompt tokens, written to the vendor's prompt cache (billed dearer).
+    cache_write_tokens: int = 0
     #: Of the completion tokens, hidden reasoning (billed as output).
     reasoning_tokens: int = 0
     total_tokens: int = 0
     cost_usd: Decimal = Decimal(0)
+    #: When the latest of these calls was made (UTC).
+    last_used: datetime | None = None
 
 
 class DayUsage(UsageTotals):
@@ -440,6 +447,14 @@ class Limits(WireModel):
     tpm: RateAllowance | None = None
 
 
+class MonthUsage(WireModel):
+    """This month's settled usage as the monthly limits count it (cache hits cost no quota)."""
+
+    requests: int = 0
+    tokens: int = 0
+    cost_usd: Decimal = Decimal(0)
+
+
 class Me(WireModel):
     """Who the proxy thinks the caller is, what they may do, and what is left."""
 
@@ -449,4 +464,4 @@ class Me(WireModel):
     permissions: dict[str, Any] = Field(default_factory=dict)
     limits: Limits
     #: This month's usage so far (settled calls).
-    month: UsageTotals = Field(default_factory=UsageTotals)
+    month: MonthUsage = Field(default_factory=MonthUsage)

@@ -201,6 +201,7 @@ class MeteringMiddleware:
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
             cached_prompt_tokens=usage.cached_prompt_tokens or 0,
+            cache_write_tokens=usage.cache_write_tokens or 0,
             reasoning_tokens=usage.reasoning_tokens or 0,
             cost_pico=0 if cost is None else to_pico(cost),
             latency_ms=record.latency_ms,

@@ -16,9 +16,9 @@ from robota_client.messages import (
     BudgetAllowance,
     Limits,
     Me,
+    MonthUsage,
     RateAllowance,
     TokenAllowance,
-    UsageTotals,
 )
 from robota_proxy import scope as keys
 from robota_proxy.errors import Unauthenticated
@@ -81,9 +81,9 @@ class AccountRoutes:
                 key_id=principal.key_id,
                 permissions=principal.permissions.to_wire(),
                 limits=limits,
-                month=UsageTotals(
+                month=MonthUsage(
                     requests=counters.requests,
-                    total_tokens=counters.tokens_used,
+                    tokens=counters.tokens_used,
                     cost_usd=Decimal(usd_text(counters.cost_used_pico)),
                 ),
             )

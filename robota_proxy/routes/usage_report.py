@@ -49,9 +49,11 @@ def totals_of(row: UsageRow) -> dict[str, object]:
         "prompt_tokens": row.prompt_tokens,
         "completion_tokens": row.completion_tokens,
         "cached_prompt_tokens": row.cached_prompt_tokens,
+        "cache_write_tokens": row.cache_write_tokens,
         "reasoning_tokens": row.reasoning_tokens,
         "total_tokens": row.prompt_tokens + row.completion_tokens,
         "cost_usd": usd_text(row.cost_pico),
+        "last_used": row.last_used,
     }
 
 

@@ -105,6 +105,7 @@ class UsageRow:
     reasoning_tokens: int
     cost_pico: int
     cache_write_tokens: int = 0
+    last_used: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -411,6 +412,7 @@ async def _grouped(
         *labelled,
         func.count().label("requests"),
         *(func.coalesce(func.sum(ledger.c[name]), 0).label(name) for name in _SUMMED),
+        func.max(ledger.c.created_at).label("last_used"),
     ).where(*where)
     if labelled:
         statement = statement.group_by(*labelled).order_by(*labelled)
@@ -420,10 +422,18 @@ async def _grouped(
         UsageRow(
             key=tuple(str(value) for value in row[:size]),
             requests=int(row[size]),
-            **{name: int(value) for name, value in zip(_SUMMED, row[size + 1 :], strict=True)},
+            **{name: int(value) for name, value in zip(_SUMMED, row[size + 1 : -1], strict=True)},
+            last_used=_as_utc(row[-1]),
         )
         for row in rows
     ]
+
+
+def _as_utc(moment: datetime | None) -> datetime | None:
+    """SQLite hands back an aggregate's timestamp without its zone; the ledger stores UTC."""
+    if moment is None or moment.tzinfo is not None:
+        return moment
+    return moment.replace(tzinfo=UTC)
 
 
 #: The ledger columns a usage report sums, by their ``UsageRow`` names.

@@ -155,6 +155,15 @@ def test_chat_and_stream_are_ledger_rows_priced_by_genai_prices(
     assert len(report.days) == 1 and report.days[0].day == datetime.now(UTC).date()
     assert me.user == user and me.key_id == first["key_id"]
     assert me.month.requests == 2 and me.month.cost_usd == report.totals.cost_usd
+    assert (
+        me.month.tokens
+        == report.totals.total_tokens
+        == sum(row["prompt_tokens"] + row["completion_tokens"] for row in rows)
+    )
+    # The seed's UsageMetrics.lastUsed: the time of the latest call in each group.
+    last = report.models[0].last_used
+    assert last is not None and abs((datetime.now(UTC) - last).total_seconds()) < 60
+    assert report.totals.last_used == last
     assert me.limits.monthly_budget is None and me.limits.monthly_tokens is None
 
 

@@ -194,11 +194,13 @@ def test_every_token_kind_is_reported_and_priced_exactly(
             row["prompt_tokens"],
             row["completion_tokens"],
             row["cached_prompt_tokens"],
+            row["cache_write_tokens"],
             row["reasoning_tokens"],
         ) == (
             usage["promptTokens"],
             usage["completionTokens"],
             usage["cachedPromptTokens"],
+            usage.get("cacheWriteTokens", 0),
             usage["reasoningTokens"],
         )
     # What the vendor was asked for is what was billed: one vendor call per ledger row.
