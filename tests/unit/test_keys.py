@@ -3,6 +3,7 @@ on a real SQLite file."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import string
 from collections.abc import AsyncIterator
@@ -29,7 +30,7 @@ from robota_proxy.policy.keys import (
 from robota_proxy.policy.principals import UserPermissions
 from robota_proxy.policy.static_keys import StaticKeyAuthenticator
 from robota_proxy.storage.database import Database
-from robota_proxy.storage.key_store import KeyStore
+from robota_proxy.storage.key_store import KeyLookup, KeyStore
 
 pytestmark = pytest.mark.anyio
 
@@ -178,6 +179,27 @@ async def test_cached_lookup_until_the_ttl(store: KeyStore) -> None:
     assert await auth.authenticate(key) is not None  # still cached
     fresh = KeyStoreAuthenticator(store, cache_seconds=60)
     assert await fresh.authenticate(key) is None
+    await auth.flush()
+
+
+async def test_concurrent_misses_share_one_lookup(
+    store: KeyStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests that arrive together while a key is not cached wait for one query."""
+    key, _ = await store.create_key("alice")
+    queries = 0
+    lookup = store.lookup
+
+    async def counted(key_id: str) -> KeyLookup | None:
+        nonlocal queries
+        queries += 1
+        return await lookup(key_id)
+
+    monkeypatch.setattr(store, "lookup", counted)
+    auth = KeyStoreAuthenticator(store, cache_seconds=60)
+    results = await asyncio.gather(*(auth.authenticate(key) for _ in range(20)))
+    assert all(p is not None and p.user == "alice" for p in results)
+    assert queries == 1
     await auth.flush()
 
 
