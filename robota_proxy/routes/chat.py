@@ -99,7 +99,7 @@ class ChatRoutes:
         # The producer is decoupled from this connection (see robota_proxy.streams.response):
         # a client that drops can resume the same answer; one that does not come back within
         # the grace has the vendor call cancelled and what was produced settled.
-        principal = request.scope.get(keys.PRINCIPAL)
+        principal = _principal(request)
         return ProducingStream(
             self.streams,
             new_stream_id(),
