@@ -97,7 +97,9 @@ async def test_a_cut_stream_is_resumed_exactly_once(
     rows = ledger_rows(database, request_id)
     assert len(rows) == 1
     assert rows[0]["status"] == "ok" and rows[0]["completion_tokens"] == 300
-    print(f"\n[resume memory] text once: {text == WORDS}, vendor calls: 1, ledger rows: 1")
+    calls = vendor_calls(fake, "resume memory")
+    once = text == WORDS
+    print(f"\n[resume memory] text once: {once}, vendor calls: {calls}, ledger rows: {len(rows)}")
 
 
 async def test_cross_process_resume_through_redis(
