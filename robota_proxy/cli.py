@@ -41,6 +41,13 @@ def _serve(args: argparse.Namespace) -> int:
     settings = Settings()
     host = args.host or settings.host
     port = args.port or settings.port
+    if args.workers > 1 and settings.redis_url is None:
+        print(
+            f"robota-proxy: warning: {args.workers} workers without ROBOTA_REDIS_URL: each "
+            "worker keeps its own rate limits, cache and resumable streams (each counts rpm "
+            "on its own); set ROBOTA_REDIS_URL to share them",
+            file=sys.stderr,
+        )
     # An import string and a factory so that --workers and --reload can start fresh copies.
     uvicorn.run(
         "robota_proxy.app:create_app",
