@@ -38,13 +38,15 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from decimal import ROUND_CEILING, Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
 from cachetools import LRUCache
 from genai_prices import Usage as PriceUsage
-from genai_prices import calc_price
+from genai_prices.data_snapshot import get_snapshot
+from genai_prices.types import ModelInfo, ModelPrice, Provider, TieredPrices
 
 from robota_client.messages import ChatRequest, Usage
 
@@ -174,7 +176,9 @@ class PriceBook:
         self.default = default
         # (provider, model) -> where its price comes from; lookups are pure, so each pair is
         # resolved once. Bounded: callers choose model names, and may choose many.
-        self._resolved: LRUCache[tuple[str, str], Price | bool | None] = LRUCache(4096)
+        self._resolved: LRUCache[tuple[str, str], Price | _GenaiModel | bool | None] = LRUCache(
+            4096
+        )
 
     @classmethod
     def from_file(cls, path: Path | None) -> PriceBook:
@@ -206,18 +210,21 @@ class PriceBook:
                 return price
         return None
 
-    def _source(self, provider: str, model: str) -> Price | bool | None:
-        """An override ``Price``; ``True`` when genai-prices knows the model; ``None`` when
+    def _source(self, provider: str, model: str) -> Price | _GenaiModel | bool | None:
+        """An override ``Price``; the genai-prices model when it knows it; ``None`` when
         only the default (or nothing) applies; ``False`` for the free mock."""
         key = (provider, model)
-        if key in self._resolved:
-            return self._resolved[key]
-        found: Price | bool | None = self._override(provider, model)
+        found: Price | _GenaiModel | bool | None
+        try:
+            found = self._resolved[key]
+        except KeyError:
+            pass
+        else:
+            if not isinstance(found, _GenaiModel) or found.current():
+                return found
+        found = self._override(provider, model)
         if found is None:
-            if provider in _FREE_PROVIDERS:
-                found = False
-            elif _genai_knows(provider, model):
-                found = True
+            found = False if provider in _FREE_PROVIDERS else _GenaiModel.find(provider, model)
         self._resolved[key] = found
         return found
 
@@ -230,10 +237,8 @@ class PriceBook:
         source = self._source(provider, model)
         if source is False:
             return Decimal(0)
-        if isinstance(source, Price):
+        if isinstance(source, Price | _GenaiModel):
             usd = source.cost(usage)
-        elif source is True:
-            usd = _genai_cost(provider, model, usage)
         elif self.default is not None:
             usd = self.default.cost(usage)
         else:
@@ -249,22 +254,63 @@ def _glob(key: str) -> bool:
     return any(char in key for char in "*?[")
 
 
-def _genai_knows(provider: str, model: str) -> bool:
-    provider_id = GENAI_PROVIDER_IDS.get(provider)
-    if provider_id is None:
-        return False
-    try:
-        calc_price(
-            PriceUsage(input_tokens=0, output_tokens=0), model_ref=model, provider_id=provider_id
-        )
-    except LookupError:
-        return False
-    return True
+class _GenaiModel:
+    """A model genai-prices knows, looked up once per (provider, model).
+
+    genai-prices matches the model and walks its unit registry on every ``calc_price`` (about
+    0.1 ms a call, several per cent of a request). The model is found once here; each of its
+    prices (a model may have several, chosen by the request's date) is turned once into a
+    plain per-token ``Price`` *measured with genai-prices itself*: the cost of a million tokens
+    of each kind, checked against a mixed usage. A price that is not linear in our four token
+    kinds (tiers by prompt size, a per-request fee) keeps going through genai-prices on every
+    call, so the numbers never differ from the library's.
+    """
+
+    __slots__ = ("_linear", "_model", "_provider", "_snapshot")
+
+    def __init__(self, snapshot: object, provider: Provider, model: ModelInfo) -> None:
+        self._snapshot = snapshot
+        self._provider = provider
+        self._model = model
+        # id(ModelPrice) -> (the ModelPrice, kept alive so the id stays its own; its linear
+        # Price or None). Only the snapshot's own price objects are keyed, never copies.
+        self._linear: dict[int, tuple[ModelPrice, Price | None]] = {}
+
+    @classmethod
+    def find(cls, provider: str, model: str) -> _GenaiModel | None:
+        provider_id = GENAI_PROVIDER_IDS.get(provider)
+        if provider_id is None:
+            return None
+        snapshot = get_snapshot()
+        try:
+            found_provider, found_model = snapshot.find_provider_model(
+                model, None, provider_id, None
+            )
+        except LookupError:
+            return None
+        return cls(snapshot, found_provider, found_model)
+
+    def current(self) -> bool:
+        """Whether genai-prices still prices from the data this was found in (an auto
+        update swaps the snapshot)."""
+        return get_snapshot() is self._snapshot
+
+    def cost(self, usage: Usage) -> Decimal:
+        # The price in force now: a model's prices may change on a date (or by time of day).
+        model_price = self._model.get_prices(datetime.now(tz=UTC))
+        entry = self._linear.get(id(model_price))
+        if entry is None or entry[0] is not model_price:
+            entry = (model_price, _linear_price(model_price))
+            self._linear[id(model_price)] = entry
+        linear = entry[1]
+        if linear is not None:
+            return linear.cost(usage)
+        return _library_cost(self._model, self._provider, usage)
 
 
-def _genai_cost(provider: str, model: str, usage: Usage) -> Decimal:
+def _library_cost(model: ModelInfo, provider: Provider, usage: Usage) -> Decimal:
     tokens = _TokenKinds.of(usage)
-    result = calc_price(
+    result = model.calc_price(
         # genai-prices counts cache reads and writes inside input_tokens, as our usage does,
         # and bills them at the model's cache prices (plain input when it has none).
         PriceUsage(
@@ -273,10 +319,46 @@ def _genai_cost(provider: str, model: str, usage: Usage) -> Decimal:
             cache_write_tokens=tokens.cache_write,
             output_tokens=tokens.output,
         ),
-        model_ref=model,
-        provider_id=GENAI_PROVIDER_IDS[provider],
+        provider,
     )
     return Decimal(result.total_price)
+
+
+def _linear_price(model_price: ModelPrice) -> Price | None:
+    """``model_price`` as a per-million-token ``Price``, measured through genai-prices; ``None``
+    when it is not linear in our token kinds (then every call asks genai-prices)."""
+    if any(isinstance(value, TieredPrices) for value in vars(model_price).values()):
+        return None
+
+    def measure(prompt: int, cache_read: int, cache_write: int, output: int) -> Decimal:
+        total = model_price.calc_price(
+            PriceUsage(
+                input_tokens=prompt,
+                cache_read_tokens=cache_read,
+                cache_write_tokens=cache_write,
+                output_tokens=output,
+            )
+        )["total_price"]
+        return Decimal(total)
+
+    million = 1_000_000
+    if measure(0, 0, 0, 0) != 0:
+        return None  # a fee per request, not per token
+    linear = Price(
+        input=measure(million, 0, 0, 0),
+        output=measure(0, 0, 0, million),
+        cache_read=measure(million, million, 0, 0),
+        cache_write=measure(million, 0, million, 0),
+    )
+    probe = Usage(
+        prompt_tokens=1_234_567,
+        completion_tokens=76_543,
+        cached_prompt_tokens=345_678,
+        cache_write_tokens=23_456,
+    )
+    if linear.cost(probe) != measure(1_234_567, 345_678, 23_456, 76_543):
+        return None
+    return linear
 
 
 def estimate_completion_tokens(streamed_chars: int) -> int:
