@@ -24,7 +24,17 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import anyio
-from sqlalchemy import ColumnElement, and_, case, func, select, update
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    String,
+    and_,
+    bindparam,
+    case,
+    func,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -175,7 +185,7 @@ class UsageStore:
     async def release(self, reservation: Reservation) -> None:
         """Give back a reservation for a call that never reached a vendor."""
         async with self._engine.begin() as conn:
-            await conn.execute(_release(reservation))
+            await conn.execute(_RELEASE, _release_params(reservation))
 
     async def settle(self, entry: LedgerEntry, reservation: Reservation | None) -> None:
         """Release the reservation, count the usage and write the ledger row, atomically;
@@ -285,7 +295,7 @@ async def _write_settles(conn: AsyncConnection, batch: list[_Settle]) -> None:
         period = period_of(entry.created_at)
         if reservation is not None and reservation.period != period:
             # Reserved in one month, settled in the next: give back where it was held.
-            await conn.execute(_release(reservation))
+            await conn.execute(_RELEASE, _release_params(reservation))
             reservation = None
         total = sums.setdefault((entry.user, period), _Sums())
         total.tokens += entry.quota_tokens
@@ -294,9 +304,21 @@ async def _write_settles(conn: AsyncConnection, batch: list[_Settle]) -> None:
         if reservation is not None:
             total.held_tokens += reservation.tokens
             total.held_cost += reservation.cost_pico
+    add_usage = _ADD_USAGE[conn.dialect.name]
     for (user, period), total in sorted(sums.items()):  # sorted: one lock order for all
-        await conn.execute(_add_usage(conn, user, period, total))
-    await conn.execute(ledger.insert(), [_ledger_values(one.entry) for one in batch])
+        await conn.execute(
+            add_usage,
+            {
+                "add_user": user,
+                "add_period": period,
+                "add_tokens": total.tokens,
+                "add_cost": total.cost,
+                "add_requests": total.requests,
+                "held_tokens": total.held_tokens,
+                "held_cost": total.held_cost,
+            },
+        )
+    await conn.execute(_INSERT_LEDGER, [_ledger_values(one.entry) for one in batch])
 
 
 # --- statements ---------------------------------------------------------------------------------
@@ -323,39 +345,68 @@ _ZERO = {
 }
 
 
-def _release(reservation: Reservation) -> Any:
-    return (
-        update(counters)
-        .where(counters.c.user_id == reservation.user, counters.c.period == reservation.period)
-        .values(
-            tokens_reserved=counters.c.tokens_reserved - reservation.tokens,
-            cost_reserved_pico=counters.c.cost_reserved_pico - reservation.cost_pico,
-        )
+def _release_params(reservation: Reservation) -> dict[str, Any]:
+    return {
+        "rel_user": reservation.user,
+        "rel_period": reservation.period,
+        "rel_tokens": reservation.tokens,
+        "rel_cost": reservation.cost_pico,
+    }
+
+
+# The settle path's statements are built once, with bound parameters, rather than per settle:
+# building a statement (and its cache key) cost more CPU than executing it on SQLite. Bind
+# names differ from column names, which SQLAlchemy reserves in VALUES and SET.
+
+_RELEASE = (
+    update(counters)
+    .where(
+        counters.c.user_id == bindparam("rel_user", type_=String),
+        counters.c.period == bindparam("rel_period", type_=String),
     )
+    .values(
+        tokens_reserved=counters.c.tokens_reserved - bindparam("rel_tokens", type_=BigInteger),
+        cost_reserved_pico=counters.c.cost_reserved_pico - bindparam("rel_cost", type_=BigInteger),
+    )
+)
 
 
-def _add_usage(conn: AsyncConnection, user: str, period: str, total: _Sums) -> Any:
+def _add_usage_statement(insert: Any) -> Any:
     """One upsert: a user without limits may have no counters row yet (and then holds no
     reservation either)."""
-    insert = _insert(conn)(counters).values(
-        user_id=user,
-        period=period,
-        tokens_used=total.tokens,
+    tokens = bindparam("add_tokens", type_=BigInteger)
+    cost = bindparam("add_cost", type_=BigInteger)
+    requests = bindparam("add_requests", type_=BigInteger)
+    statement = insert(counters).values(
+        user_id=bindparam("add_user", type_=String),
+        period=bindparam("add_period", type_=String),
+        tokens_used=tokens,
         tokens_reserved=0,
-        cost_used_pico=total.cost,
+        cost_used_pico=cost,
         cost_reserved_pico=0,
-        requests=total.requests,
+        requests=requests,
     )
-    return insert.on_conflict_do_update(
+    return statement.on_conflict_do_update(
         index_elements=[counters.c.user_id, counters.c.period],
         set_={
-            "tokens_used": counters.c.tokens_used + total.tokens,
-            "tokens_reserved": counters.c.tokens_reserved - total.held_tokens,
-            "cost_used_pico": counters.c.cost_used_pico + total.cost,
-            "cost_reserved_pico": counters.c.cost_reserved_pico - total.held_cost,
-            "requests": counters.c.requests + total.requests,
+            "tokens_used": counters.c.tokens_used + tokens,
+            "tokens_reserved": counters.c.tokens_reserved
+            - bindparam("held_tokens", type_=BigInteger),
+            "cost_used_pico": counters.c.cost_used_pico + cost,
+            "cost_reserved_pico": counters.c.cost_reserved_pico
+            - bindparam("held_cost", type_=BigInteger),
+            "requests": counters.c.requests + requests,
         },
     )
+
+
+#: The counters upsert per dialect (their ``ON CONFLICT`` constructs differ).
+_ADD_USAGE: dict[str, Any] = {
+    "postgresql": _add_usage_statement(postgresql.insert),
+    "sqlite": _add_usage_statement(sqlite.insert),
+}
+
+_INSERT_LEDGER = ledger.insert()
 
 
 def _ledger_values(entry: LedgerEntry) -> dict[str, Any]:
