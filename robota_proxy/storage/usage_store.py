@@ -149,31 +149,26 @@ class UsageStore:
         cost_limit_pico: int | None,
     ) -> Reservation | Refusal:
         """Hold ``tokens`` and ``cost_pico`` against the limits, or say which one is hit."""
-        conditions = [counters.c.user_id == user, counters.c.period == period]
+        statement = _RESERVE[token_limit is not None, cost_limit_pico is not None]
+        params: dict[str, Any] = {
+            "res_user": user,
+            "res_period": period,
+            "res_tokens": tokens,
+            "res_cost": cost_pico,
+        }
         if token_limit is not None:
-            conditions.append(
-                counters.c.tokens_used + counters.c.tokens_reserved + tokens <= token_limit
-            )
+            params["token_limit"] = token_limit
         if cost_limit_pico is not None:
-            conditions.append(
-                counters.c.cost_used_pico + counters.c.cost_reserved_pico + cost_pico
-                <= cost_limit_pico
-            )
-        statement = (
-            update(counters)
-            .where(and_(*conditions))
-            .values(
-                tokens_reserved=counters.c.tokens_reserved + tokens,
-                cost_reserved_pico=counters.c.cost_reserved_pico + cost_pico,
-            )
-        )
+            params["cost_limit"] = cost_limit_pico
         async with self._engine.begin() as conn:
             # Update first: the row exists for every user who called this month, so the
             # usual path is one statement. A miss is a new month or a refusal.
-            if (await conn.execute(statement)).rowcount == 1:
+            if (await conn.execute(statement, params)).rowcount == 1:
                 return Reservation(user, period, tokens, cost_pico)
-            await conn.execute(_insert_counters(conn, user, period))
-            if (await conn.execute(statement)).rowcount == 1:
+            await conn.execute(
+                _INSERT_COUNTERS[conn.dialect.name], {"new_user": user, "new_period": period}
+            )
+            if (await conn.execute(statement, params)).rowcount == 1:
                 return Reservation(user, period, tokens, cost_pico)
             current = await _read_counters(conn, user, period)
         over_tokens = (
@@ -324,14 +319,50 @@ async def _write_settles(conn: AsyncConnection, batch: list[_Settle]) -> None:
 # --- statements ---------------------------------------------------------------------------------
 
 
-def _insert(conn: AsyncConnection) -> Any:
-    return postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-
-
-def _insert_counters(conn: AsyncConnection, user: str, period: str) -> Any:
+def _reserve_statement(token_limit: bool, cost_limit: bool) -> Any:
+    """The conditional UPDATE that holds a reservation, for the limits the user has."""
+    tokens = bindparam("res_tokens", type_=BigInteger)
+    cost = bindparam("res_cost", type_=BigInteger)
+    conditions = [
+        counters.c.user_id == bindparam("res_user", type_=String),
+        counters.c.period == bindparam("res_period", type_=String),
+    ]
+    if token_limit:
+        conditions.append(
+            counters.c.tokens_used + counters.c.tokens_reserved + tokens
+            <= bindparam("token_limit", type_=BigInteger)
+        )
+    if cost_limit:
+        conditions.append(
+            counters.c.cost_used_pico + counters.c.cost_reserved_pico + cost
+            <= bindparam("cost_limit", type_=BigInteger)
+        )
     return (
-        _insert(conn)(counters)
-        .values(user_id=user, period=period, **_ZERO)
+        update(counters)
+        .where(and_(*conditions))
+        .values(
+            tokens_reserved=counters.c.tokens_reserved + tokens,
+            cost_reserved_pico=counters.c.cost_reserved_pico + cost,
+        )
+    )
+
+
+#: By (has a token limit, has a cost limit).
+_RESERVE: dict[tuple[bool, bool], Any] = {
+    (token_limit, cost_limit): _reserve_statement(token_limit, cost_limit)
+    for token_limit in (False, True)
+    for cost_limit in (False, True)
+}
+
+
+def _insert_counters_statement(insert: Any) -> Any:
+    return (
+        insert(counters)
+        .values(
+            user_id=bindparam("new_user", type_=String),
+            period=bindparam("new_period", type_=String),
+            **_ZERO,
+        )
         .on_conflict_do_nothing(index_elements=[counters.c.user_id, counters.c.period])
     )
 
@@ -344,6 +375,12 @@ _ZERO = {
     "requests": 0,
 }
 
+#: A user's zeroed counters row for a month, per dialect (their ``ON CONFLICT`` differ).
+_INSERT_COUNTERS: dict[str, Any] = {
+    "postgresql": _insert_counters_statement(postgresql.insert),
+    "sqlite": _insert_counters_statement(sqlite.insert),
+}
+
 
 def _release_params(reservation: Reservation) -> dict[str, Any]:
     return {
@@ -354,8 +391,8 @@ def _release_params(reservation: Reservation) -> dict[str, Any]:
     }
 
 
-# The settle path's statements are built once, with bound parameters, rather than per settle:
-# building a statement (and its cache key) cost more CPU than executing it on SQLite. Bind
+# The hot path's statements are built once, with bound parameters, rather than per settle:
+# building a statement (and its cache key) costs more CPU than executing it on SQLite. Bind
 # names differ from column names, which SQLAlchemy reserves in VALUES and SET.
 
 _RELEASE = (
