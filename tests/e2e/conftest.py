@@ -146,18 +146,21 @@ def broken_proxy(
 
 
 def ledger_rows(database: Path, request_id: str) -> list[dict[str, Any]]:
-    """The SQLite ledger rows of one request, waiting up to 5 s for the settle to land (it
-    is written after the answer's last byte)."""
+    """The SQLite ledger rows of one request, once its settle has landed."""
+    return wait_for_ledger(database, "request_id = ?", (request_id,), count=1)
+
+
+def wait_for_ledger(
+    database: Path, where: str, params: tuple[Any, ...], *, count: int
+) -> list[dict[str, Any]]:
+    """The SQLite ledger rows matching ``where``, in order, once ``count`` are there or 5 s
+    passed (a call's row is written after the answer's last byte)."""
     deadline = time.monotonic() + 5
     while True:
         with sqlite3.connect(database) as conn:
             conn.row_factory = sqlite3.Row
-            rows = [
-                dict(row)
-                for row in conn.execute(
-                    "SELECT * FROM usage_ledger WHERE request_id = ?", (request_id,)
-                )
-            ]
-        if rows or time.monotonic() > deadline:
+            query = f"SELECT * FROM usage_ledger WHERE {where} ORDER BY id"
+            rows = [dict(row) for row in conn.execute(query, params)]
+        if len(rows) >= count or time.monotonic() > deadline:
             return rows
         time.sleep(0.05)

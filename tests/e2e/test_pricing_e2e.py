@@ -6,8 +6,6 @@ tests/unit/test_pricing.py)."""
 
 from __future__ import annotations
 
-import sqlite3
-import time
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
@@ -21,7 +19,7 @@ from httpx_sse import connect_sse
 from robota_client import SyncRemoteAIProvider
 from robota_proxy.testing import FakeVendors, Reply
 from robota_proxy.testing.script import Vendor
-from tests.e2e.conftest import ProxyProcess, start_proxy, stop_proxy, vendor_env
+from tests.e2e.conftest import ProxyProcess, start_proxy, stop_proxy, vendor_env, wait_for_ledger
 
 pytestmark = [pytest.mark.e2e]
 
@@ -103,21 +101,7 @@ def new_key(proxy: ProxyProcess) -> tuple[str, str]:
 
 
 def ledger_rows(database: Path, user: str, count: int) -> list[dict[str, Any]]:
-    """The user's ledger rows once ``count`` are there (a stream's row is written after its
-    last byte went out)."""
-    deadline = time.monotonic() + 5
-    while True:
-        with sqlite3.connect(database) as conn:
-            conn.row_factory = sqlite3.Row
-            rows = [
-                dict(row)
-                for row in conn.execute(
-                    "SELECT * FROM usage_ledger WHERE user_id = ? ORDER BY id", (user,)
-                )
-            ]
-        if len(rows) >= count or time.monotonic() > deadline:
-            return rows
-        time.sleep(0.05)
+    return wait_for_ledger(database, "user_id = ?", (user,), count=count)
 
 
 def body(provider: str, model: str, text: str) -> dict[str, Any]:
