@@ -17,6 +17,9 @@ from tests.e2e.conftest import ROOT
 
 ADMIN_KEY = "admin-key-for-tests-0123456789abcdef"
 JWT_SECRET = "jwt-secret-for-tests-" + "0123456789abcdef" * 4
+#: The issue's promise: a revoked key is refused by every process within one second of the
+#: revocation (ROBOTA_KEY_CACHE_SECONDS is 0.5 by default; the rest is round trips).
+REVOKE_BOUND = 1.0
 
 
 def chat_body(provider: str = "mock", model: str = "mock-1", **extra: Any) -> dict[str, Any]:

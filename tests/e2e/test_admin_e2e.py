@@ -11,12 +11,17 @@ import httpx
 import pytest
 
 from robota_proxy.testing import FakeVendors
-from tests.e2e.auth_support import ADMIN_KEY, admin, chat, chat_body, seconds_until_refused
+from tests.e2e.auth_support import (
+    ADMIN_KEY,
+    REVOKE_BOUND,
+    admin,
+    chat,
+    chat_body,
+    seconds_until_refused,
+)
 from tests.e2e.conftest import ProxyProcess, start_proxy, stop_proxy, vendor_env
 
 pytestmark = pytest.mark.e2e
-
-REVOKE_BOUND = 1.5  # ROBOTA_KEY_CACHE_SECONDS (1 s) + a round trip on a loaded machine
 
 
 def _env(fake: FakeVendors, database_url: str, **extra: str) -> dict[str, str]:

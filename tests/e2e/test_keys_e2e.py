@@ -17,6 +17,7 @@ from websockets.sync.client import connect as ws_connect
 from robota_proxy.testing import FakeVendors
 from tests.e2e.auth_support import (
     ADMIN_KEY,
+    REVOKE_BOUND,
     admin,
     chat,
     chat_body,
@@ -27,10 +28,6 @@ from tests.e2e.auth_support import (
 from tests.e2e.conftest import USER_KEY, ProxyProcess, start_proxy, stop_proxy, vendor_env
 
 pytestmark = pytest.mark.e2e
-
-#: The documented bound on how long a revoked key keeps working (ROBOTA_KEY_CACHE_SECONDS=1)
-#: plus room for one request round trip on a loaded CI machine.
-REVOKE_BOUND = 1.5
 
 
 @pytest.fixture(scope="module")
