@@ -8,6 +8,7 @@ import asyncio
 import json
 import socket
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -168,8 +169,9 @@ async def test_slow_reader_is_bounded_and_does_not_hold_the_producer(
     ws_proxy: tuple[ProxyProcess, Path], fake: FakeVendors
 ) -> None:
     proxy, _ = ws_proxy
-    # ~1.5 MB of frames, far more than the client reads before the vendor is done.
-    words = " ".join(f"{i:05d}" + "x" * 500 for i in range(3000))
+    # ~12 MB of deltas: more than the kernel's socket buffers on both ends hold (4 MB send,
+    # 64 KiB receive here), so the session's own send queue must fill up and stop there.
+    words = " ".join(f"{i:05d}" + "x" * 5000 for i in range(2400))
     fake.script(Reply(text=words), match="flood me")
     port = httpx.URL(proxy.url).port
     assert port is not None
@@ -177,7 +179,7 @@ async def test_slow_reader_is_bounded_and_does_not_hold_the_producer(
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
     sock.connect(("127.0.0.1", port))
     # No compression (the repetitive text would shrink to nothing on the wire); the final
-    # ``done`` frame carries the whole 4 MB message.
+    # ``done`` frame carries the whole 12 MB message.
     async with connect(
         ws_url(proxy),
         sock=sock,
@@ -195,6 +197,9 @@ async def test_slow_reader_is_bounded_and_does_not_hold_the_producer(
                 break
             await asyncio.sleep(0.05)
         assert fake.completed_streams == 1, "the producer waited for the slow reader"
+        # ...while the frames to this socket back up: the proxy forwards them until every
+        # buffer on the way is full, then stops.
+        await _until_stalled(sock)
         await ws.send(json.dumps({"type": "stats"}))
         text, stats = [first["data"]["content"]], None
         while True:
@@ -205,12 +210,43 @@ async def test_slow_reader_is_bounded_and_does_not_hold_the_producer(
                 text.append(frame["data"]["content"])
             elif frame["event"] == "done":
                 break
-    # OS socket buffers absorb MBs here, so the queue's bound itself is shown in
-    # tests/unit/test_ws_session.py; the high-water mark is printed for the record.
+    # The queue filled to its bound and no further: the rest waited in the resume buffer
+    # (itself bounded by bytes), not in an ever-growing outbox.
     assert stats is not None
     print(f"\n[ws slow reader] send queue high-water {stats['sendQueueHighWater']}/{SEND_QUEUE}")
     assert stats["sendQueueBound"] == SEND_QUEUE
+    assert stats["sendQueueHighWater"] == SEND_QUEUE
     assert "".join(text) == words
+
+
+async def _until_stalled(sock: socket.socket, *, still: float = 1.0, limit: float = 30.0) -> None:
+    """Wait until the bytes queued in the kernel for this connection (the proxy's send queue
+    plus this socket's receive queue) stop changing for ``still`` seconds: the proxy is
+    blocked by flow control, not merely slow to forward."""
+    queued, since, started = -1, 0.0, time.monotonic()
+    while time.monotonic() - started < limit:
+        now = _kernel_queued(sock)
+        if now != queued:
+            queued, since = now, time.monotonic()
+        elif time.monotonic() - since >= still:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"the proxy was still sending after {limit} s")
+
+
+def _kernel_queued(sock: socket.socket) -> int:
+    """From /proc/net/tcp: the server end's tx_queue plus the client end's rx_queue."""
+    host, port = sock.getsockname()
+    me = f"{socket.htonl(int.from_bytes(socket.inet_aton(host), 'big')):08X}:{port:04X}"
+    total = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        tx, rx = (int(n, 16) for n in fields[4].split(":"))
+        if fields[1] == me:
+            total += rx
+        elif fields[2] == me:
+            total += tx
+    return total
 
 
 async def test_a_dropped_socket_is_resumed(

@@ -691,12 +691,14 @@ def test_command_line_serves_until_interrupted() -> None:
     )
     try:
         assert process.stdout is not None
-        first = process.stdout.readline()
-        assert first.startswith("OpenAI:")
-        base = first.split()[-1]
+        # All four lines first: SIGINT while the server is still printing would interrupt
+        # the print, not the wait that is meant to end cleanly.
+        lines = [process.stdout.readline() for _ in range(4)]
+        assert lines[0].startswith("OpenAI:") and lines[3].startswith("API key:")
+        base = lines[0].split()[-1]
         assert base.endswith("/v1")
         response = httpx.get(f"{base}/models", headers={"authorization": "Bearer cli-key"})
         assert response.status_code == 200
     finally:
         process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=10) == 0
+        assert process.wait(timeout=30) == 0
