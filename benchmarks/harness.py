@@ -113,8 +113,8 @@ class Durations:
     profile_s: float
 
 
-QUICK = Durations(warmup_s=0.5, step_s=2.0, many_streams_s=4.0, profile_s=4.0)
-FULL = Durations(warmup_s=2.0, step_s=10.0, many_streams_s=15.0, profile_s=12.0)
+QUICK = Durations(warmup_s=0.5, step_s=2.0, many_streams_s=20.0, profile_s=4.0)
+FULL = Durations(warmup_s=2.0, step_s=10.0, many_streams_s=30.0, profile_s=12.0)
 
 
 def log(message: str) -> None:
@@ -153,19 +153,19 @@ def plan(
             [*base, *variants[:1], *peer],
             expect_tokens=chunks,
         ),
-        # 1000 streams opened at once, one per connection, each lasting about 5 s (20 tokens,
+        # 1000 streams opened at once, one per connection, each lasting about 15 s (60 tokens,
         # 250 ms apart, a slow model), so that all of them are open together.
         Step(
             "3 1000 streams",
             MANY_STREAMS_LABEL,
             True,
-            1000,
+            report.MANY_STREAMS_COUNT,
             d.many_streams_s,
             0.0,
             [*base, *peer],
-            content="hi bench:20x250",
-            expect_tokens=20,
-            timeout_s=60.0,
+            content="hi bench:60x250",
+            expect_tokens=60,
+            timeout_s=90.0,
             requests_per_worker=1,
         ),
     ]
@@ -531,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     durations = QUICK if args.quick else FULL
     if args.step_seconds:
         durations.step_s = args.step_seconds
-        durations.many_streams_s = max(args.step_seconds, 4.0)
+        durations.many_streams_s = max(args.step_seconds, QUICK.many_streams_s)
         durations.profile_s = args.step_seconds
     if args.warmup_seconds is not None:
         durations.warmup_s = args.warmup_seconds
