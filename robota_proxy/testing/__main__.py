@@ -5,8 +5,9 @@ answers with its deterministic echo reply."""
 from __future__ import annotations
 
 import argparse
-import contextlib
-import threading
+import signal
+import time
+from types import FrameType
 
 from robota_proxy.testing.server import FakeVendors
 
@@ -21,13 +22,28 @@ def main(argv: list[str] | None = None) -> None:
         "--api-key", default="test-vendor-key", help="the key every vendor endpoint accepts"
     )
     args = parser.parse_args(argv)
+    stop = _StopRequest()
     with FakeVendors(api_key=args.api_key, port=args.port) as fake:
         print(f"OpenAI:    {fake.openai_base_url}", flush=True)
         print(f"Anthropic: {fake.anthropic_base_url}", flush=True)
         print(f"Google:    {fake.google_base_url}", flush=True)
         print(f"API key:   {fake.api_key}   (Ctrl-C to stop)", flush=True)
-        with contextlib.suppress(KeyboardInterrupt):
-            threading.Event().wait()
+        while not stop.requested:
+            time.sleep(0.1)
+
+
+class _StopRequest:
+    """Ctrl-C and ``kill`` both stop the server cleanly. The handlers are installed
+    explicitly: a process started in the background by a non-interactive shell inherits
+    SIGINT as ignored, and Python then leaves it ignored, so Ctrl-C alone would not do."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = True
 
 
 if __name__ == "__main__":
