@@ -45,6 +45,14 @@ class ProxyProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def log_once_it_has(self, text: str, timeout: float = 5.0) -> str:
+        """The log once ``text`` is in it, or as it is after ``timeout``: a request's access
+        line is written after its last byte went out, so it may trail the client a little."""
+        deadline = time.monotonic() + timeout
+        while text not in (log := self.log()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return log
+
 
 def start_proxy(env: Mapping[str, str], log_path: Path) -> ProxyProcess:
     port = free_port()

@@ -117,7 +117,7 @@ async def test_cross_process_resume_through_redis(
     assert fake.completed_streams == 1
     assert request_id is not None
     assert len(ledger_rows(database, request_id)) == 1
-    assert "GET /ai/chat/stream/s_" in second.log()
+    assert "GET /ai/chat/stream/s_" in second.log_once_it_has("GET /ai/chat/stream/s_")
     assert "GET /ai/chat/stream/s_" not in first.log()
 
 
