@@ -14,7 +14,7 @@ once, whichever of three ways the app is run:
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import Any
 
@@ -34,7 +34,11 @@ from robota_proxy.middleware.metering import MeteringMiddleware
 from robota_proxy.middleware.paths import CHAT_PATHS
 from robota_proxy.middleware.ratelimit import RateLimitMiddleware
 from robota_proxy.middleware.request_context import RequestContextMiddleware
-from robota_proxy.policy.authenticators import AuthFailureLimiter, build_authenticator
+from robota_proxy.policy.authenticators import (
+    AuthFailureLimiter,
+    CompositeAuthenticator,
+    build_authenticator,
+)
 from robota_proxy.policy.pricing import PriceBook
 from robota_proxy.policy.principals import Principal
 from robota_proxy.policy.ratelimits import RateLimiter
@@ -90,6 +94,12 @@ class Resources:
         self.limits = limits
         self._lock = anyio.Lock()
         self._users = 0
+        self._drains: list[Callable[[], Awaitable[None]]] = []
+
+    def drain_before_close(self, drain: Callable[[], Awaitable[None]]) -> None:
+        """Work that still writes in the background (key last-used times) is waited for at
+        stop, before the database closes under it."""
+        self._drains.append(drain)
 
     @property
     def is_open(self) -> bool:
@@ -130,6 +140,8 @@ class Resources:
             stack.push_async_callback(self.streams.aclose)
             stack.push_async_callback(self.response_cache.aclose)
             stack.push_async_callback(self.limits.aclose)
+            for drain in self._drains:  # pushed last: they run first
+                stack.push_async_callback(drain)
 
 
 class ProxyApp(Starlette):
@@ -173,6 +185,9 @@ class ProxyApp(Starlette):
         account = AccountRoutes(registry, self.usage_store, rate_status=self.limiter.remaining)
         self.key_store = KeyStore(database)
         failures = AuthFailureLimiter(self.limits.storage, settings.auth_failures_per_minute)
+        auth = _auth_options(settings, self.key_store, failures)
+        if isinstance(auth["authenticator"], CompositeAuthenticator):
+            self.resources.drain_before_close(auth["authenticator"].flush)
         admin_guard = AdminGuard(settings.admin_key, failures)
         admin = AdminRoutes(self.key_store, admin_guard)
         admin_usage = AdminUsageRoutes(self.usage_store, admin_guard)
@@ -190,7 +205,7 @@ class ProxyApp(Starlette):
             ],
             middleware=[
                 Middleware(RequestContextMiddleware),
-                Middleware(AuthMiddleware, **_auth_options(settings, self.key_store, failures)),
+                Middleware(AuthMiddleware, **auth),
                 Middleware(RateLimitMiddleware, limiter=self.limiter, exempt_paths=UNCOUNTED_PATHS),
                 Middleware(
                     MeteringMiddleware,

@@ -174,6 +174,11 @@ class CompositeAuthenticator:
         self.jwt = jwt
         self.static = static if static else None
 
+    async def flush(self) -> None:
+        """Wait for the key store's queued last-used writes (before the database closes)."""
+        if isinstance(self.keys, KeyStoreAuthenticator):
+            await self.keys.flush()
+
     async def authenticate(self, credential: str) -> Principal | None:
         if self.keys is not None and looks_like_key(credential):
             found = await self.keys.authenticate(credential)

@@ -5,12 +5,15 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import anyio
+import httpx
 import pytest
 from fastapi import FastAPI
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
 from robota_proxy import ProxyApp, create_app, mount
+from robota_proxy.policy.principals import UserPermissions
 from robota_proxy.settings import Settings
 
 KEY = "unit-test-key"
@@ -140,3 +143,30 @@ async def test_every_resource_is_closed_once_at_the_outermost_exit(proxy: ProxyA
     # The app's parts use the very objects the resources close.
     assert proxy.streams is resources.streams and proxy.limits is resources.limits
     assert proxy.response_cache is resources.response_cache
+
+
+@pytest.mark.anyio
+async def test_stop_waits_for_the_last_used_write_of_a_key(proxy: ProxyApp) -> None:
+    """The last-used time of a key is written in the background; a stop right after the
+    request waits for it instead of closing the database under it."""
+    store = proxy.key_store
+    original_touch = store.touch
+
+    async def slow_touch(used: Any) -> None:  # a busy database
+        await anyio.sleep(0.3)
+        await original_touch(used)
+
+    store.touch = slow_touch  # type: ignore[method-assign]
+    async with proxy.lifespan():
+        key, record = await store.create_key("alice", UserPermissions())
+        transport = httpx.ASGITransport(app=proxy)
+        async with httpx.AsyncClient(transport=transport, base_url="http://proxy") as http:
+            answer = await http.post("/ai/chat", json=BODY, headers=bearer(key))
+            assert answer.status_code == 200
+    async with proxy.lifespan():
+        used = await store.get_key(record.key_id)
+    assert used is not None and used.last_used_at is not None
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
