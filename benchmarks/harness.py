@@ -113,7 +113,7 @@ class Durations:
     profile_s: float
 
 
-QUICK = Durations(warmup_s=0.5, step_s=2.0, many_streams_s=20.0, profile_s=4.0)
+QUICK = Durations(warmup_s=0.5, step_s=2.0, many_streams_s=30.0, profile_s=4.0)
 FULL = Durations(warmup_s=2.0, step_s=10.0, many_streams_s=30.0, profile_s=12.0)
 
 
@@ -153,8 +153,8 @@ def plan(
             [*base, *variants[:1], *peer],
             expect_tokens=chunks,
         ),
-        # 1000 streams opened at once, one per connection, each lasting about 15 s (60 tokens,
-        # 250 ms apart, a slow model), so that all of them are open together.
+        # 1000 streams opened at once, one per connection, each lasting about 20 s (20 tokens,
+        # a second apart, a slow model), so that all of them are open together.
         Step(
             "3 1000 streams",
             MANY_STREAMS_LABEL,
@@ -163,8 +163,8 @@ def plan(
             d.many_streams_s,
             0.0,
             [*base, *peer],
-            content="hi bench:60x250",
-            expect_tokens=60,
+            content="hi bench:20x1000",
+            expect_tokens=20,
             timeout_s=90.0,
             requests_per_worker=1,
         ),

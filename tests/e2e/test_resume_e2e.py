@@ -113,12 +113,18 @@ async def test_cross_process_resume_through_redis(
     assert relay.cuts == 1 and relay.connections == 2
     assert resumes == 1
     assert text == WORDS
-    assert vendor_calls(fake, "resume redis") == 1
+    calls = vendor_calls(fake, "resume redis")
+    assert calls == 1
     assert fake.completed_streams == 1
     assert request_id is not None
-    assert len(ledger_rows(database, request_id)) == 1
+    rows = ledger_rows(database, request_id)
+    assert len(rows) == 1
     assert "GET /ai/chat/stream/s_" in second.log_once_it_has("GET /ai/chat/stream/s_")
     assert "GET /ai/chat/stream/s_" not in first.log()
+    print(
+        f"\n[resume redis, resumed on the other process] text once: {text == WORDS}, "
+        f"vendor calls: {calls}, ledger rows: {len(rows)}"
+    )
 
 
 def test_only_the_owner_can_resume(
