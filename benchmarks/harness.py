@@ -1,7 +1,7 @@
 """Run the benchmark: fake upstream directly, through robota-proxy, and through LiteLLM's proxy.
 
     python -m benchmarks.harness --quick                 # ~1 minute smoke run
-    python -m benchmarks.harness                         # full run, ~10 minutes
+    python -m benchmarks.harness                         # full run, ~15 minutes
     python -m benchmarks.harness --litellm PATH/litellm  # add LiteLLM's proxy as a peer
 
 Every server is a real process on 127.0.0.1; the load generator is a process of its own. Each
@@ -475,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.harness", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--quick", action="store_true", help="smoke run of about a minute")
+    parser.add_argument("--quick", action="store_true", help="smoke run of about four minutes")
     parser.add_argument("--step-seconds", type=float, help="measured seconds per target and step")
     parser.add_argument("--warmup-seconds", type=float, help="unrecorded seconds before each")
     parser.add_argument("--rounds", type=int, default=1, help="repeat each step's turns N times")
