@@ -1,5 +1,5 @@
 import sys
 
-from robota_proxy.cli import main
+from robota_proxy.launcher import main
 
 sys.exit(main())

@@ -6,10 +6,12 @@ app, built here, so that setting ``ROBOTA_REDIS_URL`` moves all of them at once.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from limits.aio.storage import MemoryStorage, RedisStorage, Storage
-from redis.asyncio import ConnectionPool
+
+if TYPE_CHECKING:  # the redis extra is imported only when configured
+    from redis.asyncio import ConnectionPool
 
 
 class LimitsStorage:
@@ -25,6 +27,8 @@ class LimitsStorage:
         if redis_url is None:
             self.storage: Storage = MemoryStorage()
             return
+        from redis.asyncio import ConnectionPool
+
         self._pool = ConnectionPool.from_url(redis_url)
         # redis-py (not coredis): one Redis client library for the whole project.
         uri = redis_url.replace("redis://", "async+redis://", 1).replace(

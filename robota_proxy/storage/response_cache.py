@@ -1,8 +1,8 @@
 """Where cached answers live: in this process (cachetools) or in Redis, shared by processes.
 
 Both store opaque bytes under a key with a time to live; what the bytes mean is the cache
-middleware's business. A backend failure must never fail a chat call, so the Redis backend
-logs and answers "not cached" / drops the write instead of raising.
+middleware's business. The Redis backend lives in ``response_cache_redis`` and is imported
+only when configured, so a single-process install needs no ``redis`` package.
 """
 
 from __future__ import annotations
@@ -13,14 +13,8 @@ from collections.abc import Callable
 from typing import Protocol
 
 from cachetools import TTLCache
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 log = logging.getLogger("robota_proxy.cache")
-
-#: Prefix of the cache's Redis keys, so the db can be shared with rate limits and streams.
-REDIS_PREFIX = "robota:cache:"
-
 
 class ResponseCache(Protocol):
     async def get(self, key: str) -> bytes | None: ...
@@ -67,38 +61,11 @@ class MemoryResponseCache:
         self._entries.clear()
 
 
-class RedisResponseCache:
-    """Entries under ``robota:cache:<key>`` with Redis's own expiry; the size bound is the
-    Redis server's ``maxmemory`` policy, plus ``max_entry_bytes`` per entry here."""
-
-    def __init__(self, url: str, *, ttl: float, max_entry_bytes: int) -> None:
-        self._redis: Redis = Redis.from_url(url)
-        self._ttl_ms = max(1, round(ttl * 1000))
-        self._max_entry_bytes = max_entry_bytes
-
-    async def get(self, key: str) -> bytes | None:
-        try:
-            value: bytes | None = await self._redis.get(REDIS_PREFIX + key)
-        except (RedisError, OSError) as exc:
-            log.warning("response cache read failed (%s); answering uncached", type(exc).__name__)
-            return None
-        return value
-
-    async def set(self, key: str, value: bytes) -> None:
-        if len(value) > self._max_entry_bytes:
-            log.info("answer of %d bytes not cached: larger than the cache", len(value))
-            return
-        try:
-            await self._redis.set(REDIS_PREFIX + key, value, px=self._ttl_ms)
-        except (RedisError, OSError) as exc:
-            log.warning("response cache write failed (%s)", type(exc).__name__)
-
-    async def aclose(self) -> None:
-        await self._redis.aclose()
-
-
 def response_cache(redis_url: str | None, *, ttl: float, max_bytes: int) -> ResponseCache:
     """Redis when a URL is configured (several processes share answers), else memory."""
     if redis_url:
+        # Imported here so a single-process install does not need the redis extra.
+        from robota_proxy.storage.response_cache_redis import RedisResponseCache
+
         return RedisResponseCache(redis_url, ttl=ttl, max_entry_bytes=max_bytes)
     return MemoryResponseCache(ttl=ttl, max_bytes=max_bytes)

@@ -1,0 +1,48 @@
+"""The response cache in Redis, shared by every proxy process that uses the same server.
+
+A backend failure must never fail a chat call, so this logs and answers "not cached" / drops
+the write instead of raising. Imported only when ``ROBOTA_REDIS_URL`` is set (the ``[redis]``
+extra).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+log = logging.getLogger("robota_proxy.cache")
+
+#: Prefix of the cache's Redis keys, so the db can be shared with rate limits and streams.
+REDIS_PREFIX = "robota:cache:"
+
+
+class RedisResponseCache:
+    """Entries under ``robota:cache:<key>`` with Redis's own expiry; the size bound is the
+    Redis server's ``maxmemory`` policy, plus ``max_entry_bytes`` per entry here."""
+
+    def __init__(self, url: str, *, ttl: float, max_entry_bytes: int) -> None:
+        self._redis: Redis = Redis.from_url(url)
+        self._ttl_ms = max(1, round(ttl * 1000))
+        self._max_entry_bytes = max_entry_bytes
+
+    async def get(self, key: str) -> bytes | None:
+        try:
+            value: bytes | None = await self._redis.get(REDIS_PREFIX + key)
+        except (RedisError, OSError) as exc:
+            log.warning("response cache read failed (%s); answering uncached", type(exc).__name__)
+            return None
+        return value
+
+    async def set(self, key: str, value: bytes) -> None:
+        if len(value) > self._max_entry_bytes:
+            log.info("answer of %d bytes not cached: larger than the cache", len(value))
+            return
+        try:
+            await self._redis.set(REDIS_PREFIX + key, value, px=self._ttl_ms)
+        except (RedisError, OSError) as exc:
+            log.warning("response cache write failed (%s)", type(exc).__name__)
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
