@@ -16,6 +16,7 @@ from cachetools import TTLCache
 
 log = logging.getLogger("robota_proxy.cache")
 
+
 class ResponseCache(Protocol):
     async def get(self, key: str) -> bytes | None: ...
 
