@@ -44,7 +44,7 @@ from robota_proxy.policy.principals import Principal
 from robota_proxy.policy.ratelimits import RateLimiter
 from robota_proxy.policy.static_keys import StaticKeyAuthenticator
 from robota_proxy.responses import error_response
-from robota_proxy.routes import health
+from robota_proxy.routes import health, openapi
 from robota_proxy.routes.account import AccountRoutes
 from robota_proxy.routes.admin import AdminGuard, AdminRoutes
 from robota_proxy.routes.admin_usage import AdminUsageRoutes
@@ -66,7 +66,7 @@ from robota_proxy.upstreams.resilience import Resilience, RetryPolicy
 log = logging.getLogger("robota_proxy")
 
 #: Reads about the caller's own account: never counted against their request rate limits.
-UNCOUNTED_PATHS = ("/health", "/ai/me", "/ai/usage", "/ai/models")
+UNCOUNTED_PATHS = ("/health", "/openapi.json", "/ai/me", "/ai/usage", "/ai/models")
 
 
 class Resources:
@@ -195,6 +195,7 @@ class ProxyApp(Starlette):
         super().__init__(
             routes=[
                 *health.ROUTES,
+                *openapi.ROUTES,
                 *chat.routes(),
                 *resume.routes(),
                 *websockets.routes(),
@@ -273,7 +274,7 @@ def _auth_options(
     settings: Settings, store: KeyStore, failures: AuthFailureLimiter
 ) -> dict[str, Any]:
     common: dict[str, Any] = {
-        "exempt_paths": ("/health",),
+        "exempt_paths": ("/health", "/openapi.json"),
         "exempt_prefixes": ("/admin/",),  # guarded by the admin key instead
         "chat_paths": CHAT_PATHS,
         "max_body_bytes": settings.max_body_bytes,

@@ -1,0 +1,691 @@
+"""The OpenAPI 3.1 document of every HTTP route, generated from the wire models.
+
+Generated rather than written so that it cannot drift from what the proxy accepts and
+answers: the bodies, bounds and enums come from the pydantic models of the wire contract
+(``robota_client.messages``) through ``pydantic.json_schema.models_json_schema``. The routes
+that answer plain dicts (the admin API, ``/ai/models``, ``/admin/metrics``, ``/health``) are
+described by the small models below, which their unit test holds against real answers.
+
+The committed copy (``docs/openapi.json``) is what clients and fuzzers (schemathesis) read;
+regenerate it with ``python -m robota_proxy.openapi > docs/openapi.json``. A unit test
+regenerates it and fails when the two differ, and another fails when a route of the app is
+missing from it.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+from datetime import date, datetime
+from decimal import Decimal
+from importlib.metadata import PackageNotFoundError, version
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, RootModel
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
+
+from robota_client.messages import (
+    STATUS_BY_CODE,
+    AssistantMessage,
+    ChatRequest,
+    ErrorBody,
+    Me,
+    StreamEvent,
+    UsageReport,
+    WireModel,
+)
+from robota_proxy.middleware.paths import CHAT_PATH, STREAM_PATH
+from robota_proxy.policy.principals import Feature
+from robota_proxy.routes.admin import MAX_ADMIN_BODY_BYTES
+from robota_proxy.routes.ws import PATH as WS_PATH
+from robota_proxy.storage.key_store import MAX_USER_LENGTH
+from robota_proxy.streams.response import STREAM_ID_HEADER
+
+OPENAPI_PATH = "/openapi.json"
+RESUME_PATH = f"{STREAM_PATH}/{{stream_id}}"
+
+_REF = "#/components/schemas/{model}"
+# The longest ``name`` of a key that ``POST /admin/keys`` accepts (routes/admin.py).
+_MAX_KEY_NAME = 200
+# A resumable position: ``<stream id>:<seq>`` or a bare seq (streams/route.py, buffer.py).
+_STREAM_ID = r"s_[0-9a-f]{32}"
+_LAST_EVENT_ID = rf"^\s*(\d{{1,9}}|{_STREAM_ID}:\d{{1,9}})?\s*$"
+_DAY = r"^\d{4}-\d{2}-\d{2}$"
+
+
+# --- shapes of the answers built as plain dicts ----------------------------------------------
+
+
+class ProviderModels(WireModel):
+    #: ``null``: the provider passes any model name through to its vendor.
+    models: list[str] | None
+
+
+class ModelCatalogue(WireModel):
+    """``GET /ai/models``: the configured providers and the models each one serves."""
+
+    providers: dict[str, ProviderModels]
+
+
+class Health(WireModel):
+    status: Literal["ok"]
+
+
+class UpstreamAttempt(WireModel):
+    #: ``provider/model`` of the attempt's target.
+    target: str
+    outcome: str
+    count: int = Field(ge=1)
+
+
+class Metrics(WireModel):
+    """``GET /admin/metrics``: this process's upstream attempts by target and outcome."""
+
+    upstream_attempts: list[UpstreamAttempt]
+
+
+class Permissions(WireModel):
+    """``UserPermissions`` as the admin API answers it: only the fields that are set."""
+
+    allowed_providers: list[str] | None = None
+    #: Glob patterns matched against the model name (``gpt-4o*``).
+    allowed_models: list[str] | None = None
+    allowed_features: list[Feature] | None = None
+    rpm: int | None = Field(default=None, ge=0)
+    tpm: int | None = Field(default=None, ge=0)
+    daily_request_limit: int | None = Field(default=None, ge=0)
+    monthly_token_limit: int | None = Field(default=None, ge=0)
+    #: USD, a decimal string.
+    monthly_budget_usd: Decimal | None = Field(default=None, ge=0)
+
+
+class PermissionsInput(WireModel):
+    """``UserPermissions`` as the admin API accepts it: an unknown field is a 400, so that a
+    typo is an error rather than an unrestricted key; ``null`` leaves a field unset; lists
+    may also be given as one comma-separated string."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    allowed_providers: list[str] | str | None = None
+    allowed_models: list[str] | str | None = None
+    allowed_features: list[Feature] | str | None = None
+    rpm: int | None = Field(default=None, ge=0)
+    tpm: int | None = Field(default=None, ge=0)
+    daily_request_limit: int | None = Field(default=None, ge=0)
+    monthly_token_limit: int | None = Field(default=None, ge=0)
+    monthly_budget_usd: Decimal | None = Field(default=None, ge=0)
+
+
+class CreateKeyRequest(WireModel):
+    """``POST /admin/keys``. The expiry is ``expiresAt`` or ``expiresIn``, not both; a date
+    in the past is a 400."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"not": {"required": ["expiresAt", "expiresIn"]}}
+    )
+
+    #: Blank is refused; surrounding spaces are trimmed.
+    user: str = Field(min_length=1, max_length=MAX_USER_LENGTH, pattern=r"\S")
+    permissions: PermissionsInput | None = None
+    #: An ISO date or datetime (UTC when no zone is given), or a duration as ``expiresIn``.
+    expires_at: str | None = None
+    #: ``30d``, ``12h``, ``90m`` or a number of seconds.
+    expires_in: (
+        Annotated[str, Field(pattern=r"^\s*\d*[1-9]\d*\s*[dhm]\s*$")]
+        | Annotated[int, Field(gt=0)]
+        | None
+    ) = None
+    name: str | None = Field(default=None, max_length=_MAX_KEY_NAME)
+
+
+class PermissionsEnvelope(WireModel):
+    permissions: PermissionsInput | None = None
+
+
+class SetUserRequest(RootModel[PermissionsEnvelope | PermissionsInput]):
+    """``PUT /admin/users/{user}``: ``{"permissions": {...}}`` or the permissions object
+    itself. They replace the user's permissions whole; an empty body clears them."""
+
+
+class KeyInfo(WireModel):
+    """A key as the admin API shows it: everything but the secret."""
+
+    id: str
+    user: str
+    name: str | None
+    #: This key's overrides of its user's permissions.
+    permissions: Permissions
+    status: Literal["active", "revoked", "expired"]
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+
+
+class CreatedKey(KeyInfo):
+    """The one answer that carries the key itself: it is stored only as a hash."""
+
+    key: str
+
+
+class KeyList(WireModel):
+    keys: list[KeyInfo]
+
+
+class UserInfo(WireModel):
+    user: str
+    permissions: Permissions
+    created_at: datetime
+
+
+class UserWithKeys(UserInfo):
+    keys: list[KeyInfo]
+
+
+# --- parameters, described by models too -------------------------------------------------------
+
+
+class UsageQuery(BaseModel):
+    from_: date | None = Field(
+        default=None,
+        alias="from",
+        description="First UTC day, included; the first day of the current month by default.",
+        json_schema_extra={"pattern": _DAY},
+    )
+    to: date | None = Field(
+        default=None,
+        description="Last UTC day, included, not before `from`; today by default.",
+        json_schema_extra={"pattern": _DAY},
+    )
+
+
+class AdminUsageQuery(UsageQuery):
+    user: str | None = Field(default=None, description="One user's usage; everyone's if left out.")
+
+
+class KeysQuery(BaseModel):
+    user: str | None = Field(default=None, description="Only this user's keys.")
+
+
+class KeyPath(BaseModel):
+    key_id: str = Field(description="The key's public id (`rk_<id>_...` holds it).")
+
+
+class UserPath(BaseModel):
+    user: str = Field(max_length=MAX_USER_LENGTH, description="The user's id.")
+
+
+class StreamPath(BaseModel):
+    stream_id: str = Field(
+        pattern=rf"^{_STREAM_ID}$",
+        description=f"The `{STREAM_ID_HEADER}` header of the streamed answer.",
+    )
+
+
+class ResumeHeaders(BaseModel):
+    last_event_id: str | None = Field(
+        default=None,
+        alias="Last-Event-ID",
+        description="The `id:` of the last event received (`<stream id>:<seq>`, or a bare "
+        "seq); the stream is replayed after it, or from its start when left out.",
+        json_schema_extra={"pattern": _LAST_EVENT_ID},
+    )
+
+
+# --- the document ----------------------------------------------------------------------------
+
+_SCHEMA_MODELS: list[tuple[type[BaseModel], JsonSchemaMode]] = [
+    (ChatRequest, "validation"),
+    (AssistantMessage, "serialization"),
+    *((event, "serialization") for event in get_args(StreamEvent)),
+    (ErrorBody, "serialization"),
+    (ModelCatalogue, "serialization"),
+    (Me, "serialization"),
+    (UsageReport, "serialization"),
+    (CreateKeyRequest, "validation"),
+    (CreatedKey, "serialization"),
+    (KeyList, "serialization"),
+    (KeyInfo, "serialization"),
+    (SetUserRequest, "validation"),
+    (UserInfo, "serialization"),
+    (UserWithKeys, "serialization"),
+    (Metrics, "serialization"),
+    (Health, "serialization"),
+]
+
+#: Statuses whose error may carry ``Retry-After`` (the limiter's, or a vendor's passed on).
+_RETRY_STATUSES = frozenset({429, 502, 503, 504})
+_AUTH_ERRORS = (401, 429)
+_CHAT_ERRORS = (400, 401, 402, 403, 404, 413, 429, 502, 503, 504)
+_ADMIN_ERRORS = (401, 403, 429)
+
+
+def _event_name(model: type[BaseModel]) -> str:
+    default = model.model_fields["type"].default
+    assert isinstance(default, str)
+    return default
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": _REF.format(model=name)}
+
+
+def _json(name: str, description: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": _ref(name)}},
+        **extra,
+    }
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    return {str(status): {"$ref": f"#/components/responses/Error{status}"} for status in statuses}
+
+
+def _parameters(model: type[BaseModel], where: str) -> list[dict[str, Any]]:
+    """One OpenAPI parameter per field of ``model``: query strings and headers have no
+    ``null``, so an optional field is a parameter that may be left out."""
+    schema = model.model_json_schema(by_alias=True)
+    required = set(schema.get("required", ()))
+    parameters = []
+    for name, field in schema["properties"].items():
+        field = {k: v for k, v in field.items() if k not in ("title", "default")}
+        branches = [b for b in field.pop("anyOf", []) if b != {"type": "null"}]
+        if len(branches) == 1:
+            field = {**branches[0], **field}
+        elif branches:
+            field["anyOf"] = branches
+        parameter: dict[str, Any] = {"name": name, "in": where}
+        description = field.pop("description", None)
+        if description:
+            parameter["description"] = description
+        parameter["required"] = where == "path" or name in required
+        parameter["schema"] = field
+        parameters.append(parameter)
+    return parameters
+
+
+def _message_rules(schemas: dict[str, Any]) -> None:
+    """The cross-field rules of ``UniversalMessage`` (its ``_check_shape`` validator), which
+    pydantic cannot put in a schema by itself; without them a fuzzer would send messages the
+    proxy must refuse, and a client generator would accept them. A unit test holds these
+    rules against the validator."""
+    string = {"type": "string"}
+    calls = {"type": "array", "minItems": 1}
+    schemas["UniversalMessage"]["allOf"] = [
+        {
+            "if": {"properties": {"role": {"const": "tool"}}},
+            "then": {
+                "required": ["toolCallId"],
+                "properties": {"toolCallId": {"type": "string", "minLength": 1}},
+            },
+        },
+        {
+            "if": {"properties": {"role": {"enum": ["system", "user", "tool"]}}},
+            "then": {"required": ["content"], "properties": {"content": string}},
+        },
+        {
+            "if": {"properties": {"role": {"const": "assistant"}}},
+            "then": {
+                "anyOf": [
+                    {"required": ["content"], "properties": {"content": string}},
+                    {"required": ["toolCalls"], "properties": {"toolCalls": calls}},
+                ]
+            },
+        },
+        {
+            "if": {"required": ["toolCalls"], "properties": {"toolCalls": calls}},
+            "then": {"properties": {"role": {"const": "assistant"}}},
+        },
+    ]
+
+
+def _components() -> dict[str, Any]:
+    _, defs = models_json_schema(_SCHEMA_MODELS, ref_template=_REF, by_alias=True)
+    schemas: dict[str, Any] = defs["$defs"]
+    _message_rules(schemas)
+    codes: dict[int, list[str]] = {}
+    for code, status in STATUS_BY_CODE.items():
+        codes.setdefault(status, []).append(code)
+    responses: dict[str, Any] = {}
+    for status in sorted(codes):
+        listed = ", ".join(f"`{code}`" for code in codes[status])
+        response = _json("ErrorBody", f"The contract's error body; `error.code`: {listed}.")
+        if status in _RETRY_STATUSES:
+            response["headers"] = {"Retry-After": {"$ref": "#/components/headers/RetryAfter"}}
+        responses[f"Error{status}"] = response
+    return {
+        "schemas": schemas,
+        "responses": responses,
+        "headers": {
+            "RetryAfter": {
+                "description": "Whole seconds to wait before trying again.",
+                "schema": {"type": "integer", "minimum": 1},
+            },
+            "StreamId": {
+                "description": "The stream's id, to resume it after a dropped connection.",
+                "schema": {"type": "string", "pattern": f"^{_STREAM_ID}$"},
+            },
+        },
+        "securitySchemes": {
+            "bearer": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "A proxy key (`rk_...`) or a JWT (HS256, RS256 or ES256).",
+            },
+            "adminKey": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "`ROBOTA_ADMIN_KEY`; without one configured the admin API "
+                "answers 403.",
+            },
+        },
+    }
+
+
+def _event_stream(description: str) -> dict[str, Any]:
+    events = {_event_name(model): _ref(model.__name__) for model in get_args(StreamEvent)}
+    names = ", ".join(f"`{name}`" for name in events)
+    return {
+        "description": description,
+        "headers": {STREAM_ID_HEADER: {"$ref": "#/components/headers/StreamId"}},
+        "content": {
+            "text/event-stream": {
+                "schema": {
+                    "type": "string",
+                    "description": "Server-Sent Events, each `id: <stream id>:<seq>`, "
+                    f"`event: <name>` ({names}) and one `data:` line of JSON whose schema "
+                    "`x-sse-events` names by event; `done` or `error` ends the stream.",
+                },
+                "x-sse-events": events,
+            }
+        },
+    }
+
+
+def _chat_body() -> dict[str, Any]:
+    return {
+        "required": True,
+        "description": "At most `ROBOTA_MAX_BODY_BYTES` (4 MiB by default), else 413.",
+        "content": {"application/json": {"schema": _ref("ChatRequest")}},
+    }
+
+
+def _admin_body(name: str, *, required: bool) -> dict[str, Any]:
+    return {
+        "required": required,
+        "description": f"A JSON object of at most {MAX_ADMIN_BODY_BYTES} bytes, else 413.",
+        "content": {"application/json": {"schema": _ref(name)}},
+    }
+
+
+def _paths() -> dict[str, Any]:
+    admin: list[dict[str, list[str]]] = [{"adminKey": []}]
+    public: list[dict[str, list[str]]] = []
+    return {
+        CHAT_PATH: {
+            "post": {
+                "operationId": "chat",
+                "tags": ["chat"],
+                "summary": "One chat call, answered whole.",
+                "requestBody": _chat_body(),
+                "responses": {
+                    "200": _json("AssistantMessage", "The answer, its usage and provenance."),
+                    **_errors(*_CHAT_ERRORS),
+                },
+            }
+        },
+        STREAM_PATH: {
+            "post": {
+                "operationId": "chatStream",
+                "tags": ["chat"],
+                "summary": "One chat call, streamed as Server-Sent Events.",
+                "description": "A vendor that refuses the call before its first event gets "
+                "a plain error status; a failure after it is a closing `error` event.",
+                "requestBody": _chat_body(),
+                "responses": {
+                    "200": _event_stream("The answer as it is produced."),
+                    **_errors(*_CHAT_ERRORS),
+                },
+            }
+        },
+        RESUME_PATH: {
+            "get": {
+                "operationId": "resumeStream",
+                "tags": ["chat"],
+                "summary": "The rest of a stream after a dropped connection.",
+                "description": "Within the resume window, by the user who started it; no "
+                "second vendor call and no second charge. Anyone else's stream, or an "
+                "unknown, expired or cancelled one, is the same 404.",
+                "parameters": [
+                    *_parameters(StreamPath, "path"),
+                    *_parameters(ResumeHeaders, "header"),
+                ],
+                "responses": {
+                    "200": _event_stream("The events after `Last-Event-ID`."),
+                    **_errors(400, 401, 404, 429),
+                },
+            }
+        },
+        WS_PATH: {
+            "get": {
+                "operationId": "webSocket",
+                "tags": ["chat"],
+                "summary": "Many chat calls over one WebSocket (upgrade).",
+                "description": "OpenAPI cannot describe a WebSocket: this is its handshake, "
+                "a GET with `Connection: Upgrade` and `Upgrade: websocket`. Frames from the "
+                'client: `{"type": "request", "id", "body": ChatRequest, "stream"}`, '
+                '`{"type": "cancel", "id"}`, `{"type": "resume", "id", "streamId", '
+                '"lastEventId"}`, `{"type": "ping"}`, `{"type": "stats"}`; from the '
+                'server: `{"id", "event", "eventId", "data"}` with the events of the SSE '
+                "stream. A refused handshake is answered with the error body.",
+                "responses": {
+                    "101": {"description": "Switching to the WebSocket protocol."},
+                    **_errors(401, 403),
+                    "404": {
+                        "$ref": "#/components/responses/Error404",
+                        "description": "A plain GET, without the upgrade, reaches no route.",
+                    },
+                    **_errors(429),
+                },
+            }
+        },
+        "/ai/models": {
+            "get": {
+                "operationId": "listModels",
+                "tags": ["account"],
+                "summary": "The providers this proxy serves and their models.",
+                "responses": {
+                    "200": _json("ModelCatalogue", "Providers by name."),
+                    **_errors(*_AUTH_ERRORS),
+                },
+            }
+        },
+        "/ai/me": {
+            "get": {
+                "operationId": "me",
+                "tags": ["account"],
+                "summary": "The caller, their permissions, and what is left of each limit.",
+                "responses": {
+                    "200": _json("Me", "The caller's account."),
+                    **_errors(*_AUTH_ERRORS),
+                },
+            }
+        },
+        "/ai/usage": {
+            "get": {
+                "operationId": "usage",
+                "tags": ["account"],
+                "summary": "The caller's usage between two UTC days, both included.",
+                "parameters": _parameters(UsageQuery, "query"),
+                "responses": {
+                    "200": _json("UsageReport", "Totals, per day and per model."),
+                    **_errors(400, *_AUTH_ERRORS),
+                },
+            }
+        },
+        "/admin/keys": {
+            "post": {
+                "operationId": "createKey",
+                "tags": ["admin"],
+                "summary": "Create a key; the answer is the only place the key ever appears.",
+                "security": admin,
+                "requestBody": _admin_body("CreateKeyRequest", required=True),
+                "responses": {
+                    "201": _json("CreatedKey", "The key and its record."),
+                    **_errors(400, *_ADMIN_ERRORS, 413),
+                },
+            },
+            "get": {
+                "operationId": "listKeys",
+                "tags": ["admin"],
+                "summary": "Every key, or one user's.",
+                "security": admin,
+                "parameters": _parameters(KeysQuery, "query"),
+                "responses": {
+                    "200": _json("KeyList", "The keys, without their secrets."),
+                    **_errors(*_ADMIN_ERRORS),
+                },
+            },
+        },
+        "/admin/keys/{key_id}": {
+            "parameters": _parameters(KeyPath, "path"),
+            "get": {
+                "operationId": "getKey",
+                "tags": ["admin"],
+                "summary": "One key's record.",
+                "security": admin,
+                "responses": {
+                    "200": _json("KeyInfo", "The key, without its secret."),
+                    **_errors(*_ADMIN_ERRORS, 404),
+                },
+            },
+            "delete": {
+                "operationId": "revokeKey",
+                "tags": ["admin"],
+                "summary": "Revoke a key; it stops working within a second.",
+                "security": admin,
+                "responses": {
+                    "200": _json("KeyInfo", "The revoked key."),
+                    **_errors(*_ADMIN_ERRORS, 404),
+                },
+            },
+        },
+        "/admin/users/{user}": {
+            "parameters": _parameters(UserPath, "path"),
+            "put": {
+                "operationId": "setUser",
+                "tags": ["admin"],
+                "summary": "Replace a user's permissions, creating the user if needed.",
+                "security": admin,
+                "requestBody": _admin_body("SetUserRequest", required=False),
+                "responses": {
+                    "200": _json("UserInfo", "The user as stored."),
+                    **_errors(400, *_ADMIN_ERRORS, 413),
+                },
+            },
+            "get": {
+                "operationId": "getUser",
+                "tags": ["admin"],
+                "summary": "A user's permissions and keys.",
+                "security": admin,
+                "responses": {
+                    "200": _json("UserWithKeys", "The user and their keys."),
+                    **_errors(*_ADMIN_ERRORS, 404),
+                },
+            },
+        },
+        "/admin/usage": {
+            "get": {
+                "operationId": "adminUsage",
+                "tags": ["admin"],
+                "summary": "Usage between two UTC days, both included, per user too.",
+                "security": admin,
+                "parameters": _parameters(AdminUsageQuery, "query"),
+                "responses": {
+                    "200": _json("UsageReport", "Totals, per day, per model and per user."),
+                    **_errors(400, *_ADMIN_ERRORS),
+                },
+            }
+        },
+        "/admin/metrics": {
+            "get": {
+                "operationId": "adminMetrics",
+                "tags": ["admin"],
+                "summary": "This process's upstream attempts by target and outcome.",
+                "security": admin,
+                "responses": {
+                    "200": _json("Metrics", "Attempt counts."),
+                    **_errors(*_ADMIN_ERRORS),
+                },
+            }
+        },
+        "/health": {
+            "get": {
+                "operationId": "health",
+                "tags": ["operations"],
+                "summary": "Liveness; needs no credentials and calls no vendor.",
+                "security": public,
+                "responses": {"200": _json("Health", "The process is up.")},
+            }
+        },
+        OPENAPI_PATH: {
+            "get": {
+                "operationId": "openapi",
+                "tags": ["operations"],
+                "summary": "This document.",
+                "security": public,
+                "responses": {
+                    "200": {
+                        "description": "The OpenAPI 3.1 document.",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    }
+                },
+            }
+        },
+    }
+
+
+def _version() -> str:
+    try:
+        return version("robota-remote")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "0+unknown"
+
+
+@functools.cache
+def _document() -> dict[str, Any]:
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Robota Remote proxy",
+            "version": _version(),
+            "description": "The Robota wire (`/ai/*`) and the operator's API (`/admin/*`). "
+            'JSON is camelCase; every error is `{"error": {"code", "message", '
+            '"requestId", "retryAfter"?}}`. Paths are below the mount point.',
+        },
+        "security": [{"bearer": []}],
+        "tags": [
+            {"name": "chat", "description": "Chat calls: whole, streamed, resumed, over WS."},
+            {"name": "account", "description": "The caller's own models, account and usage."},
+            {"name": "admin", "description": "Keys, users and usage; needs the admin key."},
+            {"name": "operations", "description": "Liveness and this document."},
+        ],
+        "paths": _paths(),
+        "components": _components(),
+    }
+
+
+def openapi_document() -> dict[str, Any]:
+    """The document, a fresh copy each time (callers may add ``servers``)."""
+    return copy.deepcopy(_document())
+
+
+def openapi_json() -> str:
+    """The document as committed in ``docs/openapi.json``: indented, one trailing newline."""
+    return json.dumps(openapi_document(), indent=2, ensure_ascii=False) + "\n"
+
+
+if __name__ == "__main__":
+    print(openapi_json(), end="")
