@@ -256,9 +256,13 @@ class OpenAIUpstream:
                 headers=exc.response.headers,
                 secrets=[self._api_key],
             )
-        if isinstance(exc, httpx2.ConnectTimeout) and streaming:
-            # aiohttp's transport maps a dropped connection (ClientConnectionError) to this.
-            return broken_stream_error(self.name)
+        network = _aiohttp_failure(exc)
+        if network is not None:
+            # The SDK's aiohttp transport names nearly every network failure a timeout (see
+            # ``_aiohttp_failure``): what really happened is in the aiohttp exception.
+            if isinstance(network, TimeoutError):
+                return timeout_error(self.name)
+            return broken_stream_error(self.name) if streaming else unavailable_error(self.name)
         if isinstance(exc, _TIMEOUTS):
             return timeout_error(self.name)
         if isinstance(exc, _UNREACHABLE) and not streaming:
@@ -266,6 +270,28 @@ class OpenAIUpstream:
         if streaming:
             return broken_stream_error(self.name)
         return malformed_response_error(self.name)
+
+
+def _aiohttp_failure(exc: BaseException) -> aiohttp.ClientConnectionError | None:
+    """The aiohttp exception under the SDK's wrappers, if a network failure caused ``exc``.
+
+    The vendored ``httpx_aiohttp`` transport maps any ``aiohttp.ClientConnectionError`` to
+    ``httpx2.ConnectTimeout`` (its table picks the first base class that matches, so a
+    refused connection, a DNS failure and a reset all come out as "connect timeout"), and the
+    SDK turns that into ``APITimeoutError``: taken at its word, an OpenAI that is down would
+    be a 504 ``upstream_timeout`` rather than a 503 ``upstream_unavailable``. The chain of
+    causes (``raise ... from``) still holds the original; aiohttp's real timeouts
+    (``ServerTimeoutError``, ``ConnectionTimeoutError``, ``SocketTimeoutError``) are
+    ``TimeoutError`` subclasses, everything else is a failure to reach the vendor.
+    """
+    seen: BaseException | None = exc
+    for _ in range(8):  # a cause chain is a few links; never loop on a cycle
+        if seen is None:
+            return None
+        if isinstance(seen, aiohttp.ClientConnectionError):
+            return seen
+        seen = seen.__cause__
+    return None
 
 
 class _ChunkReader:
