@@ -14,16 +14,26 @@ What it answers, checked in this order:
 * **A tool call** (the request has ``tools``, the last message is a ``user`` message and
   ``toolChoice`` is not ``none``): the mock calls tools and sends no text:
 
-  - which tool: the tool named by ``toolChoice`` when it names one; otherwise every tool
+  - which tools: the tool named by ``toolChoice`` when it names one; otherwise every tool
     when the user text contains the word ``parallel`` (parallel tool calls, in ``tools``
-    order); otherwise the first tool whose name appears in the user text (case-insensitive);
-    otherwise the first tool;
-  - arguments: the first JSON object written in the user text (``weather please
-    {"city": "Paris"}`` gives ``{"city": "Paris"}``), the same object for every tool called.
-    Without one, each *required* property of the tool's schema is filled from its schema:
-    the first ``enum`` value if it has one, else by type: string ``"mock"``, integer and
-    number ``1``, boolean ``true``, array ``[]``, object ``{}``, null ``null`` (any other
-    or missing type: ``"mock"``). Arguments are serialised with ``json.dumps``;
+    order); otherwise every tool the user text mentions, in ``tools`` order: by its whole
+    name (case-insensitive), or by a word of its name of at least four letters (names split
+    at ``_``, ``-``, ``.`` and lower-to-upper case changes), so that "the weather in Paris
+    and the time in Tokyo" calls both ``get_weather`` and ``get_time``; otherwise the first
+    tool;
+  - arguments, per tool: the properties of the first JSON object written in the user text
+    (``weather please {"city": "Paris"}``) that the tool's schema declares (the whole object
+    when it declares none), so that a parallel call never hands one tool another's
+    arguments. Each *required* property still missing is filled from its schema, so that
+    the arguments validate against it: its ``const``, else its first ``enum`` value, else
+    its ``default``, else the first ``anyOf``/``oneOf`` alternative, else by type: a string
+    by its ``format`` (``date-time``, ``date``, ``time``, ``email``, ``uri``, ``uuid``),
+    else by its property name (a city for ``city``/``location``, ``Europe/Paris`` for
+    ``timezone``/``tz``, the user text for ``query``; see ``_STRING_BY_NAME``), else
+    ``"mock"``, fitted to ``minLength``/``maxLength``; integer and number ``1`` moved into
+    ``minimum``/``maximum``; boolean ``true``; array ``minItems`` items filled from
+    ``items``; object its own required properties, filled the same way; null ``null``
+    (any other or missing type: a string). Arguments are serialised with ``json.dumps``;
   - ids: ``call_mock_<n>``, where ``n`` is the number of tool calls already made by
     assistant messages in the conversation plus one (and counts on across parallel calls);
   - finish reason ``tool_calls``.
@@ -51,8 +61,9 @@ fails, and holds no resources.
 from __future__ import annotations
 
 import json
+import math
 import re
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,16 +90,43 @@ TOKENS_PER_TOOL_CALL = 5
 
 _WORD_PIECE = re.compile(r"\s*\S+\s*")
 _PARALLEL = re.compile(r"\bparallel\b", re.IGNORECASE)
-#: Factories rather than values so that no two calls ever share a list or dict.
-_FILL_BY_TYPE: dict[str, Callable[[], Any]] = {
-    "string": lambda: "mock",
-    "integer": lambda: 1,
-    "number": lambda: 1,
-    "boolean": lambda: True,
-    "array": list,
-    "object": dict,
-    "null": lambda: None,
+_WORD = re.compile(r"[a-z0-9]+")
+#: The words of a tool name: ``get_weather`` -> get, weather; ``getTimeZone`` -> get, Time, Zone.
+_NAME_PART = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
+#: How deep nested schemas (objects in arrays in objects...) are filled.
+_MAX_DEPTH = 4
+#: Strings by JSON Schema ``format``, each one a valid instance of it.
+_STRING_BY_FORMAT = {
+    "date-time": "2026-01-01T12:00:00Z",
+    "date": "2026-01-01",
+    "time": "12:00:00",
+    "email": "mock@example.com",
+    "uri": "https://example.com",
+    "url": "https://example.com",
+    "uuid": "00000000-0000-4000-8000-000000000000",
 }
+#: Strings by property name (lower case, without ``_`` or ``-``): what a tool that takes a
+#: ``city`` can do something with, rather than ``"mock"``.
+_STRING_BY_NAME = {
+    "city": "Paris",
+    "location": "Paris",
+    "place": "Paris",
+    "country": "France",
+    "timezone": "Europe/Paris",
+    "tz": "Europe/Paris",
+    "zone": "Europe/Paris",
+    "language": "en",
+    "lang": "en",
+    "locale": "en-US",
+    "currency": "EUR",
+    "date": "2026-01-01",
+    "time": "12:00",
+    "email": "mock@example.com",
+    "url": "https://example.com",
+    "uri": "https://example.com",
+}
+#: Properties that get the user's own text (a search tool's query).
+_USER_TEXT_NAMES = frozenset({"query", "q", "question", "prompt", "text"})
 
 
 @dataclass(frozen=True)
@@ -200,8 +238,7 @@ def mock_tool_calls(tools: Sequence[ToolSchema], text: str, request: ChatRequest
         ToolCall(
             id=f"call_mock_{already + offset}",
             function=FunctionCall(
-                name=tool.name,
-                arguments=json.dumps(written if written is not None else fill_required(tool)),
+                name=tool.name, arguments=json.dumps(tool_arguments(tool, written, text))
             ),
         )
         for offset, tool in enumerate(choose_tools(tools, text, request.options.tool_choice), 1)
@@ -213,11 +250,19 @@ def choose_tools(tools: Sequence[ToolSchema], text: str, choice: str | None) -> 
         return [tool for tool in tools if tool.name == choice][:1]
     if _PARALLEL.search(text):
         return list(tools)
+    words = set(_WORD.findall(text.lower()))
     lowered = text.lower()
-    for tool in tools:
-        if tool.name.lower() in lowered:
-            return [tool]
-    return [tools[0]]
+    mentioned = [tool for tool in tools if is_mentioned(tool.name, lowered, words)]
+    return mentioned or [tools[0]]
+
+
+def is_mentioned(name: str, lowered_text: str, words: set[str]) -> bool:
+    """Whether the text names the tool: whole, or by one telling word of its name (``weather``
+    in ``get_weather``; words under four letters such as ``get`` tell nothing)."""
+    if name.lower() in lowered_text:
+        return True
+    parts = _NAME_PART.findall(name)
+    return any(len(part) >= 4 and part.lower() in words for part in parts)
 
 
 def first_json_object(text: str) -> dict[str, Any] | None:
@@ -232,27 +277,89 @@ def first_json_object(text: str) -> dict[str, Any] | None:
     return None
 
 
-def fill_required(tool: ToolSchema) -> dict[str, Any]:
-    properties = tool.parameters.get("properties")
+def tool_arguments(tool: ToolSchema, written: dict[str, Any] | None, text: str) -> dict[str, Any]:
+    """What the user wrote that this tool declares, and its missing required properties
+    filled from their schemas."""
+    schema = tool.parameters
+    properties = schema.get("properties")
+    arguments: dict[str, Any] = {}
+    if written is not None:
+        if isinstance(properties, dict):
+            arguments = {key: value for key, value in written.items() if key in properties}
+        elif schema.get("additionalProperties") is not False:
+            arguments = dict(written)
+    for name, value in fill_required(schema, text).items():
+        arguments.setdefault(name, value)
+    return arguments
+
+
+def fill_required(schema: dict[str, Any], text: str, depth: int = 0) -> dict[str, Any]:
+    """An object schema's required properties, each with a value that fits its schema."""
+    properties = schema.get("properties")
     properties = properties if isinstance(properties, dict) else {}
-    required = tool.parameters.get("required")
+    required = schema.get("required")
     names = (
         [name for name in required if isinstance(name, str)] if isinstance(required, list) else []
     )
-    return {name: mock_value(properties.get(name)) for name in names}
+    return {name: mock_value(properties.get(name), name, text, depth) for name in names}
 
 
-def mock_value(schema: Any) -> Any:
+def mock_value(schema: Any, name: str = "", text: str = "", depth: int = 0) -> Any:
+    """A value for property ``name`` that fits ``schema``. Nested schemas are followed a few
+    levels deep only, so that a recursive schema cannot make the mock loop."""
     if not isinstance(schema, dict):
-        return "mock"
+        return mock_string({}, name, text)
+    if "const" in schema:
+        return schema["const"]
     enum = schema.get("enum")
     if isinstance(enum, list) and enum:
         return enum[0]
+    if "default" in schema:
+        return schema["default"]
+    for combinator in ("anyOf", "oneOf"):
+        alternatives = schema.get(combinator)
+        if isinstance(alternatives, list) and alternatives and depth < _MAX_DEPTH:
+            return mock_value(alternatives[0], name, text, depth + 1)
     kind = schema.get("type")
     if isinstance(kind, list):
         kind = next((k for k in kind if k != "null"), "null")
-    fill = _FILL_BY_TYPE.get(kind) if isinstance(kind, str) else None
-    return fill() if fill is not None else "mock"
+    if kind in ("integer", "number"):
+        return mock_number(schema)
+    if kind == "boolean":
+        return True
+    if kind == "null":
+        return None
+    if kind == "array":
+        count = schema.get("minItems")
+        count = count if isinstance(count, int) and count > 0 and depth < _MAX_DEPTH else 0
+        return [mock_value(schema.get("items"), name, text, depth + 1) for _ in range(count)]
+    if kind == "object":
+        return fill_required(schema, text, depth + 1) if depth < _MAX_DEPTH else {}
+    return mock_string(schema, name, text)
+
+
+def mock_number(schema: dict[str, Any]) -> int | float:
+    value: int | float = 1
+    low, high = schema.get("minimum"), schema.get("maximum")
+    if isinstance(low, int | float) and not isinstance(low, bool) and value < low:
+        value = low
+    if isinstance(high, int | float) and not isinstance(high, bool) and value > high:
+        value = high
+    if schema.get("type") == "integer" and isinstance(value, float):
+        value = math.ceil(value)
+    return value
+
+
+def mock_string(schema: dict[str, Any], name: str, text: str) -> str:
+    by_format = _STRING_BY_FORMAT.get(str(schema.get("format", "")))
+    key = re.sub(r"[^a-z0-9]", "", name.lower())
+    value = by_format or (text if key in _USER_TEXT_NAMES else _STRING_BY_NAME.get(key, "mock"))
+    longest, shortest = schema.get("maxLength"), schema.get("minLength")
+    if isinstance(longest, int) and len(value) > longest:
+        value = value[:longest]
+    if isinstance(shortest, int) and len(value) < shortest:
+        value = value.ljust(shortest, "x")
+    return value
 
 
 def word_pieces(text: str) -> list[str]:

@@ -55,6 +55,9 @@ EVERY_TYPE = {
 }
 
 
+CITY = {"city": "Paris"}  # what a required string named ``city`` is filled with
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
@@ -203,12 +206,38 @@ async def test_skips_braces_that_are_not_json(mock: MockUpstream) -> None:
 
 async def test_tool_named_in_the_text_wins(mock: MockUpstream) -> None:
     answer = await mock.chat(said("please call GET_TIME", tools=[WEATHER, CLOCK]))
-    assert arguments(answer) == [("get_time", {"tz": "mock"})]
+    assert arguments(answer) == [("get_time", {"tz": "Europe/Paris"})]
 
 
 async def test_first_tool_otherwise(mock: MockUpstream) -> None:
     answer = await mock.chat(said("do something", tools=[CLOCK, WEATHER]))
-    assert arguments(answer) == [("get_time", {"tz": "mock"})]
+    assert arguments(answer) == [("get_time", {"tz": "Europe/Paris"})]
+
+
+async def test_every_tool_a_word_of_its_name_mentions(mock: MockUpstream) -> None:
+    question = "What is the weather in Paris and the time in Tokyo?"
+    answer = await mock.chat(said(question, tools=[CLOCK, WEATHER]))
+    assert arguments(answer) == [("get_time", {"tz": "Europe/Paris"}), ("get_weather", CITY)]
+    assert answer.tool_calls is not None
+    assert [call.id for call in answer.tool_calls] == ["call_mock_1", "call_mock_2"]
+
+
+@pytest.mark.parametrize(
+    ("text", "called"),
+    [
+        ("get me something", ["get_time"]),  # "get" is too short to tell: the first tool
+        ("the STOCK price", ["lookup_stock"]),  # a word of the name, any case
+        ("stocks please", ["get_time"]),  # only a whole word mentions
+        ("which zone", ["getTimeZone"]),  # camelCase names split into words
+        ("what time zone", ["get_time", "getTimeZone"]),
+        ("call lookup_stock and gettimezone", ["lookup_stock", "getTimeZone"]),  # whole names
+    ],
+)
+async def test_which_words_mention_a_tool(mock: MockUpstream, text: str, called: list[str]) -> None:
+    stock = {"name": "lookup_stock", "parameters": {"type": "object"}}
+    zone = {"name": "getTimeZone", "parameters": {"type": "object"}}
+    answer = await mock.chat(said(text, tools=[CLOCK, stock, zone]))
+    assert [name for name, _ in arguments(answer)] == called
 
 
 async def test_required_properties_are_filled_by_type(mock: MockUpstream) -> None:
@@ -231,17 +260,136 @@ async def test_required_properties_are_filled_by_type(mock: MockUpstream) -> Non
     ]
 
 
+def tool_with(properties: dict[str, Any], required: list[str] | None = None) -> dict[str, Any]:
+    return {
+        "name": "t",
+        "parameters": {
+            "type": "object",
+            "properties": properties,
+            "required": list(properties) if required is None else required,
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    ("schema", "value"),
+    [
+        ({"const": "fixed", "enum": ["other"]}, "fixed"),
+        ({"type": "string", "default": "dflt"}, "dflt"),
+        ({"anyOf": [{"type": "integer"}, {"type": "string"}]}, 1),
+        ({"oneOf": [{"type": "boolean"}]}, True),
+        ({"type": "string", "format": "date-time"}, "2026-01-01T12:00:00Z"),
+        ({"type": "string", "format": "date"}, "2026-01-01"),
+        ({"type": "string", "format": "email"}, "mock@example.com"),
+        ({"type": "string", "format": "uri"}, "https://example.com"),
+        ({"type": "string", "format": "uuid"}, "00000000-0000-4000-8000-000000000000"),
+        ({"type": "string", "minLength": 6}, "mockxx"),
+        ({"type": "string", "maxLength": 2}, "mo"),
+        ({"type": "integer", "minimum": 10, "maximum": 20}, 10),
+        ({"type": "integer", "maximum": -3}, -3),
+        ({"type": "integer", "minimum": 2.5}, 3),
+        ({"type": "number", "minimum": 2.5}, 2.5),
+        ({"type": "number", "maximum": 0.5}, 0.5),
+        ({"type": "array", "items": {"type": "integer"}, "minItems": 2}, [1, 1]),
+        ({"type": "array", "items": {"type": "string"}}, []),
+        (
+            {
+                "type": "object",
+                "properties": {
+                    "inner": {
+                        "type": "object",
+                        "properties": {"n": {"type": "number"}},
+                        "required": ["n"],
+                    },
+                    "skip": {},
+                },
+                "required": ["inner"],
+            },
+            {"inner": {"n": 1}},
+        ),
+    ],
+)
+async def test_values_fit_their_schema(
+    mock: MockUpstream, schema: dict[str, Any], value: Any
+) -> None:
+    answer = await mock.chat(said("go", tools=[tool_with({"v": schema})]))
+    assert arguments(answer) == [("t", {"v": value})]
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("city", "Paris"),
+        ("location", "Paris"),
+        ("country", "France"),
+        ("timezone", "Europe/Paris"),
+        ("time_zone", "Europe/Paris"),
+        ("tz", "Europe/Paris"),
+        ("language", "en"),
+        ("currency", "EUR"),
+        ("date", "2026-01-01"),
+        ("anything_else", "mock"),
+    ],
+)
+async def test_strings_are_filled_by_property_name(
+    mock: MockUpstream, name: str, value: str
+) -> None:
+    answer = await mock.chat(said("go", tools=[tool_with({name: {"type": "string"}})]))
+    assert arguments(answer) == [("t", {name: value})]
+
+
+async def test_a_query_gets_the_user_text(mock: MockUpstream) -> None:
+    search = tool_with({"query": {"type": "string"}, "limit": {"type": "integer"}}, ["query"])
+    answer = await mock.chat(said("search cheap flights", tools=[search]))
+    assert arguments(answer) == [("t", {"query": "search cheap flights"})]
+
+
+async def test_nesting_is_followed_a_bounded_depth(mock: MockUpstream) -> None:
+    schema: dict[str, Any] = {"type": "string"}
+    for _ in range(6):
+        schema = {"type": "object", "properties": {"d": schema}, "required": ["d"]}
+    answer = await mock.chat(said("go", tools=[tool_with({"v": schema})]))
+    # The top-level property is depth 0; objects below depth 4 are left empty.
+    assert arguments(answer) == [("t", {"v": {"d": {"d": {"d": {"d": {}}}}}})]
+
+
 async def test_parallel_calls_every_tool(mock: MockUpstream) -> None:
     answer = await mock.chat(said("do both in Parallel", tools=[WEATHER, CLOCK]))
-    assert arguments(answer) == [("get_weather", {"city": "mock"}), ("get_time", {"tz": "mock"})]
+    assert arguments(answer) == [("get_weather", CITY), ("get_time", {"tz": "Europe/Paris"})]
     assert answer.tool_calls is not None
     assert [call.id for call in answer.tool_calls] == ["call_mock_1", "call_mock_2"]
     assert answer.usage is not None and answer.usage.completion_tokens == 10
 
 
 async def test_parallel_must_be_a_word(mock: MockUpstream) -> None:
-    answer = await mock.chat(said("unparalleled weather", tools=[CLOCK, WEATHER]))
-    assert arguments(answer) == [("get_time", {"tz": "mock"})]
+    answer = await mock.chat(said("unparalleled stuff", tools=[CLOCK, WEATHER]))
+    assert arguments(answer) == [("get_time", {"tz": "Europe/Paris"})]
+
+
+async def test_parallel_calls_get_only_the_written_properties_they_declare(
+    mock: MockUpstream,
+) -> None:
+    """One JSON object in the text, two tools: each gets the part its schema declares (the
+    tool agent's ``get_time(tz)`` would fail on a ``city`` argument)."""
+    answer = await mock.chat(
+        said('in parallel {"city": "Oslo", "tz": "Asia/Tokyo", "x": 1}', tools=[WEATHER, CLOCK])
+    )
+    assert arguments(answer) == [
+        ("get_weather", {"city": "Oslo"}),
+        ("get_time", {"tz": "Asia/Tokyo"}),
+    ]
+    half = await mock.chat(said('in parallel {"city": "Oslo"}', tools=[WEATHER, CLOCK]))
+    assert arguments(half) == [
+        ("get_weather", {"city": "Oslo"}),
+        ("get_time", {"tz": "Europe/Paris"}),
+    ]
+
+
+async def test_a_schema_without_properties_takes_the_written_object(mock: MockUpstream) -> None:
+    free = {"name": "free", "parameters": {"type": "object"}}
+    closed = {"name": "closed", "parameters": {"type": "object", "additionalProperties": False}}
+    answer = await mock.chat(said('parallel {"a": [1], "b": null}', tools=[free, closed]))
+    assert arguments(answer) == [("free", {"a": [1], "b": None}), ("closed", {})]
 
 
 async def test_tool_choice_none_disables_calls(mock: MockUpstream) -> None:
@@ -257,7 +405,7 @@ async def test_named_tool_choice_forces_that_tool(mock: MockUpstream) -> None:
     answer = await mock.chat(
         said("get_weather in parallel", tools=[WEATHER, CLOCK], options={"toolChoice": "get_time"})
     )
-    assert arguments(answer) == [("get_time", {"tz": "mock"})]
+    assert arguments(answer) == [("get_time", {"tz": "Europe/Paris"})]
 
 
 async def test_ids_count_earlier_tool_calls() -> None:
@@ -394,4 +542,4 @@ async def test_max_tokens_never_cuts_tool_calls(mock: MockUpstream) -> None:
 async def test_arguments_are_json_strings(mock: MockUpstream) -> None:
     answer = await mock.chat(said("x", tools=[WEATHER]))
     assert answer.tool_calls is not None
-    assert json.loads(answer.tool_calls[0].function.arguments) == {"city": "mock"}
+    assert json.loads(answer.tool_calls[0].function.arguments) == CITY
