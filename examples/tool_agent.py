@@ -6,6 +6,9 @@ The proxy never runs tools; it only carries the calls and results.
 
     python examples/tool_agent.py "What is the weather in Paris and the time in Tokyo?"
 
+(that question is the default). Against the offline ``mock`` provider the model asks for both
+tools in one turn, as a real model would, and its final answer quotes both results.
+
 Settings: ROBOTA_SERVER_URL, ROBOTA_KEY, ROBOTA_PROVIDER (default mock), ROBOTA_MODEL,
 ROBOTA_STREAM=1 to use streaming turns.
 """
@@ -27,8 +30,8 @@ def get_weather(city: str) -> dict[str, Any]:
     return {"city": city, "temp_c": 21, "sky": "clear"}
 
 
-def get_time(tz: str) -> dict[str, Any]:
-    return {"tz": tz, "time": "12:00"}
+def get_time(timezone: str) -> dict[str, Any]:
+    return {"timezone": timezone, "time": "12:00"}
 
 
 TOOLS: dict[str, tuple[ToolSchema, Callable[..., dict[str, Any]]]] = {
@@ -50,8 +53,8 @@ TOOLS: dict[str, tuple[ToolSchema, Callable[..., dict[str, Any]]]] = {
             description="Current time in a time zone",
             parameters={
                 "type": "object",
-                "properties": {"tz": {"type": "string"}},
-                "required": ["tz"],
+                "properties": {"timezone": {"type": "string"}},
+                "required": ["timezone"],
             },
         ),
         get_time,
@@ -87,14 +90,12 @@ async def run(question: str, *, max_turns: int = 5) -> str:
             messages.append(answer)
             for call in answer.tool_calls:
                 _, function = TOOLS[call.function.name]
-                result = function(**call.parsed_arguments())
+                result = json.dumps(function(**call.parsed_arguments()))
                 print(f"-> {call.function.name}({call.function.arguments}) = {result}")
-                messages.append(
-                    {"role": "tool", "toolCallId": call.id, "content": json.dumps(result)}
-                )
+                messages.append({"role": "tool", "toolCallId": call.id, "content": result})
     raise RuntimeError(f"no final answer after {max_turns} turns")
 
 
 if __name__ == "__main__":
-    question = " ".join(sys.argv[1:]) or 'What is the weather in Paris? {"city": "Paris"}'
+    question = " ".join(sys.argv[1:]) or "What is the weather in Paris and the time in Tokyo?"
     print(asyncio.run(run(question)))

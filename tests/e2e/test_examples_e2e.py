@@ -86,11 +86,33 @@ def test_quickstart(proxy: ProxyProcess) -> None:
     assert 'tool:   get_weather {"city": "Paris"}' in out
 
 
+QUESTION = "What is the weather in Paris and the time in Tokyo?"
+WEATHER_RESULT = '{"city": "Paris", "temp_c": 21, "sky": "clear"}'
+TIME_RESULT = '{"timezone": "Europe/Paris", "time": "12:00"}'
+
+
 @pytest.mark.parametrize("stream", ["0", "1"])
-def test_tool_agent_with_mock(proxy: ProxyProcess, stream: str) -> None:
-    out = run_example("tool_agent.py", proxy, "weather in get_weather Paris", ROBOTA_STREAM=stream)
-    assert "-> get_weather(" in out
-    assert "Tool get_weather returned:" in out
+@pytest.mark.parametrize("args", [(), (QUESTION,)], ids=["default question", "question given"])
+def test_tool_agent_answers_its_question_with_both_tools(
+    proxy: ProxyProcess, stream: str, args: tuple[str, ...]
+) -> None:
+    """The docstring's question, against the mock: both tools in one turn, each with
+    arguments its function accepts, and a final answer built from both results."""
+    out = run_example("tool_agent.py", proxy, *args, ROBOTA_STREAM=stream)
+    assert out.splitlines() == [
+        f'-> get_weather({{"city": "Paris"}}) = {WEATHER_RESULT}',
+        f'-> get_time({{"timezone": "Europe/Paris"}}) = {TIME_RESULT}',
+        f"Tool get_weather returned: {WEATHER_RESULT}; Tool get_time returned: {TIME_RESULT}",
+    ]
+
+
+def test_tool_agent_in_parallel_with_one_written_object(proxy: ProxyProcess) -> None:
+    """Every tool at once with one JSON object: each tool gets only what it declares."""
+    out = run_example("tool_agent.py", proxy, 'both in parallel {"city": "Oslo"}')
+    assert out.splitlines()[-1] == (
+        'Tool get_weather returned: {"city": "Oslo", "temp_c": 21, "sky": "clear"}; '
+        f"Tool get_time returned: {TIME_RESULT}"
+    )
 
 
 def test_tool_agent_with_openai_through_the_fake_vendor(proxy: ProxyProcess, fake: object) -> None:
@@ -101,7 +123,7 @@ def test_tool_agent_with_openai_through_the_fake_vendor(proxy: ProxyProcess, fak
         Reply(
             tool_calls=[
                 ToolCallSpec("get_weather", {"city": "Paris"}),
-                ToolCallSpec("get_time", {"tz": "Asia/Tokyo"}),
+                ToolCallSpec("get_time", {"timezone": "Asia/Tokyo"}),
             ]
         ),
         match="Paris and the time",
@@ -110,7 +132,7 @@ def test_tool_agent_with_openai_through_the_fake_vendor(proxy: ProxyProcess, fak
     out = run_example(
         "tool_agent.py",
         proxy,
-        "What is the weather in Paris and the time in Tokyo?",
+        QUESTION,
         ROBOTA_PROVIDER="openai",
         ROBOTA_MODEL="gpt-4o-mini",
     )
