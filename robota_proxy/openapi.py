@@ -22,7 +22,7 @@ from decimal import Decimal
 from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, RootModel
+from pydantic import BaseModel, ConfigDict, Field, RootModel, WithJsonSchema
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from robota_client.messages import (
@@ -52,6 +52,17 @@ _MAX_KEY_NAME = 200
 _STREAM_ID = r"s_[0-9a-f]{32}"
 _LAST_EVENT_ID = rf"^\s*(\d{{1,9}}|{_STREAM_ID}:\d{{1,9}})?\s*$"
 _DAY = r"^\d{4}-\d{2}-\d{2}$"
+# Features as one comma-separated string: blank items are dropped, the others must be known.
+_FEATURE = "|".join(get_args(Feature))
+_FEATURE_LIST = rf"^\s*({_FEATURE})?\s*(,\s*({_FEATURE})?\s*)*$"
+# A budget: ``Decimal(str(value))``, finite and not negative (policy/principals.py).
+_AMOUNT = {
+    "anyOf": [
+        {"type": "number", "minimum": 0},
+        {"type": "string", "pattern": r"^\s*\+?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\s*$"},
+        {"type": "null"},
+    ]
+}
 
 
 # --- shapes of the answers built as plain dicts ----------------------------------------------
@@ -109,12 +120,13 @@ class PermissionsInput(WireModel):
 
     allowed_providers: list[str] | str | None = None
     allowed_models: list[str] | str | None = None
-    allowed_features: list[Feature] | str | None = None
+    allowed_features: list[Feature] | Annotated[str, Field(pattern=_FEATURE_LIST)] | None = None
     rpm: int | None = Field(default=None, ge=0)
     tpm: int | None = Field(default=None, ge=0)
     daily_request_limit: int | None = Field(default=None, ge=0)
     monthly_token_limit: int | None = Field(default=None, ge=0)
-    monthly_budget_usd: Decimal | None = Field(default=None, ge=0)
+    #: USD, a number or a decimal string; not negative.
+    monthly_budget_usd: Annotated[Decimal | None, WithJsonSchema(_AMOUNT)] = None
 
 
 class CreateKeyRequest(WireModel):
@@ -140,7 +152,8 @@ class CreateKeyRequest(WireModel):
 
 
 class PermissionsEnvelope(WireModel):
-    permissions: PermissionsInput | None = None
+    #: Required here: a body without ``permissions`` is the permissions object itself.
+    permissions: PermissionsInput | None
 
 
 class SetUserRequest(RootModel[PermissionsEnvelope | PermissionsInput]):
