@@ -113,7 +113,10 @@ def _expiry(data: dict[str, Any]) -> datetime | None:
     if isinstance(expires_in, int) and not isinstance(expires_in, bool):
         if expires_in <= 0:
             raise InvalidRequest("expiresIn must be a positive number of seconds")
-        return datetime.now(UTC) + timedelta(seconds=expires_in)
+        try:
+            return datetime.now(UTC) + timedelta(seconds=expires_in)
+        except OverflowError:  # past year 9999: a 400, not a 500
+            raise InvalidRequest("expiresIn is too far in the future") from None
     value = expires_at if expires_at is not None else expires_in
     if value is None:
         return None
@@ -123,6 +126,8 @@ def _expiry(data: dict[str, Any]) -> datetime | None:
         return parse_expiry(value)
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from None
+    except OverflowError:
+        raise InvalidRequest(f"expiry {value!r} is too far in the future") from None
 
 
 def _user(value: Any) -> str:

@@ -300,6 +300,20 @@ def test_set_user_schema_accepts_what_the_proxy_accepts(body: dict[str, Any]) ->
     assert component("SetUserRequest").is_valid(body) == (answer.status_code == 200)
 
 
+@pytest.mark.parametrize(
+    "expiry", [{"expiresIn": "9999999999d"}, {"expiresIn": 10**20}, {"expiresIn": 10**12}]
+)
+def test_an_expiry_the_schema_allows_past_year_9999_is_a_400_not_a_500(
+    expiry: dict[str, Any],
+) -> None:
+    body = {"user": "ada", **expiry}
+    assert component("CreateKeyRequest").is_valid(body)
+    with TestClient(create_app(settings())) as client:
+        answer = client.post("/admin/keys", json=body, headers=AS_ADMIN)
+    assert answer.status_code == 400
+    assert answer.json()["error"]["message"].endswith("too far in the future")
+
+
 def _message_cases() -> list[dict[str, Any]]:
     call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
     absent = object()
