@@ -14,6 +14,7 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 CommaList = Annotated[list[str], NoDecode]
+LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
 
 
 def _split_commas(value: Any) -> Any:
@@ -90,9 +91,23 @@ class Settings(BaseSettings):
     ws_send_queue: int = Field(default=64, gt=0)
 
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    # --- ``serve``'s HTTP server (README: Hardening) ---
+    #: Addresses whose X-Forwarded-For / X-Forwarded-Proto are believed (a load balancer in
+    #: front); none by default, so no co-located process can choose the client address.
+    forwarded_allow_ips: CommaList = Field(default_factory=list)
+    #: The request head (request line + headers) and how long it may take to arrive.
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    max_headers: int = Field(default=100, ge=8, le=10_000)
+    max_request_line_bytes: int = Field(default=8 * 1024, ge=256, le=1024 * 1024)
+    header_timeout_seconds: float = Field(default=10.0, gt=0, le=600)
+    #: Longest pause inside a request body before the connection is closed with 408.
+    body_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
+    #: Open connections per process; unset: the descriptor limit less a reserve.
+    max_connections: int | None = Field(default=None, ge=1)
     upstream_timeout: float = Field(default=60.0, gt=0)
     max_connections_per_vendor: int = Field(default=1000, gt=0)
-    log_level: str = "info"
+    #: uvicorn's levels; any case is accepted (``INFO`` as well as ``info``).
+    log_level: LogLevel = "info"
 
     # --- response cache and upstream resilience (README: Caching, Fallbacks and retries) ---
     #: Exact-match cache of deterministic (temperature 0) or opted-in (``cache: true``) calls.
@@ -138,8 +153,15 @@ class Settings(BaseSettings):
         "anthropic_models",
         "google_models",
         "jwt_algorithms",
+        "forwarded_allow_ips",
         mode="before",
     )(_split_commas)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_log_level(cls, value: Any) -> Any:
+        """Operators write ``INFO`` as often as ``info``; both name the same level."""
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("fallbacks")
     @classmethod
