@@ -12,12 +12,14 @@ what is, today, a handful of DDL steps; revisit when the schema needs data migra
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from sqlalchemy import Column, Integer, MetaData, Table, event, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool, StaticPool
 
@@ -46,17 +48,48 @@ class DatabaseURLError(ValueError):
     """The configured database URL names no engine we support."""
 
 
+class DatabaseDriverMissing(DatabaseURLError):
+    """The URL is fine but its driver is an optional extra that is not installed."""
+
+    def __init__(self, package: str, extra: str) -> None:
+        super().__init__(f'{package} is not installed: pip install "robota-remote[proxy,{extra}]"')
+        self.package = package
+        self.extra = extra
+
+
+def parse_url(url: str) -> URL:
+    """The URL, or ``DatabaseURLError`` saying what is accepted (SQLAlchemy's own message
+    names neither the setting nor the two shapes we take)."""
+    try:
+        return make_url(url)
+    except ArgumentError:
+        raise DatabaseURLError(
+            "not a database URL: use sqlite:///path.db or postgresql://user@host/db"
+        ) from None
+
+
 def async_url(url: str) -> str:
-    """``sqlite:///x.db`` -> ``sqlite+aiosqlite:///x.db``; ``postgresql://`` -> asyncpg."""
-    parsed = make_url(url)
+    """``sqlite:///x.db`` -> ``sqlite+aiosqlite:///x.db``; ``postgresql://`` -> asyncpg.
+
+    The driver is imported here, so a missing extra is one clear error before the engine
+    exists rather than SQLAlchemy's ``ModuleNotFoundError`` from inside ``create_engine``."""
+    parsed = parse_url(url)
     backend = parsed.get_backend_name()
     if backend == "sqlite":
         return str(parsed.set(drivername="sqlite+aiosqlite"))
     if backend in ("postgresql", "postgres"):
+        _require("asyncpg", "postgres")
         return parsed.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
     raise DatabaseURLError(
         f"unsupported database {backend!r}: use sqlite:///path.db or postgresql://..."
     )
+
+
+def _require(package: str, extra: str) -> None:
+    try:
+        importlib.import_module(package)
+    except ImportError:
+        raise DatabaseDriverMissing(package, extra) from None
 
 
 class Database:
@@ -64,9 +97,9 @@ class Database:
 
     def __init__(self, url: str, *, pool_size: int = 10) -> None:
         self.url = url
-        self.is_sqlite = make_url(url).get_backend_name() == "sqlite"
+        self.is_sqlite = parse_url(url).get_backend_name() == "sqlite"
         if self.is_sqlite:
-            database = make_url(url).database
+            database = parse_url(url).database
             in_memory = not database or database == ":memory:"
             if database and not in_memory:
                 Path(database).parent.mkdir(parents=True, exist_ok=True)
