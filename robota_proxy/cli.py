@@ -1,16 +1,44 @@
 """``robota-proxy``: the command line. ``serve`` runs the app under uvicorn; ``keys`` and
-``users`` manage keys and permissions (``robota_proxy.cli_keys``)."""
+``users`` manage keys and permissions (``robota_proxy.cli_keys``); ``usage`` sums the ledger.
+
+Exit statuses, the same for every command: 0 done; 1 something named does not exist (a key
+id, a user, the SQLite file); 2 a usage or configuration mistake, told in one line naming the
+flag or the ``ROBOTA_*`` variable, never with a traceback; 141 stdout was closed before the
+output was written (``robota-proxy usage --json | head -1``): the status a shell gives a
+command killed by SIGPIPE, so ``set -o pipefail`` scripts see the output was cut short, the
+same as with ``cat`` or ``yes``, but quietly.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import copy
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from robota_proxy import cli_keys, cli_usage
-from robota_proxy.settings import Settings
+from robota_proxy.cli_database import MissingDatabase
+from robota_proxy.config_errors import ConfigError, load_settings
+
+CONFIG_ERROR = 2
+NOT_FOUND = 1
+#: 128 + SIGPIPE: what a shell reports for a command whose reader went away.
+BROKEN_PIPE = 141
+
+DESCRIPTION = """\
+Robota Remote proxy: an LLM gateway that holds the vendor keys.
+
+  serve   run the proxy (settings from ROBOTA_* variables and a .env file)
+  keys    create, list, show and revoke API keys
+  users   set and show user permissions
+  usage   usage and cost from the ledger
+
+keys, users and usage work on ROBOTA_DATABASE_URL directly; no running proxy is needed.
+Exit status: 0 done, 1 not found, 2 bad flag or setting, 141 output cut short.
+"""
 
 
 def log_config(level: str) -> dict[str, Any]:
@@ -36,9 +64,20 @@ def log_config(level: str) -> dict[str, Any]:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    """Check everything that can be checked before uvicorn starts (see ``preflight``), say
+    what was found (``banner``), then run. The app opens the database again in its lifespan;
+    checking here is what makes a bad database a one-line error and status 2 rather than
+    uvicorn's traceback and status 3."""
     import uvicorn
 
-    settings = Settings()
+    from robota_proxy.banner import banner_lines
+    from robota_proxy.preflight import check_settings, probe_database
+
+    settings = load_settings()
+    jwt_algorithms = check_settings(settings)
+    active_keys = asyncio.run(probe_database(settings.database_url))
+    for line in banner_lines(settings, jwt_algorithms, active_keys):
+        print(line, file=sys.stderr)
     host = args.host or settings.host
     port = args.port or settings.port
     if args.workers > 1 and settings.redis_url is None:
@@ -56,16 +95,25 @@ def _serve(args: argparse.Namespace) -> int:
         port=port,
         workers=args.workers,
         reload=args.reload,
-        log_level=settings.log_level.lower(),
+        log_level=settings.log_level,
         log_config=log_config(settings.log_level),
         access_log=False,  # our RequestContextMiddleware logs one line per request
         timeout_graceful_shutdown=30,
+        # Bounded heads, head/body deadlines, a connection cap (robota_proxy.http_guard), and
+        # X-Forwarded-* believed only from the addresses the operator lists (none by default).
+        http="robota_proxy.http_guard:GuardedHttpToolsProtocol",
+        proxy_headers=bool(settings.forwarded_allow_ips),
+        forwarded_allow_ips=settings.forwarded_allow_ips or None,
     )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="robota-proxy", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="robota-proxy",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the proxy (settings from ROBOTA_* and .env)")
     serve.add_argument("--host", help="address to bind (default ROBOTA_HOST or 127.0.0.1)")
@@ -80,9 +128,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = args.handler
-    result: int = handler(args)
+    try:
+        result: int = args.handler(args)
+        sys.stdout.flush()  # here, where a closed pipe can still be caught
+    except ConfigError as exc:
+        for line in str(exc).splitlines():
+            print(f"robota-proxy: error: {line}", file=sys.stderr)
+        return CONFIG_ERROR
+    except MissingDatabase as exc:
+        print(f"robota-proxy: error: {exc}", file=sys.stderr)
+        return NOT_FOUND
+    except BrokenPipeError:
+        _drop_stdout()
+        return BROKEN_PIPE
     return result
+
+
+def _drop_stdout() -> None:
+    """Python's documented recipe: point stdout at /dev/null so that the interpreter's own
+    flush at exit does not fail a second time and print "Exception ignored"."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
 
 
 if __name__ == "__main__":
