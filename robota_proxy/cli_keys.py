@@ -16,12 +16,11 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, TypeVar
 
+from robota_proxy.cli_database import CREATE_FLAG, cli_database
 from robota_proxy.errors import InvalidRequest
 from robota_proxy.policy.keys import parse_expiry
 from robota_proxy.policy.principals import UserPermissions
-from robota_proxy.settings import Settings
-from robota_proxy.storage.database import Database, DatabaseURLError
-from robota_proxy.storage.key_store import KeyRecord, KeyStore, UserRecord
+from robota_proxy.storage.key_store import KeyRecord, KeyStore, UserRecord, check_user
 
 USAGE_ERROR = 2
 NOT_FOUND = 1
@@ -144,12 +143,36 @@ async def _keys_list(args: argparse.Namespace, store: KeyStore) -> int:
     if args.json:
         _print_json({"keys": [record.to_wire() for record in records]})
         return 0
-    for record in records:
-        print(
-            f"{record.key_id}  {record.user}  {record.status():8}  "
-            f"expires {_when(record.expires_at)}  {record.name or ''}".rstrip()
-        )
+    print(key_table(records))
     return 0
+
+
+KEY_COLUMNS = ("ID", "USER", "STATUS", "EXPIRES", "LAST USED", "NAME")
+
+
+def key_table(records: list[KeyRecord]) -> str:
+    """A header row and one row per key, columns as wide as their widest cell; times to the
+    second (the stored microseconds help nobody reading a list)."""
+    rows = [KEY_COLUMNS] + [
+        (
+            record.key_id,
+            record.user,
+            record.status(),
+            _short(record.expires_at),
+            _short(record.last_used_at),
+            record.name or "-",
+        )
+        for record in records
+    ]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(KEY_COLUMNS))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+def _short(value: datetime | None) -> str:
+    return value.replace(microsecond=0).isoformat() if value is not None else "-"
 
 
 async def _keys_show(args: argparse.Namespace, store: KeyStore) -> int:
@@ -192,19 +215,23 @@ async def _users_show(args: argparse.Namespace, store: KeyStore) -> int:
 
 
 async def _with_store(command: Command, args: argparse.Namespace) -> int:
-    database = Database(Settings().database_url)
-    try:
-        await database.open()
+    async with cli_database(create=getattr(args, "create_database", False)) as database:
         return await command(args, KeyStore(database))
-    finally:
-        await database.aclose()
 
 
-def _runner(command: Command) -> Callable[[argparse.Namespace], int]:
+def _runner(
+    command: Command, check: Callable[[argparse.Namespace], object] | None = None
+) -> Callable[[argparse.Namespace], int]:
+    """``check`` looks at the typed values first, so a bad flag is reported as such
+    whatever state the database is in."""
+
     def run(args: argparse.Namespace) -> int:
         try:
+            if check is not None:
+                with _typed_values():
+                    check(args)
             return asyncio.run(_with_store(command, args))
-        except (UsageError, DatabaseURLError) as exc:
+        except UsageError as exc:
             print(f"robota-proxy: error: {exc}", file=sys.stderr)
             return USAGE_ERROR
         except NotFoundError as exc:
@@ -212,6 +239,22 @@ def _runner(command: Command) -> Callable[[argparse.Namespace], int]:
             return NOT_FOUND
 
     return run
+
+
+def _check_create(args: argparse.Namespace) -> None:
+    check_user(args.user)
+    permissions_from(args)
+    if args.expires:
+        parse_expiry(args.expires)
+
+
+def _add_create_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        CREATE_FLAG,
+        action="store_true",
+        help="create the SQLite database file if it does not exist (default: refuse, so "
+        "that a key never lands in a stray empty database)",
+    )
 
 
 def add_commands(commands: Any) -> None:
@@ -225,7 +268,8 @@ def add_commands(commands: Any) -> None:
     create.add_argument("--expires", help="30d, 12h, 90m or an ISO date (default: never)")
     create.add_argument("--name", help="a label for the key")
     create.add_argument("--json", action="store_true", help="print one JSON object")
-    create.set_defaults(handler=_runner(_keys_create))
+    _add_create_flag(create)
+    create.set_defaults(handler=_runner(_keys_create, _check_create))
 
     listing = key_commands.add_parser("list", help="list keys (never the secrets)")
     listing.add_argument("--user", help="only this user's keys")
@@ -249,7 +293,8 @@ def add_commands(commands: Any) -> None:
     user_set.add_argument("user")
     _add_permission_flags(user_set)
     user_set.add_argument("--json", action="store_true")
-    user_set.set_defaults(handler=_runner(_users_set))
+    _add_create_flag(user_set)
+    user_set.set_defaults(handler=_runner(_users_set, permissions_from))
 
     user_show = user_commands.add_parser("show", help="a user's permissions and keys")
     user_show.add_argument("user")

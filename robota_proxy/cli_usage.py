@@ -1,5 +1,6 @@
 """``robota-proxy usage [--user U] [--since DATE] [--until DATE] [--json]``: the ledger
-summed, straight from ``ROBOTA_DATABASE_URL`` (no running proxy, no admin key needed).
+summed, straight from ``ROBOTA_DATABASE_URL`` (no running proxy, no admin key needed; the
+database must exist, see ``cli_database``).
 
 Without ``--since`` it covers the current month so far (UTC), the period monthly limits
 count. Money is printed as exact decimal USD.
@@ -13,10 +14,9 @@ import sys
 from typing import Any
 
 from robota_client.messages import UsageReport, UsageTotals
+from robota_proxy.cli_database import cli_database
 from robota_proxy.errors import InvalidRequest
 from robota_proxy.routes.usage_report import date_range, usage_report
-from robota_proxy.settings import Settings
-from robota_proxy.storage.database import Database, DatabaseURLError
 from robota_proxy.storage.usage_store import UsageStore
 
 USAGE_ERROR = 2
@@ -24,14 +24,10 @@ USAGE_ERROR = 2
 
 async def _report(args: argparse.Namespace) -> UsageReport:
     first, last = date_range(args.since, args.until, names=("--since", "--until"))
-    database = Database(Settings().database_url)
-    try:
-        await database.open()
+    async with cli_database() as database:
         return await usage_report(
             UsageStore(database), first, last, user=args.user, per_user=args.user is None
         )
-    finally:
-        await database.aclose()
 
 
 def _line(label: str, totals: UsageTotals) -> str:
@@ -63,9 +59,6 @@ def _run(args: argparse.Namespace) -> int:
         report = asyncio.run(_report(args))
     except InvalidRequest as exc:
         print(f"robota-proxy: error: {exc.message}", file=sys.stderr)
-        return USAGE_ERROR
-    except DatabaseURLError as exc:
-        print(f"robota-proxy: error: {exc}", file=sys.stderr)
         return USAGE_ERROR
     print(report.to_json() if args.json else render(report))
     return 0

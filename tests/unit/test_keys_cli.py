@@ -1,16 +1,32 @@
 """``robota-proxy keys`` / ``users`` in process (the e2e tests run the real subprocess): exit
-codes, error messages, and the key shown once only."""
+codes, error messages, the key shown once only, the database named and never created by
+accident."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import subprocess
 import sys
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from robota_proxy.cli import main
+from robota_proxy.preflight import probe_database
+from robota_proxy.storage.database import Database
+from robota_proxy.storage.key_store import KeyStore
+
+
+@pytest.fixture(autouse=True)
+def existing_database(_own_database: None) -> Path:
+    """The test's SQLite file, created the way ``serve`` creates it: the commands refuse
+    to create one themselves (see the tests at the end)."""
+    asyncio.run(probe_database(os.environ["ROBOTA_DATABASE_URL"]))
+    return Path(os.environ["ROBOTA_DATABASE_URL"].removeprefix("sqlite:///"))
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -145,7 +161,11 @@ def test_bad_database_url_is_a_usage_error(
 ) -> None:
     monkeypatch.setenv("ROBOTA_DATABASE_URL", "mysql://somewhere/db")
     code, _, err = run(capsys, "keys", "list")
-    assert code == 2 and "unsupported database" in err
+    assert code == 2
+    assert err == (
+        "robota-proxy: error: ROBOTA_DATABASE_URL is 'mysql://somewhere/db': unsupported "
+        "database 'mysql': use sqlite:///path.db or postgresql://...\n"
+    )
 
 
 def test_the_command_line_does_not_import_the_app() -> None:
@@ -161,3 +181,126 @@ def test_the_command_line_does_not_import_the_app() -> None:
     # The public names still resolve, on first use.
     names = "from robota_proxy import create_app, mount, AuthMiddleware, Settings, RateLimiter"
     subprocess.run([sys.executable, "-c", names], check=True)
+
+
+def test_every_command_names_its_database_on_stderr(
+    capsys: pytest.CaptureFixture[str], existing_database: Path
+) -> None:
+    for argv in (("keys", "list"), ("users", "show", "nobody"), ("usage", "--json")):
+        _, out, err = run(capsys, *argv)
+        assert err.splitlines()[0] == f"database: {existing_database}"
+        assert "database:" not in out
+
+
+def test_a_missing_sqlite_file_is_refused_not_created(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """The trap: ``sqlite:///robota.db`` from another directory is another, empty database."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("ROBOTA_DATABASE_URL", "sqlite:///robota.db")
+    for argv in (
+        ("keys", "create", "--user", "alice"),
+        ("keys", "list"),
+        ("keys", "show", "abcdefgh"),
+        ("keys", "revoke", "abcdefgh"),
+        ("users", "set", "alice", "--rpm", "3"),
+        ("users", "show", "alice"),
+        ("usage",),
+    ):
+        code, out, err = run(capsys, *argv)
+        assert code == 1, argv
+        assert out == ""
+        assert f"no database at {elsewhere / 'robota.db'}" in err
+        assert "relative to the current directory" in err
+        assert "--create-database" in err
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_create_database_flag_starts_a_new_one(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    target = tmp_path / "new" / "robota.db"
+    monkeypatch.setenv("ROBOTA_DATABASE_URL", f"sqlite:///{target}")
+    code, _, err = run(capsys, "users", "set", "alice", "--rpm", "3", "--create-database")
+    assert code == 0, err
+    assert target.exists()
+    created = create(capsys, "--user", "alice", "--create-database")
+    code, out, _ = run(capsys, "keys", "list", "--json")
+    assert [key["id"] for key in json.loads(out)["keys"]] == [created["id"]]
+
+
+def test_bad_flags_are_reported_before_the_database_is_looked_at(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("ROBOTA_DATABASE_URL", f"sqlite:///{tmp_path / 'absent.db'}")
+    code, _, err = run(capsys, "keys", "create", "--user", "a", "--expires", "soon")
+    assert code == 2 and "expiry 'soon'" in err and "database" not in err
+    code, _, err = run(capsys, "users", "set", "a", "--features", "video")
+    assert code == 2 and "video" in err and "database" not in err
+
+
+def test_keys_list_has_a_header_and_last_use(
+    capsys: pytest.CaptureFixture[str], existing_database: Path
+) -> None:
+    used = create(capsys, "--user", "alice", "--name", "laptop")
+    unused = create(capsys, "--user", "bob")
+    last_use = datetime(2030, 1, 2, 3, 4, 5, 678_000, tzinfo=UTC)
+
+    async def touch() -> None:
+        database = Database(f"sqlite:///{existing_database}")
+        try:
+            await KeyStore(database).touch({used["id"]: last_use})
+        finally:
+            await database.aclose()
+
+    asyncio.run(touch())
+    code, out, _ = run(capsys, "keys", "list")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split() == ["ID", "USER", "STATUS", "EXPIRES", "LAST", "USED", "NAME"]
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    assert rows[used["id"]] == [
+        used["id"],
+        "alice",
+        "active",
+        "-",
+        "2030-01-02T03:04:05+00:00",
+        "laptop",
+    ]
+    assert rows[unused["id"]] == [unused["id"], "bob", "active", "-", "-", "-"]
+    # Columns line up: every row's user starts where the header's USER does.
+    column = lines[0].index("USER")
+    assert all(line[column:].startswith(("alice", "bob")) for line in lines[1:])
+
+
+def test_help_is_plain_text(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in ((), ("serve",), ("keys",), ("keys", "create"), ("users", "set"), ("usage",)):
+        code, out, _ = run(capsys, *argv, "--help")
+        assert code == 0
+        assert "usage: robota-proxy" in out
+        assert "``" not in out and "robota_proxy" not in out and ":class:" not in out
+    _, out, _ = run(capsys, "--help")
+    for command in ("serve", "keys", "users", "usage"):
+        assert f"  {command}  " in out
+
+
+def test_closed_stdout_ends_quietly_with_141(existing_database: Path) -> None:
+    """``robota-proxy keys list --json | head -0``: the reader is gone before the write."""
+    env = {**os.environ, "ROBOTA_DATABASE_URL": f"sqlite:///{existing_database}"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "robota_proxy", "keys", "list", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()
+    code = process.wait(timeout=60)
+    err = process.stderr.read().decode()
+    process.stderr.close()
+    assert code == 141
+    assert err == f"database: {existing_database}\n"
