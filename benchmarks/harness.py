@@ -237,6 +237,7 @@ def create_chain_key(name: str, server: Server) -> tuple[str | None, str]:
         "--rpm",
         "1000000",
         "--json",
+        "--create-database",  # the key is made before the proxy's first start
     ]
     server.cwd.mkdir(parents=True, exist_ok=True)
     try:
