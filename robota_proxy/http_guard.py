@@ -22,6 +22,7 @@ come from ``ROBOTA_*`` settings; this module is the only place that knows uvicor
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import resource
 from dataclasses import dataclass
@@ -82,10 +83,8 @@ def current_limits() -> ServerLimits:
 
 
 def _plain_response(status: int, reason: str, message: str) -> bytes:
-    body = (
-        '{"error": {"code": "%s", "message": "%s"}}'
-        % ("invalid_request" if status < 500 else "upstream_unavailable", message)
-    ).encode()
+    code = "invalid_request" if status < 500 else "upstream_unavailable"
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
     head = (
         f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
         f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
@@ -249,7 +248,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def _refuse(self, status: int, reason: str, message: str) -> None:
         self._refused = True
         self._disarm()
-        client = "%s:%d" % self.client if self.client else "unknown client"
+        client = f"{self.client[0]}:{self.client[1]}" if self.client else "unknown client"
         _throttled.warn(f"refused-{status}", "%s from %s: %d", message, client, status)
         if self.cycle is not None and not self.cycle.response_complete:
             self.cycle.disconnected = True
