@@ -17,32 +17,39 @@ if TYPE_CHECKING:
     from robota_proxy.middleware.metering import MeteringMiddleware
     from robota_proxy.middleware.ratelimit import RateLimitMiddleware
     from robota_proxy.middleware.request_context import RequestContextMiddleware
+    from robota_proxy.policy.principals import Authenticator, Principal, UserPermissions
     from robota_proxy.policy.ratelimits import RateLimiter
     from robota_proxy.settings import Settings
 
 #: Public name -> the module that defines it.
 _EXPORTS = {
     "AuthMiddleware": "robota_proxy.middleware.auth",
+    "Authenticator": "robota_proxy.policy.principals",
     "CacheMiddleware": "robota_proxy.middleware.cache",
     "MeteringMiddleware": "robota_proxy.middleware.metering",
+    "Principal": "robota_proxy.policy.principals",
     "ProxyApp": "robota_proxy.app",
     "RateLimitMiddleware": "robota_proxy.middleware.ratelimit",
     "RateLimiter": "robota_proxy.policy.ratelimits",
     "RequestContextMiddleware": "robota_proxy.middleware.request_context",
     "Settings": "robota_proxy.settings",
+    "UserPermissions": "robota_proxy.policy.principals",
     "create_app": "robota_proxy.app",
     "mount": "robota_proxy.app",
 }
 
 __all__ = [
     "AuthMiddleware",
+    "Authenticator",
     "CacheMiddleware",
     "MeteringMiddleware",
+    "Principal",
     "ProxyApp",
     "RateLimitMiddleware",
     "RateLimiter",
     "RequestContextMiddleware",
     "Settings",
+    "UserPermissions",
     "create_app",
     "mount",
 ]
