@@ -45,6 +45,8 @@ __all__ = [
 #: How much of a body that is not the contract's JSON to quote in an error message: enough
 #: to recognise a load balancer's page, not enough to flood a log.
 _SNIPPET_CHARS = 200
+#: The proxy's header on errors from its upstream layer: the vendor calls it made.
+UPSTREAM_ATTEMPTS_HEADER = "x-robota-upstream-attempts"
 
 
 class RemoteError(Exception):
@@ -65,6 +67,7 @@ class RemoteError(Exception):
         status: int | None = None,
         request_id: str | None = None,
         retry_after: float | None = None,
+        upstream_attempts: int | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -72,6 +75,11 @@ class RemoteError(Exception):
         self.status = status
         self.request_id = request_id
         self.retry_after = retry_after
+        #: How many vendor calls the proxy made before answering with this error, when the
+        #: error comes from its upstream layer (``upstreamAttempts``); ``None`` otherwise.
+        #: Set means the proxy already retried as its policy allows: the client does not
+        #: retry such an error (see ``robota_client.transport``).
+        self.upstream_attempts = upstream_attempts
 
     def __str__(self) -> str:
         details = [f"status {self.status}"] if self.status is not None else []
@@ -79,6 +87,9 @@ class RemoteError(Exception):
             details.append(f"request id {self.request_id}")
         if self.retry_after is not None:
             details.append(f"retry after {self.retry_after:g}s")
+        if self.upstream_attempts is not None:
+            n = self.upstream_attempts
+            details.append(f"{n} vendor call{'' if n == 1 else 's'}")
         suffix = f" ({', '.join(details)})" if details else ""
         return f"{self.code}: {self.message}{suffix}"
 
@@ -86,7 +97,7 @@ class RemoteError(Exception):
         return (
             f"{type(self).__name__}(code={self.code!r}, message={self.message!r}, "
             f"status={self.status!r}, request_id={self.request_id!r}, "
-            f"retry_after={self.retry_after!r})"
+            f"retry_after={self.retry_after!r}, upstream_attempts={self.upstream_attempts!r})"
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -246,6 +257,7 @@ def error_from_response(
     secrets = tuple(redact)
     request_id = _header(headers, "x-request-id")
     header_retry_after = parse_retry_after(_header(headers, "retry-after"))
+    header_attempts = _count(_header(headers, UPSTREAM_ATTEMPTS_HEADER))
     detail = _error_detail(body)
     if detail is None:
         snippet = _snippet(body)
@@ -259,6 +271,7 @@ def error_from_response(
             status=status,
             request_id=request_id,
             retry_after=header_retry_after,
+            upstream_attempts=header_attempts,
         )
     cls = _class_for(detail.error.code, status)
     return cls(
@@ -270,7 +283,23 @@ def error_from_response(
         retry_after=(
             detail.error.retry_after if detail.error.retry_after is not None else header_retry_after
         ),
+        upstream_attempts=(
+            detail.error.upstream_attempts
+            if detail.error.upstream_attempts is not None
+            else header_attempts
+        ),
     )
+
+
+def _count(value: str | None) -> int | None:
+    """A non-negative integer header; anything else (absent, garbled) is ``None``."""
+    if value is None:
+        return None
+    try:
+        count = int(value.strip())
+    except ValueError:
+        return None
+    return count if count >= 0 else None
 
 
 def error_from_event(

@@ -352,6 +352,11 @@ class ErrorDetail(WireModel):
     message: str
     request_id: str | None = None
     retry_after: float | None = None
+    #: Set on errors from the proxy's upstream layer: how many vendor calls it made for this
+    #: request (retries and fallbacks included) before giving up. Its presence tells a client
+    #: not to retry: the proxy already spent every try its policy allows (and the same count
+    #: is in the ``X-Robota-Upstream-Attempts`` header).
+    upstream_attempts: int | None = None
 
 
 class ErrorBody(WireModel):

@@ -10,6 +10,14 @@ been paid), nor is any other 4xx (sending the same request again gets the same a
 stream is retried only until its first event reaches the caller; after that a resend would
 repeat text the caller already has.
 
+An error the proxy's upstream layer gave up with is never retried either, whatever its
+status: it says so with ``upstreamAttempts`` (``X-Robota-Upstream-Attempts``), the vendor
+calls it made, and it has already retried and fallen back as its own policy allows. Retrying
+on top would multiply the vendor calls (3 proxy tries x 3 client tries = 9 calls to a vendor
+that is down) and resend a request the vendor refused for good (its key rejected: 502). What
+remains retried is what did not come from that layer: a 502/503/504 from a load balancer in
+front of the proxy, a connection that never reached it, the proxy's own rate limiter's 429.
+
 A stream whose connection drops after the proxy announced it (``X-Robota-Stream-Id``) is
 *resumed* instead: ``GET <path>/<stream id>`` with ``Last-Event-ID`` re-attaches to the same
 answer (the proxy kept producing it), so the caller gets the rest exactly once, with no
@@ -370,6 +378,9 @@ class HTTPTransport(AsyncClosing):
         if isinstance(exc, _RETRYABLE_TRANSPORT_ERRORS):
             return True
         if not isinstance(exc, _RETRYABLE_REMOTE_ERRORS):
+            return False
+        if exc.upstream_attempts is not None:
+            # The proxy's upstream layer already made its tries (see the module doc).
             return False
         # Waiting less than the server asked for would be a wasted attempt, and waiting
         # longer than retry_max_delay is not ours to decide: the caller gets the error and

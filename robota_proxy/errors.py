@@ -19,6 +19,12 @@ class ProxyError(Exception):
         super().__init__(message)
         self.message = message
         self.retry_after = retry_after
+        #: Vendor calls made before this error was given up on, set by the upstream layer
+        #: (``robota_proxy.upstreams.resilience``) on what it raises; ``None`` for errors
+        #: that never went through it. Sent as ``upstreamAttempts`` and
+        #: ``X-Robota-Upstream-Attempts`` so that clients do not multiply the proxy's retries
+        #: by their own.
+        self.upstream_attempts: int | None = None
 
     @property
     def status(self) -> int:
@@ -31,6 +37,7 @@ class ProxyError(Exception):
                 message=self.message,
                 request_id=request_id,
                 retry_after=self.retry_after,
+                upstream_attempts=self.upstream_attempts,
             )
         )
 

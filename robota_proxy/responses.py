@@ -13,6 +13,8 @@ from robota_proxy.errors import ProxyError
 
 #: The ASGI extension that lets a WebSocket handshake be answered with a plain HTTP response.
 WS_DENIAL = "websocket.http.response"
+#: On an error from the upstream layer: the vendor calls made (see ``ProxyError``).
+UPSTREAM_ATTEMPTS_HEADER = "X-Robota-Upstream-Attempts"
 
 
 class WireResponse(Response):
@@ -30,6 +32,8 @@ def error_response(
     response = WireResponse(error.body(request_id), status_code=status or error.status)
     if error.retry_after is not None:
         response.headers["Retry-After"] = str(max(1, round(error.retry_after)))
+    if error.upstream_attempts is not None:
+        response.headers[UPSTREAM_ATTEMPTS_HEADER] = str(error.upstream_attempts)
     return response
 
 

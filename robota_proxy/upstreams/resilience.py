@@ -184,11 +184,12 @@ class Resilience:
         async def call(upstream: Upstream, sent: ChatRequest) -> AssistantMessage:
             return await upstream.chat(sent)
 
+        attempts: list[Attempt] = []
         try:
             with anyio.fail_after(seconds):
-                return await self._run(request, principal, "chat", record, call)
+                return await self._run(request, principal, "chat", record, call, attempts)
         except TimeoutError:
-            raise _deadline_error(seconds) from None
+            raise _counted(_deadline_error(seconds), attempts) from None
 
     async def open_stream(
         self, request: ChatRequest, principal: Principal | None, record: CallRecord | None
@@ -211,13 +212,14 @@ class Resilience:
                 raise
             return first, events
 
+        attempts: list[Attempt] = []
         try:
             with anyio.fail_after(seconds):
                 (first, events), served = await self._run(
-                    request, principal, "stream", record, call
+                    request, principal, "stream", record, call, attempts
                 )
         except TimeoutError:
-            raise _deadline_error(seconds) from None
+            raise _counted(_deadline_error(seconds), attempts) from None
         return OpenedStream(served, first, _until(ends_at, seconds, events))
 
     async def _run(
@@ -227,8 +229,10 @@ class Resilience:
         feature: Feature,
         record: CallRecord | None,
         call: Callable[[Upstream, ChatRequest], Awaitable[T]],
+        attempts: list[Attempt],
     ) -> tuple[T, Served]:
-        attempts: list[Attempt] = []
+        """``attempts`` is the caller's, so that a deadline that cuts this short can still
+        say how many vendor calls were made."""
         # What the log lines name: the request and what the caller asked for.
         label = f"{record.request_id if record else '-'} {request.provider}/{request.model}"
         refused: ProxyError | None = None
@@ -256,8 +260,8 @@ class Resilience:
         # the first refusal (for a plain request: exactly what resolving it alone raised).
         error = failed or refused
         if error is None:  # an alias whose chain is empty
-            raise NotFound(f"model {request.model!r} has no fallback target configured")
-        raise error
+            error = NotFound(f"model {request.model!r} has no fallback target configured")
+        raise _counted(error, attempts)
 
     async def _retrying(
         self,
@@ -335,6 +339,15 @@ async def _until(
             if scope.cancelled_caught:
                 raise _deadline_error(seconds)
             yield event
+
+
+def _counted(error: ProxyError, attempts: Sequence[Attempt]) -> ProxyError:
+    """``error`` marked as the upstream layer's final word: the vendor calls made for the
+    request (all targets), which the caller sees as ``upstreamAttempts`` and takes as "do not
+    retry": this layer's retries are the only ones, so a caller's retry policy cannot
+    multiply them (3 proxy tries x 3 client tries was 9 calls to a vendor that is down)."""
+    error.upstream_attempts = sum(1 for attempt in attempts if attempt.outcome != "skipped")
+    return error
 
 
 def _deadline_error(seconds: float) -> UpstreamTimeout:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
@@ -17,7 +18,14 @@ from robota_client.errors import (
     UpstreamUnavailableError,
 )
 from robota_proxy.testing import FakeVendors, Fault, Reply
-from tests.e2e.conftest import USER_KEY, VENDOR_KEY, ProxyProcess
+from tests.e2e.conftest import (
+    USER_KEY,
+    VENDOR_KEY,
+    ProxyProcess,
+    start_proxy,
+    stop_proxy,
+    vendor_env,
+)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
@@ -88,7 +96,8 @@ async def test_vendor_timeout(remote: RemoteAIProvider, fake: FakeVendors) -> No
     started = time.monotonic()
     with pytest.raises(UpstreamTimeoutError) as raised:
         await remote.chat(ask("slow"))
-    assert raised.value.status == 504
+    assert (raised.value.status, raised.value.code) == (504, "upstream_timeout")
+    assert len(fake.requests) == 1
     assert time.monotonic() - started < 4.5  # the proxy's upstream timeout is 2 s
 
 
@@ -135,6 +144,51 @@ async def test_unreachable_vendor_is_unavailable(broken_proxy: ProxyProcess) -> 
         with pytest.raises(UpstreamUnavailableError) as raised:
             await remote.chat(ask("hello"))
     assert raised.value.status == 503
+
+
+@pytest.fixture(scope="module")
+def dead_proxy(
+    fake_server: FakeVendors, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ProxyProcess]:
+    """Every vendor's base URL on a port nothing listens on (bound for its number, then
+    closed), with the default number of server-side tries and a short back-off."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    env = {
+        **vendor_env(fake_server),
+        "ROBOTA_OPENAI_BASE_URL": f"{dead}/v1",
+        "ROBOTA_ANTHROPIC_BASE_URL": dead,
+        "ROBOTA_GOOGLE_BASE_URL": dead,
+        "ROBOTA_API_KEYS": USER_KEY,
+        "ROBOTA_UPSTREAM_RETRIES": "2",
+        "ROBOTA_RETRY_BACKOFF_BASE": "0.01",
+        "ROBOTA_RETRY_BACKOFF_MAX": "0.05",
+    }
+    running = start_proxy(env, tmp_path_factory.mktemp("dead") / "proxy.log")
+    yield running
+    stop_proxy(running)
+
+
+@pytest.mark.parametrize("vendor", sorted(VENDORS))
+@pytest.mark.parametrize("streamed", [False, True], ids=["chat", "stream"])
+async def test_a_refused_connection_is_unavailable_for_every_vendor(
+    dead_proxy: ProxyProcess, vendor: str, streamed: bool
+) -> None:
+    started = time.monotonic()
+    async with RemoteAIProvider(dead_proxy.url, USER_KEY, vendor, VENDORS[vendor]) as remote:
+        with pytest.raises(UpstreamUnavailableError) as raised:
+            if streamed:
+                async for _ in remote.chat_stream(ask("hello")):
+                    pytest.fail("no content expected")
+            else:
+                await remote.chat(ask("hello"))
+    elapsed = time.monotonic() - started
+    assert (raised.value.status, raised.value.code) == (503, "upstream_unavailable")
+    assert raised.value.message == f"could not reach {vendor}"
+    # The proxy's three tries, and none by the client on top.
+    assert raised.value.upstream_attempts == 3
+    assert elapsed < 1.5  # a refused connection is known at once: nothing waits a timeout
 
 
 async def test_logs_never_contain_keys(

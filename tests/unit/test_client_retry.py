@@ -23,6 +23,7 @@ from robota_client.errors import (
     RemoteConnectionError,
     UnauthenticatedError,
     UpstreamError,
+    UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
 from tests.unit.test_client_support import API_KEY, URL, RecordingSleep
@@ -268,3 +269,88 @@ async def test_server_echoing_the_key_does_not_leak_it(mock: respx.MockRouter) -
         await provider(RecordingSleep()).chat(MESSAGES)
     assert API_KEY not in str(caught.value)
     assert API_KEY not in repr(caught.value)
+
+
+# --- errors the proxy's upstream layer already retried ------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("status", "code", "expected"),
+    [
+        (503, "upstream_unavailable", UpstreamUnavailableError),
+        (504, "upstream_timeout", UpstreamTimeoutError),
+        (502, "upstream_error", UpstreamError),  # e.g. the vendor refused the proxy's key
+        (429, "rate_limited", RateLimitedError),  # the vendor's 429, already waited out
+    ],
+)
+async def test_an_error_the_proxy_already_retried_is_not_retried(
+    mock: respx.MockRouter, status: int, code: str, expected: type[Exception]
+) -> None:
+    route = mock.post(CHAT).mock(
+        side_effect=[error(status, code, upstreamAttempts=3), httpx.Response(200, json=ANSWER)]
+    )
+    sleep = RecordingSleep()
+    with pytest.raises(expected) as caught:
+        await provider(sleep, max_retries=5).chat(MESSAGES)
+    assert route.call_count == 1
+    assert sleep.waits == []
+    assert caught.value.upstream_attempts == 3  # type: ignore[attr-defined]
+    assert "3 vendor calls" in str(caught.value)
+
+
+@pytest.mark.anyio
+async def test_the_attempts_header_alone_is_enough(mock: respx.MockRouter) -> None:
+    # What a proxy behind a load balancer that rewrites bodies still gets through.
+    route = mock.post(CHAT).mock(
+        side_effect=[
+            httpx.Response(503, text="down", headers={"X-Robota-Upstream-Attempts": "1"}),
+            httpx.Response(200, json=ANSWER),
+        ]
+    )
+    with pytest.raises(UpstreamUnavailableError) as caught:
+        await provider(RecordingSleep()).chat(MESSAGES)
+    assert route.call_count == 1
+    assert caught.value.upstream_attempts == 1
+
+
+@pytest.mark.anyio
+async def test_a_stream_the_proxy_already_retried_is_not_reopened(
+    mock: respx.MockRouter,
+) -> None:
+    route = mock.post(f"{URL}/ai/chat/stream").mock(
+        return_value=error(503, "upstream_unavailable", upstreamAttempts=3)
+    )
+    with pytest.raises(UpstreamUnavailableError):
+        async for _ in provider(RecordingSleep()).chat_stream(MESSAGES):
+            pytest.fail("no content expected")
+    assert route.call_count == 1
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("garbled", ["", "three", "-1"])
+async def test_an_unreadable_attempts_header_counts_as_absent(
+    mock: respx.MockRouter, garbled: str
+) -> None:
+    route = mock.post(CHAT).mock(
+        side_effect=[
+            httpx.Response(503, text="down", headers={"X-Robota-Upstream-Attempts": garbled}),
+            httpx.Response(200, json=ANSWER),
+        ]
+    )
+    answer = await provider(RecordingSleep()).chat(MESSAGES)
+    assert answer.content == "hello"
+    assert route.call_count == 2
+
+
+@pytest.mark.anyio
+async def test_the_proxys_own_rate_limit_is_still_waited_out(mock: respx.MockRouter) -> None:
+    # No upstreamAttempts: the 429 comes from the proxy's limiter, not from a vendor.
+    route = mock.post(CHAT).mock(
+        side_effect=[error(429, "rate_limited", retryAfter=1.5), httpx.Response(200, json=ANSWER)]
+    )
+    sleep = RecordingSleep()
+    answer = await provider(sleep).chat(MESSAGES)
+    assert answer.content == "hello"
+    assert route.call_count == 2
+    assert sleep.waits == [1.5]

@@ -6,11 +6,13 @@ against fake vendors over sockets); what is under test is only the order and num
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncGenerator
 
 import anyio
 import pytest
 
+from robota_client.errors import UpstreamUnavailableError, error_from_response
 from robota_client.messages import (
     AssistantMessage,
     ChatRequest,
@@ -29,6 +31,7 @@ from robota_proxy.errors import (
     UpstreamUnavailable,
 )
 from robota_proxy.policy.principals import Principal, UserPermissions
+from robota_proxy.responses import error_response
 from robota_proxy.upstreams.base import FinishEvent, Upstream, UpstreamEvent
 from robota_proxy.upstreams.errors import VendorServerError, error_for_status
 from robota_proxy.upstreams.registry import UpstreamRegistry
@@ -248,3 +251,69 @@ async def test_upstream_error_falls_back_too() -> None:
         ask("auto", "fast"), None, None
     )
     assert message.content == "from b" and a.calls == ["x"]
+
+
+# --- what a failure tells the caller: the vendor calls made -------------------------------------
+
+
+async def test_a_spent_target_reports_its_attempts() -> None:
+    vendor = Scripted("a", [UpstreamUnavailable("down")])
+    with pytest.raises(UpstreamUnavailable) as raised:
+        await resilience(vendor).chat(ask(), None, None)
+    assert len(vendor.calls) == 3
+    assert raised.value.upstream_attempts == 3
+
+
+async def test_a_refused_vendor_key_reports_one_attempt() -> None:
+    vendor = Scripted("a", [error_for_status("a", 401)])
+    with pytest.raises(UpstreamError) as raised:
+        await resilience(vendor).chat(ask(), None, None)
+    assert raised.value.upstream_attempts == 1
+    assert raised.value.status == 502
+
+
+async def test_a_chain_reports_the_attempts_of_all_its_targets() -> None:
+    a = Scripted("a", [UpstreamUnavailable("a down")])
+    b = Scripted("b", [UpstreamTimeout("b late")])
+    with pytest.raises(UpstreamTimeout) as raised:
+        await resilience(a, b, fallbacks={"fast": ["a/x", "nowhere/z", "b/y"]}).open_stream(
+            ask("auto", "fast"), None, None
+        )
+    assert (len(a.calls), len(b.calls)) == (3, 3)
+    assert raised.value.upstream_attempts == 6  # the skipped target is no vendor call
+
+
+async def test_a_passed_deadline_reports_the_attempts_it_cut_short() -> None:
+    with pytest.raises(UpstreamTimeout) as raised:
+        await resilience(Scripted("a", ["never"], hang=True)).chat(ask(timeout=0.05), None, None)
+    assert raised.value.upstream_attempts == 1
+
+
+async def test_nothing_tried_reports_zero_attempts() -> None:
+    with pytest.raises(NotFound) as raised:
+        await resilience(Scripted("a", ["x"])).chat(ask("nowhere", "m"), None, None)
+    assert raised.value.upstream_attempts == 0
+
+
+def test_errors_raised_elsewhere_carry_no_attempts() -> None:
+    assert UpstreamUnavailable("the ledger is down").upstream_attempts is None
+    assert "upstreamAttempts" not in UpstreamUnavailable("x").body("r").to_json()
+
+
+async def test_the_count_reaches_the_client_in_the_body_and_the_header() -> None:
+    vendor = Scripted("a", [UpstreamUnavailable("down")])
+    with pytest.raises(UpstreamUnavailable) as raised:
+        await resilience(vendor).chat(ask(), None, None)
+    response = error_response(raised.value, "req-1")
+    assert response.status_code == 503
+    assert response.headers["X-Robota-Upstream-Attempts"] == "3"
+    assert json.loads(response.body)["error"] == {
+        "code": "upstream_unavailable",
+        "message": "down",
+        "requestId": "req-1",
+        "upstreamAttempts": 3,
+    }
+    seen = error_from_response(503, bytes(response.body), dict(response.headers))
+    assert isinstance(seen, UpstreamUnavailableError)
+    assert seen.upstream_attempts == 3
+    assert "X-Robota-Upstream-Attempts" not in error_response(Forbidden("no"), "r").headers
