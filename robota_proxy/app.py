@@ -151,7 +151,11 @@ class ProxyApp(Starlette):
         self.settings = settings
         registry = UpstreamRegistry(lambda: build_upstreams(settings))
         database = Database(settings.database_url)
-        self.streams = stream_buffer(settings.redis_url, settings.resume_window_seconds)
+        self.streams = stream_buffer(
+            settings.redis_url,
+            settings.resume_window_seconds,
+            max_bytes=settings.stream_buffer_max_bytes,
+        )
         self.response_cache = response_cache(
             settings.redis_url, ttl=settings.cache_ttl_seconds, max_bytes=settings.cache_max_bytes
         )
@@ -172,6 +176,7 @@ class ProxyApp(Starlette):
             max_body_bytes=settings.max_body_bytes,
             streams=self.streams,
             resume_grace=settings.resume_grace_seconds,
+            stream_max_bytes=settings.stream_max_bytes,
             resilience=self.resilience,
         )
         resume = ResumeRoutes(self.streams)

@@ -85,6 +85,10 @@ class Settings(BaseSettings):
     #: goes on waiting for its client to resume before it is cancelled.
     resume_window_seconds: float = Field(default=60.0, gt=0, le=24 * 3600)
     resume_grace_seconds: float = Field(default=0.5, ge=0, le=60)
+    #: What one stream may buffer (past it, the stream ends with an error event), and what all
+    #: streams of this process may hold together (past it, new streams get 503).
+    stream_max_bytes: int = Field(default=16 * 1024 * 1024, ge=64 * 1024)
+    stream_buffer_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024 * 1024)
     #: ``/ai/ws``: concurrent requests per socket, and frames queued per socket for a slow
     #: reader before the stream writers wait.
     ws_max_in_flight: int = Field(default=16, gt=0)

@@ -32,7 +32,7 @@ from robota_proxy.policy.principals import Principal
 from robota_proxy.responses import WireResponse
 from robota_proxy.streams.buffer import StreamBuffer, new_stream_id
 from robota_proxy.streams.memory import MemoryStreamBuffer
-from robota_proxy.streams.response import ProducingStream
+from robota_proxy.streams.response import DEFAULT_STREAM_MAX_BYTES, ProducingStream
 from robota_proxy.upstreams.base import FinishEvent, UpstreamEvent
 from robota_proxy.upstreams.registry import UpstreamRegistry
 from robota_proxy.upstreams.resilience import Resilience
@@ -48,6 +48,7 @@ class ChatRoutes:
         max_body_bytes: int,
         streams: StreamBuffer | None = None,
         resume_grace: float = 0.5,
+        stream_max_bytes: int = DEFAULT_STREAM_MAX_BYTES,
         resilience: Resilience | None = None,
     ) -> None:
         self.registry = registry
@@ -57,6 +58,7 @@ class ChatRoutes:
         #: Where streamed answers are produced into, so a dropped client can resume them.
         self.streams: StreamBuffer = streams if streams is not None else MemoryStreamBuffer(60)
         self.resume_grace = resume_grace
+        self.stream_max_bytes = stream_max_bytes
 
     def routes(self) -> list[Route]:
         return [
@@ -106,6 +108,7 @@ class ChatRoutes:
             principal.user if principal is not None else "anonymous",
             _wire_events(body, record, first, events),
             grace=self.resume_grace,
+            max_bytes=self.stream_max_bytes,
         )
 
 

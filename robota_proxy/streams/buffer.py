@@ -36,6 +36,15 @@ class Entry:
         return self.event in TERMINAL
 
 
+#: Python's own cost of one kept entry beyond its JSON (object, list slot, str header), so
+#: that the byte bounds of the buffers and of one stream are about memory, not just payload.
+ENTRY_OVERHEAD = 120
+
+
+class StreamBufferFull(Exception):
+    """No room for one more stream: the streams in flight hold the whole buffer."""
+
+
 def new_stream_id() -> str:
     return f"s_{uuid.uuid4().hex}"
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from robota_proxy.streams.buffer import CANCELLED, Entry
+from robota_proxy.streams.buffer import CANCELLED, ENTRY_OVERHEAD, Entry, StreamBufferFull
 
 
 @dataclass
@@ -32,7 +32,8 @@ class _Stream:
 
 class MemoryStreamBuffer:
     """Entries live until ``window`` seconds after their stream ended, and ended streams are
-    dropped oldest first sooner when they hold more than ``max_bytes`` of event data.
+    dropped oldest first sooner when all streams together hold more than ``max_bytes``; when
+    live streams alone hold that much, a new stream is refused (``StreamBufferFull``).
 
     Ended streams wait in a queue in the order they ended; with one window for all, that is
     also the order they expire in, so the sweep on each ``open`` looks only at the front of
@@ -53,9 +54,17 @@ class MemoryStreamBuffer:
         self._ended: deque[tuple[float, str]] = deque()
         #: Event data held by ended streams (the ones the byte bound may drop).
         self._ended_bytes = 0
+        #: Event data held by all streams, live and ended.
+        self._bytes = 0
 
     async def open(self, stream_id: str, owner: str) -> None:
         self._sweep()
+        if self._bytes > self.max_bytes:
+            # Only live streams are left (ended ones were dropped first): refuse the new one
+            # rather than cut answers in flight or grow past the bound.
+            raise StreamBufferFull(
+                f"{len(self._streams)} streams in flight hold the whole stream buffer"
+            )
         self._streams[stream_id] = _Stream(owner)
 
     async def append(self, stream_id: str, entry: Entry) -> None:
@@ -63,9 +72,11 @@ class MemoryStreamBuffer:
         if stream is None:
             return
         stream.entries.append(entry)
-        stream.size += len(entry.data)
+        size = len(entry.data) + ENTRY_OVERHEAD
+        stream.size += size
+        self._bytes += size
         if stream.expires_at is not None:
-            self._ended_bytes += len(entry.data)
+            self._ended_bytes += size
         elif entry.terminal:
             stream.expires_at = self._clock() + self.window
             self._ended.append((stream.expires_at, stream_id))
@@ -120,6 +131,7 @@ class MemoryStreamBuffer:
         self._streams.clear()
         self._ended.clear()
         self._ended_bytes = 0
+        self._bytes = 0
 
     def __len__(self) -> int:
         return len(self._streams)
@@ -135,11 +147,14 @@ class MemoryStreamBuffer:
     def _sweep(self) -> None:
         now = self._clock()
         ended = self._ended
-        while ended and (ended[0][0] <= now or self._ended_bytes > self.max_bytes):
+        while ended and (ended[0][0] <= now or self._bytes > self.max_bytes):
             _, stream_id = ended.popleft()
             self._drop(stream_id)
 
     def _drop(self, stream_id: str) -> None:
         stream = self._streams.pop(stream_id, None)
-        if stream is not None and stream.expires_at is not None:
+        if stream is None:
+            return
+        self._bytes -= stream.size
+        if stream.expires_at is not None:
             self._ended_bytes -= stream.size

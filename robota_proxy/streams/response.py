@@ -21,6 +21,7 @@ client that lost only the tail of a finished answer can still fetch it.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncGenerator, Mapping
 from contextlib import aclosing
@@ -30,9 +31,17 @@ import anyio
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from robota_client.messages import StreamEvent
+from robota_client.messages import ErrorEvent, StreamEvent
+from robota_proxy.errors import UpstreamUnavailable
 from robota_proxy.routes import sse
-from robota_proxy.streams.buffer import CANCELLED, Entry, StreamBuffer, event_id
+from robota_proxy.streams.buffer import (
+    CANCELLED,
+    ENTRY_OVERHEAD,
+    Entry,
+    StreamBuffer,
+    StreamBufferFull,
+    event_id,
+)
 
 #: Header announcing the stream id of a streamed answer.
 STREAM_ID_HEADER = "X-Robota-Stream-Id"
@@ -42,6 +51,22 @@ CANCEL_KEY = "robota.cancel"
 _POLL = 0.05
 
 Outcome = Literal["finished", "left", "cancelled"]
+
+log = logging.getLogger("robota_proxy.streams")
+
+
+#: What one stream may hold in its buffer (event data plus per-entry bookkeeping). A stream
+#: past it ends with an error event instead of growing the process without bound: a client
+#: that never reads would otherwise keep the whole answer in memory for the resume window.
+DEFAULT_STREAM_MAX_BYTES = 16 * 1024 * 1024
+
+
+def _too_large(seq: int) -> Entry:
+    error = ErrorEvent(
+        code="upstream_error",
+        message="the answer grew past what one stream may buffer; ask for fewer tokens",
+    )
+    return Entry(seq, "error", error.to_json())
 
 
 def stream_headers(stream_id: str) -> list[tuple[bytes, bytes]]:
@@ -113,6 +138,7 @@ class ProducingStream(_StreamResponse):
         events: AsyncGenerator[StreamEvent, None],
         *,
         grace: float,
+        max_bytes: int = DEFAULT_STREAM_MAX_BYTES,
     ) -> None:
         super().__init__()
         self.buffer = buffer
@@ -120,6 +146,7 @@ class ProducingStream(_StreamResponse):
         self.owner = owner
         self.events = events
         self.grace = grace
+        self.max_bytes = max_bytes
         #: Seconds from the client leaving to the producer being cancelled (None: it was
         #: not), for the log line and tests.
         self.cancel_delay: float | None = None
@@ -127,6 +154,12 @@ class ProducingStream(_StreamResponse):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await self.buffer.open(self.stream_id, self.owner)
+        except StreamBufferFull as exc:
+            await self.events.aclose()
+            log.warning("stream refused: %s (ROBOTA_STREAM_BUFFER_MAX_BYTES)", exc)
+            raise UpstreamUnavailable(
+                "the proxy holds as many streams as it may; retry shortly", retry_after=1
+            ) from None
         except BaseException:
             await self.events.aclose()
             raise
@@ -141,7 +174,7 @@ class ProducingStream(_StreamResponse):
                 await self._cancel_when_orphaned(producer, produced)
 
     async def _produce(self, scope: anyio.CancelScope, produced: anyio.Event) -> None:
-        seq = 0
+        seq = size = 0
         finished = False
         try:
             with scope:
@@ -149,6 +182,17 @@ class ProducingStream(_StreamResponse):
                     async for event in events:
                         seq += 1
                         entry = Entry(seq, event.type, event.to_json())
+                        size += len(entry.data) + ENTRY_OVERHEAD
+                        if size > self.max_bytes and not entry.terminal:
+                            # Leaving the loop closes the upstream call (metering settles
+                            # what was produced); the reader gets a clean end.
+                            await self.buffer.append(self.stream_id, _too_large(seq))
+                            log.warning(
+                                "stream %s ended: over %d bytes (ROBOTA_STREAM_MAX_BYTES)",
+                                self.stream_id,
+                                self.max_bytes,
+                            )
+                            break
                         await self.buffer.append(self.stream_id, entry)
                 finished = True
         finally:

@@ -11,8 +11,10 @@ import pytest
 
 from robota_proxy.streams.buffer import (
     CANCELLED,
+    ENTRY_OVERHEAD,
     Entry,
     StreamBuffer,
+    StreamBufferFull,
     event_id,
     new_stream_id,
     parse_event_id,
@@ -108,22 +110,40 @@ def test_event_ids_locate_a_stream_and_a_position() -> None:
 
 
 async def test_memory_sweep_drops_ended_streams_over_the_byte_bound() -> None:
-    """Ended streams beyond ``max_bytes`` go oldest first, before their window is over;
-    a stream still running is never dropped."""
-    buffer = MemoryStreamBuffer(60, max_bytes=100)
+    """All streams together are bounded in bytes (event data plus the per-entry overhead):
+    ended streams go oldest first, before their window is over; a running stream is never
+    dropped."""
+    cost = ENTRY_OVERHEAD
+    running, ended_stream = 80 + cost, 40 + cost + 2 + cost
+    buffer = MemoryStreamBuffer(60, max_bytes=running + 2 * ended_stream)
     await buffer.open("running", "alice")
     await buffer.append("running", Entry(1, "delta", "x" * 80))
     for name in ("old", "new"):
         await buffer.open(name, "alice")
         await buffer.append(name, Entry(1, "delta", "y" * 40))
         await buffer.append(name, Entry(2, "done", "{}"))
-    await buffer.open("next", "alice")  # sweeps: old + new hold 84 bytes, within the bound
+    await buffer.open("next", "alice")  # sweeps: exactly at the bound, nothing goes
     assert await buffer.owner("old") == "alice"
     await buffer.open("third", "alice")
     await buffer.append("third", Entry(1, "delta", "z" * 40))
     await buffer.append("third", Entry(2, "done", "{}"))
-    await buffer.open("last", "alice")  # 126 bytes ended: the oldest goes
+    await buffer.open("last", "alice")  # one ended stream over: the oldest goes
     assert await buffer.owner("old") is None
     assert await buffer.owner("new") == "alice"
     assert await buffer.owner("third") == "alice"
     assert await buffer.owner("running") == "alice"
+
+
+async def test_memory_refuses_a_new_stream_when_running_ones_hold_the_bound() -> None:
+    buffer = MemoryStreamBuffer(60, max_bytes=ENTRY_OVERHEAD + 100)
+    await buffer.open("running", "alice")
+    await buffer.append("running", Entry(1, "delta", "x" * 100))
+    await buffer.open("fits", "alice")  # exactly at the bound: still room
+    await buffer.append("fits", Entry(1, "delta", "x"))
+    with pytest.raises(StreamBufferFull):
+        await buffer.open("refused", "alice")
+    assert await buffer.owner("refused") is None
+    await buffer.append("running", Entry(2, "done", "{}"))
+    await buffer.append("fits", Entry(2, "done", "{}"))
+    await buffer.open("after", "alice")  # the ended streams made room
+    assert await buffer.owner("after") == "alice"
