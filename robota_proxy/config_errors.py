@@ -86,17 +86,18 @@ def shown(field: str, value: Any) -> str:
     return repr(text)
 
 
-def _field_of(location: tuple[int | str, ...]) -> str:
-    """pydantic reports a field by name, or by the alias that was used: map both back."""
+def _field_and_variable(location: tuple[int | str, ...]) -> tuple[str, str]:
+    """pydantic reports a field by name, or by the alias that carried the value (which is
+    then the variable to name): map both back to the field."""
     head = str(location[0]) if location else ""
     if head in Settings.model_fields:
-        return head
+        return head, env_name(head)
     for name, info in Settings.model_fields.items():
         alias = info.validation_alias
         choices = alias.choices if isinstance(alias, AliasChoices) else [alias]
-        if any(isinstance(c, str) and c.lower() == head.lower() for c in choices):
-            return name
-    return head.removeprefix("ROBOTA_").lower()
+        if any(isinstance(choice, str) and choice.upper() == head.upper() for choice in choices):
+            return name, head.upper()
+    return head.lower(), head.upper()
 
 
 def _accepted(error: ErrorDetails) -> str:
@@ -135,8 +136,7 @@ def from_validation_error(exc: ValidationError) -> ConfigError:
     environment (what the operator typed), else the value pydantic saw."""
     lines = []
     for error in exc.errors():
-        field = _field_of(error["loc"])
-        name = env_name(field)
+        field, name = _field_and_variable(error["loc"])
         raw = os.environ.get(name, error.get("input"))
         lines.append(f"{name} is {shown(field, raw)}: {_accepted(error)}")
     return ConfigError("\n".join(dict.fromkeys(lines)))

@@ -128,11 +128,13 @@ async def open_database(url: str) -> Database:
     a PostgreSQL database that does not exist, a server that does not answer, a SQLite
     directory that cannot be written."""
     check_database_url(url)
-    database = Database(url)
+    database: Database | None = None
     try:
+        database = Database(url)  # makes a SQLite file's directory, which can fail too
         await database.open()
     except (SQLAlchemyError, OSError, TimeoutError) as exc:
-        await database.aclose()
+        if database is not None:
+            await database.aclose()
         raise ConfigError(
             f"{DATABASE_VAR} is {describe_database(url)}: cannot open it: {_reason(exc, url)}"
         ) from None
