@@ -2,8 +2,11 @@
 
 Pure ASGI so it can sit in front of any app, ours or a host's: it reads the bearer credential,
 asks an ``Authenticator``, and puts the ``Principal`` in the scope under
-``robota_proxy.scope.PRINCIPAL``. Refusals are the contract's JSON 401 and say nothing about
-which part of a key was wrong.
+``robota_proxy.scope.PRINCIPAL``. Refusals are the contract's JSON 401 with a message that tells
+an honest caller what to fix (no header, a malformed one, an expired key, which token check
+failed) and a guesser nothing: an unknown key id, a wrong secret and a revoked key read the
+same. The precise reason and the credential's public id go to the ``robota_proxy.auth`` log,
+never the credential.
 
 Two optional duties, off unless configured:
 
@@ -16,6 +19,7 @@ Two optional duties, off unless configured:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Collection, Mapping
 
 from starlette.requests import Request
@@ -27,20 +31,79 @@ from robota_proxy.errors import ProxyError, RateLimited, Unauthenticated
 from robota_proxy.middleware.paths import route_path
 from robota_proxy.policy.authenticators import AuthFailureLimiter
 from robota_proxy.policy.principals import Authenticator, Feature, Principal
+from robota_proxy.policy.refusals import AuthRefused, RefusalReason
 from robota_proxy.responses import refuse
+
+log = logging.getLogger("robota_proxy.auth")
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 
+_UNKNOWN = "unknown or revoked key"
+_TOKEN_ALG = "invalid token: its alg is not one this proxy accepts"
+#: The 401 message for each refusal reason (README, "Keys and identities", lists them).
+REFUSAL_MESSAGES: Mapping[RefusalReason, str] = {
+    "missing": "no credential: send 'Authorization: Bearer <key>'",
+    "malformed": (
+        "malformed Authorization header: expected 'Bearer <key>', one key or token without spaces"
+    ),
+    "malformed_key": (
+        "malformed key: a proxy key is rk_<8-character id>_<43-character secret>; "
+        "check that it was copied whole"
+    ),
+    # One message for all three, so that a guesser cannot tell a live key id from a dead one.
+    "unknown_key": _UNKNOWN,
+    "wrong_secret": _UNKNOWN,
+    "revoked": _UNKNOWN,
+    "expired": "the key has expired: ask for a new one",
+    "token_expired": "the token has expired (exp is in the past): get a fresh one",
+    "token_malformed": "invalid token: not a decodable JWT",
+    "token_alg": _TOKEN_ALG,
+    "token_signature": "invalid token: the signature does not verify",
+    "token_exp": "invalid token: exp is required and must be a number",
+    "token_nbf": "invalid token: not valid yet (nbf is in the future)",
+    "token_iat": "invalid token: iat is in the future or not a number",
+    "token_aud": "invalid token: aud is missing or not this proxy's audience",
+    "token_iss": "invalid token: iss is missing or not the trusted issuer",
+    "token_sub": "invalid token: sub (the user) is missing or empty",
+    "token_jti": "invalid token: jti must be a string",
+    "token_permissions": "invalid token: the permissions claim is not valid",
+    "token_invalid": "invalid token",
+}
 
-def bearer_credential(scope: Scope) -> str | None:
+
+def authorization_header(scope: Scope) -> str | None:
+    """The first ``Authorization`` header, as sent."""
     for name, value in scope.get("headers", ()):
         if name == b"authorization":
             header: str = value.decode("latin-1")
-            scheme, _, credential = header.partition(" ")
-            if scheme.lower() == "bearer" and credential.strip():
-                return credential.strip()
-            return None
+            return header
     return None
+
+
+def parse_bearer(header: str | None) -> str:
+    """The credential of ``Bearer <credential>``, or ``AuthRefused`` saying what is wrong
+    with the header. A credential is visible ASCII without spaces: anything else is a paste
+    gone wrong, and saying so beats "unknown key". The refusal never quotes the header (with
+    no scheme, the first word may be the key itself)."""
+    if header is None:
+        raise AuthRefused("missing")
+    scheme, _, credential = header.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        raise AuthRefused("malformed", None, "not the Bearer scheme")
+    credential = credential.strip()
+    if not credential:
+        raise AuthRefused("malformed", None, "empty credential")
+    if not all("!" <= char <= "~" for char in credential):
+        raise AuthRefused("malformed", None, "spaces or control characters in the credential")
+    return credential
+
+
+def bearer_credential(scope: Scope) -> str | None:
+    """The bearer credential, ``None`` when there is none or the header is malformed."""
+    try:
+        return parse_bearer(authorization_header(scope))
+    except AuthRefused:
+        return None
 
 
 def client_address(scope: Scope) -> str:
@@ -97,10 +160,11 @@ class AuthMiddleware:
     async def _principal(self, scope: Scope) -> Principal:
         if self.anonymous is not None:
             return self.anonymous
-        credential = bearer_credential(scope)
-        if credential is None:
-            raise Unauthenticated("a valid 'Authorization: Bearer <key>' header is required")
+        header = authorization_header(scope)
         client = client_address(scope)
+        if header is None:
+            # Not an attempt at a key: not counted as a failure, not blocked.
+            raise self._refused(AuthRefused("missing"), scope, client)
         if self.failure_limiter is not None:
             wait = await self.failure_limiter.blocked_for(client)
             if wait is not None:
@@ -108,9 +172,27 @@ class AuthMiddleware:
                     "too many failed authentications from this address; try again later",
                     retry_after=wait,
                 )
-        principal = await self.authenticator.authenticate(credential)
-        if principal is None:
+        try:
+            principal = await self.authenticator.authenticate(parse_bearer(header))
+            if principal is None:  # an authenticator that does not say why
+                raise AuthRefused("unknown_key")
+        except AuthRefused as refusal:
             if self.failure_limiter is not None:
                 await self.failure_limiter.failed(client)
-            raise Unauthenticated("a valid 'Authorization: Bearer <key>' header is required")
+            raise self._refused(refusal, scope, client) from None
         return principal
+
+    @staticmethod
+    def _refused(refusal: AuthRefused, scope: Scope, client: str) -> Unauthenticated:
+        """Log the precise reason, answer the caller's message. The log line carries the
+        reason, the credential's public id and a non-secret detail, never the credential."""
+        log.info(
+            "authentication refused: reason=%s id=%s client=%s path=%s request=%s%s",
+            refusal.reason,
+            refusal.public_id or "-",
+            client,
+            route_path(scope),
+            keys.request_id(scope),
+            f" detail={refusal.detail!r}" if refusal.detail else "",
+        )
+        return Unauthenticated(REFUSAL_MESSAGES[refusal.reason])

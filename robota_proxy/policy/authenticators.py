@@ -5,6 +5,9 @@
   most requests never touch the database.
 - ``CompositeAuthenticator``: picks by the credential's shape: ``rk_`` -> key store, a JWT ->
   the JWT verifier, anything else -> the static ``ROBOTA_API_KEYS`` list.
+
+Refusals are ``AuthRefused`` with the precise reason (unknown id, wrong secret, revoked,
+expired, which token check); the middleware decides how much of it the caller is told.
 - ``AuthFailureLimiter``: failed authentications per client address (the ``limits``
   library), so keys cannot be guessed at speed.
 """
@@ -30,6 +33,7 @@ from robota_proxy.errors import UpstreamUnavailable
 from robota_proxy.policy.jwt import JwtAuthenticator, verification_key
 from robota_proxy.policy.keys import looks_like_key, parse_key_id, verify_key
 from robota_proxy.policy.principals import Authenticator, Principal, UserPermissions
+from robota_proxy.policy.refusals import AuthRefused
 from robota_proxy.policy.static_keys import StaticKeyAuthenticator
 from robota_proxy.settings import Settings
 from robota_proxy.storage.key_store import KeyLookup, KeyStore
@@ -74,16 +78,24 @@ class KeyStoreAuthenticator:
         #: Key lookups in flight, by key id.
         self._lookups: dict[str, asyncio.Future[KeyLookup | None]] = {}
 
-    async def authenticate(self, credential: str) -> Principal | None:
+    async def authenticate(self, credential: str) -> Principal:
+        """The key's principal, or ``AuthRefused``. Revoked and expired are only told apart
+        from a wrong secret once the whole key matched: a guesser with an id and no secret
+        learns nothing about the key's state."""
         key_id = parse_key_id(credential)
         if key_id is None:
-            return None
+            raise AuthRefused("malformed_key", None, "not rk_<8-char id>_<43-char secret>")
         found = await self._lookup(key_id)
-        if found is None or not verify_key(credential, found.secret_hash):
-            return None
+        if found is None:
+            raise AuthRefused("unknown_key", key_id)
+        if not verify_key(credential, found.secret_hash):
+            raise AuthRefused("wrong_secret", key_id)
         record = found.record
-        if record.status() != "active":
-            return None
+        status = record.status()
+        if status == "revoked":
+            raise AuthRefused("revoked", key_id)
+        if status == "expired":
+            raise AuthRefused("expired", key_id)
         self._note_use(key_id)
         return Principal(
             user=record.user,
@@ -179,17 +191,30 @@ class CompositeAuthenticator:
         if isinstance(self.keys, KeyStoreAuthenticator):
             await self.keys.flush()
 
-    async def authenticate(self, credential: str) -> Principal | None:
+    async def authenticate(self, credential: str) -> Principal:
+        """The first authenticator the credential's shape picks; a static key of any shape
+        still works. A refusal is the shaped authenticator's (it knows the finer reason: a
+        revoked ``rk_`` key, an expired token), else the static list's."""
+        refused: AuthRefused | None = None
+        shaped: Authenticator | None = None
         if self.keys is not None and looks_like_key(credential):
-            found = await self.keys.authenticate(credential)
+            shaped = self.keys
         elif self.jwt is not None and looks_like_jwt(credential):
-            found = await self.jwt.authenticate(credential)
-        else:
-            found = None
-        if found is None and self.static is not None:
+            shaped = self.jwt
+        if shaped is not None:
+            try:
+                found = await shaped.authenticate(credential)
+            except AuthRefused as exc:
+                refused, found = exc, None
+            if found is not None:
+                return found
+        if self.static is not None:
             # Static keys are operator-chosen strings and may have any shape.
-            found = await self.static.authenticate(credential)
-        return found
+            try:
+                return await self.static.authenticate(credential)
+            except AuthRefused as exc:
+                refused = refused or exc
+        raise refused or AuthRefused("unknown_key", None, "no authenticator for this shape")
 
 
 def build_authenticator(settings: Settings, store: KeyStore) -> CompositeAuthenticator:

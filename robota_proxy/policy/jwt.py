@@ -5,11 +5,16 @@ Two configurations, never both: an HMAC shared secret (HS256/384/512) or a PEM p
 the token: ``none`` is never accepted, and a token cannot switch an RSA deployment to HMAC
 (the classic trick of signing with the public key as an HMAC secret). ``exp`` is required;
 ``nbf``, ``iss`` and ``aud`` are checked with the configured leeway. ``sub`` is the user.
+
+A refused token raises ``AuthRefused`` naming the check that failed, so the caller's 401 says
+whether to fix the signature, the clock or the audience. That tells a guesser nothing: the
+signature is checked first, and only a token that carries a valid signature gets past it to
+the claim checks.
 """
 
 from __future__ import annotations
 
-import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,13 +27,27 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from robota_proxy.errors import InvalidRequest
 from robota_proxy.policy.principals import Principal, UserPermissions
-
-log = logging.getLogger("robota_proxy.auth")
+from robota_proxy.policy.refusals import AuthRefused, RefusalReason
 
 HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
 RSA_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
 EC_ALGORITHMS = ("ES256", "ES384", "ES512")
 _KEY_ID_MAX = 60
+#: What may appear of a refused token's jti/sub in a log line (the claims may be forged).
+_LABEL_UNSAFE = re.compile(r"[^A-Za-z0-9._@:+/=-]")
+_CLAIM_REASONS: dict[str, RefusalReason] = {
+    "exp": "token_exp",
+    "sub": "token_sub",
+    "iss": "token_iss",
+    "aud": "token_aud",
+    "nbf": "token_nbf",
+    "iat": "token_iat",
+    "jti": "token_jti",
+}
+#: Refused before the signature was verified: the claims named in the log are the caller's word.
+_UNVERIFIED: frozenset[RefusalReason] = frozenset(
+    {"token_malformed", "token_alg", "token_signature", "token_invalid"}
+)
 
 
 class JwtConfigError(ValueError):
@@ -110,7 +129,8 @@ class JwtAuthenticator:
         required += ["aud"] if audience else []
         self._options: jwt.types.Options = {"require": required}
 
-    async def authenticate(self, credential: str) -> Principal | None:
+    async def authenticate(self, credential: str) -> Principal:
+        """The token's principal, or ``AuthRefused`` naming the failed check."""
         try:
             claims: dict[str, Any] = jwt.decode(
                 credential,
@@ -122,31 +142,83 @@ class JwtAuthenticator:
                 options=self._options,
             )
         except jwt.PyJWTError as exc:
-            # The reason only (expired, bad audience...), never the token.
-            log.info("JWT refused: %s", type(exc).__name__)
-            return None
+            reason = refusal_reason(exc)
+            # The exception class names the check; nothing of the token goes in.
+            detail = type(exc).__name__ + ("; claims unverified" if reason in _UNVERIFIED else "")
+            raise AuthRefused(reason, token_label(credential), detail) from None
         user = claims.get("sub")
         if not isinstance(user, str) or not user.strip():
-            log.info("JWT refused: sub is not a non-empty string")
-            return None
-        permissions = await self._permissions(user, claims)
-        if permissions is None:
-            return None
+            raise AuthRefused("token_sub", token_label(credential), "sub is empty")
         ident = claims.get("jti")
         label = ident if isinstance(ident, str) and ident else user
-        return Principal(user=user, key_id=f"jwt:{label[:_KEY_ID_MAX]}", permissions=permissions)
+        key_id = f"jwt:{label[:_KEY_ID_MAX]}"
+        permissions = await self._permissions(user, claims, key_id)
+        return Principal(user=user, key_id=key_id, permissions=permissions)
 
-    async def _permissions(self, user: str, claims: dict[str, Any]) -> UserPermissions | None:
+    async def _permissions(self, user: str, claims: dict[str, Any], key_id: str) -> UserPermissions:
         if self.trust_claims and self.claims_namespace in claims:
             claim = claims[self.claims_namespace]
             if not isinstance(claim, dict):
-                log.info("JWT refused: the permissions claim is not an object")
-                return None
+                raise AuthRefused(
+                    "token_permissions", _safe(key_id), "the permissions claim is not an object"
+                )
             try:
                 return UserPermissions.from_wire(claim)
             except InvalidRequest as exc:
-                log.info("JWT refused: invalid permissions claim (%s)", exc.message)
-                return None
+                raise AuthRefused("token_permissions", _safe(key_id), exc.message) from None
         if self.permission_source is None:
             return UserPermissions()
         return await self.permission_source.permissions(user)
+
+
+def refusal_reason(exc: jwt.PyJWTError) -> RefusalReason:
+    """Which check a PyJWT error stands for. Subclasses before their bases: an
+    ``InvalidSignatureError`` is also a ``DecodeError``."""
+    if isinstance(exc, jwt.InvalidAlgorithmError):
+        return "token_alg"
+    if isinstance(exc, jwt.InvalidSignatureError):
+        return "token_signature"
+    if isinstance(exc, jwt.ExpiredSignatureError):
+        return "token_expired"
+    if isinstance(exc, jwt.MissingRequiredClaimError):
+        return _CLAIM_REASONS.get(exc.claim, "token_invalid")
+    if isinstance(exc, jwt.ImmatureSignatureError):
+        return "token_iat" if "(iat)" in str(exc) else "token_nbf"
+    if isinstance(exc, jwt.InvalidIssuedAtError):
+        return "token_iat"
+    if isinstance(exc, jwt.InvalidAudienceError):
+        return "token_aud"
+    if isinstance(exc, jwt.InvalidIssuerError):
+        return "token_iss"
+    # By name: PyJWT 2.10 added these two, and 2.8 is still allowed.
+    if type(exc).__name__ == "InvalidSubjectError":
+        return "token_sub"
+    if type(exc).__name__ == "InvalidJTIError":
+        return "token_jti"
+    if isinstance(exc, jwt.DecodeError):
+        # A claim of the wrong type is a DecodeError raised after the signature verified.
+        message = str(exc)
+        for claim in ("exp", "nbf"):
+            if f"({claim})" in message:
+                return _CLAIM_REASONS[claim]
+        return "token_malformed"
+    return "token_invalid"
+
+
+def token_label(credential: str) -> str | None:
+    """``jwt:<jti or sub>`` of a token, read without verifying it, for the log line of a
+    refusal: the operator can tell whose token failed. Never the token itself; characters that
+    could forge a log line are replaced."""
+    try:
+        claims = jwt.decode(credential, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return None
+    for name in ("jti", "sub"):
+        value = claims.get(name)
+        if isinstance(value, str) and value.strip():
+            return _safe(f"jwt:{value[:_KEY_ID_MAX]}")
+    return None
+
+
+def _safe(label: str) -> str:
+    return _LABEL_UNSAFE.sub("?", label)

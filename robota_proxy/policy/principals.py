@@ -144,6 +144,7 @@ class Principal:
 
 
 class Authenticator(Protocol):
-    """Turns a bearer credential into a principal. ``None`` means "not valid"."""
+    """Turns a bearer credential into a principal. Raise ``policy.refusals.AuthRefused`` to
+    say why a credential is refused; ``None`` means "not valid" without a reason."""
 
     async def authenticate(self, credential: str) -> Principal | None: ...

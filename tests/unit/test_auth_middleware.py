@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import re
+
 import pytest
 from limits.aio.storage import MemoryStorage
 from starlette.applications import Starlette
@@ -14,8 +17,10 @@ from starlette.types import Message
 from starlette.websockets import WebSocket
 
 from robota_proxy import AuthMiddleware
+from robota_proxy.middleware.auth import REFUSAL_MESSAGES, bearer_credential, parse_bearer
 from robota_proxy.policy.authenticators import AuthFailureLimiter
 from robota_proxy.policy.principals import Principal, UserPermissions
+from robota_proxy.policy.refusals import REFUSAL_REASONS, AuthRefused
 from robota_proxy.policy.static_keys import StaticKeyAuthenticator, key_id
 from robota_proxy.scope import CHAT_REQUEST, PRINCIPAL
 
@@ -40,13 +45,161 @@ def test_valid_key_reaches_the_endpoint_with_a_principal() -> None:
     assert "beta-key" not in response.text
 
 
+MISSING = "no credential: send 'Authorization: Bearer <key>'"
+MALFORMED = (
+    "malformed Authorization header: expected 'Bearer <key>', one key or token without spaces"
+)
+UNKNOWN = "unknown or revoked key"
+
+
 def test_refusals_are_contract_errors() -> None:
     client = TestClient(app_with(["alpha-key"]))
-    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "alpha-key"}):
+    for headers, message in (
+        ({}, MISSING),
+        ({"Authorization": "Bearer nope"}, UNKNOWN),
+        ({"Authorization": "alpha-key"}, MALFORMED),
+    ):
         response = client.get("/whoami", headers=headers)
         assert response.status_code == 401
         assert response.json()["error"]["code"] == "unauthenticated"
+        assert response.json()["error"]["message"] == message
         assert response.json()["error"]["requestId"].startswith("req_")
+
+
+def test_malformed_headers_say_so() -> None:
+    client = TestClient(app_with(["alpha-key"]))
+    for header in (
+        "Basic alpha-key",
+        "Token alpha-key",
+        "Bearer",
+        "Bearer    ",
+        "Bearer alpha key",
+        "Bearer alpha-key extra",
+        "alpha-key",
+        "",
+    ):
+        response = client.get("/whoami", headers={"Authorization": header})
+        assert response.status_code == 401, header
+        assert response.json()["error"]["message"] == MALFORMED, header
+    # The scheme is case-insensitive and surrounding spaces are forgiven.
+    assert client.get("/whoami", headers={"Authorization": "bearer  alpha-key "}).status_code == 200
+
+
+def test_parse_bearer_refuses_what_no_key_can_contain() -> None:
+    assert parse_bearer("Bearer rk_abc.DEF-~!") == "rk_abc.DEF-~!"
+    for header, detail in (
+        ("Bearer a\x01b", "spaces or control characters in the credential"),
+        ("Bearer caf\xe9", "spaces or control characters in the credential"),
+        ("Bearer a\tb", "spaces or control characters in the credential"),
+        ("Basic x", "not the Bearer scheme"),
+        ("Bearer ", "empty credential"),
+    ):
+        with pytest.raises(AuthRefused) as refused:
+            parse_bearer(header)
+        assert (refused.value.reason, refused.value.detail) == ("malformed", detail), header
+    with pytest.raises(AuthRefused) as missing:
+        parse_bearer(None)
+    assert missing.value.reason == "missing"
+    # The admin API's helper: None for anything that is not one bearer credential.
+    scope = {"type": "http", "headers": [(b"authorization", b"Bearer a b")]}
+    assert bearer_credential(scope) is None
+    assert bearer_credential({"type": "http", "headers": [(b"authorization", b"Bearer k")]}) == "k"
+
+
+#: Every client-facing message, written out: the table in README's "Keys and identities".
+EXPECTED_MESSAGES = {
+    "missing": MISSING,
+    "malformed": MALFORMED,
+    "malformed_key": (
+        "malformed key: a proxy key is rk_<8-character id>_<43-character secret>; "
+        "check that it was copied whole"
+    ),
+    "unknown_key": UNKNOWN,
+    "wrong_secret": UNKNOWN,
+    "revoked": UNKNOWN,
+    "expired": "the key has expired: ask for a new one",
+    "token_expired": "the token has expired (exp is in the past): get a fresh one",
+    "token_malformed": "invalid token: not a decodable JWT",
+    "token_alg": "invalid token: its alg is not one this proxy accepts",
+    "token_signature": "invalid token: the signature does not verify",
+    "token_exp": "invalid token: exp is required and must be a number",
+    "token_nbf": "invalid token: not valid yet (nbf is in the future)",
+    "token_iat": "invalid token: iat is in the future or not a number",
+    "token_aud": "invalid token: aud is missing or not this proxy's audience",
+    "token_iss": "invalid token: iss is missing or not the trusted issuer",
+    "token_sub": "invalid token: sub (the user) is missing or empty",
+    "token_jti": "invalid token: jti must be a string",
+    "token_permissions": "invalid token: the permissions claim is not valid",
+    "token_invalid": "invalid token",
+}
+
+
+class RefusesBy:
+    """Refuses every credential with the reason the credential names."""
+
+    async def authenticate(self, credential: str) -> Principal | None:
+        raise AuthRefused(credential, "id-" + credential)  # type: ignore[arg-type]
+
+
+def test_each_refusal_reason_has_its_exact_message() -> None:
+    assert set(EXPECTED_MESSAGES) == REFUSAL_REASONS == set(REFUSAL_MESSAGES)
+    client = TestClient(
+        Starlette(
+            routes=[Route("/whoami", whoami)],
+            middleware=[Middleware(AuthMiddleware, authenticator=RefusesBy())],
+        )
+    )
+    for reason, message in EXPECTED_MESSAGES.items():
+        if reason in ("missing", "malformed"):
+            continue  # the header's, covered above
+        response = client.get("/whoami", headers={"Authorization": f"Bearer {reason}"})
+        assert response.status_code == 401
+        error = response.json()["error"]
+        assert (error["code"], error["message"]) == ("unauthenticated", message), reason
+
+
+def test_the_log_names_reason_and_public_id_never_the_credential(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    secret = "rk_abcd1234_" + "s" * 43
+
+    class Revoked:
+        async def authenticate(self, credential: str) -> Principal | None:
+            raise AuthRefused("revoked", "abcd1234")
+
+    client = TestClient(
+        Starlette(
+            routes=[Route("/whoami", whoami)],
+            middleware=[Middleware(AuthMiddleware, authenticator=Revoked())],
+        ),
+        client=("10.1.2.3", 999),
+    )
+    with caplog.at_level(logging.INFO, logger="robota_proxy.auth"):
+        response = client.get("/whoami", headers={"Authorization": f"Bearer {secret}"})
+        client.get("/whoami", headers={"Authorization": secret})
+        client.get("/whoami")
+    assert response.json()["error"]["message"] == UNKNOWN
+    lines = [record.getMessage() for record in caplog.records if record.name == "robota_proxy.auth"]
+    assert f"request={response.json()['error']['requestId']}" in lines[0]
+    prefix = "authentication refused: reason="
+    assert [re.sub(r" request=req_\w+", "", line) for line in lines] == [
+        f"{prefix}revoked id=abcd1234 client=10.1.2.3 path=/whoami",
+        f"{prefix}malformed id=- client=10.1.2.3 path=/whoami detail='not the Bearer scheme'",
+        f"{prefix}missing id=- client=10.1.2.3 path=/whoami",
+    ]
+    assert all(secret not in line and "sss" not in line for line in lines)
+
+
+def test_an_unknown_static_key_is_logged_by_its_fingerprint(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    client = TestClient(app_with(["alpha-key"]))
+    with caplog.at_level(logging.INFO, logger="robota_proxy.auth"):
+        response = client.get("/whoami", headers={"Authorization": "Bearer old-rotated-key"})
+    assert response.json()["error"]["message"] == UNKNOWN
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "robota_proxy.auth"]
+    assert f"reason=unknown_key id={key_id('old-rotated-key')} " in line
+    assert "old-rotated-key" not in line
 
 
 def test_exempt_paths_and_no_keys() -> None:
@@ -149,6 +302,27 @@ def test_failed_authentications_are_limited_per_address() -> None:
         chat_app(UserPermissions(), failure_limiter=limiter), client=("10.0.0.9", 1234)
     )
     assert other.get("/whoami", headers=GOOD).status_code == 200
+
+
+def test_malformed_headers_count_and_missing_ones_do_not() -> None:
+    limiter = AuthFailureLimiter(MemoryStorage(), per_minute=2)
+    client = TestClient(chat_app(UserPermissions(), failure_limiter=limiter))
+    for _ in range(5):  # no credential: not an attempt at one
+        response = client.get("/whoami")
+        assert response.json()["error"]["message"] == MISSING
+    assert client.get("/whoami", headers=GOOD).status_code == 200
+    for _ in range(2):
+        response = client.get("/whoami", headers={"Authorization": "Basic good"})
+        assert response.json()["error"]["message"] == MALFORMED
+    assert client.get("/whoami", headers=GOOD).status_code == 429
+    # Blocked or not, a request without a credential is told what is missing.
+    assert client.get("/whoami").json()["error"]["message"] == MISSING
+
+
+def test_an_authenticator_returning_none_is_an_unknown_key() -> None:
+    client = TestClient(chat_app(UserPermissions()))
+    response = client.get("/whoami", headers={"Authorization": "Bearer bad"})
+    assert response.json()["error"]["message"] == UNKNOWN
 
 
 def test_successes_do_not_count() -> None:

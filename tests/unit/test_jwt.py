@@ -16,8 +16,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from robota_proxy.app import create_app
-from robota_proxy.policy.jwt import JwtAuthenticator, JwtConfigError, verification_key
+from robota_proxy.policy.jwt import (
+    JwtAuthenticator,
+    JwtConfigError,
+    refusal_reason,
+    token_label,
+    verification_key,
+)
 from robota_proxy.policy.principals import UserPermissions
+from robota_proxy.policy.refusals import AuthRefused
 from robota_proxy.settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -47,6 +54,12 @@ class Users:
 def hs(**options: Any) -> JwtAuthenticator:
     key, algorithms = verification_key(SECRET, None, None)
     return JwtAuthenticator(key, algorithms, **options)
+
+
+async def refusal(auth: JwtAuthenticator, token: str) -> AuthRefused:
+    with pytest.raises(AuthRefused) as refused:
+        await auth.authenticate(token)
+    return refused.value
 
 
 def pem_file(tmp_path: Path, private: Any) -> Path:
@@ -92,33 +105,78 @@ def unsigned(payload: dict[str, Any]) -> str:
     return f"{part({'alg': 'none', 'typ': 'JWT'})}.{part(payload)}."
 
 
-async def test_refused_tokens() -> None:
+async def test_refused_tokens_name_the_failed_check() -> None:
     auth = hs(issuer="https://idp.example", audience="robota")
     good = {"iss": "https://idp.example", "aud": "robota"}
     now = int(time.time())
     assert await auth.authenticate(jwt.encode(claims(**good), SECRET, "HS256")) is not None
     refused = {
-        "expired": jwt.encode(claims(**good, exp=now - 3600), SECRET, "HS256"),
-        "not yet valid": jwt.encode(claims(**good, nbf=now + 3600), SECRET, "HS256"),
-        "wrong audience": jwt.encode(claims(iss=good["iss"], aud="other"), SECRET, "HS256"),
-        "wrong issuer": jwt.encode(claims(iss="https://evil", aud="robota"), SECRET, "HS256"),
-        "no audience": jwt.encode(claims(iss=good["iss"]), SECRET, "HS256"),
-        "wrong signature": jwt.encode(claims(**good), SECRET + "x", "HS256"),
-        "alg none": unsigned(claims(**good)),
-        "no exp": jwt.encode({"sub": "alice", **good}, SECRET, "HS256"),
-        "no sub": jwt.encode({"exp": now + 60, **good}, SECRET, "HS256"),
-        "empty sub": jwt.encode(claims(**good, sub=" "), SECRET, "HS256"),
-        "other hmac algorithm": jwt.encode(claims(**good), SECRET, "HS512"),
-        "garbage": "a.b.c",
+        "expired": (claims(**good, exp=now - 3600), "token_expired"),
+        "not yet valid": (claims(**good, nbf=now + 3600), "token_nbf"),
+        "nbf not a number": (claims(**good, nbf="soon"), "token_nbf"),
+        "issued in the future": (claims(**good, iat=now + 3600), "token_iat"),
+        "wrong audience": (claims(iss=good["iss"], aud="other"), "token_aud"),
+        "no audience": (claims(iss=good["iss"]), "token_aud"),
+        "wrong issuer": (claims(iss="https://evil", aud="robota"), "token_iss"),
+        "no issuer": (claims(aud="robota"), "token_iss"),
+        "no exp": ({"sub": "alice", **good}, "token_exp"),
+        "exp not a number": (claims(**good, exp="tomorrow"), "token_exp"),
+        "no sub": ({"exp": now + 60, **good}, "token_sub"),
+        "empty sub": (claims(**good, sub=" "), "token_sub"),
+        "sub not a string": (claims(**good, sub=7), "token_sub"),
+        "jti not a string": (claims(**good, jti=7), "token_jti"),
     }
-    for reason, token in refused.items():
-        assert await auth.authenticate(token) is None, reason
+    for case, (payload, reason) in refused.items():
+        token = jwt.encode(payload, SECRET, "HS256")
+        assert (await refusal(auth, token)).reason == reason, case
+    unverified = {
+        "wrong signature": (jwt.encode(claims(**good), SECRET + "x", "HS256"), "token_signature"),
+        "alg none": (unsigned(claims(**good)), "token_alg"),
+        "other hmac algorithm": (jwt.encode(claims(**good), SECRET, "HS512"), "token_alg"),
+        "garbage": ("a.b.c", "token_malformed"),
+    }
+    for case, (token, reason) in unverified.items():
+        refused_token = await refusal(auth, token)
+        assert refused_token.reason == reason, case
+        # Before the signature verified, the log is told the claims are the caller's word.
+        assert refused_token.detail is not None and "claims unverified" in refused_token.detail
+
+
+async def test_refusals_name_the_token_by_jti_or_sub_never_the_token() -> None:
+    now = int(time.time())
+    expired = jwt.encode(claims(jti="t-9", exp=now - 3600), SECRET, "HS256")
+    refused = await refusal(hs(), expired)
+    assert (refused.reason, refused.public_id) == ("token_expired", "jwt:t-9")
+    assert refused.detail == "ExpiredSignatureError"
+    forged = jwt.encode(claims(), SECRET + "x", "HS256")
+    assert (await refusal(hs(), forged)).public_id == "jwt:alice"
+    assert (await refusal(hs(), "a.b.c")).public_id is None
+    # Claims are read unverified for the log: nothing in them may forge a log line.
+    assert token_label(jwt.encode(claims(sub="al\nice x"), SECRET, "HS256")) == "jwt:al?ice?x"
+    assert token_label(jwt.encode(claims(jti="j" * 100), SECRET, "HS256")) == "jwt:" + "j" * 60
+    for token in (expired, forged):
+        assert token not in repr(refused) and SECRET not in str(refused.detail)
+
+
+def test_refusal_reason_mapping_of_pyjwt_errors() -> None:
+    cases: list[tuple[jwt.PyJWTError, str]] = [
+        (jwt.InvalidSignatureError("Signature verification failed"), "token_signature"),
+        (jwt.DecodeError("Expiration Time claim (exp) must be an integer."), "token_exp"),
+        (jwt.DecodeError("Not Before claim (nbf) must be an integer."), "token_nbf"),
+        (jwt.DecodeError("Invalid header padding"), "token_malformed"),
+        (jwt.ImmatureSignatureError("The token is not yet valid (iat)"), "token_iat"),
+        (jwt.MissingRequiredClaimError("iss"), "token_iss"),
+        (jwt.MissingRequiredClaimError("custom"), "token_invalid"),
+        (jwt.InvalidKeyError("bad key"), "token_invalid"),
+    ]
+    for error, reason in cases:
+        assert refusal_reason(error) == reason, error
 
 
 async def test_leeway_accepts_slightly_expired() -> None:
     token = jwt.encode(claims(exp=int(time.time()) - 5), SECRET, "HS256")
     assert await hs(leeway_seconds=60).authenticate(token) is not None
-    assert await hs(leeway_seconds=0).authenticate(token) is None
+    assert (await refusal(hs(leeway_seconds=0), token)).reason == "token_expired"
 
 
 async def test_rsa_deployment_refuses_hmac_signed_with_the_public_key(tmp_path: Path) -> None:
@@ -131,8 +189,8 @@ async def test_rsa_deployment_refuses_hmac_signed_with_the_public_key(tmp_path: 
     signing_input = header + b"." + payload
     signature = hmac.new(path.read_bytes(), signing_input, hashlib.sha256).digest()
     forged = (signing_input + b"." + base64.urlsafe_b64encode(signature).rstrip(b"=")).decode()
-    assert await auth.authenticate(forged) is None
-    assert await auth.authenticate(unsigned(claims())) is None
+    assert (await refusal(auth, forged)).reason == "token_alg"
+    assert (await refusal(auth, unsigned(claims()))).reason == "token_alg"
 
 
 async def test_trusted_claims() -> None:
@@ -149,7 +207,8 @@ async def test_trusted_claims() -> None:
     assert plain is not None and plain.permissions == UserPermissions(rpm=1)
     for bad in ({"allowedFeatures": ["video"]}, {"nope": 1}, ["chat"], "chat"):
         token = jwt.encode(claims(**{NS: bad}), SECRET, "HS256")
-        assert await auth.authenticate(token) is None, bad
+        refused = await refusal(auth, token)
+        assert (refused.reason, refused.public_id) == ("token_permissions", "jwt:alice"), bad
 
 
 async def test_claims_ignored_when_not_trusted() -> None:

@@ -27,8 +27,9 @@ from robota_proxy.policy.keys import (
     parse_key_id,
     verify_key,
 )
-from robota_proxy.policy.principals import UserPermissions
-from robota_proxy.policy.static_keys import StaticKeyAuthenticator
+from robota_proxy.policy.principals import Authenticator, UserPermissions
+from robota_proxy.policy.refusals import AuthRefused
+from robota_proxy.policy.static_keys import StaticKeyAuthenticator, key_id
 from robota_proxy.storage.database import Database
 from robota_proxy.storage.key_store import KeyLookup, KeyStore
 
@@ -154,19 +155,30 @@ async def test_authenticator_overlays_key_on_user(store: KeyStore) -> None:
     assert touched is not None and touched.last_used_at is not None
 
 
+async def refusal(auth: Authenticator, credential: str) -> tuple[str, str | None]:
+    """The reason and public id of a refusal."""
+    with pytest.raises(AuthRefused) as refused:
+        await auth.authenticate(credential)
+    return refused.value.reason, refused.value.public_id
+
+
 async def test_authenticator_refuses_wrong_revoked_and_expired(store: KeyStore) -> None:
     auth = KeyStoreAuthenticator(store, cache_seconds=0)
     key, record = await store.create_key("alice")
     wrong_secret = key[:-4] + ("AAAA" if not key.endswith("AAAA") else "BBBB")
-    assert await auth.authenticate(wrong_secret) is None
-    assert await auth.authenticate("rk_zzzzzzzz_" + "a" * 43) is None
-    assert await auth.authenticate("not-a-key") is None
+    assert await refusal(auth, wrong_secret) == ("wrong_secret", record.key_id)
+    assert await refusal(auth, "rk_zzzzzzzz_" + "a" * 43) == ("unknown_key", "zzzzzzzz")
+    assert await refusal(auth, "rk_short") == ("malformed_key", None)
+    assert await refusal(auth, "not-a-key") == ("malformed_key", None)
     await store.revoke_key(record.key_id)
-    assert await auth.authenticate(key) is None
-    expiring, _ = await store.create_key(
+    assert await refusal(auth, key) == ("revoked", record.key_id)
+    # A revoked key with the wrong secret is a wrong secret: its state stays unknown.
+    assert await refusal(auth, wrong_secret) == ("wrong_secret", record.key_id)
+    expiring, expired = await store.create_key(
         "alice", expires_at=datetime.now(UTC) - timedelta(seconds=1)
     )
-    assert await auth.authenticate(expiring) is None
+    assert await refusal(auth, expiring) == ("expired", expired.key_id)
+    assert await refusal(auth, expiring[:-1] + "!") == ("malformed_key", None)
 
 
 async def test_cached_lookup_until_the_ttl(store: KeyStore) -> None:
@@ -178,7 +190,7 @@ async def test_cached_lookup_until_the_ttl(store: KeyStore) -> None:
     await store.revoke_key(record.key_id)
     assert await auth.authenticate(key) is not None  # still cached
     fresh = KeyStoreAuthenticator(store, cache_seconds=60)
-    assert await fresh.authenticate(key) is None
+    assert await refusal(fresh, key) == ("revoked", record.key_id)
     await auth.flush()
 
 
@@ -218,7 +230,7 @@ async def test_last_used_is_written_once_per_interval(store: KeyStore) -> None:
 
 
 async def test_composite_routes_by_shape(store: KeyStore) -> None:
-    key, _ = await store.create_key("alice")
+    key, record = await store.create_key("alice")
     composite = CompositeAuthenticator(
         keys=KeyStoreAuthenticator(store, cache_seconds=0),
         static=StaticKeyAuthenticator(["dev-key", "a.b.c"]),
@@ -229,8 +241,24 @@ async def test_composite_routes_by_shape(store: KeyStore) -> None:
     assert static is not None and static.user.startswith("key_")
     # A static key shaped like a JWT still works when no JWT verifier is configured.
     assert await composite.authenticate("a.b.c") is not None
-    assert await composite.authenticate("nope") is None
+    # Refused: the static list names the offered credential by its fingerprint.
+    assert await refusal(composite, "nope") == ("unknown_key", key_id("nope"))
+    # An rk_ key refused by the store keeps the store's finer reason.
+    wrong = key[:-1] + ("A" if key[-1] != "A" else "B")
+    assert await refusal(composite, wrong) == ("wrong_secret", record.key_id)
+    assert await refusal(CompositeAuthenticator(), "anything") == ("unknown_key", None)
     await composite.keys.flush()  # type: ignore[union-attr]
+
+
+async def test_composite_keeps_the_jwt_refusal_and_still_tries_static_keys() -> None:
+    class Expired:
+        async def authenticate(self, credential: str) -> None:
+            raise AuthRefused("token_expired", "jwt:t-1")
+
+    composite = CompositeAuthenticator(jwt=Expired(), static=StaticKeyAuthenticator(["x.y.z"]))
+    assert await refusal(composite, "a.b.c") == ("token_expired", "jwt:t-1")
+    static = await composite.authenticate("x.y.z")  # a static key shaped like a JWT
+    assert static.user == key_id("x.y.z")
 
 
 async def test_unreachable_key_store_is_a_503_not_a_401() -> None:
