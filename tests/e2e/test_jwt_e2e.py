@@ -1,6 +1,7 @@
 """JWT bearer tokens through real proxy processes: HS256 with a shared secret (permissions
 from the users table), RS256 with a PEM public key file (permissions from a trusted claim);
-every malformed or unfit token refused with 401."""
+every malformed or unfit token refused with 401 naming the failed check, and the proxy's log
+naming the reason and the token's jti, never the token."""
 
 from __future__ import annotations
 
@@ -102,28 +103,70 @@ def test_valid_hs256_token_is_accepted(hs_proxy: ProxyProcess) -> None:
     assert response.status_code == 200, response.text
 
 
-def test_refused_tokens(hs_proxy: ProxyProcess, rsa_key: rsa.RSAPrivateKey) -> None:
+def test_refused_tokens_say_which_check_failed(
+    hs_proxy: ProxyProcess, rsa_key: rsa.RSAPrivateKey
+) -> None:
     now = int(time.time())
+    no_exp = {k: v for k, v in claims(jti="e2e-no-exp").items() if k != "exp"}
     refused = {
-        "expired": hs256(exp=now - 120),
-        "not yet valid": hs256(nbf=now + 120),
-        "wrong audience": hs256(aud="someone-else"),
-        "wrong issuer": hs256(iss="https://evil.example"),
-        "wrong signature": jwt.encode(claims(), JWT_SECRET + "-other", algorithm="HS256"),
-        "alg none": unsigned(claims()),
-        "RS256 to an HS256 proxy": jwt.encode(claims(), rsa_key, algorithm="RS256"),
-        "no exp": jwt.encode(
-            {k: v for k, v in claims().items() if k != "exp"}, JWT_SECRET, algorithm="HS256"
+        "e2e-expired": (
+            hs256(jti="e2e-expired", exp=now - 120),
+            "token_expired",
+            "the token has expired (exp is in the past): get a fresh one",
+        ),
+        "e2e-nbf": (
+            hs256(jti="e2e-nbf", nbf=now + 120),
+            "token_nbf",
+            "invalid token: not valid yet (nbf is in the future)",
+        ),
+        "e2e-aud": (
+            hs256(jti="e2e-aud", aud="someone-else"),
+            "token_aud",
+            "invalid token: aud is missing or not this proxy's audience",
+        ),
+        "e2e-iss": (
+            hs256(jti="e2e-iss", iss="https://evil.example"),
+            "token_iss",
+            "invalid token: iss is missing or not the trusted issuer",
+        ),
+        "e2e-signature": (
+            jwt.encode(claims(jti="e2e-signature"), JWT_SECRET + "-other", algorithm="HS256"),
+            "token_signature",
+            "invalid token: the signature does not verify",
+        ),
+        "e2e-none": (
+            unsigned(claims(jti="e2e-none")),
+            "token_alg",
+            "invalid token: its alg is not one this proxy accepts",
+        ),
+        "e2e-rs256": (
+            jwt.encode(claims(jti="e2e-rs256"), rsa_key, algorithm="RS256"),
+            "token_alg",
+            "invalid token: its alg is not one this proxy accepts",
+        ),
+        "e2e-no-exp": (
+            jwt.encode(no_exp, JWT_SECRET, algorithm="HS256"),
+            "token_exp",
+            "invalid token: exp is required and must be a number",
         ),
     }
-    for reason, token in refused.items():
+    for jti, (token, reason, message) in refused.items():
         response = chat(hs_proxy.url, token)
-        assert response.status_code == 401, reason
+        assert response.status_code == 401, jti
         assert response.json()["error"]["code"] == "unauthenticated"
+        assert response.json()["error"]["message"] == message, jti
         assert token not in response.text
+        request_id = response.json()["error"]["requestId"]
+        line = f"authentication refused: reason={reason} id=jwt:{jti} client=127.0.0.1 "
+        log = hs_proxy.log_once_it_has(line)
+        (logged,) = [entry for entry in log.splitlines() if line in entry]
+        assert f"path=/ai/chat request={request_id}" in logged
     log = hs_proxy.log()
     assert JWT_SECRET not in log
-    assert all(token not in log for token in refused.values())
+    for token, _, _ in refused.values():
+        assert token not in log
+        signature = token.rsplit(".", 1)[1]
+        assert signature == "" or signature not in log  # not even the signature part
 
 
 def test_hs256_user_permissions_come_from_the_users_table(
@@ -143,8 +186,12 @@ def test_valid_rs256_token_is_accepted(rs_proxy: ProxyProcess, rsa_key: rsa.RSAP
     token = jwt.encode(claims(), rsa_key, algorithm="RS256")
     assert chat(rs_proxy.url, token).status_code == 200
     # The HMAC secret of another deployment means nothing here.
-    assert chat(rs_proxy.url, hs256()).status_code == 401
-    assert chat(rs_proxy.url, unsigned(claims())).status_code == 401
+    for token in (hs256(), unsigned(claims())):
+        refused = chat(rs_proxy.url, token)
+        assert refused.status_code == 401
+        assert refused.json()["error"]["message"] == (
+            "invalid token: its alg is not one this proxy accepts"
+        )
 
 
 def test_trusted_claims_set_the_permissions(
@@ -172,4 +219,11 @@ def test_trusted_claims_set_the_permissions(
     bad_claim = jwt.encode(
         claims(**{NAMESPACE: {"allowedFeatures": ["teleport"]}}), rsa_key, algorithm="RS256"
     )
-    assert chat(rs_proxy.url, bad_claim).status_code == 401
+    refused = chat(rs_proxy.url, bad_claim)
+    assert refused.status_code == 401
+    assert refused.json()["error"]["message"] == (
+        "invalid token: the permissions claim is not valid"
+    )
+    assert "reason=token_permissions id=jwt:ivy " in rs_proxy.log_once_it_has(
+        "reason=token_permissions"
+    )

@@ -1,6 +1,7 @@
 """rk_ keys end to end: issued by the CLI against the proxy's SQLite file, used through a real
-proxy process, revoked, expired, refused; permissions enforced before any vendor is called;
-failed authentications limited per address; no key in the proxy's log."""
+proxy process, revoked, expired, refused with a 401 that says why (an unknown and a revoked key
+alike) and a log line naming the reason and the key's public id; permissions enforced before
+any vendor is called; failed authentications limited per address; no key in the proxy's log."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
+from robota_proxy.policy.static_keys import key_id
 from robota_proxy.testing import FakeVendors
 from tests.e2e.auth_support import (
     ADMIN_KEY,
@@ -28,6 +30,25 @@ from tests.e2e.auth_support import (
 from tests.e2e.conftest import USER_KEY, ProxyProcess, start_proxy, stop_proxy, vendor_env
 
 pytestmark = pytest.mark.e2e
+
+UNKNOWN = "unknown or revoked key"
+
+
+def assert_refused(
+    proxy: ProxyProcess, credential: str, message: str, reason: str, public_id: str
+) -> None:
+    """401 with ``message``; one log line with the reason and the public id of this very
+    request, and nowhere the credential."""
+    refused = chat(proxy.url, credential)
+    assert refused.status_code == 401
+    error = refused.json()["error"]
+    assert (error["code"], error["message"]) == ("unauthenticated", message)
+    assert credential not in refused.text
+    request = f"request={error['requestId']}"
+    log = proxy.log_once_it_has(request)
+    (line,) = [entry for entry in log.splitlines() if request in entry]
+    assert f"authentication refused: reason={reason} id={public_id} client=127.0.0.1 " in line
+    assert credential not in log
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +81,28 @@ def test_cli_key_works_and_wrong_keys_do_not(keyed_proxy: ProxyProcess, database
     assert key not in answer.text
 
     tampered = key[:-3] + ("aaa" if not key.endswith("aaa") else "bbb")
-    for wrong in (tampered, "rk_zzzzzzzz_" + "x" * 43, "rk_short", "nope"):
-        refused = chat(keyed_proxy.url, wrong)
+    malformed_key = (
+        "malformed key: a proxy key is rk_<8-character id>_<43-character secret>; "
+        "check that it was copied whole"
+    )
+    for wrong, message, reason, public_id in (
+        (tampered, UNKNOWN, "wrong_secret", created["id"]),
+        ("rk_zzzzzzzz_" + "x" * 43, UNKNOWN, "unknown_key", "zzzzzzzz"),
+        ("rk_short", malformed_key, "malformed_key", "-"),
+        ("nope", UNKNOWN, "unknown_key", key_id("nope")),
+    ):
+        assert_refused(keyed_proxy, wrong, message, reason, public_id)
+    for headers, message in (
+        ({}, "no credential: send 'Authorization: Bearer <key>'"),
+        (
+            {"Authorization": f"Basic {key}"},
+            "malformed Authorization header: expected 'Bearer <key>', one key or token "
+            "without spaces",
+        ),
+    ):
+        refused = httpx.post(f"{keyed_proxy.url}/ai/chat", json=chat_body(), headers=headers)
         assert refused.status_code == 401
-        assert refused.json()["error"]["code"] == "unauthenticated"
-        assert wrong not in refused.text
+        assert refused.json()["error"]["message"] == message
     # The static ROBOTA_API_KEYS list keeps working beside the key store.
     assert chat(keyed_proxy.url, USER_KEY).status_code == 200
 
@@ -85,6 +123,8 @@ def test_revoked_key_is_refused_within_a_second(
     done = cli(database_url, "keys", "revoke", created["id"])
     assert done.returncode == 0, done.stderr
     assert seconds_until_refused([keyed_proxy.url], created["key"]) < REVOKE_BOUND
+    # Told apart in the log only: the caller reads what an unknown key reads.
+    assert_refused(keyed_proxy, created["key"], UNKNOWN, "revoked", created["id"])
     shown = admin("GET", keyed_proxy.url, f"/admin/keys/{created['id']}").json()
     assert shown["status"] == "revoked" and shown["lastUsedAt"] is not None
 
@@ -96,8 +136,9 @@ def test_expired_key_is_refused(keyed_proxy: ProxyProcess) -> None:
     key = created["key"]
     assert chat(keyed_proxy.url, key).status_code == 200
     time.sleep(1.1)
-    refused = chat(keyed_proxy.url, key)
-    assert refused.status_code == 401
+    assert_refused(
+        keyed_proxy, key, "the key has expired: ask for a new one", "expired", created["id"]
+    )
     assert admin("GET", keyed_proxy.url, f"/admin/keys/{created['id']}").json()["status"] == (
         "expired"
     )
