@@ -132,6 +132,11 @@ class Settings(BaseSettings):
     #: Upper bound of a request's ``options.timeout`` (larger values are clamped) and the
     #: deadline of requests that set none; covers retries, fallbacks and the whole stream.
     max_request_timeout: float = Field(default=300.0, gt=0)
+    #: A call's ledger row is a lease that expires at its deadline plus this margin; the
+    #: leases of a process that died are then closed (worst case charged as an estimate) and
+    #: their holds released, by any process, checked every ``lease_reclaim_seconds``.
+    lease_margin_seconds: float = Field(default=60.0, ge=0, le=24 * 3600)
+    lease_reclaim_seconds: float = Field(default=5.0, gt=0, le=3600)
 
     #: The offline ``mock`` provider: on by default so a fresh install answers without keys.
     mock_enabled: bool = True
