@@ -58,12 +58,22 @@ def event_id(stream_id: str, seq: int) -> str:
     return f"{stream_id}:{seq}"
 
 
+#: A seq as it appears in an event id: ASCII digits only. ``str.isdigit`` is not enough: it
+#: is True for '²' and other Unicode digits that ``int`` then refuses (a 500 in the audit).
+_SEQ = re.compile(r"^[0-9]{1,9}$")
+
+
+def parse_seq(value: str) -> int | None:
+    """A seq (1 to 9 ASCII digits, surrounding spaces allowed), or ``None``."""
+    text = value.strip()
+    return int(text) if _SEQ.match(text) else None
+
+
 def parse_event_id(value: str) -> tuple[str, int] | None:
     """``(stream id, seq)`` from an event id, or ``None`` when it is not one of ours."""
-    stream_id, sep, seq = value.strip().rpartition(":")
-    if not sep or not is_stream_id(stream_id) or not seq.isdigit() or len(seq) > 9:
-        return None
-    return stream_id, int(seq)
+    stream_id, sep, text = value.strip().rpartition(":")
+    seq = parse_seq(text) if sep and is_stream_id(stream_id) else None
+    return None if seq is None else (stream_id, seq)
 
 
 class StreamBuffer(Protocol):

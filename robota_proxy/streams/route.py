@@ -13,7 +13,7 @@ from starlette.routing import Route
 
 from robota_proxy import scope as keys
 from robota_proxy.errors import InvalidRequest, NotFound
-from robota_proxy.streams.buffer import StreamBuffer, is_stream_id, parse_event_id
+from robota_proxy.streams.buffer import StreamBuffer, is_stream_id, parse_event_id, parse_seq
 from robota_proxy.streams.response import ResumedStream
 
 
@@ -42,8 +42,9 @@ def _position(stream_id: str, last_event_id: str | None) -> int:
     """The seq to resume after: ``<stream id>:<seq>``, a bare seq, or none (from the start)."""
     if last_event_id is None or not last_event_id.strip():
         return 0
-    if last_event_id.strip().isdigit() and len(last_event_id.strip()) <= 9:
-        return int(last_event_id)
+    seq = parse_seq(last_event_id)
+    if seq is not None:
+        return seq
     parsed = parse_event_id(last_event_id)
     if parsed is None or parsed[0] != stream_id:
         raise InvalidRequest("Last-Event-ID is not an event id of this stream")
