@@ -56,7 +56,7 @@ from robota_proxy.storage.database import Database
 from robota_proxy.storage.key_store import KeyStore
 from robota_proxy.storage.limits_storage import LimitsStorage
 from robota_proxy.storage.response_cache import ResponseCache, response_cache
-from robota_proxy.storage.usage_store import UsageStore
+from robota_proxy.storage.usage_store import LeaseReclaimer, UsageStore
 from robota_proxy.streams.buffer import StreamBuffer
 from robota_proxy.streams.factory import stream_buffer
 from robota_proxy.streams.route import ResumeRoutes
@@ -95,6 +95,12 @@ class Resources:
         self._lock = anyio.Lock()
         self._users = 0
         self._drains: list[Callable[[], Awaitable[None]]] = []
+        self._starts: list[Callable[[], Awaitable[None]]] = []
+
+    def start_after_open(self, start: Callable[[], Awaitable[None]]) -> None:
+        """Background work that needs the database (the lease reclaimer) starts once it is
+        open; pair it with ``drain_before_close`` to stop it."""
+        self._starts.append(start)
 
     def drain_before_close(self, drain: Callable[[], Awaitable[None]]) -> None:
         """Work that still writes in the background (key last-used times) is waited for at
@@ -129,6 +135,8 @@ class Resources:
 
     async def _start(self) -> None:
         await self.database.open()
+        for start in self._starts:
+            await start()
         self.registry.open()
         log.info("resources opened (providers: %s)", ", ".join(self.registry.names()))
 
@@ -184,6 +192,10 @@ class ProxyApp(Starlette):
             max_in_flight=settings.ws_max_in_flight, send_queue=settings.ws_send_queue
         )
         self.usage_store = UsageStore(database)
+        # Leases of calls whose process died: closed at start and every few seconds after.
+        reclaimer = LeaseReclaimer(self.usage_store, settings.lease_reclaim_seconds)
+        self.resources.start_after_open(reclaimer.start)
+        self.resources.drain_before_close(reclaimer.stop)
         self.prices = PriceBook.from_file(settings.prices_file)
         #: Per-user rpm / per-day / tpm; ``await proxy.limiter.remaining(principal)`` reads them.
         self.limiter = RateLimiter(self.limits.storage)
@@ -219,6 +231,8 @@ class ProxyApp(Starlette):
                     prices=self.prices,
                     reserve_max_tokens=settings.reserve_max_tokens,
                     max_body_bytes=settings.max_body_bytes,
+                    request_timeout=settings.max_request_timeout,
+                    lease_margin=settings.lease_margin_seconds,
                 ),
                 Middleware(
                     CacheMiddleware,

@@ -12,6 +12,9 @@ from typing import Any
 
 #: ``str``: the request id, set by ``RequestContextMiddleware`` (or generated on first use).
 REQUEST_ID = "robota.request_id"
+#: ``str``: the caller's own ``X-Request-ID`` when it sent a usable one (then it is also the
+#: request id above, echoed back). Not unique: the ledger keeps it beside a key of its own.
+CORRELATION_ID = "robota.correlation_id"
 #: ``robota_proxy.policy.principals.Principal``: who is calling, set by ``AuthMiddleware``.
 PRINCIPAL = "robota.principal"
 #: ``robota_client.messages.ChatRequest``: the parsed chat body, read once and kept here.

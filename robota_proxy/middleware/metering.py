@@ -1,44 +1,59 @@
-"""``MeteringMiddleware``: hold the worst case before a chat call, settle the truth after.
+"""``MeteringMiddleware``: open the ledger row before a chat call, settle the truth after.
 
-For a caller with a monthly token quota or budget, the request's worst case (an upper bound
-of its prompt tokens plus its ``maxTokens``, priced without any cache discount) is reserved
-atomically before the route runs; a request that does not fit is refused with 429
-``quota_exceeded`` or 402 ``budget_exceeded`` and never reaches a vendor. A request without
-``maxTokens`` gets ``settings.reserve_max_tokens`` written into it, so the vendor is bound by
-the same number the reservation assumed.
+Before the route runs, one transaction writes the call's ledger row, status ``in_flight``,
+with a *lease* (this process, and an expiry: the request's deadline, ``options.timeout``
+clamped to ``max_request_timeout``, plus ``lease_margin``) and, for a caller with a monthly
+token quota or budget, holds the request's worst case (an upper bound of its prompt tokens
+plus its ``maxTokens``, priced without any cache discount) atomically against the limits. A
+request that does not fit is refused with 429 ``quota_exceeded`` or 402 ``budget_exceeded``
+and never reaches a vendor. A budgeted request without ``maxTokens`` gets
+``settings.reserve_max_tokens`` written into it, so the vendor is bound by the same number
+the reservation assumed. If the row cannot be written (the database is down), the call is
+refused with 503 ``upstream_unavailable``: no vendor call without a ledger row.
 
 After the call (whatever way it ended: answered, failed, the client gone, the task cancelled)
-one transaction releases the reservation, adds the real usage to the month's counters and
-writes the ledger row. The settle is shielded from cancellation, so a disconnect cannot skip
-the bill. Callers without limits reserve nothing but are still counted and ledgered, so
-``/ai/me``, ``/ai/usage`` and the ledger always agree.
+one transaction completes the row, releases the hold and adds the real usage to the month's
+counters; a call that never reached a vendor (404, 400...) has its row deleted instead. The
+settle is shielded from cancellation, so a disconnect cannot skip the bill. If the process
+dies first, the lease expires and a reclaimer (``robota_proxy.storage.usage_store``) closes
+the row as ``interrupted`` with its worst case and releases the hold.
 
-Where the vendor never reported usage (a stream cut short, a server that does not report
-it), the row is an estimate, marked ``estimated``: the prompt's upper bound plus a token per
-four characters produced. A vendor that refused the call outright before producing anything
-is recorded with zero tokens: vendors do not bill refusals.
+The row's key is minted here and unique; a caller's own ``X-Request-ID`` is kept beside it
+as its correlation id. Where the vendor never reported usage (a stream cut short, a server
+that does not report it), the row is an estimate, marked ``estimated``: the prompt's upper
+bound plus a token per four characters produced. A vendor that refused the call outright
+before producing anything is recorded with zero tokens: vendors do not bill refusals. A
+client that went away (a disconnect seen, or a write to it that failed) is recorded as
+``client_disconnected``, not as the proxy's own ``internal_error``.
 
 Pure ASGI, configured only by its arguments; meets the other pieces through the scope
-(``PRINCIPAL``, ``CHAT_REQUEST``, ``CALL``).
+(``PRINCIPAL``, ``CHAT_REQUEST``, ``CALL``, ``CORRELATION_ID``).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Collection
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import anyio
 from starlette.requests import Request
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from robota_client.messages import ChatRequest, Usage
 from robota_proxy import scope as keys
 from robota_proxy.call_record import CallRecord, call_record
-from robota_proxy.chat_body import chat_request
-from robota_proxy.errors import BudgetExceeded, Forbidden, ProxyError, QuotaExceeded
-from robota_proxy.middleware.paths import CHAT_PATHS, route_path
+from robota_proxy.chat_body import parse_chat_request, read_body
+from robota_proxy.errors import (
+    BudgetExceeded,
+    Forbidden,
+    InvalidRequest,
+    ProxyError,
+    QuotaExceeded,
+    UpstreamUnavailable,
+)
+from robota_proxy.middleware.paths import CHAT_PATHS, STREAM_PATH, route_path
 from robota_proxy.policy.pricing import (
     PriceBook,
     estimate_completion_tokens,
@@ -50,9 +65,11 @@ from robota_proxy.policy.principals import Principal
 from robota_proxy.responses import error_response
 from robota_proxy.storage.usage_store import (
     LedgerEntry,
+    Opening,
     Refusal,
     Reservation,
     UsageStore,
+    new_lease_owner,
     period_of,
 )
 
@@ -74,6 +91,9 @@ class MeteringMiddleware:
         max_body_bytes: int = 4 * 1024 * 1024,
         paths: Collection[str] = tuple(CHAT_PATHS),
         anonymous_user: str = "anonymous",
+        request_timeout: float = 300.0,
+        lease_margin: float = 60.0,
+        lease_owner: str | None = None,
     ) -> None:
         self.app = app
         self.store = store
@@ -82,6 +102,11 @@ class MeteringMiddleware:
         self.max_body_bytes = max_body_bytes
         self.paths = frozenset(paths)
         self.anonymous_user = anonymous_user
+        #: The longest a request may run (``settings.max_request_timeout``); a request's own
+        #: ``options.timeout`` shortens it. With ``lease_margin`` added, the life of a lease.
+        self.request_timeout = request_timeout
+        self.lease_margin = lease_margin
+        self.lease_owner = lease_owner or new_lease_owner()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or route_path(scope) not in self.paths:
@@ -93,20 +118,37 @@ class MeteringMiddleware:
         record = call_record(scope, keys.request_id(scope))
         record.pricer = self.prices
         started_at = datetime.now(UTC)
-        reservation: Reservation | None = None
-        if principal.permissions.has_money_limits:
-            try:
-                reservation = await self._reserve(scope, receive, principal, started_at)
-            except ProxyError as exc:
-                await error_response(exc, record.request_id)(scope, receive, send)
-                return
         try:
-            await self.app(scope, receive, send)
+            receive = await self._readable(scope, receive, principal)
+            # Shielded: once committed, the row must reach the settle below.
+            with anyio.CancelScope(shield=True):
+                reservation = await self._open(scope, principal, started_at)
+        except ProxyError as exc:
+            await error_response(exc, record.request_id)(scope, receive, send)
+            return
+        gone = False
+
+        async def watched_receive() -> Message:
+            nonlocal gone
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                gone = True
+            return message
+
+        async def watched_send(message: Message) -> None:
+            nonlocal gone
+            try:
+                await send(message)
+            except Exception:
+                gone = True  # a write to the client failed: it is gone
+                raise
+
+        try:
+            await self.app(scope, watched_receive, watched_send)
         except BaseException as exc:
             if record.status == "ok":
-                record.status = (
-                    "internal_error" if isinstance(exc, Exception) else "client_disconnected"
-                )
+                failed = isinstance(exc, Exception) and not gone
+                record.status = "internal_error" if failed else "client_disconnected"
             raise
         finally:
             # Shielded: a cancelled request (the client went away) must still be billed
@@ -116,38 +158,93 @@ class MeteringMiddleware:
 
     # --- before -------------------------------------------------------------------------
 
-    async def _reserve(
-        self, scope: Scope, receive: Receive, principal: Principal, now: datetime
-    ) -> Reservation:
-        request = await chat_request(Request(scope, receive), self.max_body_bytes)
+    async def _readable(self, scope: Scope, receive: Receive, principal: Principal) -> Receive:
+        """Parse the chat body into the scope if nobody did, and give back a ``receive`` that
+        still yields the body to the app. A body that is not a chat request is the app's
+        business (metering can sit in front of a host's own endpoint), unless the caller has
+        limits: their worst case cannot be bounded without it."""
+        if isinstance(scope.get(keys.CHAT_REQUEST), ChatRequest):
+            return receive
+        body = await read_body(Request(scope, receive), self.max_body_bytes)
+        try:
+            scope[keys.CHAT_REQUEST] = parse_chat_request(body)
+        except InvalidRequest:
+            if principal.permissions.has_money_limits:
+                raise
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return replay
+
+    async def _open(self, scope: Scope, principal: Principal, now: datetime) -> Reservation:
+        """Write the in-flight row and hold the worst case; raise what the caller gets
+        instead of a vendor call when that is not possible."""
+        request = scope.get(keys.CHAT_REQUEST)
+        request = request if isinstance(request, ChatRequest) else None
         limits = principal.permissions
         budget = limits.monthly_budget_usd
-        if budget is not None and not self.prices.knows(request.provider, request.model):
-            raise Forbidden(
-                f"no price known for model {request.provider}/{request.model}; callers with "
-                "a monthly budget can only use priced models (the operator can price it in "
-                "ROBOTA_PRICES_FILE, or set a default price there)"
+        prompt = completion = 0
+        worst: Decimal | None = None
+        if request is not None:
+            if budget is not None and not self.prices.knows(request.provider, request.model):
+                raise Forbidden(
+                    f"no price known for model {request.provider}/{request.model}; callers "
+                    "with a monthly budget can only use priced models (the operator can price "
+                    "it in ROBOTA_PRICES_FILE, or set a default price there)"
+                )
+            if request.options.max_tokens is None and limits.has_money_limits:
+                request.options.max_tokens = self.reserve_max_tokens
+            prompt = prompt_token_bound(request)
+            # Without limits nothing is sent or held, but an interrupted call is still
+            # charged an estimate: this many output tokens.
+            completion = request.options.max_tokens or self.reserve_max_tokens
+            worst = self.prices.cost(
+                request.provider,
+                request.model,
+                Usage(prompt_tokens=prompt, completion_tokens=completion),
             )
-        if request.options.max_tokens is None:
-            request.options.max_tokens = self.reserve_max_tokens
-        prompt = prompt_token_bound(request)
-        completion = request.options.max_tokens
-        worst = self.prices.cost(
-            request.provider,
-            request.model,
-            Usage(prompt_tokens=prompt, completion_tokens=completion),
+        correlation = scope.get(keys.CORRELATION_ID)
+        # The caller's id is theirs to reuse; the ledger's key must be unique.
+        ledger_id = keys.new_request_id() if correlation else keys.request_id(scope)
+        timeout = self.request_timeout
+        if request is not None and request.options.timeout is not None:
+            timeout = min(timeout, request.options.timeout)
+        call = Opening(
+            request_id=ledger_id,
+            created_at=now,
+            user=principal.user,
+            key_id=principal.key_id,
+            provider=request.provider if request is not None else "unknown",
+            model=request.model if request is not None else "unknown",
+            streamed=route_path(scope) == STREAM_PATH,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            cost_pico=None if worst is None else to_pico(worst),
+            lease_owner=self.lease_owner,
+            lease_expires_at=now + timedelta(seconds=timeout + self.lease_margin),
+            correlation_id=correlation if isinstance(correlation, str) else None,
         )
-        period = period_of(now)
-        result = await self.store.reserve(
-            principal.user,
-            period,
-            tokens=prompt + completion,
-            cost_pico=0 if worst is None else to_pico(worst),
-            token_limit=limits.monthly_tokens,
-            cost_limit_pico=None if budget is None else to_pico(budget),
-        )
+        try:
+            result = await self.store.open(
+                call,
+                token_limit=limits.monthly_tokens,
+                cost_limit_pico=None if budget is None else to_pico(budget),
+            )
+        except Exception:
+            log.exception("could not write the ledger row of %s", keys.request_id(scope))
+            raise UpstreamUnavailable(
+                "the usage ledger is unavailable, and no vendor call is made without its "
+                "ledger row; try again shortly",
+                retry_after=1.0,
+            ) from None
         if isinstance(result, Refusal):
-            raise _refusal_error(result, principal, period, prompt + completion, worst)
+            raise _refusal_error(result, principal, period_of(now), prompt + completion, worst)
         return result
 
     # --- after --------------------------------------------------------------------------
@@ -157,23 +254,32 @@ class MeteringMiddleware:
         scope: Scope,
         record: CallRecord,
         principal: Principal,
-        reservation: Reservation | None,
+        reservation: Reservation,
         started_at: datetime,
     ) -> None:
         try:
             if not record.upstream_called and not record.cached:
                 # Refused before any vendor (404, 400...): not a ledger row.
-                if reservation is not None:
-                    await self.store.release(reservation)
+                await self.store.abandon(reservation)
                 return
-            entry = self._entry(scope, record, principal, started_at)
+            entry = self._entry(scope, record, principal, started_at, reservation.request_id)
             await self.store.settle(entry, reservation)
         except Exception:
             # The answer has gone out already; all that is left to do is to say so loudly.
-            log.exception("could not settle the usage of %s", record.request_id)
+            # The store has released the hold (or the lease's expiry will).
+            log.exception(
+                "could not settle the usage of %s (ledger row %s)",
+                record.request_id,
+                reservation.request_id,
+            )
 
     def _entry(
-        self, scope: Scope, record: CallRecord, principal: Principal, started_at: datetime
+        self,
+        scope: Scope,
+        record: CallRecord,
+        principal: Principal,
+        started_at: datetime,
+        ledger_id: str,
     ) -> LedgerEntry:
         request = scope.get(keys.CHAT_REQUEST)
         request = request if isinstance(request, ChatRequest) else None
@@ -191,8 +297,10 @@ class MeteringMiddleware:
             cost = record.cost
         else:
             cost = self.prices.cost(provider, model, usage)
+        correlation = scope.get(keys.CORRELATION_ID)
         return LedgerEntry(
-            request_id=record.request_id,
+            request_id=ledger_id,
+            correlation_id=correlation if isinstance(correlation, str) else None,
             created_at=started_at,
             user=principal.user,
             key_id=principal.key_id,

@@ -31,6 +31,19 @@ def incoming_request_id(scope: Scope) -> str | None:
     return None
 
 
+def _identify(scope: Scope) -> str:
+    """The request id: the caller's, echoed so they can correlate, or a fresh one. A
+    caller's id is also kept under ``CORRELATION_ID``, so that whoever needs a key unique to
+    this request (the usage ledger) knows to mint one: callers reuse ids (retries,
+    pipelined clients, fixed values)."""
+    theirs = incoming_request_id(scope)
+    if theirs is None:
+        scope[keys.REQUEST_ID] = created = keys.new_request_id()
+        return created
+    scope[keys.CORRELATION_ID] = scope[keys.REQUEST_ID] = theirs
+    return theirs
+
+
 class RequestContextMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -38,11 +51,10 @@ class RequestContextMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             if scope["type"] == "websocket":
-                scope[keys.REQUEST_ID] = incoming_request_id(scope) or keys.new_request_id()
+                scope[keys.REQUEST_ID] = _identify(scope)
             await self.app(scope, receive, send)
             return
-        request_id = incoming_request_id(scope) or keys.new_request_id()
-        scope[keys.REQUEST_ID] = request_id
+        request_id = _identify(scope)
         started = time.perf_counter()
         status = 500
 

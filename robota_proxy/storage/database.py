@@ -17,7 +17,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
-from sqlalchemy import Column, Integer, MetaData, Table, event, select, text
+from sqlalchemy import Column, Integer, MetaData, Table, event, inspect, select, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -37,8 +37,57 @@ async def _initial_schema(conn: AsyncConnection) -> None:
     await conn.run_sync(tables.metadata.create_all)
 
 
+async def _ledger_leases(conn: AsyncConnection) -> None:
+    """2: crash-safe money. The ledger row is written before the vendor call, holding the
+    call's lease (owner, expiry, what the counters hold for it, the worst case to charge if it
+    never settles); ``request_id`` becomes unique (minted by the proxy) and the caller's
+    ``X-Request-ID`` moves to ``correlation_id``.
+
+    Idempotent, because step 1 creates the tables as ``tables.py`` has them today: a database
+    created by it already has all of this. The DDL is spelled out here rather than read from
+    ``tables.py``, so that later schema changes never alter what this step does."""
+    existing = await conn.run_sync(
+        lambda sync: {column["name"] for column in inspect(sync).get_columns("usage_ledger")}
+    )
+    timestamp = "TIMESTAMP WITH TIME ZONE" if conn.dialect.name == "postgresql" else "DATETIME"
+    added = (
+        ("correlation_id", "VARCHAR(64)"),
+        ("lease_owner", "VARCHAR(100)"),
+        ("lease_expires_at", timestamp),
+        ("reserved_tokens", "BIGINT NOT NULL DEFAULT 0"),
+        ("reserved_cost_pico", "BIGINT NOT NULL DEFAULT 0"),
+        ("estimate_prompt_tokens", "BIGINT NOT NULL DEFAULT 0"),
+        ("estimate_completion_tokens", "BIGINT NOT NULL DEFAULT 0"),
+        ("estimate_cost_pico", "BIGINT"),
+    )
+    for name, ddl in added:
+        if name not in existing:
+            await conn.execute(text(f"ALTER TABLE usage_ledger ADD COLUMN {name} {ddl}"))
+    # Rows keyed by a caller's X-Request-ID may share it: all but the first of each get a
+    # unique key and keep the caller's id as their correlation id.
+    await conn.execute(
+        text(
+            "UPDATE usage_ledger SET correlation_id = request_id, "
+            "request_id = request_id || '~' || CAST(id AS VARCHAR(20)) "
+            "WHERE id NOT IN (SELECT min(id) FROM usage_ledger GROUP BY request_id)"
+        )
+    )
+    await conn.execute(
+        text(
+            "CREATE UNIQUE INDEX IF NOT EXISTS ux_usage_ledger_request_id "
+            "ON usage_ledger (request_id)"
+        )
+    )
+    await conn.execute(
+        text(
+            "CREATE INDEX IF NOT EXISTS ix_usage_ledger_lease "
+            "ON usage_ledger (status, lease_expires_at)"
+        )
+    )
+
+
 #: Append only: a released step is never edited, a change is a new step.
-MIGRATIONS: Sequence[Migration] = (_initial_schema,)
+MIGRATIONS: Sequence[Migration] = (_initial_schema, _ledger_leases)
 
 # Any fixed number: the advisory lock that serialises migrations across PostgreSQL clients.
 _PG_MIGRATION_LOCK = 7_261_534

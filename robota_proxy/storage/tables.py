@@ -65,13 +65,19 @@ usage_counters = Table(
     Column("requests", BigInteger, nullable=False, default=0),
 )
 
+#: One row per call that may have reached a vendor, written *before* the vendor is asked
+#: (status ``in_flight``, with the call's lease) and completed by the settle; see
+#: ``robota_proxy.storage.usage_store``.
 usage_ledger = Table(
     "usage_ledger",
     metadata,
     Column(
         "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
     ),
+    #: Minted by the proxy, unique: the key the settle and the reclaimer find the row by.
     Column("request_id", String(100), nullable=False),
+    #: The caller's own ``X-Request-ID``, when it sent one: theirs to correlate, not unique.
+    Column("correlation_id", String(64), nullable=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("user_id", String(200), nullable=False),
     Column("key_id", String(64), nullable=True),
@@ -86,7 +92,9 @@ usage_ledger = Table(
     Column("reasoning_tokens", BigInteger, nullable=False, default=0),
     Column("cost_pico", BigInteger, nullable=False, default=0),
     Column("latency_ms", Integer, nullable=False, default=0),
-    #: ``ok``, a wire error code (``upstream_error``...), or ``client_disconnected``.
+    #: ``in_flight`` until settled; then ``ok``, a wire error code (``upstream_error``...),
+    #: ``client_disconnected``, ``interrupted`` (its process died: closed by the lease
+    #: reclaimer) or ``settle_failed`` (its settle could not be written: closed the same way).
     Column("status", String(40), nullable=False),
     Column("streamed", Boolean, nullable=False, default=False),
     Column("cached", Boolean, nullable=False, default=False),
@@ -94,5 +102,29 @@ usage_ledger = Table(
     Column("priced", Boolean, nullable=False, default=True),
     #: True when the vendor never reported usage and the tokens were estimated.
     Column("estimated", Boolean, nullable=False, default=False),
+    # --- the lease of a call in flight ---
+    #: The process serving the call (``host:pid:random``), kept after the settle.
+    Column("lease_owner", String(100), nullable=True),
+    #: When an unsettled row may be presumed dead: the request deadline plus a margin.
+    #: Cleared by the settle.
+    Column("lease_expires_at", DateTime(timezone=True), nullable=True),
+    #: What the counters hold for this row while it is in flight (0 without limits).
+    Column("reserved_tokens", BigInteger, nullable=False, default=0),
+    Column("reserved_cost_pico", BigInteger, nullable=False, default=0),
+    #: The worst case written at the start, charged if the call never settles
+    #: (``estimate_cost_pico`` null: the model has no known price).
+    Column("estimate_prompt_tokens", BigInteger, nullable=False, default=0),
+    Column("estimate_completion_tokens", BigInteger, nullable=False, default=0),
+    Column("estimate_cost_pico", BigInteger, nullable=True),
     Index("ix_usage_ledger_user_time", "user_id", "created_at"),
+    Index("ux_usage_ledger_request_id", "request_id", unique=True),
+    Index("ix_usage_ledger_lease", "status", "lease_expires_at"),
 )
+
+#: Column lengths of the ledger's text columns: values are clipped to them, so that nothing
+#: a caller sends (a 300-character model name) can make the ledger write fail.
+LEDGER_TEXT_LIMITS = {
+    name: column.type.length
+    for name, column in usage_ledger.columns.items()
+    if isinstance(column.type, String) and column.type.length is not None
+}

@@ -161,13 +161,16 @@ def ledger_rows(database: Path, request_id: str) -> list[dict[str, Any]]:
 def wait_for_ledger(
     database: Path, where: str, params: tuple[Any, ...], *, count: int
 ) -> list[dict[str, Any]]:
-    """The SQLite ledger rows matching ``where``, in order, once ``count`` are there or 5 s
-    passed (a call's row is written after the answer's last byte)."""
+    """The settled SQLite ledger rows matching ``where``, in order, once ``count`` are there
+    or 5 s passed (a call's row is written in flight before the vendor call and settled after
+    the answer's last byte)."""
     deadline = time.monotonic() + 5
     while True:
         with sqlite3.connect(database) as conn:
             conn.row_factory = sqlite3.Row
-            query = f"SELECT * FROM usage_ledger WHERE {where} ORDER BY id"
+            query = (
+                f"SELECT * FROM usage_ledger WHERE status != 'in_flight' AND ({where}) ORDER BY id"
+            )
             rows = [dict(row) for row in conn.execute(query, params)]
         if len(rows) >= count or time.monotonic() > deadline:
             return rows

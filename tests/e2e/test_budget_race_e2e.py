@@ -115,7 +115,7 @@ async def ledger_and_counters(database_url: str, user: str) -> tuple[int, int, i
                 await conn.execute(
                     text(
                         "SELECT count(*), coalesce(sum(cost_pico), 0) FROM usage_ledger "
-                        "WHERE user_id = :user"
+                        "WHERE user_id = :user AND status != 'in_flight'"
                     ),
                     {"user": user},
                 )

@@ -64,10 +64,12 @@ def new_key(proxy: ProxyProcess, permissions: dict[str, Any] | None = None) -> t
 
 
 def ledger(database: Path, user: str) -> list[dict[str, Any]]:
+    """The user's settled rows (a row is written ``in_flight`` before its vendor call)."""
     with sqlite3.connect(database) as conn:
         conn.row_factory = sqlite3.Row
         rows = conn.execute(
-            "SELECT * FROM usage_ledger WHERE user_id = ? ORDER BY id", (user,)
+            "SELECT * FROM usage_ledger WHERE user_id = ? AND status != 'in_flight' ORDER BY id",
+            (user,),
         ).fetchall()
     return [dict(row) for row in rows]
 
