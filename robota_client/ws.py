@@ -10,6 +10,17 @@ does before a stream's first event. A non-streamed ``chat`` whose socket drops r
 
 Keep-alive is the websockets library's protocol ping (every 20 s); a dead peer closes the
 socket and triggers the reconnect.
+
+The proxy runs at most ``ROBOTA_WS_MAX_IN_FLIGHT`` calls per socket and refuses the excess
+with ``rate_limited``. That bound is the server's business, not the application's: the
+transport asks for it (a ``hello`` frame, answered with ``maxInFlight``) on every new socket
+and holds calls past it in a queue, so ``asyncio.gather`` of a hundred calls just works. The
+server frees a call's place as it sends the call's last frame, so a client that counts its
+calls until their last frame arrives stays within the bound; the one window where it could
+still be refused (a cancelled stream, whose end the server does not report) is covered by
+sending a refused request again after a short back-off: a refusal of that kind (no HTTP
+status, no event id: the socket's own, not the proxy's rate limiter) means the request
+never started.
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ import contextlib
 import itertools
 import json
 import logging
+from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,6 +48,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketExce
 from robota_client.closing import AsyncClosing
 from robota_client.errors import (
     ProtocolError,
+    RateLimitedError,
     RemoteConnectionError,
     RemoteError,
     error_from_event,
@@ -49,6 +62,58 @@ __all__ = ["WSEventStream", "WSTransport"]
 log = logging.getLogger("robota_client")
 
 _EVENT_NAMES = frozenset({"delta", "tool_call", "usage", "done", "error"})
+#: The proxy's default ``ROBOTA_WS_MAX_IN_FLIGHT``: the bound assumed until it says its own.
+DEFAULT_MAX_IN_FLIGHT = 16
+#: Re-sends of a request the socket refused as over its bound, before giving up (with
+#: back-off from 10 ms doubling to 0.5 s: about 8 s in all). Only a race makes the first
+#: one necessary (see the module doc), so the rest are a margin, not a plan.
+_BUSY_RESENDS = 20
+
+
+class _Slots:
+    """The calls allowed on the socket at once: a semaphore whose size can change (the
+    server announces its bound after the socket opens), waiters served first come, first
+    served."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    async def acquire(self) -> None:
+        if self.used < self.limit and not self._waiters:
+            self.used += 1
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                # Handed a place just as it was cancelled: pass it on.
+                self.used -= 1
+                self._wake()
+            raise
+        finally:
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(waiter)
+
+    def release(self) -> None:
+        self.used -= 1
+        self._wake()
+
+    def resize(self, limit: int) -> None:
+        self.limit = max(1, limit)
+        self._wake()
+
+    def _wake(self) -> None:
+        """Hand free places to waiters in order; the place is taken on their behalf, so a
+        newcomer cannot overtake a woken waiter."""
+        while self._waiters and self.used < self.limit:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.used += 1
+                waiter.set_result(None)
 
 
 class _Call:
@@ -59,6 +124,8 @@ class _Call:
         self.frames: asyncio.Queue[dict[str, Any] | RemoteError] = asyncio.Queue()
         self.last_event_id: str | None = None
         self.request_id: str | None = None
+        #: Holds one of the transport's ``_Slots`` (from ``_begin`` to ``_end``).
+        self.has_slot = False
 
     def reattach_frame(self) -> dict[str, Any] | None:
         """What to send on a new socket; ``None`` when the call cannot be re-attached."""
@@ -91,7 +158,12 @@ class WSTransport(AsyncClosing):
         reconnect_attempts: int = 5,
         reconnect_initial_delay: float = 0.05,
         reconnect_max_delay: float = 2.0,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     ) -> None:
+        """``max_in_flight`` is the server's bound on calls per socket as assumed until the
+        server announces its own (servers that announce nothing are taken at this word)."""
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be >= 1")
         url = httpx.URL(server_url)
         if url.scheme not in ("http", "https"):
             raise ValueError(f"server_url must be an http(s) URL, got {server_url!r}")
@@ -111,8 +183,16 @@ class WSTransport(AsyncClosing):
         self._reader: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._closed = False
+        self._slots = _Slots(max_in_flight)
         #: Reconnections after a dropped socket (for tests and diagnostics).
         self.reconnects = 0
+        #: Requests sent again after the socket refused them as over its bound (ditto).
+        self.busy_resends = 0
+
+    @property
+    def max_in_flight(self) -> int:
+        """The bound on concurrent calls in use: the server's, once it has said it."""
+        return self._slots.limit
 
     def __repr__(self) -> str:
         return f"WSTransport(url={self.url!r})"
@@ -126,10 +206,11 @@ class WSTransport(AsyncClosing):
         """A non-streamed chat; the answer's JSON and its request id."""
         call = self._new_call(body, streamed=False)
         try:
+            await self._begin(call)
             await self._send(call.request_frame())
             frame = await self._next_frame(call)
         finally:
-            self._calls.pop(call.id, None)
+            self._end(call)
         event = _event(frame)
         if isinstance(event, DoneEvent):
             message = frame["data"]["message"]
@@ -138,26 +219,51 @@ class WSTransport(AsyncClosing):
         raise ProtocolError(f"unexpected {frame.get('event')!r} frame for a chat call")
 
     def _new_call(self, body: Mapping[str, Any], *, streamed: bool) -> _Call:
-        call = _Call(f"c{next(self._ids)}", body, streamed=streamed)
+        return _Call(f"c{next(self._ids)}", body, streamed=streamed)
+
+    async def _begin(self, call: _Call) -> None:
+        """Wait for a place on the socket, then register ``call`` to receive frames.
+
+        Connects first, so that a new socket's bound is known before places are counted."""
+        await self._connect()
+        await self._slots.acquire()
+        call.has_slot = True
         self._calls[call.id] = call
-        return call
+
+    def _end(self, call: _Call) -> None:
+        """Forget ``call`` and free its place; safe to call more than once."""
+        self._calls.pop(call.id, None)
+        if call.has_slot:
+            call.has_slot = False
+            self._slots.release()
 
     async def _next_frame(self, call: _Call) -> dict[str, Any]:
-        item = await call.frames.get()
-        if isinstance(item, RemoteError):
-            raise item
-        if item.get("eventId"):
-            call.last_event_id = item["eventId"]
-        if item.get("event") == "error":
+        busy = 0
+        while True:
+            item = await call.frames.get()
+            if isinstance(item, RemoteError):
+                raise item
+            if item.get("eventId"):
+                call.last_event_id = item["eventId"]
+            if item.get("event") != "error":
+                return item
             data = item.get("data") or {}
             status = item.get("status")
             if isinstance(status, int):
                 raise error_from_response(status, {"error": data}, {}, redact=self._secrets)
-            raise error_from_event(_error_event(data), redact=self._secrets)
-        return item
+            error = error_from_event(_error_event(data), redact=self._secrets)
+            if not (_is_busy(item, error) and busy < _BUSY_RESENDS):
+                raise error
+            # Refused before it started (see the module doc): send it again shortly.
+            await asyncio.sleep(min(0.01 * 2**busy, 0.5))
+            busy += 1
+            self.busy_resends += 1
+            await self._send(call.reattach_frame() or call.request_frame())
 
     async def _cancel(self, call: _Call) -> None:
-        if self._calls.pop(call.id, None) is None:
+        registered = self._calls.get(call.id) is call
+        self._end(call)
+        if not registered:
             return
         connection = self._connection
         if connection is not None:
@@ -185,7 +291,15 @@ class WSTransport(AsyncClosing):
                 return self._connection
             connection = await self._open()
             self._connection = connection
-            self._reader = asyncio.create_task(self._read(connection))
+            hello = asyncio.Event()
+            self._reader = asyncio.create_task(self._read(connection, hello))
+            # The server's bound on calls in flight, before any call is counted against it.
+            # A server that does not know ``hello`` answers with an error frame (no id),
+            # which ends the wait as well; the timeout is for one that answers nothing.
+            with contextlib.suppress(ConnectionClosed):
+                await connection.send(json.dumps({"type": "hello"}))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(hello.wait(), self.open_timeout)
             return connection
 
     async def _open(self) -> ClientConnection:
@@ -218,16 +332,26 @@ class WSTransport(AsyncClosing):
             ) from exc
         raise AssertionError("unreachable: tenacity re-raises the last failure")
 
-    async def _read(self, connection: ClientConnection) -> None:
+    async def _read(self, connection: ClientConnection, hello: asyncio.Event) -> None:
         try:
             async for message in connection:
                 frame = json.loads(message)
-                call_id = frame.get("id") if isinstance(frame, dict) else None
+                if not isinstance(frame, dict):
+                    continue
+                call_id = frame.get("id")
                 call = self._calls.get(call_id) if isinstance(call_id, str) else None
                 if call is not None:
                     call.frames.put_nowait(frame)
+                elif frame.get("type") == "hello":
+                    bound = frame.get("maxInFlight")
+                    if isinstance(bound, int) and not isinstance(bound, bool) and bound > 0:
+                        self._slots.resize(bound)
+                    hello.set()
+                elif frame.get("event") == "error" and call_id is None:
+                    hello.set()  # a server that does not know ``hello``
         except (ConnectionClosed, ValueError):
             pass
+        hello.set()
         if self._closed:
             return
         async with self._lock:
@@ -250,7 +374,7 @@ class WSTransport(AsyncClosing):
         for call in calls:
             frame = call.reattach_frame()
             if frame is None:
-                self._calls.pop(call.id, None)
+                self._end(call)
                 call.frames.put_nowait(
                     RemoteConnectionError(
                         "the WebSocket dropped during a chat call; not resent because the "
@@ -286,11 +410,12 @@ class WSEventStream(ChatEventIterator):
         # The answer is complete: forget the call, with no cancel frame (that is ``aclose``).
         self._finished = True
         if self._call is not None:
-            self._transport._calls.pop(self._call.id, None)
+            self._transport._end(self._call)
 
     async def _next(self) -> ChatEvent:
         if self._call is None:
             self._call = self._transport._new_call(self._body, streamed=True)
+            await self._transport._begin(self._call)
             await self._transport._send(self._call.request_frame())
         while True:
             frame = await self._transport._next_frame(self._call)
@@ -316,6 +441,17 @@ def _event(frame: Mapping[str, Any]) -> ChatEvent:
         raise ProtocolError(f"unreadable {frame.get('event')!r} frame: {exc}") from exc
     assert not isinstance(event, ErrorEvent)
     return event
+
+
+def _is_busy(frame: Mapping[str, Any], error: RemoteError) -> bool:
+    """The socket's own refusal of a request over its in-flight bound: ``rate_limited``
+    without the HTTP status of an answer from the proxy's pipeline (its rate limiter sends
+    429) and without the event id of a stream's event."""
+    return (
+        isinstance(error, RateLimitedError)
+        and frame.get("status") is None
+        and not frame.get("eventId")
+    )
 
 
 def _error_event(data: Mapping[str, Any]) -> ErrorEvent:

@@ -13,6 +13,7 @@ Frames, client -> server::
     {"type": "cancel", "id": "<req id>"}
     {"type": "resume", "id": "<req id>", "streamId": "s_...", "lastEventId": "s_...:12"}
     {"type": "ping"}                       -> {"type": "pong"}
+    {"type": "hello"}                      -> {"type": "hello", "maxInFlight", "sendQueueBound"}
     {"type": "stats"}                      -> {"type": "stats", "sendQueueBound", ...}
 
 server -> client: ``{"id", "event": delta|tool_call|usage|done|error, "eventId", "data"}``,
@@ -20,7 +21,8 @@ the events (and ids) of the SSE stream. ``"stream": false`` runs ``POST /ai/chat
 ``chat`` feature, not ``stream``) and answers with one ``done`` frame. A refusal before any
 event (401/403/429...) is an ``error`` frame with the HTTP error's body.
 
-Bounds: at most ``max_in_flight`` calls per socket (the excess gets ``rate_limited``), and
+Bounds: at most ``max_in_flight`` calls per socket (the excess gets ``rate_limited``; a
+client learns the bound from ``hello`` and queues its calls past it), and
 at most ``send_queue`` frames waiting for a slow reader: when the queue is full the stream
 writers wait, while the producers keep filling the resume buffer, so a slow reader costs
 the buffer (bounded by the answers themselves) and never an unbounded socket queue. Keep-
@@ -190,6 +192,16 @@ class Session:
         kind, request_id = frame.get("type"), frame.get("id")
         if kind == "ping":
             await self.emit({"type": "pong"})
+        elif kind == "hello":
+            # Asked for, never volunteered: raw clients that expect only their own frames
+            # keep working.
+            await self.emit(
+                {
+                    "type": "hello",
+                    "maxInFlight": self.max_in_flight,
+                    "sendQueueBound": self.send_queue,
+                }
+            )
         elif kind == "stats":
             await self.emit(
                 {

@@ -22,7 +22,13 @@ from robota_client import RemoteAIProvider
 from robota_client.errors import UnauthenticatedError
 from robota_proxy.policy.static_keys import key_id
 from robota_proxy.testing import FakeVendors, Fault, Reply
-from tests.e2e.conftest import ProxyProcess, start_proxy, stop_proxy, vendor_env
+from tests.e2e.conftest import (
+    USER_KEY,
+    ProxyProcess,
+    start_proxy,
+    stop_proxy,
+    vendor_env,
+)
 from tests.e2e.relay import CuttingRelay
 
 pytestmark = [pytest.mark.e2e, pytest.mark.anyio]
@@ -110,6 +116,95 @@ async def test_many_calls_on_one_socket_are_metered_like_http(
             break
         await asyncio.sleep(0.05)
     assert ledger_count(database) == before + 1 + MAX_IN_FLIGHT
+
+
+async def test_calls_past_the_bound_wait_for_a_place_instead_of_failing(
+    ws_proxy: tuple[ProxyProcess, Path], fake: FakeVendors
+) -> None:
+    proxy, _ = ws_proxy
+    async with RemoteAIProvider(proxy.url, KEY, "openai", "gpt-4o-mini", transport="ws") as ai:
+        answers = await asyncio.gather(
+            *(ai.chat([{"role": "user", "content": f"q{n}"}]) for n in range(100))
+        )
+        assert [a.content for a in answers] == [f"Echo: q{n}" for n in range(100)]
+        transport = ai._ws
+        assert transport is not None
+        # The server's bound, as it announced it; never exceeded, so never refused.
+        assert transport.max_in_flight == MAX_IN_FLIGHT
+        assert transport.busy_resends == 0
+        assert transport.reconnects == 0
+    assert len(fake.requests) == 100
+
+
+async def test_a_hundred_calls_on_one_socket_under_the_default_bound(
+    proxy: ProxyProcess, fake: FakeVendors
+) -> None:
+    fake.script(Reply(text="a b c d", fault=Fault(chunk_latency=0.01)), match="streamed")
+
+    async def streamed(ai: RemoteAIProvider, n: int) -> str:
+        chunks = ai.chat_stream([{"role": "user", "content": f"streamed {n}"}])
+        return "".join([chunk async for chunk in chunks])
+
+    async with RemoteAIProvider(proxy.url, USER_KEY, "openai", "gpt-4o-mini", transport="ws") as ai:
+        answers, texts = await asyncio.gather(
+            asyncio.gather(*(ai.chat([{"role": "user", "content": f"q{n}"}]) for n in range(60))),
+            asyncio.gather(*(streamed(ai, n) for n in range(40))),
+        )
+        transport = ai._ws
+        assert transport is not None
+        assert transport.max_in_flight == 16
+        assert transport.busy_resends == 0
+    assert [a.content for a in answers] == [f"Echo: q{n}" for n in range(60)]
+    assert texts == ["a b c d"] * 40
+    assert len(fake.requests) == 100
+
+
+async def test_a_cancelled_stream_frees_its_place_for_the_next_call(
+    ws_proxy: tuple[ProxyProcess, Path], fake: FakeVendors
+) -> None:
+    """The server does not report the end of a cancelled call: a call sent at once into
+    its place may be refused, and is sent again rather than failed."""
+    proxy, _ = ws_proxy
+    fake.script(Reply(text="slow " * 50, fault=Fault(chunk_latency=0.05)), match="slow")
+    async with RemoteAIProvider(proxy.url, KEY, "openai", "gpt-4o-mini", transport="ws") as ai:
+        for _ in range(3):
+            streams = [ai.stream([{"role": "user", "content": "slow"}]) for _ in range(3)]
+            for stream in streams:
+                await anext(stream)  # started: each holds a place on the server
+            for stream in streams:
+                await stream.aclose()
+            answers = await asyncio.gather(
+                *(ai.chat([{"role": "user", "content": f"next {n}"}]) for n in range(5))
+            )
+            assert [a.content for a in answers] == [f"Echo: next {n}" for n in range(5)]
+        assert ai._ws is not None
+        print(f"\n[ws cancel] requests sent again after a refusal: {ai._ws.busy_resends}")
+    assert len(fake.requests) == 3 * (3 + 5)
+
+
+async def test_hello_announces_the_bound_and_raw_clients_are_still_held_to_it(
+    ws_proxy: tuple[ProxyProcess, Path], fake: FakeVendors
+) -> None:
+    proxy, _ = ws_proxy
+    fake.script(Reply(text="slow " * 20, fault=Fault(chunk_latency=0.02)), match="slow")
+    async with connect(ws_url(proxy), additional_headers=auth()) as ws:
+        await ws.send(json.dumps({"type": "hello"}))
+        assert json.loads(await ws.recv()) == {
+            "type": "hello",
+            "maxInFlight": MAX_IN_FLIGHT,
+            "sendQueueBound": SEND_QUEUE,
+        }
+        for n in range(MAX_IN_FLIGHT + 2):
+            await ws.send(json.dumps({"type": "request", "id": f"r{n}", "body": body("slow")}))
+        last: dict[str, dict[str, Any]] = {}
+        while len([f for f in last.values() if f["event"] in ("done", "error")]) < 5:
+            frame = json.loads(await ws.recv())
+            last[frame["id"]] = frame
+        refused = sorted(k for k, f in last.items() if f["event"] == "error")
+        assert refused == [f"r{MAX_IN_FLIGHT}", f"r{MAX_IN_FLIGHT + 1}"]
+        assert all(last[k]["data"]["code"] == "rate_limited" for k in refused)
+        assert "status" not in last[refused[0]]
+    assert fake.completed_streams == MAX_IN_FLIGHT
 
 
 async def test_handshake_needs_a_valid_key(ws_proxy: tuple[ProxyProcess, Path]) -> None:
