@@ -41,7 +41,10 @@ What it answers, checked in this order:
   none), finish reason ``stop``.
 
 ``maxTokens`` cuts the text reply to that many whitespace-separated words (trailing
-whitespace dropped) and the finish reason becomes ``length``; tool calls are never cut.
+whitespace dropped) and the finish reason becomes ``length``; tool calls are never cut. Like a
+real model's output limit, a reply is never longer than ``MAX_REPLY_WORDS`` whatever the
+request says: the echo of a multi-megabyte prompt would otherwise be a stream of millions of
+events (the mock is on by default, so anyone with a key could use it to fill memory).
 
 Usage: ``promptTokens`` is the number of whitespace-separated words over the content of all
 messages (at least 1); ``completionTokens`` is the number of words in the reply plus 5 per
@@ -184,6 +187,10 @@ class MockUpstream:
         """Nothing to close; present because every upstream is closed the same way."""
 
 
+#: The longest reply, in words, the mock ever gives (its "output token limit").
+MAX_REPLY_WORDS = 1000
+
+
 def plan_reply(request: ChatRequest) -> MockReply:
     messages = request.messages
     last = messages[-1]
@@ -196,8 +203,9 @@ def plan_reply(request: ChatRequest) -> MockReply:
     else:
         text = f"You said: {last_user_text(messages)}"
     finish: FinishReason = "tool_calls" if calls else "stop"
-    limit = request.options.max_tokens
-    if limit is not None and len(text.split()) > limit:
+    asked = request.options.max_tokens
+    limit = MAX_REPLY_WORDS if asked is None else min(asked, MAX_REPLY_WORDS)
+    if len(text.split()) > limit:
         text = "".join(word_pieces(text)[:limit]).rstrip()
         finish = "length"
     return MockReply(

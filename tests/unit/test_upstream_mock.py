@@ -17,7 +17,7 @@ from robota_client.messages import (
     UsageEvent,
 )
 from robota_proxy.upstreams.base import FinishEvent, UpstreamEvent
-from robota_proxy.upstreams.mock import MockUpstream
+from robota_proxy.upstreams.mock import MAX_REPLY_WORDS, MockUpstream
 
 pytestmark = pytest.mark.anyio
 
@@ -531,6 +531,23 @@ async def test_max_tokens_not_reached_is_stop(mock: MockUpstream) -> None:
     answer = await mock.chat(said("one", options={"maxTokens": 3}))
     assert answer.content == "You said: one"
     assert answer.metadata.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("max_tokens", [None, 5000])
+async def test_a_reply_is_never_longer_than_the_mocks_own_limit(
+    mock: MockUpstream, max_tokens: int | None
+) -> None:
+    """A huge prompt is not echoed back as a huge stream, whatever maxTokens says."""
+    words = [f"w{n}" for n in range(3000)]
+    options = {} if max_tokens is None else {"maxTokens": max_tokens}
+    chat = said(" ".join(words), options=options)
+    expected = "You said: " + " ".join(words[: MAX_REPLY_WORDS - 2])
+    answer = await mock.chat(chat)
+    assert answer.content == expected
+    assert answer.metadata.finish_reason == "length"
+    assert answer.usage is not None and answer.usage.completion_tokens == MAX_REPLY_WORDS
+    message, finish = await assembled(mock, chat)
+    assert (message.content, finish) == (expected, "length")
 
 
 async def test_max_tokens_never_cuts_tool_calls(mock: MockUpstream) -> None:
