@@ -41,6 +41,22 @@ ErrorCode = Literal[
     "internal_error",
 ]
 
+# --- bounds ---------------------------------------------------------------------------------
+# What a request may carry is bounded here, at the edge, by what the proxy can store and
+# compute with: a value past them is a 400 naming the field, never a 500 from the database.
+
+#: The ledger's ``provider`` column is ``varchar(100)``.
+MAX_PROVIDER_LENGTH = 100
+#: The ledger's ``model`` column is ``varchar(200)``.
+MAX_MODEL_LENGTH = 200
+#: Output tokens one call may ask for. Far above any model's output limit (a few hundred
+#: thousand at most), yet small enough that the worst case a budget reserves (this many tokens
+#: at the dearest price) stays orders of magnitude inside the int64 picodollar counters.
+MAX_TOKENS = 10_000_000
+#: A name the proxy stores (provider, model): no control characters. PostgreSQL refuses NUL
+#: in text outright, and the others only make logs and reports lie.
+NAME_PATTERN = r"^[^\x00-\x1f\x7f]+$"
+
 #: HTTP status for each wire error code; the one table both halves agree on.
 STATUS_BY_CODE: dict[str, int] = {
     "invalid_request": 400,
@@ -130,7 +146,7 @@ def _stop_as_list(value: Any) -> Any:
 
 class ChatOptions(WireModel):
     temperature: float | None = Field(default=None, ge=0, le=2)
-    max_tokens: int | None = Field(default=None, gt=0)
+    max_tokens: int | None = Field(default=None, gt=0, le=MAX_TOKENS)
     top_p: float | None = Field(default=None, ge=0, le=1)
     stop: Annotated[list[str] | None, BeforeValidator(_stop_as_list)] = None
     #: ``auto``, ``none``, ``required``, or the name of one tool the model must call.
@@ -144,8 +160,8 @@ class ChatOptions(WireModel):
 
 
 class ChatRequest(WireModel):
-    provider: str = Field(min_length=1)
-    model: str = Field(min_length=1)
+    provider: str = Field(min_length=1, max_length=MAX_PROVIDER_LENGTH, pattern=NAME_PATTERN)
+    model: str = Field(min_length=1, max_length=MAX_MODEL_LENGTH, pattern=NAME_PATTERN)
     messages: list[UniversalMessage] = Field(min_length=1)
     options: ChatOptions = Field(default_factory=ChatOptions)
     tools: list[ToolSchema] | None = None

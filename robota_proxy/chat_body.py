@@ -8,6 +8,9 @@ middleware after us (rate limits, cache, metering) and the route share one parse
 
 from __future__ import annotations
 
+from typing import Any
+
+import pydantic_core
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect, Request
 
@@ -31,6 +34,34 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     return bytes(body)
 
 
+#: How deep JSON may nest: the limit of pydantic-core's parser, which reads every body and
+#: frame. Python's own ``json`` recurses in C until it raises ``RecursionError`` (a 500) at
+#: about 1,000 levels; no request needs more than a few dozen.
+MAX_JSON_DEPTH = 200
+
+
+def json_problem(reason: str) -> str:
+    """pydantic-core's reason for refusing a document, in the caller's terms: the two a
+    fuzzer finds are nesting (``recursion limit exceeded``) and a lone UTF-16 surrogate such
+    as ``"\\ud800"``, which JSON's grammar allows but no database or UTF-8 encoder takes."""
+    deep = "recursion limit exceeded"
+    if reason.startswith(deep):
+        return f"nested deeper than {MAX_JSON_DEPTH} levels ({reason.removeprefix(deep).strip()})"
+    if "surrogate" in reason or "hex escape" in reason:
+        return f"a \\u escape that is not a Unicode character, such as a lone surrogate ({reason})"
+    return reason
+
+
+def parse_json(body: bytes | str, what: str = "the request body") -> Any:
+    """JSON through pydantic-core's parser rather than ``json.loads``: bounded in depth, and
+    strict about lone surrogates, so what it returns can be stored and logged. Raises
+    ``InvalidRequest`` saying what is wrong and where."""
+    try:
+        return pydantic_core.from_json(body)
+    except ValueError as exc:
+        raise InvalidRequest(f"{what} is not valid JSON: {json_problem(str(exc))}") from None
+
+
 def describe(error: ValidationError) -> str:
     """One line per problem, with the path into the body, so the caller can fix it."""
     problems = []
@@ -47,8 +78,11 @@ def parse_chat_request(body: bytes) -> ChatRequest:
     try:
         return ChatRequest.model_validate_json(body)
     except ValidationError as exc:
-        if any(item["type"] == "json_invalid" for item in exc.errors()):
-            raise InvalidRequest("the request body is not valid JSON") from None
+        for item in exc.errors(include_url=False):
+            if item["type"] == "json_invalid":
+                reason = str((item.get("ctx") or {}).get("error", ""))
+                detail = f": {json_problem(reason)}" if reason else ""
+                raise InvalidRequest(f"the request body is not valid JSON{detail}") from None
         raise InvalidRequest(f"invalid chat request: {describe(exc)}") from None
 
 

@@ -36,8 +36,9 @@ from robota_client.messages import (
     WireModel,
 )
 from robota_proxy.middleware.paths import CHAT_PATH, STREAM_PATH
-from robota_proxy.policy.principals import Feature
+from robota_proxy.policy.principals import MAX_BUDGET_USD, MAX_COUNT, Feature
 from robota_proxy.routes.admin import MAX_ADMIN_BODY_BYTES
+from robota_proxy.routes.usage_report import FIRST_DAY, LAST_DAY
 from robota_proxy.routes.ws import PATH as WS_PATH
 from robota_proxy.storage.key_store import MAX_USER_LENGTH
 from robota_proxy.streams.response import STREAM_ID_HEADER
@@ -50,15 +51,23 @@ _REF = "#/components/schemas/{model}"
 _MAX_KEY_NAME = 200
 # A resumable position: ``<stream id>:<seq>`` or a bare seq (streams/route.py, buffer.py).
 _STREAM_ID = r"s_[0-9a-f]{32}"
-_LAST_EVENT_ID = rf"^\s*(\d{{1,9}}|{_STREAM_ID}:\d{{1,9}})?\s*$"
-_DAY = r"^\d{4}-\d{2}-\d{2}$"
+# ``[0-9]``, not ``\d``: Python's ``\d`` (a fuzzer's generator) also matches '²'-like digits.
+_LAST_EVENT_ID = rf"^\s*([0-9]{{1,9}}|{_STREAM_ID}:[0-9]{{1,9}})?\s*$"
+_DAY = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$"
+_DAYS = f"Days from {FIRST_DAY} to {LAST_DAY}."
+# No control characters in what is stored (PostgreSQL refuses NUL); a user also needs one
+# character that is not a space.
+_TEXT = r"^[^\x00-\x1f\x7f]*$"
+_USER = r"^[^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f][^\x00-\x1f\x7f]*$"
+_NAMES = list[Annotated[str, Field(pattern=_TEXT)]] | Annotated[str, Field(pattern=_TEXT)] | None
+_COUNT = Field(default=None, ge=0, le=MAX_COUNT)
 # Features as one comma-separated string: blank items are dropped, the others must be known.
 _FEATURE = "|".join(get_args(Feature))
 _FEATURE_LIST = rf"^\s*({_FEATURE})?\s*(,\s*({_FEATURE})?\s*)*$"
 # A budget: ``Decimal(str(value))``, finite and not negative (policy/principals.py).
 _AMOUNT = {
     "anyOf": [
-        {"type": "number", "minimum": 0},
+        {"type": "number", "minimum": 0, "maximum": int(MAX_BUDGET_USD)},
         {"type": "string", "pattern": r"^\s*\+?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\s*$"},
         {"type": "null"},
     ]
@@ -103,12 +112,12 @@ class Permissions(WireModel):
     #: Glob patterns matched against the model name (``gpt-4o*``).
     allowed_models: list[str] | None = None
     allowed_features: list[Feature] | None = None
-    rpm: int | None = Field(default=None, ge=0)
-    tpm: int | None = Field(default=None, ge=0)
-    daily_request_limit: int | None = Field(default=None, ge=0)
-    monthly_token_limit: int | None = Field(default=None, ge=0)
+    rpm: int | None = _COUNT
+    tpm: int | None = _COUNT
+    daily_request_limit: int | None = _COUNT
+    monthly_token_limit: int | None = _COUNT
     #: USD, a decimal string.
-    monthly_budget_usd: Decimal | None = Field(default=None, ge=0)
+    monthly_budget_usd: Decimal | None = Field(default=None, ge=0, le=MAX_BUDGET_USD)
 
 
 class PermissionsInput(WireModel):
@@ -118,14 +127,14 @@ class PermissionsInput(WireModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    allowed_providers: list[str] | str | None = None
-    allowed_models: list[str] | str | None = None
+    allowed_providers: _NAMES = None
+    allowed_models: _NAMES = None
     allowed_features: list[Feature] | Annotated[str, Field(pattern=_FEATURE_LIST)] | None = None
-    rpm: int | None = Field(default=None, ge=0)
-    tpm: int | None = Field(default=None, ge=0)
-    daily_request_limit: int | None = Field(default=None, ge=0)
-    monthly_token_limit: int | None = Field(default=None, ge=0)
-    #: USD, a number or a decimal string; not negative.
+    rpm: int | None = _COUNT
+    tpm: int | None = _COUNT
+    daily_request_limit: int | None = _COUNT
+    monthly_token_limit: int | None = _COUNT
+    #: USD, a number or a decimal string; not negative, at most ``MAX_BUDGET_USD``.
     monthly_budget_usd: Annotated[Decimal | None, WithJsonSchema(_AMOUNT)] = None
 
 
@@ -138,17 +147,18 @@ class CreateKeyRequest(WireModel):
     )
 
     #: Blank is refused; surrounding spaces are trimmed.
-    user: str = Field(min_length=1, max_length=MAX_USER_LENGTH, pattern=r"\S")
+    user: str = Field(min_length=1, max_length=MAX_USER_LENGTH, pattern=_USER)
     permissions: PermissionsInput | None = None
-    #: An ISO date or datetime (UTC when no zone is given), or a duration as ``expiresIn``.
+    #: An ISO date or datetime (UTC when no zone is given), or a duration as ``expiresIn``;
+    #: at most 100 years ahead (``policy.keys.MAX_EXPIRY``).
     expires_at: str | None = None
     #: ``30d``, ``12h``, ``90m`` or a number of seconds.
     expires_in: (
-        Annotated[str, Field(pattern=r"^\s*\d*[1-9]\d*\s*[dhm]\s*$")]
+        Annotated[str, Field(pattern=r"^\s*[0-9]*[1-9][0-9]*\s*[dhm]\s*$")]
         | Annotated[int, Field(gt=0)]
         | None
     ) = None
-    name: str | None = Field(default=None, max_length=_MAX_KEY_NAME)
+    name: str | None = Field(default=None, max_length=_MAX_KEY_NAME, pattern=_TEXT)
 
 
 class PermissionsEnvelope(WireModel):
@@ -203,12 +213,13 @@ class UsageQuery(BaseModel):
     from_: date | None = Field(
         default=None,
         alias="from",
-        description="First UTC day, included; the first day of the current month by default.",
+        description="First UTC day, included; the first day of the current month by "
+        f"default. {_DAYS}",
         json_schema_extra={"pattern": _DAY},
     )
     to: date | None = Field(
         default=None,
-        description="Last UTC day, included, not before `from`; today by default.",
+        description=f"Last UTC day, included, not before `from`; today by default. {_DAYS}",
         json_schema_extra={"pattern": _DAY},
     )
 

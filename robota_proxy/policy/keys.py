@@ -55,23 +55,47 @@ def verify_key(key: str, stored_hash: str) -> bool:
     return hmac.compare_digest(hash_key(key).encode(), stored_hash.encode())
 
 
-_DURATION = re.compile(r"^\s*(\d+)\s*([dhm])\s*$")
+_DURATION = re.compile(r"^\s*([0-9]+)\s*([dhm])\s*$")
 _UNITS = {"d": "days", "h": "hours", "m": "minutes"}
+#: The furthest a key may expire: 100 years is "never" for any operator, and a bound well
+#: inside what ``datetime`` and both databases hold (year 9999) keeps every later date
+#: computation (a zone conversion, a margin added) from overflowing into a 500.
+MAX_EXPIRY = timedelta(days=36525)
+
+
+def _too_far(value: object) -> ValueError:
+    shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:36]}...'"
+    return ValueError(f"expiry {shown} is more than 100 years ahead: too far in the future")
+
+
+def expiry_in(seconds: int, *, now: datetime | None = None) -> datetime:
+    """``seconds`` from now, refused with ``ValueError`` past ``MAX_EXPIRY``."""
+    now = now or datetime.now(UTC)
+    if seconds <= 0:
+        raise ValueError(f"expiry {seconds!r} must be a positive number of seconds")
+    if seconds > MAX_EXPIRY.total_seconds():
+        raise _too_far(seconds)
+    return now + timedelta(seconds=seconds)
 
 
 def parse_expiry(value: str, *, now: datetime | None = None) -> datetime:
     """``30d``, ``12h``, ``90m`` from now, or an ISO date/datetime (UTC when no zone is given).
 
-    Raises ``ValueError`` with a message fit for a user; a date in the past is refused because
-    a key that is expired at birth is always a mistake.
+    Raises ``ValueError`` with a message fit for a user (never ``OverflowError``: the CLI and
+    the admin API show it as it is); a date in the past is refused because a key that is
+    expired at birth is always a mistake, one past ``MAX_EXPIRY`` because it is a typo.
     """
     now = now or datetime.now(UTC)
     match = _DURATION.match(value)
     if match:
-        amount = int(match.group(1))
-        if amount <= 0:
+        digits, unit = match.group(1).lstrip("0") or "0", timedelta(**{_UNITS[match.group(2)]: 1})
+        # Compared in the unit, before ``timedelta`` (which overflows) or ``int`` (which
+        # refuses over 4,300 digits) meets the number.
+        if len(digits) > 9 or int(digits) > MAX_EXPIRY // unit:
+            raise _too_far(value)
+        if int(digits) == 0:
             raise ValueError(f"expiry {value!r} must be a positive duration")
-        return now + timedelta(**{_UNITS[match.group(2)]: amount})
+        return now + int(digits) * unit
     try:
         when = datetime.fromisoformat(value.strip())
     except ValueError:
@@ -80,6 +104,14 @@ def parse_expiry(value: str, *, now: datetime | None = None) -> datetime:
         ) from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
+    try:
+        when = when.astimezone(UTC)
+    except OverflowError:  # 9999-12-31T23:00-05:00 is in year 10000 in UTC, 0001-01-01
+        if when.year > 1:  # at 05:00+05:00 in year 0
+            raise _too_far(value) from None
+        raise ValueError(f"expiry {value!r} is in the past") from None
     if when <= now:
         raise ValueError(f"expiry {value!r} is in the past")
+    if when - now > MAX_EXPIRY:
+        raise _too_far(value)
     return when

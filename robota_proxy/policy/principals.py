@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field, fields, replace
-from decimal import Decimal
+from decimal import ROUND_CEILING, Decimal
 from typing import Any, Literal, Protocol
 
 from robota_client.messages import ChatRequest
@@ -31,6 +31,19 @@ _WIRE_NAMES = {
     "monthly_tokens": "monthlyTokenLimit",
     "monthly_budget_usd": "monthlyBudgetUsd",
 }
+
+
+#: The largest count a permission may set (tokens, requests per minute/day): the counters are
+#: int64 in both databases, and a quota check adds a call's worst case to what is used and
+#: reserved, so the limit leaves room for that sum (and stays exact as a JavaScript number).
+MAX_COUNT = 10**15
+#: The largest monthly budget, USD. Money is stored as int64 picodollars (at most about
+#: 9.2e18, i.e. $9.2 million), and the budget check adds used + reserved + a call's worst
+#: case: $1 million (1e18 picodollars) leaves that sum far from the edge. A stored "1e30"
+#: made every later call of its user a 500.
+MAX_BUDGET_USD = Decimal(1_000_000)
+#: A budget is kept to whole picodollars (the unit of the counters), rounded up.
+_PICO = Decimal("1e-12")
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +99,7 @@ class UserPermissions:
             if isinstance(value, tuple):
                 value = list(value)
             elif isinstance(value, Decimal):
-                value = str(value)
+                value = format(value, "f")  # "100000", never "1E+5"
             out[wire] = value
         return out
 
@@ -114,6 +127,10 @@ def _coerce(name: str, value: Any) -> Any:
             value = [item.strip() for item in value.split(",") if item.strip()]
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
             raise InvalidRequest(f"{_WIRE_NAMES[name]} must be a list of strings")
+        if not all(storable(v) for v in value):
+            raise InvalidRequest(
+                f"{_WIRE_NAMES[name]} must not contain control characters or lone surrogates"
+            )
         if name == "allowed_features":
             unknown = [v for v in value if v not in FEATURES]
             if unknown:
@@ -122,16 +139,37 @@ def _coerce(name: str, value: Any) -> Any:
                 )
         return tuple(value)
     if name == "monthly_budget_usd":
+        if isinstance(value, bool) or not isinstance(value, str | int | float | Decimal):
+            raise InvalidRequest(f"{_WIRE_NAMES[name]} must be a decimal number")
         try:
             amount = Decimal(str(value))
         except ArithmeticError:
             raise InvalidRequest(f"{_WIRE_NAMES[name]} must be a decimal number") from None
         if not amount.is_finite() or amount < 0:
             raise InvalidRequest(f"{_WIRE_NAMES[name]} must be a non-negative amount")
+        if amount > MAX_BUDGET_USD:
+            raise InvalidRequest(f"{_WIRE_NAMES[name]} must be at most {MAX_BUDGET_USD} USD")
+        exponent = amount.as_tuple().exponent
+        if isinstance(exponent, int) and exponent < -12:
+            # Finer than the counters' picodollar: "1e-999999999" is kept as one picodollar,
+            # not as a billion-digit string in every answer. Coarser amounts keep their form.
+            amount = amount.quantize(_PICO, rounding=ROUND_CEILING).normalize()
         return amount
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise InvalidRequest(f"{_WIRE_NAMES[name]} must be a non-negative integer")
+    if value > MAX_COUNT:
+        raise InvalidRequest(f"{_WIRE_NAMES[name]} must be at most {MAX_COUNT}")
     return value
+
+
+def storable(text: str) -> bool:
+    """Whether ``text`` can be stored and logged as it is: UTF-8 encodable (no lone
+    surrogate) and free of control characters (PostgreSQL refuses NUL)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return not any(ord(char) < 0x20 or char == "\x7f" for char in text)
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,9 +14,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
-import json
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any, TypeVar
 
 from pydantic import SecretStr
@@ -24,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from robota_proxy.chat_body import read_body
+from robota_proxy.chat_body import parse_json, read_body
 from robota_proxy.errors import (
     Forbidden,
     InvalidRequest,
@@ -34,8 +33,8 @@ from robota_proxy.errors import (
 )
 from robota_proxy.middleware.auth import bearer_credential, client_address
 from robota_proxy.policy.authenticators import AuthFailureLimiter
-from robota_proxy.policy.keys import parse_expiry
-from robota_proxy.policy.principals import UserPermissions
+from robota_proxy.policy.keys import expiry_in, parse_expiry
+from robota_proxy.policy.principals import UserPermissions, storable
 from robota_proxy.storage.key_store import KeyStore, check_user
 
 MAX_ADMIN_BODY_BYTES = 64 * 1024
@@ -89,11 +88,11 @@ def admin_only(handler: Handler[_Routes]) -> Handler[_Routes]:
 
 
 async def json_object(request: Request) -> dict[str, Any]:
+    """The body as a JSON object, parsed bounded (``chat_body.parse_json``): ``json.loads``
+    raised ``RecursionError`` on deep nesting and let lone surrogates through to the database,
+    two 500s."""
     body = await read_body(request, MAX_ADMIN_BODY_BYTES)
-    try:
-        data = json.loads(body) if body.strip() else {}
-    except ValueError:
-        raise InvalidRequest("the request body is not valid JSON") from None
+    data = parse_json(body) if body.strip() else {}
     if not isinstance(data, dict):
         raise InvalidRequest("the request body must be a JSON object")
     return data
@@ -110,33 +109,30 @@ def _expiry(data: dict[str, Any]) -> datetime | None:
     expires_at, expires_in = data.get("expiresAt"), data.get("expiresIn")
     if expires_at is not None and expires_in is not None:
         raise InvalidRequest("give expiresAt or expiresIn, not both")
-    if isinstance(expires_in, int) and not isinstance(expires_in, bool):
-        if expires_in <= 0:
-            raise InvalidRequest("expiresIn must be a positive number of seconds")
-        try:
-            return datetime.now(UTC) + timedelta(seconds=expires_in)
-        except OverflowError:  # past year 9999: a 400, not a 500
-            raise InvalidRequest("expiresIn is too far in the future") from None
+    field = "expiresAt" if expires_at is not None else "expiresIn"
     value = expires_at if expires_at is not None else expires_in
     if value is None:
         return None
-    if not isinstance(value, str):
-        raise InvalidRequest("expiresAt must be an ISO date; expiresIn like '30d' or seconds")
     try:
-        return parse_expiry(value)
-    except ValueError as exc:
-        raise InvalidRequest(str(exc)) from None
-    except OverflowError:
-        raise InvalidRequest(f"expiry {value!r} is too far in the future") from None
+        if isinstance(value, int) and not isinstance(value, bool) and field == "expiresIn":
+            return expiry_in(value)
+        if isinstance(value, str):
+            return parse_expiry(value)
+    except ValueError as exc:  # bounded by MAX_EXPIRY: never an OverflowError
+        raise InvalidRequest(f"{field}: {exc}") from None
+    raise InvalidRequest("expiresAt must be an ISO date; expiresIn like '30d' or seconds")
 
 
 def _user(value: Any) -> str:
     if not isinstance(value, str):
         raise InvalidRequest("user must be a string")
     try:
-        return check_user(value)
+        user = check_user(value)
     except ValueError as exc:
-        raise InvalidRequest(str(exc)) from None
+        raise InvalidRequest(f"user: {exc}") from None
+    if not storable(user):
+        raise InvalidRequest("user must not contain control characters or lone surrogates")
+    return user
 
 
 class AdminRoutes:
@@ -163,8 +159,12 @@ class AdminRoutes:
         user = _user(data.get("user"))
         permissions = _permissions(data.get("permissions"))
         name = data.get("name")
-        if name is not None and (not isinstance(name, str) or len(name) > 200):
-            raise InvalidRequest("name must be a string of at most 200 characters")
+        if name is not None and (
+            not isinstance(name, str) or len(name) > 200 or not storable(name)
+        ):
+            raise InvalidRequest(
+                "name must be a string of at most 200 characters, without control characters"
+            )
         key, record = await self.store.create_key(user, permissions, _expiry(data), name)
         return JSONResponse({"key": key, **record.to_wire()}, status_code=201, headers=NO_STORE)
 

@@ -14,16 +14,27 @@ from robota_proxy.errors import InvalidRequest
 from robota_proxy.policy.pricing import usd_text
 from robota_proxy.storage.usage_store import UsageRow, UsageStore
 
-_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_DATE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
+
+#: The days a report may name. The store reads a day as [its midnight, the next midnight), so
+#: the last day must have a next one that ``datetime`` can hold: 9999-12-31 was a 500
+#: (``OverflowError``). Nothing was metered before 1970.
+FIRST_DAY = date(1970, 1, 1)
+LAST_DAY = date(9999, 12, 30)
 
 
 def parse_day(name: str, text: str) -> date:
-    """A strict ``YYYY-MM-DD``; anything else is a 400 that shows the expected form."""
+    """A strict ``YYYY-MM-DD`` within ``FIRST_DAY``..``LAST_DAY``; anything else is a 400
+    that names the parameter and shows the expected form."""
     if _DATE.match(text):
         try:
-            return date.fromisoformat(text)
+            day = date.fromisoformat(text)
         except ValueError:
             pass
+        else:
+            if FIRST_DAY <= day <= LAST_DAY:
+                return day
+            raise InvalidRequest(f"{name!r} must be a day from {FIRST_DAY} to {LAST_DAY}")
     raise InvalidRequest(f"{name!r} must be a date as YYYY-MM-DD (for example 2025-01-31)")
 
 
