@@ -555,14 +555,14 @@ async def _write_settles(conn: AsyncConnection, batch: Sequence[_Settle]) -> Non
                         1,
                     )
                 continue
-        # Not in flight: the reclaimer closed the row already (this process was presumed
-        # dead, and its hold released then), or the call was never opened.
-        if entry is not None:
-            request_id = entry.request_id
-        elif reservation is not None:
-            request_id = reservation.request_id
-        else:
+        if reservation is None:
+            if entry is not None:  # never opened (a host's own metering): a new row
+                await conn.execute(_INSERT_LEDGER, [_ledger_values(entry)])
+                add(entry.user, period_of(entry.created_at), entry.quota_tokens, entry.cost_pico, 1)
             continue
+        # Not in flight any more: the reclaimer closed the row (this process was presumed
+        # dead, and its hold was released then). Correct it to what really happened.
+        request_id = reservation.request_id
         old = (
             await conn.execute(_SELECT_FOR_CORRECTION[conn.dialect.name], {"fin_id": request_id})
         ).first()
@@ -579,10 +579,10 @@ async def _write_settles(conn: AsyncConnection, batch: Sequence[_Settle]) -> Non
                 await conn.execute(_DELETE_ROW, {"fin_id": request_id})
                 continue
             await conn.execute(_CORRECT_ROW, {**_final_values(entry), "fin_id": request_id})
-        elif entry is not None:
-            await conn.execute(_INSERT_LEDGER, [_ledger_values(entry)])
-        else:
+        elif entry is None:
             continue
+        else:  # the row is gone (deleted by hand?): write it again rather than lose the call
+            await conn.execute(_INSERT_LEDGER, [_ledger_values(entry)])
         add(entry.user, period_of(entry.created_at), entry.quota_tokens, entry.cost_pico, 1)
     await _add_usage(conn, sums)
 
