@@ -30,11 +30,7 @@ BROKEN_PIPE = 141
 
 DESCRIPTION = """\
 Robota Remote proxy: an LLM gateway that holds the vendor keys.
-
-  serve   run the proxy (settings from ROBOTA_* variables and a .env file)
-  keys    create, list, show and revoke API keys
-  users   set and show user permissions
-  usage   usage and cost from the ledger
+Settings come from ROBOTA_* variables and a .env file in the current directory.
 
 keys, users and usage work on ROBOTA_DATABASE_URL directly; no running proxy is needed.
 Exit status: 0 done, 1 not found, 2 bad flag or setting, 141 output cut short.

@@ -1,8 +1,10 @@
 """``robota-proxy keys ...`` and ``robota-proxy users ...``: keys and permissions from a shell.
 
 They work on ``ROBOTA_DATABASE_URL`` directly (applying migrations), so the operator needs no
-running proxy and no admin key. A key is printed once, by ``keys create``, and never again.
-Bad flags or values exit with status 2 and one line on stderr; an unknown id exits with 1.
+running proxy and no admin key; they name that database on stderr and never create a SQLite
+file unless told to (``cli_database``). A key is printed once, by ``keys create``, and never
+again. Bad flags or values exit with status 2 and one line on stderr, checked before the
+database is opened; an unknown id exits with 1.
 """
 
 from __future__ import annotations
