@@ -29,6 +29,10 @@ the buffer (bounded by the answers themselves) and never an unbounded socket que
 alive: uvicorn's protocol pings (``--ws-ping-interval``, 20 s by default) plus app-level
 ``ping`` frames for clients that want to check the application too.
 
+A bad frame (binary, not JSON, nested too deep, a wrong type, an id that is not one of
+ours) is answered with an ``error`` frame for that frame alone, with the frame's ``id``
+when it has a usable one: the socket and its other calls live on.
+
 A socket that closes disconnects its calls the way a dropped HTTP connection does: each
 stream waits the resume grace for a ``resume`` frame on a new socket (any process, with
 Redis), then cancels its vendor call. A ``cancel`` frame cancels at once.
@@ -51,8 +55,10 @@ from starlette.routing import WebSocketRoute
 from starlette.types import ASGIApp, Message, Scope
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from robota_proxy.chat_body import parse_json
+from robota_proxy.errors import ProxyError
 from robota_proxy.middleware.paths import CHAT_PATH, STREAM_PATH, route_path
-from robota_proxy.streams.buffer import is_stream_id
+from robota_proxy.streams.buffer import is_stream_id, parse_event_id, parse_seq
 from robota_proxy.streams.response import CANCEL_KEY
 
 log = logging.getLogger("robota_proxy.ws")
@@ -145,9 +151,11 @@ class Session:
             calls.start_soon(send_all)
             try:
                 while True:
-                    text = await self.websocket.receive_text()
-                    await self._on_frame(text, calls)
-            except (WebSocketDisconnect, RuntimeError):
+                    message = await self.websocket.receive()
+                    if message["type"] == "websocket.disconnect":
+                        break
+                    await self._on_message(message, calls)
+            except (WebSocketDisconnect, RuntimeError, OSError):
                 pass
             finally:
                 # Like a dropped HTTP connection: each stream gets its resume grace.
@@ -181,11 +189,30 @@ class Session:
 
     # --- incoming ---------------------------------------------------------------------------
 
-    async def _on_frame(self, text: str, calls: TaskGroup) -> None:
+    async def _on_message(self, message: Message, calls: TaskGroup) -> None:
+        """One frame, whatever it holds: a mistake in it costs that frame an ``error`` frame,
+        never the socket (which carries other calls). Only a gone socket (``OSError``) ends
+        the loop."""
+        text = message.get("text")
+        if not isinstance(text, str):
+            await self._refuse(None, "invalid_request", "binary frames are not supported")
+            return
         try:
-            frame = json.loads(text)
-        except ValueError:
-            frame = None
+            await self._on_frame(text, calls)
+        except ProxyError as exc:
+            await self._refuse(None, exc.code, exc.message)
+        except OSError:
+            raise
+        except Exception:
+            # A bug of ours, not the caller's: logged like an HTTP 500, answered like one,
+            # and the socket keeps serving its other calls.
+            log.exception("a WebSocket frame could not be handled")
+            await self._refuse(None, "internal_error", "internal proxy error")
+
+    async def _on_frame(self, text: str, calls: TaskGroup) -> None:
+        # Bounded in depth and strict about lone surrogates: json.loads raised
+        # RecursionError on a deep frame, which closed the socket without a close frame.
+        frame = parse_json(text, "the frame")
         if not isinstance(frame, dict):
             await self._refuse(None, "invalid_request", "a frame must be a JSON object")
             return
@@ -218,7 +245,8 @@ class Session:
         elif kind in ("request", "resume"):
             await self._start(frame, calls)
         else:
-            await self._refuse(request_id, "invalid_request", f"unknown frame type {kind!r}")
+            shown = repr(kind) if len(repr(kind)) <= 40 else f"{repr(kind)[:36]}..."
+            await self._refuse(request_id, "invalid_request", f"unknown frame type {shown}")
 
     async def _start(self, frame: dict[str, Any], calls: TaskGroup) -> None:
         request_id = frame.get("id")
@@ -245,7 +273,14 @@ class Session:
             if not isinstance(stream_id, str) or not is_stream_id(stream_id):
                 await self._refuse(request_id, "invalid_request", "'streamId' is not a stream id")
                 return
-            extra = {"last-event-id": last} if isinstance(last, str) else {}
+            # Checked here, not by the resume route: it travels as a latin-1 header, which a
+            # non-ASCII id cannot be (a UnicodeEncodeError that closed the socket).
+            last = last.strip() if isinstance(last, str) else last
+            if last not in (None, "") and not (isinstance(last, str) and _is_position(last)):
+                message = "'lastEventId' is not an event id ('<stream id>:<seq>' or a seq)"
+                await self._refuse(request_id, "invalid_request", message)
+                return
+            extra = {"last-event-id": last} if last else {}
             scope = self._scope("GET", f"/ai/chat/stream/{stream_id}", b"", extra)
             body = b""
         call = _Call(request_id, body)
@@ -372,6 +407,10 @@ class Session:
                 await self.emit(_whole_answer(call.id, status, content))
                 call.terminal = True
                 self._done(call)
+
+
+def _is_position(last_event_id: str) -> bool:
+    return parse_event_id(last_event_id) is not None or parse_seq(last_event_id) is not None
 
 
 class _Chunks(httpx.AsyncByteStream):

@@ -14,7 +14,7 @@ from typing import Any, cast
 
 import anyio
 import pytest
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket
 
 from robota_proxy import ProxyApp, create_app
 from robota_proxy.routes.ws import Session
@@ -52,11 +52,11 @@ class StalledSocket:
         #: Frames the session started to send (the first one waits at the gate).
         self.sent: list[str] = []
 
-    async def receive_text(self) -> str:
+    async def receive(self) -> dict[str, Any]:
         if self._incoming:
-            return self._incoming.pop(0)
+            return {"type": "websocket.receive", "text": self._incoming.pop(0)}
         await self.hang_up.wait()
-        raise WebSocketDisconnect(1000)
+        return {"type": "websocket.disconnect", "code": 1000}
 
     async def send_text(self, text: str) -> None:
         self.sent.append(text)
