@@ -43,6 +43,7 @@ from robota_proxy.policy.pricing import PriceBook
 from robota_proxy.policy.principals import Principal
 from robota_proxy.policy.ratelimits import RateLimiter
 from robota_proxy.policy.static_keys import StaticKeyAuthenticator
+from robota_proxy.redis_failure import RedisFailurePolicy
 from robota_proxy.responses import error_response
 from robota_proxy.routes import health, openapi
 from robota_proxy.routes.account import AccountRoutes
@@ -159,13 +160,19 @@ class ProxyApp(Starlette):
         self.settings = settings
         registry = UpstreamRegistry(lambda: build_upstreams(settings))
         database = Database(settings.database_url)
+        #: What an unreachable Redis means for limits, cache and streams (README: Bad days).
+        redis_failure = RedisFailurePolicy(settings.redis_failure)
         self.streams = stream_buffer(
             settings.redis_url,
             settings.resume_window_seconds,
             max_bytes=settings.stream_buffer_max_bytes,
+            on_failure=redis_failure,
         )
         self.response_cache = response_cache(
-            settings.redis_url, ttl=settings.cache_ttl_seconds, max_bytes=settings.cache_max_bytes
+            settings.redis_url,
+            ttl=settings.cache_ttl_seconds,
+            max_bytes=settings.cache_max_bytes,
+            on_failure=redis_failure,
         )
         self.limits = LimitsStorage(settings.redis_url)
         self.resources = Resources(
@@ -201,7 +208,11 @@ class ProxyApp(Starlette):
         self.limiter = RateLimiter(self.limits.storage)
         account = AccountRoutes(registry, self.usage_store, rate_status=self.limiter.remaining)
         self.key_store = KeyStore(database)
-        failures = AuthFailureLimiter(self.limits.storage, settings.auth_failures_per_minute)
+        failures = AuthFailureLimiter(
+            self.limits.storage,
+            settings.auth_failures_per_minute,
+            on_storage_failure=redis_failure,
+        )
         auth = _auth_options(settings, self.key_store, failures)
         if isinstance(auth["authenticator"], CompositeAuthenticator):
             self.resources.drain_before_close(auth["authenticator"].flush)
@@ -224,7 +235,12 @@ class ProxyApp(Starlette):
             middleware=[
                 Middleware(RequestContextMiddleware),
                 Middleware(AuthMiddleware, **auth),
-                Middleware(RateLimitMiddleware, limiter=self.limiter, exempt_paths=UNCOUNTED_PATHS),
+                Middleware(
+                    RateLimitMiddleware,
+                    limiter=self.limiter,
+                    exempt_paths=UNCOUNTED_PATHS,
+                    on_storage_failure=redis_failure,
+                ),
                 Middleware(
                     MeteringMiddleware,
                     store=self.usage_store,

@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     database_url: str = "sqlite:///robota.db"
     #: Shared rate limits (and cache) for several processes; unset: in-process memory.
     redis_url: str | None = None
+    #: Redis unreachable: ``open`` goes on without limits, cache or resume (logged, throttled);
+    #: ``closed`` answers 503 instead. Money is in SQL either way.
+    redis_failure: Literal["open", "closed"] = "open"
 
     #: Seconds a looked-up key is trusted before it is read again: the bound on how long a
     #: revoked key keeps working on a process that had just seen it. Half a second keeps

@@ -268,7 +268,11 @@ class CacheMiddleware:
         directives = cache_directives(scope, streamed)
         key = cache_key(self._scope_name(scope), body)
         if "no-cache" not in directives:
-            raw = await self.cache.get(key)
+            try:
+                raw = await self.cache.get(key)
+            except ProxyError as exc:  # its storage is down and the operator chose "closed"
+                await error_response(exc, request_id)(scope, receive, send)
+                return
             answer = CachedAnswer.from_bytes(raw) if raw is not None else None
             if answer is not None:
                 log.info("cache hit %s %s/%s", request_id, body.provider, body.model)

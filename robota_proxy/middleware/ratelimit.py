@@ -24,7 +24,7 @@ rate limits smooth traffic, while the money limits are enforced in SQL by the me
 
 from __future__ import annotations
 
-import logging
+import contextlib
 from collections.abc import Collection
 
 import anyio
@@ -34,7 +34,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from robota_client.messages import ChatRequest
 from robota_proxy import scope as keys
 from robota_proxy.call_record import CallRecord
-from robota_proxy.errors import RateLimited
+from robota_proxy.errors import ProxyError, RateLimited
 from robota_proxy.middleware.paths import route_path
 from robota_proxy.policy.pricing import estimate_completion_tokens
 from robota_proxy.policy.principals import Principal
@@ -45,9 +45,8 @@ from robota_proxy.policy.ratelimits import (
     estimate_prompt_tokens,
     has_rate_limits,
 )
+from robota_proxy.redis_failure import RedisFailurePolicy
 from robota_proxy.responses import refuse
-
-log = logging.getLogger("robota_proxy.ratelimit")
 
 
 class RateLimitMiddleware:
@@ -57,11 +56,15 @@ class RateLimitMiddleware:
         limiter: RateLimiter,
         *,
         exempt_paths: Collection[str] = ("/health",),
+        on_storage_failure: RedisFailurePolicy | None = None,
     ) -> None:
-        """``exempt_paths``: route paths (below any mount point) never counted."""
+        """``exempt_paths``: route paths (below any mount point) never counted.
+        ``on_storage_failure``: what an unreachable storage (Redis) means; by default the
+        request passes unlimited and a warning is logged at most once per interval."""
         self.app = app
         self.limiter = limiter
         self.exempt_paths = frozenset(exempt_paths)
+        self.on_storage_failure = on_storage_failure or RedisFailurePolicy()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         principal = scope.get(keys.PRINCIPAL)
@@ -77,11 +80,13 @@ class RateLimitMiddleware:
         prompt_tokens = estimate_prompt_tokens(chat) if isinstance(chat, ChatRequest) else 0
         try:
             admission = await self.limiter.admit(principal, prompt_tokens)
-        except Exception:
-            # Fail open: rate limits smooth traffic, the money limits live in SQL (metering).
-            log.exception(
-                "rate limit storage failed; request %s not limited", keys.request_id(scope)
-            )
+        except Exception as exc:
+            # Open by default: rate limits smooth traffic, the money limits live in SQL.
+            try:
+                self.on_storage_failure.failed("rate limits", exc)
+            except ProxyError as refusal:
+                await refuse(refusal, scope, receive, send)
+                return
             await self.app(scope, receive, send)
             return
         if not admission.allowed:
@@ -97,8 +102,9 @@ class RateLimitMiddleware:
                 charged = True
                 try:
                     await self.limiter.charge_tokens(principal, _used_tokens(scope, prompt_tokens))
-                except Exception:
-                    log.exception("rate limit storage failed charging %s", keys.request_id(scope))
+                except Exception as exc:
+                    with contextlib.suppress(ProxyError):  # the answer is already out
+                        self.on_storage_failure.failed("rate limits", exc)
 
         async def send_with_limits(message: Message) -> None:
             if message["type"] == "http.response.start":

@@ -35,6 +35,7 @@ from robota_proxy.policy.keys import looks_like_key, parse_key_id, verify_key
 from robota_proxy.policy.principals import Authenticator, Principal, UserPermissions
 from robota_proxy.policy.refusals import AuthRefused
 from robota_proxy.policy.static_keys import StaticKeyAuthenticator
+from robota_proxy.redis_failure import RedisFailurePolicy
 from robota_proxy.settings import Settings
 from robota_proxy.storage.key_store import KeyLookup, KeyStore
 
@@ -247,16 +248,32 @@ def build_authenticator(settings: Settings, store: KeyStore) -> CompositeAuthent
 class AuthFailureLimiter:
     """Counts failed authentications per client address in a moving one-minute window."""
 
-    def __init__(self, storage: Storage, per_minute: int) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        per_minute: int,
+        *,
+        on_storage_failure: RedisFailurePolicy | None = None,
+    ) -> None:
+        """``on_storage_failure``: what an unreachable shared storage (Redis) means; by
+        default the check is skipped (fail open), logged at most once per interval."""
         self.limiter = MovingWindowRateLimiter(storage)
         self.item = RateLimitItemPerMinute(per_minute)
+        self.on_storage_failure = on_storage_failure or RedisFailurePolicy()
 
     async def blocked_for(self, client: str) -> float | None:
         """Seconds until ``client`` may try again, ``None`` when it may try now."""
-        if await self.limiter.test(self.item, "auth_failures", client):
+        try:
+            if await self.limiter.test(self.item, "auth_failures", client):
+                return None
+            stats = await self.limiter.get_window_stats(self.item, "auth_failures", client)
+        except Exception as exc:
+            self.on_storage_failure.failed("failed-authentication limits", exc)
             return None
-        stats = await self.limiter.get_window_stats(self.item, "auth_failures", client)
         return max(1.0, stats.reset_time - time.time())
 
     async def failed(self, client: str) -> None:
-        await self.limiter.hit(self.item, "auth_failures", client)
+        try:
+            await self.limiter.hit(self.item, "auth_failures", client)
+        except Exception as exc:
+            self.on_storage_failure.failed("failed-authentication limits", exc)

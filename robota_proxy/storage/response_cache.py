@@ -14,6 +14,8 @@ from typing import Protocol
 
 from cachetools import TTLCache
 
+from robota_proxy.redis_failure import RedisFailurePolicy
+
 log = logging.getLogger("robota_proxy.cache")
 
 
@@ -62,11 +64,19 @@ class MemoryResponseCache:
         self._entries.clear()
 
 
-def response_cache(redis_url: str | None, *, ttl: float, max_bytes: int) -> ResponseCache:
+def response_cache(
+    redis_url: str | None,
+    *,
+    ttl: float,
+    max_bytes: int,
+    on_failure: RedisFailurePolicy | None = None,
+) -> ResponseCache:
     """Redis when a URL is configured (several processes share answers), else memory."""
     if redis_url:
         # Imported here so a single-process install does not need the redis extra.
         from robota_proxy.storage.response_cache_redis import RedisResponseCache
 
-        return RedisResponseCache(redis_url, ttl=ttl, max_entry_bytes=max_bytes)
+        return RedisResponseCache(
+            redis_url, ttl=ttl, max_entry_bytes=max_bytes, on_failure=on_failure
+        )
     return MemoryResponseCache(ttl=ttl, max_bytes=max_bytes)

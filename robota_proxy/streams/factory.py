@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+from robota_proxy.redis_failure import RedisFailurePolicy
 from robota_proxy.streams.buffer import StreamBuffer
 from robota_proxy.streams.memory import MemoryStreamBuffer
 
 
 def stream_buffer(
-    redis_url: str | None, window: float, *, max_bytes: int = 256 * 1024 * 1024
+    redis_url: str | None,
+    window: float,
+    *,
+    max_bytes: int = 256 * 1024 * 1024,
+    on_failure: RedisFailurePolicy | None = None,
 ) -> StreamBuffer:
     """``max_bytes`` bounds the in-process buffer; Redis is bounded by its ``maxmemory``."""
     if redis_url:
         # Imported here so a single-process install does not need the redis extra.
         from robota_proxy.streams.redis import RedisStreamBuffer
 
-        return RedisStreamBuffer(redis_url, window)
+        return RedisStreamBuffer(redis_url, window, on_failure=on_failure)
     return MemoryStreamBuffer(window, max_bytes=max_bytes)

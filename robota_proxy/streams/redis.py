@@ -15,10 +15,15 @@ this process (above all the producing connection's own writer) read that list ra
 Redis: the entry goes to Redis first, for resumes elsewhere, then straight to the local
 readers, instead of a second round trip (XREAD) per chunk. The local list is dropped when the
 terminal entry is in; a reader that starts after that reads Redis, which has it all.
+
+When Redis cannot be reached the Redis failure policy decides: open (the default), the stream
+is still produced and delivered on this connection from the local list, only not resumable
+elsewhere; closed, a new stream is refused with 503. A resume always needs Redis: 503.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
@@ -26,7 +31,11 @@ from dataclasses import dataclass, field
 import anyio
 from redis.asyncio import Redis
 
+from robota_proxy.errors import ProxyError, UpstreamUnavailable
+from robota_proxy.redis_failure import RedisFailurePolicy
 from robota_proxy.streams.buffer import CANCELLED, Entry
+
+_PART = "resumable streams"
 
 #: How long one blocking read waits before checking that the stream still exists.
 _BLOCK_MS = 500
@@ -42,8 +51,11 @@ class _LocalStream:
 
 
 class RedisStreamBuffer:
-    def __init__(self, url: str, window: float) -> None:
+    def __init__(
+        self, url: str, window: float, *, on_failure: RedisFailurePolicy | None = None
+    ) -> None:
         self.window = window
+        self._on_failure = on_failure or RedisFailurePolicy()
         self._ttl = max(1, round(window))
         self._redis: Redis = Redis.from_url(url)
         #: Streams produced by this process that have not ended yet.
@@ -56,7 +68,10 @@ class RedisStreamBuffer:
 
     async def open(self, stream_id: str, owner: str) -> None:
         _, owner_key, _ = self._keys(stream_id)
-        await self._redis.set(owner_key, owner, ex=self._ttl)
+        try:
+            await self._redis.set(owner_key, owner, ex=self._ttl)
+        except Exception as exc:
+            self._on_failure.failed(_PART, exc)  # closed: the 503; open: local only
         self._local[stream_id] = _LocalStream()
 
     async def append(self, stream_id: str, entry: Entry) -> None:
@@ -67,6 +82,10 @@ class RedisStreamBuffer:
                 pipe.expire(events, self._ttl)
                 pipe.expire(owner_key, self._ttl)
                 await pipe.execute()
+        except Exception as exc:
+            # Mid-stream nothing can be refused any more: the local readers get every entry.
+            with contextlib.suppress(ProxyError):
+                self._on_failure.failed(_PART, exc)
         except BaseException:
             # Local readers still learn that the stream ended, even if Redis did not.
             if entry.terminal:
@@ -88,7 +107,15 @@ class RedisStreamBuffer:
 
     async def owner(self, stream_id: str) -> str | None:
         _, owner_key, _ = self._keys(stream_id)
-        value = await self._redis.get(owner_key)
+        try:
+            value = await self._redis.get(owner_key)
+        except Exception as exc:
+            with contextlib.suppress(ProxyError):
+                self._on_failure.failed(_PART, exc)
+            raise UpstreamUnavailable(
+                "streams cannot be resumed while the proxy's shared state is unreachable",
+                retry_after=1,
+            ) from None
         return value.decode() if isinstance(value, bytes) else value
 
     async def cancelled(self, stream_id: str) -> bool:
@@ -128,19 +155,30 @@ class RedisStreamBuffer:
     @asynccontextmanager
     async def attach(self, stream_id: str) -> AsyncIterator[None]:
         _, _, readers = self._keys(stream_id)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.incr(readers)
-            pipe.expire(readers, self._ttl)
-            await pipe.execute()
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.incr(readers)
+                pipe.expire(readers, self._ttl)
+                await pipe.execute()
+        except Exception as exc:
+            with contextlib.suppress(ProxyError):
+                self._on_failure.failed(_PART, exc)
+            yield  # delivered all the same, just not counted across processes
+            return
         try:
             yield
         finally:
-            with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                 await self._redis.decr(readers)
 
     async def attached(self, stream_id: str) -> bool:
         _, _, readers = self._keys(stream_id)
-        value = await self._redis.get(readers)
+        try:
+            value = await self._redis.get(readers)
+        except Exception as exc:
+            with contextlib.suppress(ProxyError):
+                self._on_failure.failed(_PART, exc)
+            return False  # nobody can resume without Redis: an orphan is cancelled
         return value is not None and int(value) > 0
 
     async def aclose(self) -> None:
