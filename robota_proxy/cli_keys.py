@@ -193,7 +193,9 @@ def _describe_user(record: UserRecord, keys: list[KeyRecord]) -> str:
     return "\n".join(
         [
             f"user:        {record.user}",
+            f"status:      {'revoked' if record.revoked_at is not None else 'active'}",
             f"created:     {record.created_at.isoformat()}",
+            f"revoked:     {_when(record.revoked_at)}",
             f"permissions: {json.dumps(record.permissions.to_wire())}",
             f"keys:        {', '.join(f'{k.key_id} ({k.status()})' for k in keys) or '-'}",
         ]
@@ -213,6 +215,34 @@ async def _users_show(args: argparse.Namespace, store: KeyStore) -> int:
     keys = await store.list_keys(record.user)
     wire = {**record.to_wire(), "keys": [key.to_wire() for key in keys]}
     _output(args, wire, lambda: _describe_user(record, keys))
+    return 0
+
+
+def _not_a_user(user: str) -> str:
+    return (
+        f"no user {user!r} (a JWT subject without a record: "
+        f"'robota-proxy users set {user}' creates it)"
+    )
+
+
+async def _users_revoke(args: argparse.Namespace, store: KeyStore) -> int:
+    record = _found(await store.revoke_user(args.user), _not_a_user(args.user))
+    keys = await store.list_keys(record.user)
+    print(
+        f"revoked user {record.user} at {_when(record.revoked_at)}: their {len(keys)} key(s) "
+        "and their tokens are refused by every process within a second"
+    )
+    return 0
+
+
+async def _users_restore(args: argparse.Namespace, store: KeyStore) -> int:
+    record = _found(await store.restore_user(args.user), _not_a_user(args.user))
+    keys = await store.list_keys(record.user)
+    working = sum(1 for key in keys if key.status() == "active")
+    print(
+        f"restored user {record.user}: their tokens and {working} of their {len(keys)} key(s) "
+        "work again (revoked and expired keys stay refused)"
+    )
     return 0
 
 
@@ -287,7 +317,7 @@ def add_commands(commands: Any) -> None:
     revoke.add_argument("id")
     revoke.set_defaults(handler=_runner(_keys_revoke))
 
-    users = commands.add_parser("users", help="set and show user permissions")
+    users = commands.add_parser("users", help="set, show, revoke and restore users")
     user_commands = users.add_subparsers(dest="users_command", required=True)
     user_set = user_commands.add_parser(
         "set", help="replace a user's permissions (shared by all their keys)"
@@ -302,3 +332,15 @@ def add_commands(commands: Any) -> None:
     user_show.add_argument("user")
     user_show.add_argument("--json", action="store_true")
     user_show.set_defaults(handler=_runner(_users_show))
+
+    user_revoke = user_commands.add_parser(
+        "revoke", help="refuse all of a user's keys and tokens (within seconds)"
+    )
+    user_revoke.add_argument("user")
+    user_revoke.set_defaults(handler=_runner(_users_revoke))
+
+    user_restore = user_commands.add_parser(
+        "restore", help="undo 'users revoke' (keys revoked on their own stay revoked)"
+    )
+    user_restore.add_argument("user")
+    user_restore.set_defaults(handler=_runner(_users_restore))

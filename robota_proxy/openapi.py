@@ -200,6 +200,8 @@ class UserInfo(WireModel):
     user: str
     permissions: Permissions
     created_at: datetime
+    #: Set while the user is revoked: all their keys and tokens are refused.
+    revoked_at: datetime | None
 
 
 class UserWithKeys(UserInfo):
@@ -616,6 +618,33 @@ def _paths() -> dict[str, Any]:
                 "security": admin,
                 "responses": {
                     "200": _json("UserWithKeys", "The user and their keys."),
+                    **_errors(*_ADMIN_ERRORS, 404),
+                },
+            },
+            "delete": {
+                "operationId": "revokeUser",
+                "tags": ["admin"],
+                "summary": "Revoke a user: all their keys and tokens stop working within a second.",
+                "description": "Idempotent (the first revocation time is kept). The keys' own "
+                "states are left as they are, for a restore. A JWT subject without a record is "
+                "404: create it with PUT first.",
+                "security": admin,
+                "responses": {
+                    "200": _json("UserInfo", "The revoked user."),
+                    **_errors(*_ADMIN_ERRORS, 404),
+                },
+            },
+        },
+        "/admin/users/{user}/restore": {
+            "parameters": _parameters(UserPath, "path"),
+            "post": {
+                "operationId": "restoreUser",
+                "tags": ["admin"],
+                "summary": "Undo a user's revocation; keys revoked or expired on their own "
+                "stay refused.",
+                "security": admin,
+                "responses": {
+                    "200": _json("UserInfo", "The restored user."),
                     **_errors(*_ADMIN_ERRORS, 404),
                 },
             },

@@ -50,10 +50,11 @@ REFUSAL_MESSAGES: Mapping[RefusalReason, str] = {
         "malformed key: a proxy key is rk_<8-character id>_<43-character secret>; "
         "check that it was copied whole"
     ),
-    # One message for all three, so that a guesser cannot tell a live key id from a dead one.
+    # One message for all four, so that a guesser cannot tell a live key id from a dead one.
     "unknown_key": _UNKNOWN,
     "wrong_secret": _UNKNOWN,
     "revoked": _UNKNOWN,
+    "user_revoked": _UNKNOWN,
     "expired": "the key has expired: ask for a new one",
     "token_expired": "the token has expired (exp is in the past): get a fresh one",
     "token_malformed": "invalid token: not a decodable JWT",
@@ -67,6 +68,8 @@ REFUSAL_MESSAGES: Mapping[RefusalReason, str] = {
     "token_sub": "invalid token: sub (the user) is missing or empty",
     "token_jti": "invalid token: jti must be a string",
     "token_permissions": "invalid token: the permissions claim is not valid",
+    # Only a correctly signed token gets this far: there is nothing left to guess.
+    "token_user_revoked": "the user's access has been revoked: ask the operator",
     "token_invalid": "invalid token",
 }
 

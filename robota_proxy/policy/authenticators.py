@@ -3,6 +3,9 @@
 - ``KeyStoreAuthenticator``: ``rk_`` keys from the database, cached for
   ``key_cache_seconds`` so a revoked key is refused within that time on every process, while
   most requests never touch the database.
+- ``StoredUsers`` and ``RevokedUserCheck``: a JWT's user (``sub``) read from the users table,
+  cached the same way, for permissions and for the user's revocation (checked even when the
+  token's permission claims are trusted).
 - ``CompositeAuthenticator``: picks by the credential's shape: ``rk_`` -> key store, a JWT ->
   the JWT verifier, anything else -> the static ``ROBOTA_API_KEYS`` list.
 
@@ -30,14 +33,14 @@ from limits.aio.strategies import MovingWindowRateLimiter
 from sqlalchemy.exc import SQLAlchemyError
 
 from robota_proxy.errors import UpstreamUnavailable
-from robota_proxy.policy.jwt import JwtAuthenticator, verification_key
+from robota_proxy.policy.jwt import JwtAuthenticator, token_label, verification_key
 from robota_proxy.policy.keys import looks_like_key, parse_key_id, verify_key
 from robota_proxy.policy.principals import Authenticator, Principal, UserPermissions
 from robota_proxy.policy.refusals import AuthRefused
 from robota_proxy.policy.static_keys import StaticKeyAuthenticator
 from robota_proxy.redis_failure import RedisFailurePolicy
 from robota_proxy.settings import Settings
-from robota_proxy.storage.key_store import KeyLookup, KeyStore
+from robota_proxy.storage.key_store import KeyLookup, KeyStore, UserRecord
 
 log = logging.getLogger("robota_proxy.auth")
 
@@ -95,6 +98,9 @@ class KeyStoreAuthenticator:
         status = record.status()
         if status == "revoked":
             raise AuthRefused("revoked", key_id)
+        # Before expiry: a revoked user's keys all read as revoked, whatever their dates.
+        if found.user_revoked_at is not None:
+            raise AuthRefused("user_revoked", key_id, f"user {record.user!r} is revoked")
         if status == "expired":
             raise AuthRefused("expired", key_id)
         self._note_use(key_id)
@@ -155,24 +161,55 @@ class KeyStoreAuthenticator:
             await self._flushing
 
 
-class StoredUserPermissions:
-    """User permissions from the users table, cached like keys (JWT users)."""
+class StoredUsers:
+    """JWT users' records from the users table, cached like keys: one read per user per
+    ``cache_seconds`` answers both their permissions and whether they are revoked, so a
+    revoked user's tokens are refused by every process within that time."""
 
     def __init__(self, store: KeyStore, *, cache_seconds: float = 1.0) -> None:
         self.store = store
-        self._cache: TTLCache[str, UserPermissions] | None = (
+        #: ``None`` cached too: a user without a record is unrestricted and not revoked.
+        self._cache: TTLCache[str, UserRecord | None] | None = (
             TTLCache(maxsize=CACHE_SIZE, ttl=cache_seconds) if cache_seconds > 0 else None
         )
 
-    async def permissions(self, user: str) -> UserPermissions:
+    async def record(self, user: str) -> UserRecord | None:
         if self._cache is not None and user in self._cache:
             return self._cache[user]
         with store_errors():
-            record = await self.store.get_user(user)
-        found = record.permissions if record is not None else UserPermissions()
+            found = await self.store.get_user(user)
         if self._cache is not None:
             self._cache[user] = found
         return found
+
+    async def permissions(self, user: str) -> UserPermissions:
+        record = await self.record(user)
+        return record.permissions if record is not None else UserPermissions()
+
+    async def revoked(self, user: str) -> bool:
+        record = await self.record(user)
+        return record is not None and record.revoked_at is not None
+
+
+class RevokedUserCheck:
+    """A JWT verifier whose accepted tokens are refused when their user was revoked.
+
+    Apart from ``JwtAuthenticator`` because the check holds whatever the permissions' source:
+    with ``ROBOTA_JWT_TRUST_CLAIMS`` the token brings its own permissions, but only the
+    operator's users table can say the user was cut off. Run after the signature and claim
+    checks, so a forged token never costs a database read."""
+
+    def __init__(self, verifier: JwtAuthenticator, users: StoredUsers) -> None:
+        self.verifier = verifier
+        self.users = users
+
+    async def authenticate(self, credential: str) -> Principal:
+        principal = await self.verifier.authenticate(credential)
+        if await self.users.revoked(principal.user):
+            raise AuthRefused(
+                "token_user_revoked", token_label(credential), f"user {principal.user!r}"
+            )
+        return principal
 
 
 class CompositeAuthenticator:
@@ -221,22 +258,24 @@ class CompositeAuthenticator:
 def build_authenticator(settings: Settings, store: KeyStore) -> CompositeAuthenticator:
     """All the credential kinds the settings enable. Raises ``JwtConfigError`` on JWT settings
     that cannot work, so a misconfigured proxy fails at start rather than refusing everyone."""
-    jwt: JwtAuthenticator | None = None
+    jwt: RevokedUserCheck | None = None
     secret = settings.jwt_secret.get_secret_value() if settings.jwt_secret else None
     if secret or settings.jwt_public_key_file:
         key, algorithms = verification_key(
             secret, settings.jwt_public_key_file, settings.jwt_algorithms
         )
-        jwt = JwtAuthenticator(
+        users = StoredUsers(store, cache_seconds=settings.key_cache_seconds)
+        verifier = JwtAuthenticator(
             key,
             algorithms,
-            permissions=StoredUserPermissions(store, cache_seconds=settings.key_cache_seconds),
+            permissions=users,
             issuer=settings.jwt_issuer,
             audience=settings.jwt_audience,
             leeway_seconds=settings.jwt_leeway_seconds,
             trust_claims=settings.jwt_trust_claims,
             claims_namespace=settings.jwt_claims_namespace,
         )
+        jwt = RevokedUserCheck(verifier, users)
     static = StaticKeyAuthenticator(key.get_secret_value() for key in settings.api_keys)
     return CompositeAuthenticator(
         keys=KeyStoreAuthenticator(store, cache_seconds=settings.key_cache_seconds),

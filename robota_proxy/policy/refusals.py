@@ -27,6 +27,7 @@ RefusalReason = Literal[
     "wrong_secret",  # the key id exists; the secret does not match it
     "revoked",  # the whole key matches and was revoked
     "expired",  # the whole key matches and its expiry has passed
+    "user_revoked",  # the whole key matches and its user was revoked (users revoke)
     # JWTs, one reason per check
     "token_malformed",  # not decodable: bad base64, bad JSON, bad header
     "token_alg",  # alg not among the configured algorithms (none, HS256 to an RSA key...)
@@ -40,6 +41,7 @@ RefusalReason = Literal[
     "token_sub",  # sub missing, empty or not a string
     "token_jti",  # jti present but not a string
     "token_permissions",  # the trusted permissions claim is not valid
+    "token_user_revoked",  # a valid token whose sub (the user) was revoked
     "token_invalid",  # any other verification failure
 ]
 

@@ -148,6 +148,8 @@ class AdminRoutes:
             Route("/admin/keys/{key_id}", self.revoke_key, methods=["DELETE"]),
             Route("/admin/users/{user}", self.set_user, methods=["PUT"]),
             Route("/admin/users/{user}", self.show_user, methods=["GET"]),
+            Route("/admin/users/{user}", self.revoke_user, methods=["DELETE"]),
+            Route("/admin/users/{user}/restore", self.restore_user, methods=["POST"]),
         ]
 
     @admin_only
@@ -205,3 +207,19 @@ class AdminRoutes:
             raise NotFound("no such user")
         keys = await self.store.list_keys(user)
         return JSONResponse({**record.to_wire(), "keys": [key.to_wire() for key in keys]})
+
+    @admin_only
+    async def revoke_user(self, request: Request) -> Response:
+        """Like ``DELETE /admin/keys/{id}``: 200 with the record, so the caller sees the
+        revocation time; unknown users are 404 (create a JWT-only user with PUT first)."""
+        record = await self.store.revoke_user(request.path_params["user"])
+        if record is None:
+            raise NotFound("no such user")
+        return JSONResponse(record.to_wire())
+
+    @admin_only
+    async def restore_user(self, request: Request) -> Response:
+        record = await self.store.restore_user(request.path_params["user"])
+        if record is None:
+            raise NotFound("no such user")
+        return JSONResponse(record.to_wire())

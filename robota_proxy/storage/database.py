@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from sqlalchemy import Column, Integer, MetaData, Table, event, inspect, select, text
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool, StaticPool
@@ -86,8 +86,27 @@ async def _ledger_leases(conn: AsyncConnection) -> None:
     )
 
 
+async def _user_revocation(conn: AsyncConnection) -> None:
+    """3: users can be revoked whole (``users.revoked_at``, null: not revoked). Every existing
+    user stays active. Idempotent for the same reason as step 2: a database created by step 1
+    today already has the column. A database without a users table (only ever a partial test
+    fixture: step 1 creates every table) has nothing to revoke."""
+
+    def columns(sync: Connection) -> set[str] | None:
+        inspector = inspect(sync)
+        if not inspector.has_table("users"):
+            return None
+        return {column["name"] for column in inspector.get_columns("users")}
+
+    existing = await conn.run_sync(columns)
+    if existing is None or "revoked_at" in existing:
+        return
+    timestamp = "TIMESTAMP WITH TIME ZONE" if conn.dialect.name == "postgresql" else "DATETIME"
+    await conn.execute(text(f"ALTER TABLE users ADD COLUMN revoked_at {timestamp}"))
+
+
 #: Append only: a released step is never edited, a change is a new step.
-MIGRATIONS: Sequence[Migration] = (_initial_schema, _ledger_leases)
+MIGRATIONS: Sequence[Migration] = (_initial_schema, _ledger_leases, _user_revocation)
 
 # Any fixed number: the advisory lock that serialises migrations across PostgreSQL clients.
 _PG_MIGRATION_LOCK = 7_261_534

@@ -39,12 +39,15 @@ class UserRecord:
     user: str
     permissions: UserPermissions
     created_at: datetime
+    #: When the user was revoked: all their keys and tokens are refused while it is set.
+    revoked_at: datetime | None = None
 
     def to_wire(self) -> dict[str, Any]:
         return {
             "user": self.user,
             "permissions": self.permissions.to_wire(),
             "createdAt": _iso(self.created_at),
+            "revokedAt": _iso(self.revoked_at),
         }
 
 
@@ -91,6 +94,8 @@ class KeyLookup:
     secret_hash: str
     #: The owner's permissions, before the key's overlay.
     user_permissions: UserPermissions
+    #: Set when the owner was revoked: the key is refused whatever its own state.
+    user_revoked_at: datetime | None = None
 
 
 def _key_record(row: RowMapping) -> KeyRecord:
@@ -135,7 +140,30 @@ class KeyStore:
             user=row["user_id"],
             permissions=UserPermissions.from_wire(row["permissions"]),
             created_at=_utc(row["created_at"]) or datetime.now(UTC),
+            revoked_at=_utc(row["revoked_at"]),
         )
+
+    async def revoke_user(self, user: str) -> UserRecord | None:
+        """Revoke the user whole: every key of theirs and every JWT with this ``sub`` is refused
+        (each process within ``ROBOTA_KEY_CACHE_SECONDS``). Idempotent: the first revocation
+        time is kept. ``None`` if the user has no record: a typo must not look like a done
+        revocation (a JWT-only user gets one with ``set_user_permissions`` first). The keys'
+        own rows are left alone, so that ``restore_user`` can bring them back."""
+        async with self.database.engine.begin() as conn:
+            await conn.execute(
+                update(users)
+                .where(users.c.user_id == user, users.c.revoked_at.is_(None))
+                .values(revoked_at=datetime.now(UTC))
+            )
+        return await self.get_user(user)
+
+    async def restore_user(self, user: str) -> UserRecord | None:
+        """Undo ``revoke_user`` (a suspension lifted, or a revocation made by mistake): the
+        user's tokens work again, and so do their keys that are not revoked or expired on
+        their own; a revoked key stays revoked. ``None`` if the user has no record."""
+        async with self.database.engine.begin() as conn:
+            await conn.execute(update(users).where(users.c.user_id == user).values(revoked_at=None))
+        return await self.get_user(user)
 
     async def set_user_permissions(self, user: str, permissions: UserPermissions) -> UserRecord:
         """Replace the user's permissions, creating the user if needed."""
@@ -239,9 +267,14 @@ class KeyStore:
         return await self.get_key(key_id)
 
     async def lookup(self, key_id: str) -> KeyLookup | None:
-        """The key row and its owner's permissions, in one round trip (the hot path)."""
+        """The key row, its owner's permissions and revoked state, in one round trip (the hot
+        path: one primary-key read joined on the users primary key)."""
         query = (
-            select(api_keys, users.c.permissions.label("user_permissions"))
+            select(
+                api_keys,
+                users.c.permissions.label("user_permissions"),
+                users.c.revoked_at.label("user_revoked_at"),
+            )
             .select_from(api_keys.outerjoin(users, users.c.user_id == api_keys.c.user_id))
             .where(api_keys.c.key_id == key_id)
         )
@@ -253,6 +286,7 @@ class KeyStore:
             record=_key_record(row),
             secret_hash=row["secret_hash"],
             user_permissions=UserPermissions.from_wire(row["user_permissions"]),
+            user_revoked_at=_utc(row["user_revoked_at"]),
         )
 
     async def touch(self, used: Mapping[str, datetime]) -> None:

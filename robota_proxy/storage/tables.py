@@ -30,6 +30,9 @@ users = Table(
     #: ``UserPermissions.to_wire()``; shared by every key of the user.
     Column("permissions", JSON, nullable=False, default=dict),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    #: Set: every key of the user and every token with this ``sub`` is refused, whatever the
+    #: key's own state; cleared by a restore (migration 3).
+    Column("revoked_at", DateTime(timezone=True), nullable=True),
 )
 
 api_keys = Table(

@@ -117,6 +117,7 @@ EXPECTED_MESSAGES = {
     "unknown_key": UNKNOWN,
     "wrong_secret": UNKNOWN,
     "revoked": UNKNOWN,
+    "user_revoked": UNKNOWN,
     "expired": "the key has expired: ask for a new one",
     "token_expired": "the token has expired (exp is in the past): get a fresh one",
     "token_malformed": "invalid token: not a decodable JWT",
@@ -130,6 +131,7 @@ EXPECTED_MESSAGES = {
     "token_sub": "invalid token: sub (the user) is missing or empty",
     "token_jti": "invalid token: jti must be a string",
     "token_permissions": "invalid token: the permissions claim is not valid",
+    "token_user_revoked": "the user's access has been revoked: ask the operator",
     "token_invalid": "invalid token",
 }
 

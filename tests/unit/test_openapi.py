@@ -235,6 +235,17 @@ def test_answers_of_every_route_fit_the_document() -> None:
             "put",
         )
         check(client.get("/admin/users/ada", headers=AS_ADMIN), "/admin/users/{user}", "get")
+        revoked_user = client.delete("/admin/users/ada", headers=AS_ADMIN)
+        assert revoked_user.status_code == 200 and revoked_user.json()["revokedAt"] is not None
+        check(revoked_user, "/admin/users/{user}", "delete")
+        check(
+            client.delete("/admin/users/nobody", headers=AS_ADMIN), "/admin/users/{user}", "delete"
+        )
+        restore = "/admin/users/{user}/restore"
+        restored = client.post("/admin/users/ada/restore", headers=AS_ADMIN)
+        assert restored.status_code == 200 and restored.json()["revokedAt"] is None
+        check(restored, restore, "post")
+        check(client.post("/admin/users/nobody/restore", headers=AS_ADMIN), restore, "post")
         check(client.get("/admin/usage", headers=AS_ADMIN), "/admin/usage", "get")
         check(client.get("/admin/metrics", headers=AS_ADMIN), "/admin/metrics", "get")
 

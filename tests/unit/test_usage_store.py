@@ -658,7 +658,7 @@ async def test_a_database_from_before_the_leases_is_upgraded(empty_database_url:
                     ).order_by(LEDGER.c.id)
                 )
             ).all()
-        assert version == len(MIGRATIONS) == 2
+        assert version == len(MIGRATIONS)  # and every later step runs on it too
         ids = [row.id for row in rows]
         assert [tuple(row)[1:] for row in rows] == [
             ("client-7", None, 0, None, None),
