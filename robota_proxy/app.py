@@ -27,13 +27,20 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from robota_proxy import scope as keys
-from robota_proxy.errors import InternalError, InvalidRequest, NotFound, ProxyError
+from robota_proxy.errors import (
+    InternalError,
+    InvalidRequest,
+    NotFound,
+    ProxyError,
+    UpstreamUnavailable,
+)
 from robota_proxy.middleware.auth import AuthMiddleware
 from robota_proxy.middleware.cache import CacheMiddleware
 from robota_proxy.middleware.metering import MeteringMiddleware
 from robota_proxy.middleware.paths import CHAT_PATHS
 from robota_proxy.middleware.ratelimit import RateLimitMiddleware
 from robota_proxy.middleware.request_context import RequestContextMiddleware
+from robota_proxy.observability.throttled_log import ThrottledLog
 from robota_proxy.policy.authenticators import (
     AuthFailureLimiter,
     CompositeAuthenticator,
@@ -53,7 +60,7 @@ from robota_proxy.routes.chat import ChatRoutes
 from robota_proxy.routes.metrics import MetricsRoutes
 from robota_proxy.routes.ws import WebSocketRoutes
 from robota_proxy.settings import Settings
-from robota_proxy.storage.database import Database
+from robota_proxy.storage.database import DATABASE_OUTAGE, Database
 from robota_proxy.storage.key_store import KeyStore
 from robota_proxy.storage.limits_storage import LimitsStorage
 from robota_proxy.storage.response_cache import ResponseCache, response_cache
@@ -262,6 +269,7 @@ class ProxyApp(Starlette):
             exception_handlers={
                 ProxyError: _proxy_error,
                 HTTPException: _http_error,
+                **dict.fromkeys(DATABASE_OUTAGE, _database_error),
                 Exception: _unexpected_error,
             },
             lifespan=self.lifespan,
@@ -365,6 +373,22 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         return error_response(error, keys.request_id(request.scope), status=405)
     else:
         error = InvalidRequest(str(exc.detail))
+    return error_response(error, keys.request_id(request.scope))
+
+
+#: An outage of the database is logged like this, at most once per interval, not per request.
+_database_outage = ThrottledLog(log, interval=10.0)
+
+
+async def _database_error(request: Request, exc: Exception) -> Response:
+    """The database (or the network to it) is down: the caller can retry, nothing is wrong
+    with the request or with the proxy, so no traceback either. Only the type is logged: a
+    driver's message can carry the URL with its password. Registered for these types rather
+    than caught in ``_unexpected_error``, whose middleware re-raises after answering."""
+    _database_outage.warn(
+        "database", "database unreachable (%s): answering 503", type(exc).__name__
+    )
+    error = UpstreamUnavailable("the proxy's database is unreachable; retry shortly", retry_after=1)
     return error_response(error, keys.request_id(request.scope))
 
 

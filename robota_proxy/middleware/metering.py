@@ -54,6 +54,7 @@ from robota_proxy.errors import (
     UpstreamUnavailable,
 )
 from robota_proxy.middleware.paths import CHAT_PATHS, STREAM_PATH, route_path
+from robota_proxy.observability.throttled_log import ThrottledLog
 from robota_proxy.policy.pricing import (
     PriceBook,
     estimate_completion_tokens,
@@ -63,6 +64,7 @@ from robota_proxy.policy.pricing import (
 )
 from robota_proxy.policy.principals import Principal
 from robota_proxy.responses import error_response
+from robota_proxy.storage.database import DATABASE_OUTAGE
 from robota_proxy.storage.usage_store import (
     LedgerEntry,
     Opening,
@@ -74,6 +76,8 @@ from robota_proxy.storage.usage_store import (
 )
 
 log = logging.getLogger("robota_proxy.metering")
+#: A database outage fails every call the same way: one line per interval, not per call.
+_outage = ThrottledLog(log, interval=10.0)
 
 #: Statuses after which a vendor may have done (and billed) work although it reported no
 #: usage; any other error status means the vendor refused before starting.
@@ -236,8 +240,13 @@ class MeteringMiddleware:
                 token_limit=limits.monthly_tokens,
                 cost_limit_pico=None if budget is None else to_pico(budget),
             )
-        except Exception:
-            log.exception("could not write the ledger row of %s", keys.request_id(scope))
+        except Exception as exc:
+            if isinstance(exc, DATABASE_OUTAGE):
+                _outage.warn(
+                    "open", "ledger rows cannot be written (%s): calls refused", type(exc).__name__
+                )
+            else:
+                log.exception("could not write the ledger row of %s", keys.request_id(scope))
             raise UpstreamUnavailable(
                 "the usage ledger is unavailable, and no vendor call is made without its "
                 "ledger row; try again shortly",
@@ -264,9 +273,16 @@ class MeteringMiddleware:
                 return
             entry = self._entry(scope, record, principal, started_at, reservation.request_id)
             await self.store.settle(entry, reservation)
-        except Exception:
+        except Exception as exc:
             # The answer has gone out already; all that is left to do is to say so loudly.
             # The store has released the hold (or the lease's expiry will).
+            if isinstance(exc, DATABASE_OUTAGE):
+                _outage.warn(
+                    "settle",
+                    "usage not settled (%s); the lease reclaim will close the rows",
+                    type(exc).__name__,
+                )
+                return
             log.exception(
                 "could not settle the usage of %s (ledger row %s)",
                 record.request_id,

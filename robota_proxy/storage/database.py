@@ -19,7 +19,7 @@ from pathlib import Path
 
 from sqlalchemy import Column, Integer, MetaData, Table, event, inspect, select, text
 from sqlalchemy.engine import URL, Connection, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool, StaticPool
 
@@ -110,6 +110,12 @@ MIGRATIONS: Sequence[Migration] = (_initial_schema, _ledger_leases, _user_revoca
 
 # Any fixed number: the advisory lock that serialises migrations across PostgreSQL clients.
 _PG_MIGRATION_LOCK = 7_261_534
+
+
+#: What an unreachable or failing database raises: SQLAlchemy wraps the driver's errors, but a
+#: refused or reset connection can surface as the plain ``OSError`` asyncpg raised. Callers log
+#: these as one line (an outage, not a bug), never with a traceback per request.
+DATABASE_OUTAGE: tuple[type[Exception], ...] = (SQLAlchemyError, OSError)
 
 
 class DatabaseURLError(ValueError):

@@ -62,7 +62,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from robota_proxy.storage import tables
-from robota_proxy.storage.database import Database
+from robota_proxy.storage.database import DATABASE_OUTAGE, Database
 
 log = logging.getLogger("robota_proxy.usage")
 
@@ -287,11 +287,13 @@ class UsageStore:
                     SETTLE_FAILED,
                     closed,
                 )
-            except Exception:
-                log.exception(
-                    "settle of %s failed and so did closing its row; its lease expiry "
+            except Exception as closing:
+                log.error(
+                    "settle of %s failed and so did closing its row (%s); its lease expiry "
                     "will release it",
                     job.reservation.request_id,
+                    type(closing).__name__,
+                    exc_info=not isinstance(closing, DATABASE_OUTAGE),
                 )
         job.finish(error)
 
@@ -416,9 +418,13 @@ class LeaseReclaimer:
     async def _once(self) -> None:
         try:
             await self.store.reclaim()
-        except Exception:
+        except Exception as exc:
             # The database may be down: the leases keep, the next round tries again.
-            log.warning("could not reclaim expired leases", exc_info=True)
+            log.warning(
+                "could not reclaim expired leases (%s)",
+                type(exc).__name__,
+                exc_info=not isinstance(exc, DATABASE_OUTAGE),
+            )
 
 
 # --- the jobs of the group commit ---------------------------------------------------------------
