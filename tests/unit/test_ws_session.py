@@ -19,11 +19,13 @@ from starlette.websockets import WebSocket
 from robota_proxy import ProxyApp, create_app
 from robota_proxy.routes.ws import Session
 from robota_proxy.settings import Settings
+from robota_proxy.upstreams.mock import MAX_REPLY_WORDS
 
 KEY = "unit-ws-key"
 SEND_QUEUE = 4
 #: 2,000 words of 200 characters: ~400 kB of deltas, 100 times what the queue may hold.
-WORDS = [f"{i:04d}" + "x" * 196 for i in range(2000)]
+#: The longest reply the mock gives: "You said: " and these words.
+WORDS = [f"{i:04d}" + "x" * 196 for i in range(MAX_REPLY_WORDS - 2)]
 
 
 @pytest.fixture
@@ -147,7 +149,7 @@ async def test_a_stalled_reader_holds_the_queue_bound_while_the_producer_finishe
     text = "".join(f["data"]["content"] for f in frames if f["event"] == "delta")
     assert text == "You said: " + " ".join(WORDS)
     assert session.high_water <= SEND_QUEUE
-    # Bounded by the queue: a few frames' worth, not the ~400 kB answer.
+    # Bounded by the queue: a few frames' worth, not the ~200 kB answer.
     largest_delta = max(len(t) for t in socket.sent if '"event":"delta"' in t)
     assert stalled_bytes <= SEND_QUEUE * largest_delta
     assert stalled_bytes < len(text) // 50
