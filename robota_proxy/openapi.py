@@ -227,11 +227,13 @@ class UsageQuery(BaseModel):
 
 
 class AdminUsageQuery(UsageQuery):
-    user: str | None = Field(default=None, description="One user's usage; everyone's if left out.")
+    user: str | None = Field(
+        default=None, pattern=_TEXT, description="One user's usage; everyone's if left out."
+    )
 
 
 class KeysQuery(BaseModel):
-    user: str | None = Field(default=None, description="Only this user's keys.")
+    user: str | None = Field(default=None, pattern=_TEXT, description="Only this user's keys.")
 
 
 class KeyPath(BaseModel):
@@ -239,7 +241,7 @@ class KeyPath(BaseModel):
 
 
 class UserPath(BaseModel):
-    user: str = Field(max_length=MAX_USER_LENGTH, description="The user's id.")
+    user: str = Field(max_length=MAX_USER_LENGTH, pattern=_USER, description="The user's id.")
 
 
 class StreamPath(BaseModel):
@@ -571,7 +573,7 @@ def _paths() -> dict[str, Any]:
                 "parameters": _parameters(KeysQuery, "query"),
                 "responses": {
                     "200": _json("KeyList", "The keys, without their secrets."),
-                    **_errors(*_ADMIN_ERRORS),
+                    **_errors(400, *_ADMIN_ERRORS),
                 },
             },
         },

@@ -35,7 +35,7 @@ from robota_proxy.middleware.auth import bearer_credential, client_address
 from robota_proxy.policy.authenticators import AuthFailureLimiter
 from robota_proxy.policy.keys import expiry_in, parse_expiry
 from robota_proxy.policy.principals import UserPermissions, storable
-from robota_proxy.storage.key_store import KeyStore, check_user
+from robota_proxy.storage.key_store import MAX_USER_LENGTH, KeyStore, check_user
 
 MAX_ADMIN_BODY_BYTES = 64 * 1024
 NO_STORE = {"Cache-Control": "no-store"}
@@ -135,6 +135,31 @@ def _user(value: Any) -> str:
     return user
 
 
+def user_filter(value: str | None) -> str | None:
+    """A ``user`` query parameter: a name that could be stored, else a 400. A NUL in it
+    (``?user=%00``) reached PostgreSQL, which refuses NUL in text, as a 5xx."""
+    if value is not None and not storable(value):
+        raise InvalidRequest("user must not contain control characters")
+    return value
+
+
+def _known_user(request: Request) -> str:
+    """The path's user for a lookup; a name no user can have (``%00``) is a 404 without
+    reaching the database, which refuses NUL in text with a 5xx."""
+    user: str = request.path_params["user"]
+    if len(user) > MAX_USER_LENGTH or not storable(user):
+        raise NotFound("no such user")
+    return user
+
+
+def _key_id(request: Request) -> str:
+    """The path's key id; one that no key can have (``%00``, a megabyte) is not looked up."""
+    key_id: str = request.path_params["key_id"]
+    if len(key_id) > 64 or not storable(key_id):
+        raise NotFound("no such key")
+    return key_id
+
+
 class AdminRoutes:
     def __init__(self, store: KeyStore, guard: AdminGuard) -> None:
         self.store = store
@@ -172,20 +197,20 @@ class AdminRoutes:
 
     @admin_only
     async def list_keys(self, request: Request) -> Response:
-        user = request.query_params.get("user")
+        user = user_filter(request.query_params.get("user"))
         records = await self.store.list_keys(user)
         return JSONResponse({"keys": [record.to_wire() for record in records]})
 
     @admin_only
     async def show_key(self, request: Request) -> Response:
-        record = await self.store.get_key(request.path_params["key_id"])
+        record = await self.store.get_key(_key_id(request))
         if record is None:
             raise NotFound("no such key")
         return JSONResponse(record.to_wire())
 
     @admin_only
     async def revoke_key(self, request: Request) -> Response:
-        record = await self.store.revoke_key(request.path_params["key_id"])
+        record = await self.store.revoke_key(_key_id(request))
         if record is None:
             raise NotFound("no such key")
         return JSONResponse(record.to_wire())
@@ -201,7 +226,7 @@ class AdminRoutes:
 
     @admin_only
     async def show_user(self, request: Request) -> Response:
-        user = request.path_params["user"]
+        user = _known_user(request)
         record = await self.store.get_user(user)
         if record is None:
             raise NotFound("no such user")
@@ -212,14 +237,14 @@ class AdminRoutes:
     async def revoke_user(self, request: Request) -> Response:
         """Like ``DELETE /admin/keys/{id}``: 200 with the record, so the caller sees the
         revocation time; unknown users are 404 (create a JWT-only user with PUT first)."""
-        record = await self.store.revoke_user(request.path_params["user"])
+        record = await self.store.revoke_user(_known_user(request))
         if record is None:
             raise NotFound("no such user")
         return JSONResponse(record.to_wire())
 
     @admin_only
     async def restore_user(self, request: Request) -> Response:
-        record = await self.store.restore_user(request.path_params["user"])
+        record = await self.store.restore_user(_known_user(request))
         if record is None:
             raise NotFound("no such user")
         return JSONResponse(record.to_wire())

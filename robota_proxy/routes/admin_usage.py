@@ -11,7 +11,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from robota_proxy.responses import WireResponse
-from robota_proxy.routes.admin import AdminGuard
+from robota_proxy.routes.admin import AdminGuard, user_filter
 from robota_proxy.routes.usage_report import date_range, usage_report
 from robota_proxy.storage.usage_store import UsageStore
 
@@ -28,6 +28,6 @@ class AdminUsageRoutes:
         await self.guard.check(request)
         query = request.query_params
         first, last = date_range(query.get("from"), query.get("to"))
-        user = query.get("user") or None
+        user = user_filter(query.get("user") or None)
         report = await usage_report(self.store, first, last, user=user, per_user=True)
         return WireResponse(report)

@@ -42,6 +42,16 @@ def client() -> Iterator[TestClient]:
         yield test_client
 
 
+@pytest.fixture(scope="module")
+def pg_client(postgres_url: str) -> Iterator[TestClient]:
+    """On PostgreSQL, which refuses NUL in text: where a name nobody can have was a 5xx."""
+    settings = Settings(
+        api_keys=[USER], admin_key=ADMIN, cache_enabled=False, database_url=postgres_url
+    )
+    with TestClient(create_app(settings), raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
 def assert_400(answer: Any, *words: str) -> None:
     """The wire's invalid_request error, its message naming the field."""
     assert answer.status_code == 400, answer.text
@@ -171,6 +181,32 @@ def test_names_longer_than_the_ledger_column_or_with_control_characters_are_a_40
     client: TestClient, changes: dict[str, str], field: str
 ) -> None:
     assert_400(client.post("/ai/chat", json={**CHAT, **changes}, headers=AS_USER), field)
+
+
+@pytest.mark.parametrize("path", ["/admin/keys?user=a%00", "/admin/usage?user=%00%0e"])
+def test_a_user_filter_with_nul_is_a_400_not_a_database_error(
+    pg_client: TestClient, path: str
+) -> None:
+    # Found by the schemathesis run on PostgreSQL, which refused it with a 503.
+    assert_400(pg_client.get(path, headers=AS_ADMIN), "user", "control characters")
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/admin/users/a%00"),
+        ("DELETE", "/admin/users/a%00"),
+        ("POST", "/admin/users/a%00/restore"),
+        ("GET", "/admin/keys/%00"),
+        ("DELETE", "/admin/keys/" + "k" * 65),
+    ],
+)
+def test_a_lookup_of_a_name_nothing_can_have_is_a_404(
+    pg_client: TestClient, method: str, path: str
+) -> None:
+    answer = pg_client.request(method, path, headers=AS_ADMIN)
+    assert answer.status_code == 404, answer.text
+    assert answer.json()["error"]["code"] == "not_found"
 
 
 def test_a_budget_is_answered_as_a_plain_decimal_in_whole_picodollars(client: TestClient) -> None:
