@@ -138,12 +138,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self.parser is None or self._refused:
             return
-        if self._in_head:
+        was_in_head = self._in_head
+        super().data_received(data)
+        # Counted after parsing, and only a read that began and ended inside a head: one read
+        # can hold the end of a head and the start of a large body (or the end of a body and
+        # the start of the next head), and body bytes are not head bytes. httptools keeps the
+        # unfinished head, so at most one read's worth lies past the bound.
+        if was_in_head and self._in_head and not self._refused and self.parser is not None:
             self._head_bytes += len(data)
             if self._head_bytes > self._limits.max_header_bytes + self._limits.max_request_line:
                 self._refuse(431, "Request Header Fields Too Large", "request head too large")
-                return
-        super().data_received(data)
 
     def _evict_idlest(self) -> bool:
         """At the cap, a connection that is still waiting for (or dribbling) a request head

@@ -92,6 +92,25 @@ def test_a_request_head_larger_than_the_limit_gets_431_and_memory_stays_flat(
     assert httpx.get(f"{hardened.url}/health").status_code == 200
 
 
+def test_large_bodies_on_one_connection_are_not_mistaken_for_large_heads(
+    hardened: ProxyProcess,
+) -> None:
+    """The head bound counts head bytes only: 1 MB bodies, one after another on a kept-alive
+    connection, arrive in reads that mix head and body bytes."""
+    content = "word " * 200_000
+    body = {
+        "provider": "mock",
+        "model": "mock-1",
+        "messages": [{"role": "user", "content": content}],
+    }
+    with httpx.Client(base_url=hardened.url, timeout=30) as client:
+        for _ in range(3):
+            answer = client.post(
+                "/ai/chat", json=body, headers={"Authorization": "Bearer good-key"}
+            )
+            assert answer.status_code == 200, answer.text[:200]
+
+
 @pytest.mark.parametrize(
     "partial",
     [
