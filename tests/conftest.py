@@ -6,6 +6,7 @@ import asyncio
 import random
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import asyncpg
@@ -26,11 +27,11 @@ POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
 REDIS_BASE_URL = "redis://127.0.0.1:6379"
 
 
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """A fresh PostgreSQL database for this test session, dropped at the end, so parallel
-    runs and earlier runs never see each other's keys or ledger rows."""
-    name = f"robota_test_{uuid.uuid4().hex[:12]}"
+@contextmanager
+def fresh_postgres_database(prefix: str) -> Iterator[str]:
+    """A PostgreSQL database of its own, dropped afterwards, so parallel and earlier runs never
+    see each other's keys or ledger rows."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
 
     async def admin(statement: str) -> None:
         conn = await asyncpg.connect(POSTGRES_ADMIN_URL.replace("postgresql", "postgres", 1))
@@ -40,8 +41,27 @@ def postgres_url() -> Iterator[str]:
             await conn.close()
 
     asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-    yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session."""
+    with fresh_postgres_database("robota_test") as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database of each engine, for migration tests that build an old schema in it."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'old.db'}"
+        return
+    with fresh_postgres_database("robota_migrate") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -5,15 +5,13 @@ reclaimers racing), a failed settle releases its hold, and old databases upgrade
 
 from __future__ import annotations
 
-import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import anyio
-import asyncpg
 import pytest
 from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
@@ -31,7 +29,6 @@ from robota_proxy.storage.usage_store import (
     UsageStore,
     period_of,
 )
-from tests.conftest import POSTGRES_ADMIN_URL
 
 LEDGER = tables.usage_ledger
 OWNER = "test-host:4242:abcd1234"
@@ -593,28 +590,6 @@ _OLD_ROW = (
     "latency_ms, status, streamed, cached, priced, estimated) VALUES "
     "(:rid, :at, 'old', 'openai', 'm1', 1, 2, 0, 0, 0, 30, 5, 'ok', false, false, true, false)"
 )
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def empty_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A database of its own (the migration test builds an old schema in it)."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'old.db'}"
-        return
-    name = f"robota_migrate_{uuid.uuid4().hex[:12]}"
-
-    async def admin(statement: str) -> None:
-        conn = await asyncpg.connect(POSTGRES_ADMIN_URL.replace("postgresql", "postgres", 1))
-        try:
-            await conn.execute(statement)
-        finally:
-            await conn.close()
-
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-    try:
-        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    finally:
-        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @pytest.mark.anyio

@@ -9,13 +9,11 @@ import asyncio
 import json
 import os
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import jwt
 import pytest
 from sqlalchemy import event, text
@@ -32,7 +30,6 @@ from robota_proxy.policy.refusals import AuthRefused
 from robota_proxy.preflight import probe_database
 from robota_proxy.storage.database import MIGRATIONS, Database
 from robota_proxy.storage.key_store import KeyStore, UserRecord
-from tests.conftest import POSTGRES_ADMIN_URL
 
 SECRET = "jwt-test-secret-" + "0123456789abcdef" * 4
 NS = "https://robota.dev/permissions"
@@ -272,27 +269,6 @@ def test_users_revoke_and_restore_commands(
 
 
 # --- the migration ----------------------------------------------------------------------------
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def empty_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'v2.db'}"
-        return
-    name = f"robota_users_v2_{uuid.uuid4().hex[:12]}"
-
-    async def admin(statement: str) -> None:
-        conn = await asyncpg.connect(POSTGRES_ADMIN_URL.replace("postgresql", "postgres", 1))
-        try:
-            await conn.execute(statement)
-        finally:
-            await conn.close()
-
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-    try:
-        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    finally:
-        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @pytest.mark.anyio
