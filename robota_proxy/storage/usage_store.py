@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -501,7 +502,7 @@ async def _hold(conn: AsyncConnection, job: _Open) -> Reservation | Refusal:
         return Reservation(call.request_id, user, period, 0, 0)
     tokens = call.prompt_tokens + call.completion_tokens
     cost = call.cost_pico or 0
-    statement = _RESERVE[token_limit is not None, cost_limit is not None]
+    statement = _reserve_stmt(token_limit is not None, cost_limit is not None)
     params: dict[str, Any] = {
         "res_user": user,
         "res_period": period,
@@ -517,7 +518,7 @@ async def _hold(conn: AsyncConnection, job: _Open) -> Reservation | Refusal:
     if (await conn.execute(statement, params)).rowcount == 1:
         return Reservation(call.request_id, user, period, tokens, cost)
     await conn.execute(
-        _INSERT_COUNTERS[conn.dialect.name], {"new_user": user, "new_period": period}
+        _insert_counters_stmt(conn.dialect.name), {"new_user": user, "new_period": period}
     )
     if (await conn.execute(statement, params)).rowcount == 1:
         return Reservation(call.request_id, user, period, tokens, cost)
@@ -570,7 +571,7 @@ async def _write_settles(conn: AsyncConnection, batch: Sequence[_Settle]) -> Non
         # dead, and its hold was released then). Correct it to what really happened.
         request_id = reservation.request_id
         old = (
-            await conn.execute(_SELECT_FOR_CORRECTION[conn.dialect.name], {"fin_id": request_id})
+            await conn.execute(_for_correction_stmt(conn.dialect.name), {"fin_id": request_id})
         ).first()
         if old is not None:
             old_tokens = 0 if old.cached else int(old.prompt_tokens) + int(old.completion_tokens)
@@ -607,7 +608,7 @@ async def _charge_closed(conn: AsyncConnection, rows: Sequence[Any]) -> None:
 
 
 async def _add_usage(conn: AsyncConnection, sums: dict[tuple[str, str], _Sums]) -> None:
-    add_usage = _ADD_USAGE[conn.dialect.name]
+    add_usage = _add_usage_stmt(conn.dialect.name)
     for (user, period), total in sorted(sums.items()):  # sorted: one lock order for all
         await conn.execute(
             add_usage,
@@ -660,11 +661,7 @@ def _reserve_statement(token_limit: bool, cost_limit: bool) -> Any:
 
 
 #: By (has a token limit, has a cost limit).
-_RESERVE: dict[tuple[bool, bool], Any] = {
-    (token_limit, cost_limit): _reserve_statement(token_limit, cost_limit)
-    for token_limit in (False, True)
-    for cost_limit in (False, True)
-}
+_reserve_stmt = functools.cache(_reserve_statement)
 
 
 def _insert_counters_statement(insert: Any) -> Any:
@@ -687,16 +684,18 @@ _ZERO = {
     "requests": 0,
 }
 
-#: A user's zeroed counters row for a month, per dialect (their ``ON CONFLICT`` differ).
-_INSERT_COUNTERS: dict[str, Any] = {
-    "postgresql": _insert_counters_statement(postgresql.insert),
-    "sqlite": _insert_counters_statement(sqlite.insert),
-}
+#: The two engines' ``INSERT``: their ``ON CONFLICT`` constructs differ.
+_INSERTS: dict[str, Any] = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
+
+#: A user's zeroed counters row for a month, per engine.
+_insert_counters_stmt = functools.cache(lambda engine: _insert_counters_statement(_INSERTS[engine]))
 
 
-# The hot path's statements are built once, with bound parameters, rather than per call:
-# building a statement (and its cache key) costs more CPU than executing it on SQLite. Bind
-# names differ from column names, which SQLAlchemy reserves in VALUES and SET.
+# The hot path's statements are built once per process, on first use, with bound parameters
+# rather than per call: building a statement (and its cache key) costs more CPU than executing
+# it on SQLite. First use rather than import, so that mutation testing (``nox -s mutation``)
+# can switch a builder's mutant on in a process that imported this module but never ran it.
+# Bind names differ from column names, which SQLAlchemy reserves in VALUES and SET.
 
 
 def _add_usage_statement(insert: Any) -> Any:
@@ -728,11 +727,8 @@ def _add_usage_statement(insert: Any) -> Any:
     )
 
 
-#: The counters upsert per dialect (their ``ON CONFLICT`` constructs differ).
-_ADD_USAGE: dict[str, Any] = {
-    "postgresql": _add_usage_statement(postgresql.insert),
-    "sqlite": _add_usage_statement(sqlite.insert),
-}
+#: The counters upsert, per engine.
+_add_usage_stmt = functools.cache(lambda engine: _add_usage_statement(_INSERTS[engine]))
 
 _INSERT_LEDGER = ledger.insert()
 
@@ -781,10 +777,9 @@ def _select_for_correction(lock: bool) -> Any:
 
 #: A settled row about to be corrected; locked on PostgreSQL (SQLite has one writer, and this
 #: runs after the transaction's first write took its lock).
-_SELECT_FOR_CORRECTION: dict[str, Any] = {
-    "postgresql": _select_for_correction(lock=True),
-    "sqlite": _select_for_correction(lock=False),
-}
+_for_correction_stmt = functools.cache(
+    lambda engine: _select_for_correction(engine == "postgresql")
+)
 
 #: Rows closed per reclaim transaction, so that a backlog never makes one huge transaction.
 _RECLAIM_BATCH = 500
