@@ -283,4 +283,7 @@ def test_prompt_bound_counts_bytes_tools_and_framing() -> None:
     with_tools = ChatRequest.model_validate(
         {**request.to_wire(), "tools": [{"name": "weather", "parameters": {"type": "object"}}]}
     )
-    assert prompt_token_bound(with_tools) > bound
+    # The tool schema as the vendor gets it, compact JSON, plus a message's framing.
+    schema = '{"name":"weather","description":"","parameters":{"type":"object"}}'
+    assert prompt_token_bound(with_tools) == bound + 8 + len(schema.encode())
+    assert len(schema) == 66
