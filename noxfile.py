@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import nox
 
@@ -29,6 +30,19 @@ def lint(session: nox.Session) -> None:
 def types(session: nox.Session) -> None:
     session.install("-e", ".[dev]")
     session.run("mypy", *PACKAGES)
+
+
+@nox.session(python="3.11")
+def mutation(session: nox.Session) -> None:
+    """mutmut on the money and security modules ([tool.mutmut] in pyproject.toml), judged by
+    mutation/gate.py against mutation/floors.toml. Verdicts are kept in ``mutants/`` and
+    re-used for code and tests that did not change; ``nox -s mutation -- --fresh`` starts over.
+    About 15 minutes from nothing on 2 cores."""
+    session.install("-e", ".[dev]", "mutmut==3.8.1")
+    if "--fresh" in session.posargs:
+        shutil.rmtree("mutants", ignore_errors=True)
+    session.run("mutmut", "run", "--max-children", str(os.cpu_count() or 1))
+    session.run("python", "-m", "mutation.gate")
 
 
 # --- benchmarks (issue 5) --------------------------------------------------------------------

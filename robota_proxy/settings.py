@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     #: Redis unreachable: ``open`` goes on without limits, cache or resume (logged, throttled);
     #: ``closed`` answers 503 instead. Money is in SQL either way.
     redis_failure: Literal["open", "closed"] = "open"
+    #: Every Redis key this proxy writes starts with it, so that deployments (or test runs)
+    #: sharing one Redis database never see each other's limits, cache or streams.
+    redis_prefix: str = Field(default="robota", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
 
     #: Seconds a looked-up key is trusted before it is read again: the bound on how long a
     #: revoked key keeps working on a process that had just seen it. Half a second keeps

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import random
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -64,13 +63,25 @@ def empty_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterat
         yield url
 
 
+#: Every Redis key a test run writes starts with it (``ROBOTA_REDIS_PREFIX`` of the proxies the
+#: tests start, ``prefix=`` of the storages they build), and only those keys are deleted at the
+#: end: runs sharing the Redis, and anyone else using it, never see or lose each other's data.
+REDIS_TEST_PREFIX = f"robota-test-{uuid.uuid4().hex[:12]}"
+
+
 @pytest.fixture(scope="session")
-def redis_url() -> str:
-    """A Redis database number of its own (flushed first), for the same reason."""
-    number = random.SystemRandom().randint(1, 15)
-    client = redis.Redis.from_url(f"{REDIS_BASE_URL}/{number}")
+def redis_url() -> Iterator[str]:
+    """The shared Redis; this run's keys (``REDIS_TEST_PREFIX``) are removed afterwards."""
+    url = f"{REDIS_BASE_URL}/0"
+    yield url
+    client = redis.Redis.from_url(url)
     try:
-        client.flushdb()
+        for key in client.scan_iter(match=f"{REDIS_TEST_PREFIX}*", count=1000):
+            client.delete(key)
     finally:
         client.close()
-    return f"{REDIS_BASE_URL}/{number}"
+
+
+@pytest.fixture(scope="session")
+def redis_prefix() -> str:
+    return REDIS_TEST_PREFIX

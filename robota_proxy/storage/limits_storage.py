@@ -22,7 +22,7 @@ class LimitsStorage:
     connections it opened. Memory storage holds nothing to close.
     """
 
-    def __init__(self, redis_url: str | None) -> None:
+    def __init__(self, redis_url: str | None, *, prefix: str = "robota") -> None:
         self._pool: ConnectionPool | None = None
         if redis_url is None:
             self.storage: Storage = MemoryStorage()
@@ -37,7 +37,7 @@ class LimitsStorage:
         # ``limits`` types its options as scalars, though it documents ``connection_pool``.
         options: dict[str, Any] = {"connection_pool": self._pool}
         self.storage = RedisStorage(
-            uri, implementation="redispy", key_prefix="robota_limits", **options
+            uri, implementation="redispy", key_prefix=f"{prefix}_limits", **options
         )
 
     async def aclose(self) -> None:

@@ -70,6 +70,7 @@ def response_cache(
     ttl: float,
     max_bytes: int,
     on_failure: RedisFailurePolicy | None = None,
+    redis_prefix: str = "robota",
 ) -> ResponseCache:
     """Redis when a URL is configured (several processes share answers), else memory."""
     if redis_url:
@@ -77,6 +78,10 @@ def response_cache(
         from robota_proxy.storage.response_cache_redis import RedisResponseCache
 
         return RedisResponseCache(
-            redis_url, ttl=ttl, max_entry_bytes=max_bytes, on_failure=on_failure
+            redis_url,
+            ttl=ttl,
+            max_entry_bytes=max_bytes,
+            on_failure=on_failure,
+            prefix=redis_prefix,
         )
     return MemoryResponseCache(ttl=ttl, max_bytes=max_bytes)

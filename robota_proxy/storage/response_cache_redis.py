@@ -18,13 +18,12 @@ from robota_proxy.redis_failure import RedisFailurePolicy
 
 log = logging.getLogger("robota_proxy.cache")
 
-#: Prefix of the cache's Redis keys, so the db can be shared with rate limits and streams.
-REDIS_PREFIX = "robota:cache:"
-
 
 class RedisResponseCache:
-    """Entries under ``robota:cache:<key>`` with Redis's own expiry; the size bound is the
-    Redis server's ``maxmemory`` policy, plus ``max_entry_bytes`` per entry here."""
+    """Entries under ``<prefix>:cache:<key>`` with Redis's own expiry (the prefix is
+    ``ROBOTA_REDIS_PREFIX``, so the database can be shared with rate limits, streams and other
+    deployments); the size bound is the Redis server's ``maxmemory`` policy, plus
+    ``max_entry_bytes`` per entry here."""
 
     def __init__(
         self,
@@ -33,15 +32,17 @@ class RedisResponseCache:
         ttl: float,
         max_entry_bytes: int,
         on_failure: RedisFailurePolicy | None = None,
+        prefix: str = "robota",
     ) -> None:
         self._redis: Redis = Redis.from_url(url)
+        self._prefix = f"{prefix}:cache:"
         self._ttl_ms = max(1, round(ttl * 1000))
         self._max_entry_bytes = max_entry_bytes
         self._on_failure = on_failure or RedisFailurePolicy()
 
     async def get(self, key: str) -> bytes | None:
         try:
-            value: bytes | None = await self._redis.get(REDIS_PREFIX + key)
+            value: bytes | None = await self._redis.get(self._prefix + key)
         except (RedisError, OSError) as exc:
             self._on_failure.failed("the response cache", exc)  # raises when closed
             return None
@@ -52,7 +53,7 @@ class RedisResponseCache:
             log.info("answer of %d bytes not cached: larger than the cache", len(value))
             return
         try:
-            await self._redis.set(REDIS_PREFIX + key, value, px=self._ttl_ms)
+            await self._redis.set(self._prefix + key, value, px=self._ttl_ms)
         except (RedisError, OSError) as exc:
             with contextlib.suppress(ProxyError):  # the answer is already out: not stored
                 self._on_failure.failed("the response cache", exc)

@@ -13,11 +13,12 @@ def stream_buffer(
     *,
     max_bytes: int = 256 * 1024 * 1024,
     on_failure: RedisFailurePolicy | None = None,
+    redis_prefix: str = "robota",
 ) -> StreamBuffer:
     """``max_bytes`` bounds the in-process buffer; Redis is bounded by its ``maxmemory``."""
     if redis_url:
         # Imported here so a single-process install does not need the redis extra.
         from robota_proxy.streams.redis import RedisStreamBuffer
 
-        return RedisStreamBuffer(redis_url, window, on_failure=on_failure)
+        return RedisStreamBuffer(redis_url, window, on_failure=on_failure, prefix=redis_prefix)
     return MemoryStreamBuffer(window, max_bytes=max_bytes)

@@ -2,10 +2,11 @@
 
 Per stream three keys, all expiring ``window`` seconds after the last write:
 
-- ``robota:stream:<id>:events``: a Redis stream; entry ``<seq>`` is stored under the
+- ``<prefix>:stream:<id>:events`` (the prefix is ``ROBOTA_REDIS_PREFIX``, ``robota`` by
+  default): a Redis stream; entry ``<seq>`` is stored under the
   explicit Redis id ``0-<seq>``, so "everything after seq N" is ``XREAD ... 0-N``;
-- ``robota:stream:<id>:owner``: the user who started it (resume is theirs only);
-- ``robota:stream:<id>:readers``: how many connections (on any process) deliver it now.
+- ``<prefix>:stream:<id>:owner``: the user who started it (resume is theirs only);
+- ``<prefix>:stream:<id>:readers``: how many connections (on any process) deliver it now.
   INCR/DECR rather than a heartbeat, so a slow client that is simply not reading is not
   mistaken for a gone one. A process that dies while attached leaves the count up until it
   expires: the producer then finishes the answer (metered in full) instead of cancelling it.
@@ -52,18 +53,23 @@ class _LocalStream:
 
 class RedisStreamBuffer:
     def __init__(
-        self, url: str, window: float, *, on_failure: RedisFailurePolicy | None = None
+        self,
+        url: str,
+        window: float,
+        *,
+        on_failure: RedisFailurePolicy | None = None,
+        prefix: str = "robota",
     ) -> None:
         self.window = window
+        self._prefix = f"{prefix}:stream:"
         self._on_failure = on_failure or RedisFailurePolicy()
         self._ttl = max(1, round(window))
         self._redis: Redis = Redis.from_url(url)
         #: Streams produced by this process that have not ended yet.
         self._local: dict[str, _LocalStream] = {}
 
-    @staticmethod
-    def _keys(stream_id: str) -> tuple[str, str, str]:
-        base = f"robota:stream:{stream_id}"
+    def _keys(self, stream_id: str) -> tuple[str, str, str]:
+        base = self._prefix + stream_id
         return f"{base}:events", f"{base}:owner", f"{base}:readers"
 
     async def open(self, stream_id: str, owner: str) -> None:

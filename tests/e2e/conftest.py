@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from robota_proxy.testing import FakeVendors
+from tests.conftest import REDIS_TEST_PREFIX
 
 VENDOR_KEY = "sk-test-vendor-key-0123456789abcdef"
 USER_KEY = "user-key-for-tests-0123456789"
@@ -66,6 +67,8 @@ def start_proxy(env: Mapping[str, str], log_path: Path) -> ProxyProcess:
     # vendor call per request (and would wait out back-off and Retry-After otherwise).
     full_env["ROBOTA_UPSTREAM_RETRIES"] = "0"
     full_env.update(env)
+    if "ROBOTA_REDIS_URL" in full_env:
+        full_env.setdefault("ROBOTA_REDIS_PREFIX", REDIS_TEST_PREFIX)
     full_env["ROBOTA_LOG_LEVEL"] = "info"
     log_file = log_path.open("wb")
     process = subprocess.Popen(

@@ -181,9 +181,14 @@ async def test_concurrent_requests_never_pass_more_than_the_limit_in_memory(cloc
 
 
 @pytest.mark.anyio
-async def test_redis_limits_hold_across_limiters_and_concurrent_requests(redis_url: str) -> None:
+async def test_redis_limits_hold_across_limiters_and_concurrent_requests(
+    redis_url: str, redis_prefix: str
+) -> None:
     # Two limiters, each with its own connection pool: two processes as far as Redis knows.
-    pools = LimitsStorage(redis_url), LimitsStorage(redis_url)
+    pools = (
+        LimitsStorage(redis_url, prefix=redis_prefix),
+        LimitsStorage(redis_url, prefix=redis_prefix),
+    )
     first, second = RateLimiter(pools[0].storage), RateLimiter(pools[1].storage)
     henry = user(rpm=4, tpm=100)
     verdicts = [(await limiter.admit(henry)).allowed for limiter in (first, second) * 3]

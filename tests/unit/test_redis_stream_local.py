@@ -22,8 +22,10 @@ def anyio_backend() -> str:
 @pytest.fixture
 async def two_processes(
     redis_url: str,
+    redis_prefix: str,
 ) -> AsyncIterator[tuple[RedisStreamBuffer, RedisStreamBuffer]]:
-    producer, other = RedisStreamBuffer(redis_url, 60), RedisStreamBuffer(redis_url, 60)
+    producer = RedisStreamBuffer(redis_url, 60, prefix=redis_prefix)
+    other = RedisStreamBuffer(redis_url, 60, prefix=redis_prefix)
     yield producer, other
     await producer.aclose()
     await other.aclose()

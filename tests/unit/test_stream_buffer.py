@@ -31,9 +31,13 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture(params=["memory", "redis"])
-async def buffer(request: pytest.FixtureRequest, redis_url: str) -> AsyncIterator[StreamBuffer]:
+async def buffer(
+    request: pytest.FixtureRequest, redis_url: str, redis_prefix: str
+) -> AsyncIterator[StreamBuffer]:
     made: StreamBuffer = (
-        MemoryStreamBuffer(60) if request.param == "memory" else RedisStreamBuffer(redis_url, 60)
+        MemoryStreamBuffer(60)
+        if request.param == "memory"
+        else RedisStreamBuffer(redis_url, 60, prefix=redis_prefix)
     )
     yield made
     await made.aclose()
