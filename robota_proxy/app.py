@@ -27,6 +27,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from robota_proxy import scope as keys
+from robota_proxy.dialects import RoutedModel
 from robota_proxy.errors import (
     InternalError,
     InvalidRequest,
@@ -193,6 +194,8 @@ class ProxyApp(Starlette):
         )
         self._warned_lazy = False
         self.resilience = _resilience(registry, settings)
+        #: Fallback chains keyed by a bare name: model aliases on every surface.
+        self._aliases = frozenset(name for name in settings.fallbacks if "/" not in name)
         #: Upstream attempts by target and outcome, served by ``GET /admin/metrics``.
         self.upstream_attempts = self.resilience.counter
         chat = ChatRoutes(
@@ -297,7 +300,12 @@ class ProxyApp(Starlette):
                     "proxy) or enter proxy.lifespan in the host's lifespan"
                 )
             await self.resources.ensure_open()
+        scope[keys.MODEL_ROUTER] = self._route_model
         await super().__call__(scope, receive, send)
+
+    def _route_model(self, name: str, vendor: str) -> RoutedModel:
+        """The model router compatible surfaces parse with (``robota_proxy.dialects``)."""
+        return self.resources.registry.route(name, vendor, self._aliases)
 
 
 def _resilience(registry: UpstreamRegistry, settings: Settings) -> Resilience:
@@ -361,7 +369,7 @@ def mount(host: Starlette, path: str, proxy: ProxyApp) -> None:
 
 async def _proxy_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ProxyError)
-    return error_response(exc, keys.request_id(request.scope))
+    return error_response(exc, keys.request_id(request.scope), scope=request.scope)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -372,10 +380,12 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     elif exc.status_code == 405:
         # No wire code of its own: an invalid request, with HTTP's own status kept.
         error = InvalidRequest(f"method {request.method} is not allowed here")
-        return error_response(error, keys.request_id(request.scope), status=405)
+        return error_response(
+            error, keys.request_id(request.scope), status=405, scope=request.scope
+        )
     else:
         error = InvalidRequest(str(exc.detail))
-    return error_response(error, keys.request_id(request.scope))
+    return error_response(error, keys.request_id(request.scope), scope=request.scope)
 
 
 #: An outage of the database is logged like this, at most once per interval, not per request.
@@ -391,10 +401,10 @@ async def _database_error(request: Request, exc: Exception) -> Response:
         "database", "database unreachable (%s): answering 503", type(exc).__name__
     )
     error = UpstreamUnavailable("the proxy's database is unreachable; retry shortly", retry_after=1)
-    return error_response(error, keys.request_id(request.scope))
+    return error_response(error, keys.request_id(request.scope), scope=request.scope)
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> Response:
     request_id = keys.request_id(request.scope)
     log.error("unexpected error in %s", request_id, exc_info=exc)
-    return error_response(InternalError("internal proxy error"), request_id)
+    return error_response(InternalError("internal proxy error"), request_id, scope=request.scope)

@@ -8,6 +8,7 @@ middleware after us (rate limits, cache, metering) and the route share one parse
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from typing import Any
 
 import pydantic_core
@@ -16,6 +17,7 @@ from starlette.requests import ClientDisconnect, Request
 
 from robota_client.messages import ChatRequest
 from robota_proxy import scope as keys
+from robota_proxy.dialects import parse_for_path
 from robota_proxy.errors import InvalidRequest, PayloadTooLarge
 
 
@@ -86,10 +88,19 @@ def parse_chat_request(body: bytes) -> ChatRequest:
         raise InvalidRequest(f"invalid chat request: {describe(exc)}") from None
 
 
+def parse_into_scope(scope: MutableMapping[str, Any], body: bytes) -> ChatRequest:
+    """Parse ``body`` in the dialect of the scope's path (``robota_proxy.dialects``) and keep
+    the result in the scope: the ``ChatRequest`` under ``CHAT_REQUEST`` and the dialect's
+    whole parse (the caller's own JSON included) under ``PARSED_CHAT``."""
+    router = scope.get(keys.MODEL_ROUTER)
+    parsed = parse_for_path(keys.route_path(scope), body, router if callable(router) else None)
+    scope[keys.CHAT_REQUEST] = parsed.request
+    scope[keys.PARSED_CHAT] = parsed
+    return parsed.request
+
+
 async def chat_request(request: Request, max_bytes: int) -> ChatRequest:
     cached = request.scope.get(keys.CHAT_REQUEST)
     if isinstance(cached, ChatRequest):
         return cached
-    parsed = parse_chat_request(await read_body(request, max_bytes))
-    request.scope[keys.CHAT_REQUEST] = parsed
-    return parsed
+    return parse_into_scope(request.scope, await read_body(request, max_bytes))

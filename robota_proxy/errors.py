@@ -15,10 +15,15 @@ from robota_client.messages import STATUS_BY_CODE, ErrorBody, ErrorDetail
 class ProxyError(Exception):
     code: ClassVar[str] = "upstream_error"
 
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str, *, retry_after: float | None = None, param: str | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.retry_after = retry_after
+        #: The request field at fault, in the terms of the dialect the caller spoke
+        #: (``messages.2.content``); compatible surfaces send it as OpenAI's ``param``.
+        self.param = param
         #: Vendor calls made before this error was given up on, set by the upstream layer
         #: (``robota_proxy.upstreams.resilience``) on what it raises; ``None`` for errors
         #: that never went through it. Sent as ``upstreamAttempts`` and

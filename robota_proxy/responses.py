@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from robota_client.messages import WireModel
 from robota_proxy import scope as keys
+from robota_proxy.dialects import ROBOTA, dialect_of
 from robota_proxy.errors import ProxyError
 
 #: The ASGI extension that lets a WebSocket handshake be answered with a plain HTTP response.
@@ -27,9 +29,23 @@ class WireResponse(Response):
 
 
 def error_response(
-    error: ProxyError, request_id: str | None, *, status: int | None = None
+    error: ProxyError,
+    request_id: str | None,
+    *,
+    status: int | None = None,
+    scope: Mapping[str, Any] | None = None,
 ) -> Response:
-    response = WireResponse(error.body(request_id), status_code=status or error.status)
+    """The error as the caller's dialect has it (``robota_proxy.dialects``): OpenAI's shape
+    under ``/v1/``, the Robota contract elsewhere, or when no ``scope`` says where."""
+    dialect = dialect_of(scope) if scope is not None else ROBOTA
+    if dialect is ROBOTA:
+        response: Response = WireResponse(
+            error.body(request_id), status_code=status or error.status
+        )
+    else:
+        body, headers = dialect.render_error(error, request_id)
+        response = Response(body, status_code=status or error.status, media_type="application/json")
+        response.headers.update(headers)
     if error.retry_after is not None:
         response.headers["Retry-After"] = str(max(1, round(error.retry_after)))
     if error.upstream_attempts is not None:
@@ -51,7 +67,7 @@ async def refuse(
     client as a bare 403, hiding 401 from 429. Without it: close code 4000 + the HTTP status.
     """
     request_id = keys.request_id(scope)
-    response = error_response(error, request_id)
+    response = error_response(error, request_id, scope=scope)
     response.headers.update(headers or {})
     if scope["type"] == "websocket":
         if WS_DENIAL not in scope.get("extensions", {}):

@@ -7,7 +7,7 @@ through these keys, never by importing each other.
 from __future__ import annotations
 
 import uuid
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 #: ``str``: the request id, set by ``RequestContextMiddleware`` (or generated on first use).
@@ -19,6 +19,15 @@ CORRELATION_ID = "robota.correlation_id"
 PRINCIPAL = "robota.principal"
 #: ``robota_client.messages.ChatRequest``: the parsed chat body, read once and kept here.
 CHAT_REQUEST = "robota.chat_request"
+#: ``robota_proxy.dialects.ParsedChat``: the chat body as its dialect parsed it: the same
+#: ``ChatRequest`` as above, plus, for a compatible surface (``/v1/...``), the caller's own JSON
+#: object (``.raw``, read-only: passed through to a target of the same vendor), whether it
+#: streams and whether the target speaks the dialect natively. Set with ``CHAT_REQUEST``.
+PARSED_CHAT = "robota.parsed_chat"
+#: ``robota_proxy.dialects.ModelRouter``: resolves a model name a compatible surface received
+#: (``provider/model``, an alias, a bare name) to a provider and model. Put here by the proxy
+#: app on every request; without it a syntactic split is used.
+MODEL_ROUTER = "robota.model_router"
 #: ``robota_proxy.call_record.CallRecord``: the call's accounting slip (usage, cost, status),
 #: created by ``MeteringMiddleware`` or on first use, filled by the route.
 CALL = "robota.call"
@@ -32,6 +41,15 @@ def request_id(scope: MutableMapping[str, Any]) -> str:
     created = new_request_id()
     scope[REQUEST_ID] = created
     return created
+
+
+def route_path(scope: Mapping[str, Any]) -> str:
+    """The path below the mount point: ``/llm/ai/chat`` mounted at ``/llm`` is ``/ai/chat``."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root):
+        return path[len(root) :] or "/"
+    return path
 
 
 def new_request_id() -> str:

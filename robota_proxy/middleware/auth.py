@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from robota_proxy import scope as keys
 from robota_proxy.chat_body import chat_request
 from robota_proxy.errors import ProxyError, RateLimited, Unauthenticated
-from robota_proxy.middleware.paths import route_path
+from robota_proxy.middleware.paths import CHAT_PATHS, call_feature, route_path
 from robota_proxy.policy.authenticators import AuthFailureLimiter
 from robota_proxy.policy.principals import Authenticator, Feature, Principal
 from robota_proxy.policy.refusals import AuthRefused, RefusalReason
@@ -154,6 +154,8 @@ class AuthMiddleware:
             feature = self.chat_paths.get(path)
             if feature is not None and scope["type"] == "http" and scope["method"] == "POST":
                 body = await chat_request(Request(scope, receive), self.max_body_bytes)
+                if path in CHAT_PATHS:  # a compatible surface's body says if it streams
+                    feature = call_feature(scope)
                 principal.permissions.authorize(body, feature)
         except ProxyError as error:
             await refuse(error, scope, receive, send)

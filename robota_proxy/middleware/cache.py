@@ -49,8 +49,9 @@ from robota_client.messages import (
 from robota_proxy import scope as keys
 from robota_proxy.call_record import CallRecord, call_record
 from robota_proxy.chat_body import chat_request
+from robota_proxy.dialects import ROBOTA, dialect_of
 from robota_proxy.errors import ProxyError
-from robota_proxy.middleware.paths import CHAT_PATHS, route_path
+from robota_proxy.middleware.paths import CHAT_PATHS, call_feature, route_path
 from robota_proxy.policy.principals import Principal
 from robota_proxy.responses import WireResponse, error_response
 from robota_proxy.routes import sse
@@ -254,15 +255,15 @@ class CacheMiddleware:
         if not self.enabled or feature is None or scope.get("method") != "POST":
             await self.app(scope, receive, send)
             return
-        streamed = feature == "stream"
         request_id = keys.request_id(scope)
         try:
             body = await chat_request(Request(scope, receive), self.max_body_bytes)
         except ProxyError as exc:
             # The body is spent: answer the error here rather than hand the route nothing.
-            await error_response(exc, request_id)(scope, receive, send)
+            await error_response(exc, request_id, scope=scope)(scope, receive, send)
             return
-        if not is_cacheable(body):
+        streamed = call_feature(scope) == "stream"
+        if dialect_of(scope) is not ROBOTA or not is_cacheable(body):
             await self.app(scope, receive, send)
             return
         directives = cache_directives(scope, streamed)
@@ -271,7 +272,7 @@ class CacheMiddleware:
             try:
                 raw = await self.cache.get(key)
             except ProxyError as exc:  # its storage is down and the operator chose "closed"
-                await error_response(exc, request_id)(scope, receive, send)
+                await error_response(exc, request_id, scope=scope)(scope, receive, send)
                 return
             answer = CachedAnswer.from_bytes(raw) if raw is not None else None
             if answer is not None:

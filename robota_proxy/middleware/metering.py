@@ -44,7 +44,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from robota_client.messages import ChatRequest, Usage
 from robota_proxy import scope as keys
 from robota_proxy.call_record import CallRecord, call_record
-from robota_proxy.chat_body import parse_chat_request, read_body
+from robota_proxy.chat_body import parse_into_scope, read_body
+from robota_proxy.dialects import surface_of
 from robota_proxy.errors import (
     BudgetExceeded,
     Forbidden,
@@ -53,7 +54,7 @@ from robota_proxy.errors import (
     QuotaExceeded,
     UpstreamUnavailable,
 )
-from robota_proxy.middleware.paths import CHAT_PATHS, STREAM_PATH, route_path
+from robota_proxy.middleware.paths import CHAT_PATHS, call_feature, route_path
 from robota_proxy.observability.throttled_log import ThrottledLog
 from robota_proxy.policy.pricing import (
     PriceBook,
@@ -128,7 +129,7 @@ class MeteringMiddleware:
             with anyio.CancelScope(shield=True):
                 reservation = await self._open(scope, principal, started_at)
         except ProxyError as exc:
-            await error_response(exc, record.request_id)(scope, receive, send)
+            await error_response(exc, record.request_id, scope=scope)(scope, receive, send)
             return
         gone = False
 
@@ -171,7 +172,7 @@ class MeteringMiddleware:
             return receive
         body = await read_body(Request(scope, receive), self.max_body_bytes)
         try:
-            scope[keys.CHAT_REQUEST] = parse_chat_request(body)
+            parse_into_scope(scope, body)
         except InvalidRequest:
             if principal.permissions.has_money_limits:
                 raise
@@ -226,13 +227,14 @@ class MeteringMiddleware:
             key_id=principal.key_id,
             provider=request.provider if request is not None else "unknown",
             model=request.model if request is not None else "unknown",
-            streamed=route_path(scope) == STREAM_PATH,
+            streamed=call_feature(scope) == "stream",
             prompt_tokens=prompt,
             completion_tokens=completion,
             cost_pico=None if worst is None else to_pico(worst),
             lease_owner=self.lease_owner,
             lease_expires_at=now + timedelta(seconds=timeout + self.lease_margin),
             correlation_id=correlation if isinstance(correlation, str) else None,
+            surface=surface_of(scope),
         )
         try:
             result = await self.store.open(

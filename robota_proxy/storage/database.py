@@ -105,8 +105,28 @@ async def _user_revocation(conn: AsyncConnection) -> None:
     await conn.execute(text(f"ALTER TABLE users ADD COLUMN revoked_at {timestamp}"))
 
 
+async def _ledger_surface(conn: AsyncConnection) -> None:
+    """4: the ledger says which surface a call came in on (``usage_ledger.surface``:
+    ``robota``, ``openai``, ``anthropic``); rows written before it were all ``robota``.
+    Idempotent for the same reason as step 2."""
+    existing = await conn.run_sync(
+        lambda sync: {column["name"] for column in inspect(sync).get_columns("usage_ledger")}
+    )
+    if "surface" not in existing:
+        await conn.execute(
+            text(
+                "ALTER TABLE usage_ledger ADD COLUMN surface VARCHAR(20) NOT NULL DEFAULT 'robota'"
+            )
+        )
+
+
 #: Append only: a released step is never edited, a change is a new step.
-MIGRATIONS: Sequence[Migration] = (_initial_schema, _ledger_leases, _user_revocation)
+MIGRATIONS: Sequence[Migration] = (
+    _initial_schema,
+    _ledger_leases,
+    _user_revocation,
+    _ledger_surface,
+)
 
 # Any fixed number: the advisory lock that serialises migrations across PostgreSQL clients.
 _PG_MIGRATION_LOCK = 7_261_534

@@ -119,6 +119,9 @@ usage_ledger = Table(
     Column("estimate_prompt_tokens", BigInteger, nullable=False, default=0),
     Column("estimate_completion_tokens", BigInteger, nullable=False, default=0),
     Column("estimate_cost_pico", BigInteger, nullable=True),
+    #: The surface the call came in on: ``robota`` (``/ai/*``), ``openai`` (``/v1/chat/...``)
+    #: or ``anthropic`` (``/v1/messages``); written when the row opens.
+    Column("surface", String(20), nullable=False, default="robota", server_default="robota"),
     Index("ix_usage_ledger_user_time", "user_id", "created_at"),
     Index("ux_usage_ledger_request_id", "request_id", unique=True),
     Index("ix_usage_ledger_lease", "status", "lease_expires_at"),

@@ -117,6 +117,8 @@ class Opening:
     lease_owner: str
     lease_expires_at: datetime
     correlation_id: str | None = None
+    #: The surface the call came in on: ``robota`` (``/ai/*``), ``openai``, ``anthropic``.
+    surface: str = "robota"
 
 
 @dataclass(frozen=True, slots=True)
@@ -882,6 +884,7 @@ def _opening_values(call: Opening, reservation: Reservation | Refusal | None) ->
     return {
         "request_id": _clip("request_id", call.request_id),
         "correlation_id": _clip("correlation_id", call.correlation_id),
+        "surface": call.surface,
         "created_at": call.created_at,
         "user_id": _clip("user_id", call.user),
         "key_id": _clip("key_id", call.key_id),

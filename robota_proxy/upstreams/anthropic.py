@@ -110,6 +110,9 @@ _CALL_ERRORS = (anthropic.AnthropicError, httpx2.HTTPError, ValueError)
 class AnthropicUpstream:
     """The Anthropic API behind one connection pool."""
 
+    #: The wire it speaks: the Anthropic surface can pass a caller's JSON through to it.
+    dialect = "anthropic"
+
     def __init__(
         self,
         *,

@@ -109,6 +109,9 @@ def _options(body: JSONDict) -> FinalRequestOptions:
 class OpenAIUpstream:
     """One OpenAI(-compatible) endpoint behind one connection pool."""
 
+    #: The wire it speaks: the OpenAI surface passes a caller's JSON through to it.
+    dialect = "openai"
+
     def __init__(
         self,
         *,

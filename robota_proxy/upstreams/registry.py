@@ -2,12 +2,57 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 from robota_client.messages import ChatRequest
-from robota_proxy.errors import NotFound
+from robota_proxy.dialects import RoutedModel
+from robota_proxy.errors import InvalidRequest, NotFound
 from robota_proxy.settings import Settings
 from robota_proxy.upstreams.base import Upstream
+
+#: Provider names that are read as a ``provider/`` prefix even when not configured here, so
+#: that ``anthropic/claude-...`` on a proxy without Anthropic is "not configured" (404), not
+#: a bare model name sent to the surface's own vendor.
+KNOWN_PROVIDERS = frozenset({"openai", "anthropic", "google", "mock"})
+
+
+def route_model(
+    name: str,
+    vendor: str,
+    *,
+    catalogue: Mapping[str, list[str] | None],
+    aliases: Collection[str],
+    dialects: Mapping[str, str | None],
+) -> RoutedModel:
+    """Where a model name sent to a compatible surface goes; the one rule for every surface.
+
+    ``provider/model`` (a configured or known provider) names its target; otherwise the
+    whole name is a fallback alias (provider ``auto``, resolved by the chain) or a model some
+    provider's model list claims; claimed by several, it is a 400 listing the candidates;
+    claimed by none, it goes to the surface's own ``vendor``. ``dialects``: the wire each
+    provider speaks (``openai`` for any OpenAI-compatible server), which decides whether the
+    caller's JSON can be passed through (``native``)."""
+    provider, slash, model = name.partition("/")
+    if slash and model and (provider in catalogue or provider in KNOWN_PROVIDERS):
+        return RoutedModel(provider, model, dialects.get(provider) == vendor)
+    candidates: list[RoutedModel] = []
+    if name in aliases:
+        candidates.append(RoutedModel("auto", name))
+    for claimant, models in sorted(catalogue.items()):
+        if models is not None and name in models:
+            candidates.append(RoutedModel(claimant, name, dialects.get(claimant) == vendor))
+    if len(candidates) > 1:
+        listed = ", ".join(
+            "alias " + c.model if c.provider == "auto" else f"{c.provider}/{c.model}"
+            for c in candidates
+        )
+        raise InvalidRequest(
+            f"model {name!r} is ambiguous: it could be {listed}; name one as provider/model",
+            param="model",
+        )
+    if candidates:
+        return candidates[0]
+    return RoutedModel(vendor, name, dialects.get(vendor) == vendor)
 
 
 def build_upstreams(settings: Settings) -> dict[str, Upstream]:
@@ -75,6 +120,18 @@ class UpstreamRegistry:
 
     def catalogue(self) -> dict[str, list[str] | None]:
         return {name: upstream.models() for name, upstream in sorted(self._upstreams.items())}
+
+    def route(self, name: str, vendor: str, aliases: Collection[str] = ()) -> RoutedModel:
+        """``route_model`` over the upstreams served here (see there)."""
+        return route_model(
+            name,
+            vendor,
+            catalogue=self.catalogue(),
+            aliases=aliases,
+            dialects={
+                key: getattr(upstream, "dialect", None) for key, upstream in self._upstreams.items()
+            },
+        )
 
     def resolve(self, request: ChatRequest) -> Upstream:
         """The adapter for the request, refusing unknown providers and models up front so
