@@ -1,0 +1,509 @@
+"""UsageStore's money at its edges, on SQLite and PostgreSQL: a reservation may land exactly on
+a limit (and not one token or picodollar past it), a refusal names the limit the call does not
+fit, each month (and a new year) has its own counters, every column a settle writes is read
+back, a settle the database refuses is reported as failed, and a settle whose caller is
+cancelled is still written."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import anyio
+import pytest
+from sqlalchemy.exc import DBAPIError
+
+from robota_proxy.storage.usage_store import (
+    IN_FLIGHT,
+    INTERRUPTED,
+    Counters,
+    LedgerEntry,
+    Refusal,
+    Reservation,
+    UsageStore,
+)
+from tests.unit import usage_store_support as support
+from tests.unit.usage_store_support import (
+    OWNER,
+    allow_writes,
+    assert_adds_up,
+    entry,
+    flush_older_leases,
+    open_call,
+    opening,
+    refuse_writes_to,
+    rows_of,
+    unique,
+)
+
+pytestmark = pytest.mark.anyio
+
+# The shared fixtures, used by name.
+anyio_backend = support.anyio_backend
+database_url = support.database_url
+store = support.store
+
+
+#: Not this module's: the surrogate key, and the API surface a call came in on (tested with
+#: the OpenAI- and Anthropic-compatible routes).
+_NOT_HERE = ("id", "surface")
+
+
+def utc(row: dict[str, object]) -> dict[str, object]:
+    """A ledger row without the columns in ``_NOT_HERE``, its timestamps in UTC (SQLite hands
+    them back without their zone)."""
+    return {
+        name: value.replace(tzinfo=UTC)
+        if isinstance(value, datetime) and value.tzinfo is None
+        else value
+        for name, value in row.items()
+        if name not in _NOT_HERE
+    }
+
+
+# --- reservations against the limits -------------------------------------------------------------
+
+
+async def test_a_reservation_may_land_exactly_on_the_token_limit(store: UsageStore) -> None:
+    """``used + reserved + call <= limit``: with 15 tokens used and 40 held, a call of 45
+    fits a limit of 100 and the next token does not."""
+    user = unique("tokens")
+    when = datetime(2030, 11, 3, tzinfo=UTC)
+
+    async def attempt(prompt: int, completion: int, cost: int) -> Reservation | Refusal:
+        call = opening(user, when=when, prompt=prompt, completion=completion, cost=cost)
+        return await store.open(call, token_limit=100, cost_limit_pico=None)
+
+    first = await attempt(20, 10, 1_000)
+    assert isinstance(first, Reservation)
+    await store.settle(entry(user, when=when, cost=500, request_id=first.request_id), first)
+    assert isinstance(await attempt(40, 0, 2_000), Reservation)
+    exact = await attempt(30, 15, 3_000)
+    assert isinstance(exact, Reservation)
+    assert (exact.user, exact.period, exact.tokens, exact.cost_pico) == (user, "2030-11", 45, 3_000)
+    # Without a cost limit the worst-case cost is held all the same (it is charged if the
+    # call never settles), and never refused.
+    assert await attempt(1, 0, 0) == Refusal(
+        "tokens",
+        Counters(
+            tokens_used=15,
+            tokens_reserved=85,
+            cost_used_pico=500,
+            cost_reserved_pico=5_000,
+            requests=1,
+        ),
+    )
+    assert len(await rows_of(store, user)) == 3
+    await assert_adds_up(store, user, "2030-11")
+
+
+async def test_a_reservation_may_land_exactly_on_the_cost_limit(store: UsageStore) -> None:
+    """With 1,200 pico used and 4,000 held, a call of 4,800 fits a limit of 10,000 and one
+    more picodollar does not."""
+    user = unique("cost")
+    when = datetime(2030, 11, 4, tzinfo=UTC)
+
+    async def attempt(cost: int) -> Reservation | Refusal:
+        call = opening(user, when=when, cost=cost)
+        return await store.open(call, token_limit=None, cost_limit_pico=10_000)
+
+    first = await attempt(3_000)
+    assert isinstance(first, Reservation)
+    await store.settle(entry(user, when=when, cost=1_200, request_id=first.request_id), first)
+    assert isinstance(await attempt(4_000), Reservation)
+    exact = await attempt(4_800)
+    assert isinstance(exact, Reservation)
+    assert (exact.tokens, exact.cost_pico) == (100, 4_800)
+    assert await attempt(1) == Refusal(
+        "cost",
+        Counters(
+            tokens_used=15,
+            tokens_reserved=200,
+            cost_used_pico=1_200,
+            cost_reserved_pico=8_800,
+            requests=1,
+        ),
+    )
+    await assert_adds_up(store, user, "2030-11")
+
+
+async def test_a_refusal_names_the_limit_the_call_does_not_fit(store: UsageStore) -> None:
+    """A call exactly on the token limit but over the cost limit is refused for its cost, one
+    over the token limit for its tokens; a refused call writes no row and holds nothing."""
+    user = unique("refused")
+    when = datetime(2030, 11, 5, tzinfo=UTC)
+    nothing = Counters(0, 0, 0, 0, 0)
+
+    async def attempt(
+        tokens: int, cost: int, token_limit: int | None, cost_limit: int | None
+    ) -> Reservation | Refusal:
+        call = opening(user, when=when, prompt=tokens, completion=0, cost=cost)
+        return await store.open(call, token_limit=token_limit, cost_limit_pico=cost_limit)
+
+    assert await attempt(100, 1_001, 100, 1_000) == Refusal("cost", nothing)
+    assert await attempt(101, 1_000, 100, 1_000) == Refusal("tokens", nothing)
+    assert await attempt(5, 1_001, None, 1_000) == Refusal("cost", nothing)
+    assert await attempt(101, 0, 100, None) == Refusal("tokens", nothing)
+    assert await rows_of(store, user) == []
+    assert await store.counters(user, "2030-11") == nothing
+
+
+async def test_an_unpriced_call_holds_its_tokens_and_no_money(store: UsageStore) -> None:
+    """A model without a price (worst-case cost unknown) under a token limit: its tokens are
+    held, no money is, and its row says it is unpriced."""
+    user = unique("unpriced")
+    when = datetime(2030, 11, 6, tzinfo=UTC)
+    call = opening(user, when=when, cost=None, request_id=f"unpriced_{user}")
+    held = await store.open(call, token_limit=1_000, cost_limit_pico=None)
+    assert held == Reservation(f"unpriced_{user}", user, "2030-11", 100, 0)
+    assert await store.counters(user, "2030-11") == Counters(0, 100, 0, 0, 0)
+    [row] = await rows_of(store, user)
+    assert (
+        row["reserved_tokens"],
+        row["reserved_cost_pico"],
+        row["estimate_cost_pico"],
+        row["priced"],
+    ) == (100, 0, None, False)
+    await assert_adds_up(store, user, "2030-11")
+
+
+# --- months --------------------------------------------------------------------------------------
+
+
+async def test_each_month_has_its_own_counters_across_the_new_year(store: UsageStore) -> None:
+    """Calls on both sides of two month boundaries, one of them New Year: each is held and
+    charged in the month it started, whenever it settles or is reclaimed, and no month's
+    counters move for another month's call."""
+    user = unique("months")
+    last_nov = datetime(2030, 11, 30, 23, 59, 59, 999_999, tzinfo=UTC)
+    first_dec = datetime(2030, 12, 1, tzinfo=UTC)
+    last_dec = datetime(2030, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC)
+    new_year = datetime(2031, 1, 1, tzinfo=UTC)
+    reclaim_at = new_year + timedelta(seconds=31)
+    await flush_older_leases(store, reclaim_at)
+
+    async def held(when: datetime, name: str, lease: timedelta) -> Reservation:
+        call = opening(user, when=when, request_id=f"{name}_{user}", lease=lease)
+        return await open_call(store, call, token_limit=10_000, cost_limit=10**15)
+
+    november = await held(last_nov, "nov", timedelta(seconds=30))
+    await store.settle(
+        entry(user, when=last_nov, cost=100, request_id=november.request_id), november
+    )
+    late_dec = await held(last_dec, "late_dec", timedelta(minutes=10))  # December's first
+    early_dec = await held(first_dec, "early_dec", timedelta(seconds=30))  # then reclaimed
+    january = await held(new_year, "jan", timedelta(minutes=10))
+    assert [one.period for one in (november, late_dec, early_dec, january)] == [
+        "2030-11",
+        "2030-12",
+        "2030-12",
+        "2031-01",
+    ]
+    assert await store.counters(user, "2030-12") == Counters(0, 200, 0, 14_000, 0)
+    assert await store.counters(user, "2031-01") == Counters(0, 100, 0, 7_000, 0)
+    # December's last call settles after January's first began.
+    await store.settle(
+        entry(user, when=last_dec, cost=300, request_id=late_dec.request_id), late_dec
+    )
+    assert await store.reclaim(reclaim_at) == 1  # December's first, its process dead
+    await store.settle(entry(user, when=new_year, cost=50, request_id=january.request_id), january)
+    expected = {
+        "2030-11": Counters(15, 0, 100, 0, 1),
+        "2030-12": Counters(15 + 100, 0, 300 + 7_000, 0, 2),
+        "2031-01": Counters(15, 0, 50, 0, 1),
+    }
+    for period, counters in expected.items():
+        assert await store.counters(user, period) == counters
+        assert await store.ledger_totals(user, period) == counters
+    statuses = {row["request_id"]: row["status"] for row in await rows_of(store, user)}
+    assert statuses == {
+        f"nov_{user}": "ok",
+        f"late_dec_{user}": "ok",
+        f"early_dec_{user}": INTERRUPTED,
+        f"jan_{user}": "ok",
+    }
+
+
+@pytest.fixture
+def new_york() -> Iterator[None]:
+    """The process runs in New York's time zone (UTC-5 in winter), as a host may."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TZ", "America/New_York")
+        time.tzset()
+        yield
+    time.tzset()
+
+
+async def test_a_calls_month_does_not_depend_on_the_hosts_time_zone(
+    store: UsageStore, new_york: None
+) -> None:
+    """A call at 00:30 UTC on New Year's Day is January's, also when it is reclaimed and when
+    its late settle corrects it (SQLite hands timestamps back without their zone; read as
+    New York time they would be the old year's)."""
+    user = unique("zone")
+    when = datetime(2031, 1, 1, 0, 30, tzinfo=UTC)
+    await flush_older_leases(store, when + timedelta(minutes=1))
+    held = await open_call(store, opening(user, when=when, request_id=f"zone_{user}"))
+    assert await store.reclaim(when + timedelta(minutes=1)) == 1
+    assert await store.counters(user, "2031-01") == Counters(100, 0, 7_000, 0, 1)
+    await store.settle(entry(user, when=when, cost=40, request_id=held.request_id), held)
+    assert await store.counters(user, "2031-01") == Counters(15, 0, 40, 0, 1)
+    assert await store.counters(user, "2030-12") == Counters(0, 0, 0, 0, 0)
+    await assert_adds_up(store, user, "2031-01")
+
+
+# --- what a settle writes ------------------------------------------------------------------------
+
+
+def final(user: str, request_id: str, when: datetime, *, flipped: bool) -> LedgerEntry:
+    """A settle whose every column differs from what the opening wrote; ``flipped`` turns
+    each flag the other way, so that both values of every flag are seen written."""
+    return LedgerEntry(
+        request_id=request_id,
+        created_at=when,
+        user=user,
+        key_id="key_2",
+        provider="anthropic",
+        model="m9",
+        prompt_tokens=11,
+        completion_tokens=22,
+        cached_prompt_tokens=3,
+        reasoning_tokens=4,
+        cost_pico=555,
+        latency_ms=321,
+        status="upstream_error",
+        streamed=flipped,
+        cached=flipped,
+        priced=flipped,
+        estimated=not flipped,
+        cache_write_tokens=5,
+        correlation_id="theirs-1",
+    )
+
+
+def final_columns(settled: LedgerEntry) -> dict[str, object]:
+    return {
+        "key_id": settled.key_id,
+        "provider": settled.provider,
+        "model": settled.model,
+        "prompt_tokens": settled.prompt_tokens,
+        "completion_tokens": settled.completion_tokens,
+        "cached_prompt_tokens": settled.cached_prompt_tokens,
+        "cache_write_tokens": settled.cache_write_tokens,
+        "reasoning_tokens": settled.reasoning_tokens,
+        "cost_pico": settled.cost_pico,
+        "latency_ms": settled.latency_ms,
+        "status": settled.status,
+        "streamed": settled.streamed,
+        "cached": settled.cached,
+        "priced": settled.priced,
+        "estimated": settled.estimated,
+    }
+
+
+async def test_an_opened_row_holds_the_calls_details_and_its_lease(store: UsageStore) -> None:
+    """The in-flight row: who, what, its lease and its worst case, and no usage yet."""
+    user = unique("opened")
+    when = datetime(2030, 11, 7, 9, 30, tzinfo=UTC)
+    call = replace(opening(user, when=when, request_id=f"open_{user}"), streamed=False)
+    await open_call(store, call, token_limit=1_000)
+    await open_call(store, replace(call, request_id=f"plain_{user}", correlation_id=None))
+    rows = [utc(row) for row in await rows_of(store, user)]
+    in_flight = {
+        "request_id": f"open_{user}",
+        "correlation_id": "theirs-1",
+        "created_at": when,
+        "user_id": user,
+        "key_id": "key_1",
+        "provider": "openai",
+        "model": "m1",
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+        "cached_prompt_tokens": 0,
+        "cache_write_tokens": 0,
+        "reasoning_tokens": 0,
+        "cost_pico": 0,
+        "latency_ms": 0,
+        "status": IN_FLIGHT,
+        "streamed": False,
+        "cached": False,
+        "priced": True,
+        "estimated": False,
+        "lease_owner": OWNER,
+        "lease_expires_at": when + timedelta(seconds=30),
+        "reserved_tokens": 100,
+        "reserved_cost_pico": 7_000,
+        "estimate_prompt_tokens": 40,
+        "estimate_completion_tokens": 60,
+        "estimate_cost_pico": 7_000,
+    }
+    assert rows == [
+        in_flight,
+        {**in_flight, "request_id": f"plain_{user}", "correlation_id": None},
+    ]
+
+
+async def test_every_column_a_settle_writes_is_read_back(store: UsageStore) -> None:
+    """Whether the settle completes the in-flight row, inserts the row of a call never
+    opened, or corrects a row the reclaimer closed, the row ends with every column of the
+    settle; the in-flight row keeps who opened it, its lease owner and its worst case."""
+    user = unique("columns")
+    when = datetime(2030, 11, 8, 10, 0, tzinfo=UTC)
+    reclaim_at = when + timedelta(minutes=1)
+    await flush_older_leases(store, reclaim_at)
+    finished = await open_call(store, opening(user, when=when, request_id=f"fin_{user}"))
+    late = await open_call(store, opening(user, when=when, request_id=f"late_{user}"))
+    assert await store.reclaim(reclaim_at) == 2
+    # ``finished`` was reclaimed too; a row in flight is needed for the plain path.
+    flying = await open_call(
+        store, opening(user, when=when, request_id=f"fly_{user}", lease=timedelta(hours=1))
+    )
+    settles = {
+        f"fly_{user}": (final(user, f"fly_{user}", when, flipped=False), flying),
+        f"late_{user}": (final(user, f"late_{user}", when, flipped=True), late),
+        f"new_{user}": (
+            replace(final(user, f"new_{user}", when, flipped=True), correlation_id=None),
+            None,
+        ),
+        f"fin_{user}": (final(user, f"fin_{user}", when, flipped=False), finished),
+    }
+    for settled, reservation in settles.values():
+        await store.settle(settled, reservation)
+    opened = {
+        "correlation_id": "theirs-1",
+        "created_at": when,
+        "user_id": user,
+        "lease_owner": OWNER,
+        "lease_expires_at": None,
+        "reserved_tokens": 100,
+        "reserved_cost_pico": 7_000,
+        "estimate_prompt_tokens": 40,
+        "estimate_completion_tokens": 60,
+        "estimate_cost_pico": 7_000,
+    }
+    never_opened = {
+        **opened,
+        "correlation_id": None,
+        "lease_owner": None,
+        "reserved_tokens": 0,
+        "reserved_cost_pico": 0,
+        "estimate_prompt_tokens": 0,
+        "estimate_completion_tokens": 0,
+        "estimate_cost_pico": None,
+    }
+    rows = {str(row["request_id"]): utc(row) for row in await rows_of(store, user)}
+    assert rows == {
+        key: {
+            "request_id": key,
+            **(opened if reservation is not None else never_opened),
+            **final_columns(settled),
+        }
+        for key, (settled, reservation) in settles.items()
+    }
+    # Two of the four are cache hits (``flipped``): their tokens spend no quota.
+    assert await store.counters(user, "2030-11") == Counters(33 * 2, 0, 555 * 4, 0, 4)
+    await assert_adds_up(store, user, "2030-11")
+
+
+async def test_a_second_settle_of_a_call_replaces_the_first(store: UsageStore) -> None:
+    """Settled twice (first as a cache hit, then with the vendor's usage, then as a hit
+    again): the row and the counters show the last settle only, counted once."""
+    user = unique("twice")
+    when = datetime(2030, 11, 9, tzinfo=UTC)
+    held = await open_call(store, opening(user, when=when, request_id=f"twice_{user}"))
+    hit = entry(user, when=when, cost=0, cached=True, request_id=held.request_id)
+    await store.settle(hit, held)
+    assert await store.counters(user, "2030-11") == Counters(0, 0, 0, 0, 1)
+    vendor = entry(user, when=when, cost=900, prompt=30, completion=20, request_id=held.request_id)
+    await store.settle(vendor, held)
+    assert await store.counters(user, "2030-11") == Counters(50, 0, 900, 0, 1)
+    await store.settle(hit, held)
+    assert await store.counters(user, "2030-11") == Counters(0, 0, 0, 0, 1)
+    [row] = await rows_of(store, user)
+    assert (row["prompt_tokens"], row["cost_pico"], row["cached"]) == (10, 0, True)
+    await assert_adds_up(store, user, "2030-11")
+
+
+# --- failures and cancellation -------------------------------------------------------------------
+
+
+async def test_a_settle_whose_caller_is_cancelled_is_still_written(store: UsageStore) -> None:
+    """The caller that writes the batch is cancelled as it starts: its settle and the one
+    that queued behind it are written all the same (a lost settle would leave the call to
+    the reclaimer, charged its worst case)."""
+    user = unique("cancelled")
+    when = datetime(2030, 11, 10, tzinfo=UTC)
+    first = await open_call(store, opening(user, when=when, request_id=f"first_{user}"))
+    second = await open_call(store, opening(user, when=when, request_id=f"second_{user}"))
+
+    async def cancelled() -> None:
+        with anyio.move_on_after(0):
+            await store.settle(entry(user, when=when, cost=100, request_id=first.request_id), first)
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as group:
+            group.start_soon(cancelled)
+            group.start_soon(
+                store.settle, entry(user, when=when, cost=200, request_id=second.request_id), second
+            )
+    assert [row["status"] for row in await rows_of(store, user)] == ["ok", "ok"]
+    assert await store.counters(user, "2030-11") == Counters(30, 0, 300, 0, 2)
+
+
+async def test_a_refused_abandon_keeps_its_hold_until_the_lease_expires(
+    store: UsageStore,
+) -> None:
+    """The database refuses to delete an abandoned call's row: the caller hears of it, the
+    row stays in flight with its hold (no usage is known to charge), and the reclaimer
+    closes it once its lease has expired."""
+    user = unique("abandon")
+    when = datetime(2030, 11, 11, tzinfo=UTC)
+    reclaim_at = when + timedelta(seconds=31)
+    await flush_older_leases(store, reclaim_at)
+    held = await open_call(store, opening(user, when=when, request_id=f"stuck_{user}"))
+    trigger = await refuse_writes_to(store, held.request_id)
+    try:
+        with pytest.raises(DBAPIError, match="refused by test"):
+            await store.abandon(held)
+        [row] = await rows_of(store, user)
+        assert row["status"] == IN_FLIGHT
+        assert await store.counters(user, "2030-11") == Counters(0, 100, 0, 7_000, 0)
+    finally:
+        await allow_writes(store, trigger)
+    assert await store.reclaim(reclaim_at) == 1
+    [row] = await rows_of(store, user)
+    assert (row["status"], row["prompt_tokens"], row["cost_pico"]) == (INTERRUPTED, 40, 7_000)
+    assert await store.counters(user, "2030-11") == Counters(100, 0, 7_000, 0, 1)
+
+
+async def test_a_settle_refused_by_the_database_is_reported_and_its_hold_released(
+    store: UsageStore,
+) -> None:
+    """The settle's write fails: the caller gets the database's error (never a silent
+    success), the row is closed as ``settle_failed`` with its worst case, the hold released.
+    If closing the row fails too, the row stays in flight for its lease to release."""
+    user = unique("refusing")
+    when = datetime(2030, 11, 12, tzinfo=UTC)
+    reclaim_at = when + timedelta(seconds=31)
+    await flush_older_leases(store, reclaim_at)
+    closable = await open_call(store, opening(user, when=when, request_id=f"closable_{user}"))
+    stuck = await open_call(store, opening(user, when=when, request_id=f"stuck_{user}"))
+    triggers = [
+        await refuse_writes_to(store, closable.request_id, unless_status="settle_failed"),
+        await refuse_writes_to(store, stuck.request_id),
+    ]
+    try:
+        for held in (closable, stuck):
+            with pytest.raises(DBAPIError, match="refused by test"):
+                await store.settle(entry(user, when=when, cost=5, request_id=held.request_id), held)
+        statuses = {row["request_id"]: row["status"] for row in await rows_of(store, user)}
+        assert statuses == {closable.request_id: "settle_failed", stuck.request_id: IN_FLIGHT}
+        assert await store.counters(user, "2030-11") == Counters(100, 100, 7_000, 7_000, 1)
+    finally:
+        for trigger in triggers:
+            await allow_writes(store, trigger)
+    assert await store.reclaim(reclaim_at) == 1
+    assert await store.counters(user, "2030-11") == Counters(200, 0, 14_000, 0, 2)
+    await assert_adds_up(store, user, "2030-11")
