@@ -7,6 +7,7 @@ body, pick the scripted reply, apply faults, render. Vendor modules only render.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -15,15 +16,17 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from robota_proxy.testing import embeddings
 from robota_proxy.testing.anthropic_wire import AnthropicWire
 from robota_proxy.testing.gemini_wire import GeminiWire
 from robota_proxy.testing.openai_wire import OpenAIWire, models_list
-from robota_proxy.testing.script import RecordedRequest, make_plan
+from robota_proxy.testing.script import Fault, RecordedRequest, Reply, make_plan
 from robota_proxy.testing.sse import FaultyEventStream
 from robota_proxy.testing.state import FakeState
 from robota_proxy.testing.wire import Json, VendorWire, json_response
 
 _GEMINI_ACTIONS = ("generateContent", "streamGenerateContent")
+_GEMINI_EMBED_ACTIONS = ("embedContent", "batchEmbedContents")
 
 
 def _parse(raw: bytes) -> tuple[Json, str | None]:
@@ -49,6 +52,7 @@ class FakeVendorApp:
             routes=[
                 Route("/v1/chat/completions", self._openai_chat, methods=["POST"]),
                 Route("/v1/models", self._openai_models, methods=["GET"]),
+                Route("/v1/embeddings", self._openai_embeddings, methods=["POST"]),
                 Route("/v1/messages", self._anthropic_messages, methods=["POST"]),
                 Route("/v1beta/models/{target}", self._gemini_call, methods=["POST"]),
                 Route("/v1/models/{target}", self._gemini_call, methods=["POST"]),
@@ -82,12 +86,82 @@ class FakeVendorApp:
 
     async def _gemini_call(self, request: Request) -> Response:
         model, _, action = str(request.path_params["target"]).rpartition(":")
+        if action in _GEMINI_EMBED_ACTIONS and model:
+            return await self._gemini_embed(request, model, action)
         if action not in _GEMINI_ACTIONS or not model:
             return self._gemini.error(404, f"Unknown method {action!r} on models/{model}.")
         body, problem = _parse(await request.body())
         stream = action == "streamGenerateContent"
         sse = request.query_params.get("alt") == "sse"
         return await self._exchange(request, self._gemini, body, problem, model, stream, sse)
+
+    async def _openai_embeddings(self, request: Request) -> Response:
+        body, problem = _parse(await request.body())
+        texts = [
+            item if isinstance(item, str) else " ".join(map(str, item))
+            for item in embeddings.openai_inputs(body) or []
+        ]
+        return await self._embedding_exchange(
+            request,
+            self._openai,
+            body,
+            problem or embeddings.openai_invalid(body),
+            str(body.get("model", "")),
+            texts,
+            lambda tokens: embeddings.openai_reply(body, tokens),
+        )
+
+    async def _gemini_embed(self, request: Request, model: str, action: str) -> Response:
+        body, problem = _parse(await request.body())
+        return await self._embedding_exchange(
+            request,
+            self._gemini,
+            body,
+            problem or embeddings.gemini_invalid(action, model, body),
+            model,
+            embeddings.gemini_texts(action, body),
+            lambda tokens: embeddings.gemini_reply(action, model, body, tokens),
+        )
+
+    async def _embedding_exchange(
+        self,
+        request: Request,
+        wire: VendorWire,
+        body: Json,
+        problem: str | None,
+        model: str,
+        texts: list[str],
+        render: Callable[[int | None], Json],
+    ) -> Response:
+        """Record, check the key, check the body, apply a scripted fault, render. A rule's
+        ``match`` is tested against the inputs joined by newlines; a ``Reply``'s
+        ``prompt_tokens`` replaces the counted tokens (and makes Gemini report them)."""
+        recorded = RecordedRequest(
+            vendor=wire.vendor,
+            path=request.url.path,
+            headers=dict(request.headers),
+            body=body,
+            stream=False,
+            model=model,
+            last_role="user" if texts else "none",
+            last_text="\n".join(texts),
+        )
+        self._state.record(recorded)
+        refusal = wire.auth_error(request, self._api_key)
+        if refusal is not None:
+            return refusal
+        if problem is not None:
+            return wire.error(400, problem)
+        chosen = self._state.choose(recorded)
+        fault = chosen if isinstance(chosen, Fault) else None
+        if isinstance(chosen, Reply):
+            fault = chosen.fault
+        if fault is not None and fault.latency > 0:
+            await anyio.sleep(fault.latency)
+        if fault is not None and fault.status is not None:
+            return wire.error(fault.status, fault.message, fault.retry_after)
+        tokens = chosen.prompt_tokens if isinstance(chosen, Reply) else None
+        return json_response(render(tokens), headers=wire.headers())
 
     async def _exchange(
         self,

@@ -7,9 +7,9 @@ see a vendor SDK's exception types (and never a message that could carry a key).
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeAlias
+from typing import Protocol, TypeAlias, runtime_checkable
 
 from robota_client.messages import (
     AssistantMessage,
@@ -17,6 +17,7 @@ from robota_client.messages import (
     DeltaEvent,
     FinishReason,
     ToolCallEvent,
+    Usage,
     UsageEvent,
 )
 
@@ -58,4 +59,50 @@ class Upstream(Protocol):
 
     async def aclose(self) -> None:
         """Close the connection pool."""
+        ...
+
+
+#: What one embedding input is: text, or (OpenAI-compatible upstreams only) token ids.
+EmbeddingInput: TypeAlias = str | tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingRequest:
+    """One ``POST /v1/embeddings`` call, vendor-neutral: the route builds it from OpenAI's
+    shape and each adapter maps it to its vendor's wire. ``encoding_format`` is not here on
+    purpose: adapters always hand back floats and the route encodes them as the caller
+    asked, so the vendor's choice of encoding never reaches the caller."""
+
+    provider: str
+    model: str
+    #: In the caller's order; the answer's ``index`` is the position here.
+    inputs: tuple[EmbeddingInput, ...]
+    dimensions: int | None = None
+    #: OpenAI's end-user id for abuse monitoring; vendors without one ignore it.
+    user: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingResult:
+    """The vectors in input order, the model that made them and the vendor's token count.
+
+    ``usage`` is ``None`` when the vendor did not report one (Gemini's embedding endpoints
+    often do not): the proxy then estimates it and marks the ledger row ``estimated``.
+    """
+
+    vectors: Sequence[Sequence[float]]
+    model: str
+    usage: Usage | None
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """An upstream that also serves embeddings. Not part of ``Upstream``: a vendor without
+    embeddings (Anthropic, the mock) simply does not implement it, and the route answers 400
+    naming the provider instead of calling it."""
+
+    name: str
+
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        """One vendor call for all of ``request.inputs``; raises ``ProxyError`` only."""
         ...

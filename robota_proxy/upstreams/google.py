@@ -17,7 +17,14 @@ Gemini specifics the translation has to absorb:
   and falls back to Google's documented ``skip_thought_signature_validator`` sentinel for
   calls it never saw (another replica, a restart, or a call made by another vendor);
 * an invalid key is answered with HTTP 400 ``API_KEY_INVALID``, which is treated as the
-  credentials failure it is rather than as the caller's bad request.
+  credentials failure it is rather than as the caller's bad request;
+* embeddings (``embed``): one input is an ``embedContent`` call, several one
+  ``batchEmbedContents`` call (each of its requests naming the model again, as Google
+  requires). Gemini embeds text only, so token-id inputs are refused before any call;
+  ``dimensions`` becomes ``outputDimensionality`` and OpenAI's ``user`` has no Gemini
+  counterpart (dropped). The token count is read from ``usageMetadata.promptTokenCount``
+  when the answer has one; Gemini's embedding answers usually have none, and then the
+  result carries no usage for the proxy to estimate.
 """
 
 from __future__ import annotations
@@ -50,7 +57,12 @@ from robota_client.messages import (
     UsageEvent,
 )
 from robota_proxy.errors import InvalidRequest, ProxyError, UpstreamError
-from robota_proxy.upstreams.base import FinishEvent, UpstreamEvent
+from robota_proxy.upstreams.base import (
+    EmbeddingRequest,
+    EmbeddingResult,
+    FinishEvent,
+    UpstreamEvent,
+)
 from robota_proxy.upstreams.errors import (
     broken_stream_error,
     error_for_status,
@@ -153,6 +165,25 @@ class GoogleUpstream:
             raise (broken_stream_error(VENDOR) if started else unavailable_error(VENDOR)) from None
         for event in state.finish():
             yield event
+
+
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        """``embedContent`` for one input, ``batchEmbedContents`` for several: one call."""
+        method, body = embedding_call(request)
+        try:
+            response = await self._client.post(_path(request.model, method), json=body)
+        except httpx.TimeoutException:
+            raise timeout_error(VENDOR) from None
+        except httpx.HTTPError:
+            raise unavailable_error(VENDOR) from None
+        if response.status_code >= 400:
+            raise status_error(response, self._api_key)
+        try:
+            payload = response.json()
+        except ValueError:
+            raise UpstreamError(f"{VENDOR} sent a malformed response") from None
+        raise_embedded_error(payload, self._api_key)
+        return embedding_result(_as_dict(payload), request)
 
 
 class SignatureMemory:
@@ -316,6 +347,60 @@ def _path(model: str, method: str) -> str:
     # other slash or "?" in a model name from reaching a different endpoint.
     name = model.removeprefix("models/")
     return f"/v1beta/models/{quote(name, safe='')}:{method}"
+
+
+# --- embeddings ----------------------------------------------------------------------------
+
+
+def embedding_call(request: EmbeddingRequest) -> tuple[str, Json]:
+    """The method and body for ``request``: ``embedContent`` with one input,
+    ``batchEmbedContents`` with several."""
+    texts: list[str] = []
+    for position, item in enumerate(request.inputs):
+        if not isinstance(item, str):
+            raise InvalidRequest(
+                f"input[{position}] is a list of token ids, which {VENDOR} cannot embed: "
+                f"send text to model {request.model!r}"
+            )
+        texts.append(item)
+    name = "models/" + request.model.removeprefix("models/")
+
+    def one(text: str) -> Json:
+        body: Json = {"model": name, "content": {"parts": [{"text": text}]}}
+        if request.dimensions is not None:
+            body["outputDimensionality"] = request.dimensions
+        return body
+
+    if len(texts) == 1:
+        return "embedContent", one(texts[0])
+    return "batchEmbedContents", {"requests": [one(text) for text in texts]}
+
+
+def embedding_result(payload: Json, request: EmbeddingRequest) -> EmbeddingResult:
+    """``{"embedding": {"values"}}`` or ``{"embeddings": [{"values"}, ...]}`` in input order;
+    anything but exactly one vector of numbers per input is a malformed answer."""
+    if len(request.inputs) == 1:
+        found: list[Any] = [payload.get("embedding")]
+    else:
+        found = _as_list(payload.get("embeddings"))
+    vectors: list[list[float]] = []
+    for item in found:
+        values = _as_dict(item).get("values")
+        if not isinstance(values, list) or not all(
+            isinstance(x, int | float) and not isinstance(x, bool) for x in values
+        ):
+            raise UpstreamError(f"{VENDOR} sent a malformed embedding")
+        vectors.append([float(x) for x in values])
+    if len(vectors) != len(request.inputs):
+        raise UpstreamError(
+            f"{VENDOR} sent {len(vectors)} embeddings for {len(request.inputs)} inputs"
+        )
+    prompt = _count(_as_dict(payload.get("usageMetadata")), "promptTokenCount")
+    return EmbeddingResult(
+        vectors=vectors,
+        model=request.model.removeprefix("models/"),
+        usage=None if prompt is None else Usage(prompt_tokens=prompt, total_tokens=prompt),
+    )
 
 
 # --- response ------------------------------------------------------------------------------

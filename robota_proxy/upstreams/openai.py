@@ -17,6 +17,11 @@ built here are already the wire JSON, so the SDK's per-call transformation of th
 pydantic models it builds of every answer and every stream chunk, were pure cost (a third of a
 stream's CPU). Answers are read as the JSON dicts.
 
+Embeddings (``embed``) go to ``POST /embeddings`` the same way. The vendor is always asked
+for floats (``encoding_format: "float"``), which every compatible server understands; the
+route encodes base64 for callers that want it. A vector that comes back base64 anyway is
+decoded (little-endian float32, as OpenAI defines it).
+
 Not mapped: ``n`` > 1 (only the first choice is read), audio and image output, logprobs,
 the deprecated ``function_call`` message field, and custom (free-form) tool calls.
 A refusal is passed on as the message text, since the wire contract has no refusal field.
@@ -24,6 +29,10 @@ A refusal is passed on as the message text, since the wire contract has no refus
 
 from __future__ import annotations
 
+import array
+import base64
+import binascii
+import sys
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any
@@ -57,7 +66,12 @@ from robota_proxy.upstreams._convert import (
     mapped_errors,
     status_error,
 )
-from robota_proxy.upstreams.base import FinishEvent, UpstreamEvent
+from robota_proxy.upstreams.base import (
+    EmbeddingRequest,
+    EmbeddingResult,
+    FinishEvent,
+    UpstreamEvent,
+)
 from robota_proxy.upstreams.errors import (
     broken_stream_error,
     timeout_error,
@@ -72,6 +86,9 @@ _PATH = "/chat/completions"
 #: defaults): 10% of the proxy's CPU at chat c=50, for the same object every time.
 _POST = FinalRequestOptions.construct(
     method="post", url=_PATH, json_data=None, security={"bearer_auth": True}
+)
+_EMBED_POST = FinalRequestOptions.construct(
+    method="post", url="/embeddings", json_data=None, security={"bearer_auth": True}
 )
 
 _FINISH_REASONS: dict[str, FinishReason] = {
@@ -193,6 +210,17 @@ class OpenAIUpstream:
         if reader.usage is not None:
             yield UsageEvent(usage=reader.usage)
         yield FinishEvent(reader.finish_reason)
+
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        """One ``POST /embeddings`` for every input (texts or token arrays, passed as given)."""
+        options = _EMBED_POST.model_copy(update={"json_data": embedding_params(request)})
+        try:
+            answer = await self._client.request(object, options)
+        except _CALL_ERRORS as exc:
+            raise self._proxy_error(exc, streaming=False) from None
+        if not isinstance(answer, dict):
+            raise malformed_response_error(self.name)
+        return embedding_result(answer, request, self.name)
 
     # --- request ---------------------------------------------------------------------------
 
@@ -421,3 +449,73 @@ def _finish_reason(reason: str | None) -> FinishReason:
     """Unknown or missing reasons (some compatible servers send their own) count as a
     normal stop: the text is there, and calling it an error would discard it."""
     return _FINISH_REASONS.get(reason or "stop", "stop")
+
+
+# --- embeddings ------------------------------------------------------------------------------
+
+
+def embedding_params(request: EmbeddingRequest) -> JSONDict:
+    """The ``/embeddings`` body: one input is sent as a bare string or token array (as the
+    SDK sends it), several as a list; optional fields only when the caller set them."""
+    inputs = [item if isinstance(item, str) else list(item) for item in request.inputs]
+    params: JSONDict = {
+        "model": request.model,
+        "input": inputs[0] if len(inputs) == 1 else inputs,
+        "encoding_format": "float",
+    }
+    if request.dimensions is not None:
+        params["dimensions"] = request.dimensions
+    if request.user is not None:
+        params["user"] = request.user
+    return params
+
+
+def embedding_result(answer: JSONDict, request: EmbeddingRequest, vendor: str) -> EmbeddingResult:
+    """The vectors of a ``list`` answer put back in input order by their ``index``; an answer
+    that does not hold exactly one vector per input is malformed, never passed on short."""
+    data = answer.get("data")
+    if not isinstance(data, list):
+        raise malformed_response_error(vendor)
+    vectors: dict[int, list[float]] = {}
+    for item in data:
+        if not isinstance(item, dict):
+            raise malformed_response_error(vendor)
+        index = item.get("index", len(vectors))
+        vector = _vector(item.get("embedding"))
+        if not isinstance(index, int) or vector is None or index in vectors:
+            raise malformed_response_error(vendor)
+        vectors[index] = vector
+    if sorted(vectors) != list(range(len(request.inputs))):
+        raise malformed_response_error(vendor)
+    usage = answer.get("usage")
+    prompt = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+    model = answer.get("model")
+    return EmbeddingResult(
+        vectors=[vectors[index] for index in range(len(request.inputs))],
+        model=model if isinstance(model, str) and model else request.model,
+        usage=(
+            Usage(prompt_tokens=prompt, total_tokens=prompt)
+            if isinstance(prompt, int) and not isinstance(prompt, bool) and prompt >= 0
+            else None
+        ),
+    )
+
+
+def _vector(value: object) -> list[float] | None:
+    """A JSON list of numbers, or OpenAI's base64 of little-endian float32."""
+    if isinstance(value, list):
+        if all(isinstance(x, int | float) and not isinstance(x, bool) for x in value):
+            return [float(x) for x in value]
+        return None
+    if isinstance(value, str):
+        try:
+            raw = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            return None
+        if len(raw) % 4:
+            return None
+        floats = array.array("f", raw)
+        if sys.byteorder == "big":  # pragma: no cover - the wire is little-endian
+            floats.byteswap()
+        return floats.tolist()
+    return None

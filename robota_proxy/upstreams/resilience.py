@@ -50,6 +50,7 @@ from robota_proxy.upstreams.registry import UpstreamRegistry
 log = logging.getLogger("robota_proxy.upstream")
 
 T = TypeVar("T")
+E = TypeVar("E")
 
 #: Failures worth another try of the same target.
 _RETRYABLE = (RateLimited, UpstreamUnavailable, UpstreamTimeout, VendorServerError)
@@ -179,15 +180,27 @@ class Resilience:
     async def chat(
         self, request: ChatRequest, principal: Principal | None, record: CallRecord | None
     ) -> tuple[AssistantMessage, Served]:
-        seconds = self.deadline(request)
-
         async def call(upstream: Upstream, sent: ChatRequest) -> AssistantMessage:
             return await upstream.chat(sent)
 
+        return await self.run(request, principal, "chat", record, call)
+
+    async def run(
+        self,
+        request: ChatRequest,
+        principal: Principal | None,
+        feature: Feature,
+        record: CallRecord | None,
+        call: Callable[[Upstream, ChatRequest], Awaitable[T]],
+    ) -> tuple[T, Served]:
+        """``chat`` for any one-shot call: ``call(upstream, request as sent to the target)``
+        run against the target chain with the same retries, fallbacks and deadline. A
+        compatible surface uses it to pass its caller's own JSON to a target of its vendor."""
+        seconds = self.deadline(request)
         attempts: list[Attempt] = []
         try:
             with anyio.fail_after(seconds):
-                return await self._run(request, principal, "chat", record, call, attempts)
+                return await self._run(request, principal, feature, record, call, attempts)
         except TimeoutError:
             raise _counted(_deadline_error(seconds), attempts) from None
 
@@ -196,13 +209,28 @@ class Resilience:
     ) -> OpenedStream:
         """The first event of the first target that produced one, and the rest of its
         stream bounded by what is left of the deadline."""
+        first, events, served = await self.open_events(
+            request, principal, record, lambda upstream, sent: upstream.stream(sent)
+        )
+        return OpenedStream(served, first, events)
+
+    async def open_events(
+        self,
+        request: ChatRequest,
+        principal: Principal | None,
+        record: CallRecord | None,
+        start: Callable[[Upstream, ChatRequest], AsyncGenerator[E, None]],
+    ) -> tuple[E | None, AsyncGenerator[E, None], Served]:
+        """``open_stream`` for any stream of items ``start(upstream, sent)`` produces (a
+        compatible surface's passthrough of vendor events): retried and fallen back until its
+        first item, bounded by the deadline to its end."""
         seconds = self.deadline(request)
         ends_at = anyio.current_time() + seconds
 
         async def call(
             upstream: Upstream, sent: ChatRequest
-        ) -> tuple[UpstreamEvent | None, AsyncGenerator[UpstreamEvent, None]]:
-            events = upstream.stream(sent)
+        ) -> tuple[E | None, AsyncGenerator[E, None]]:
+            events = start(upstream, sent)
             try:
                 first = await anext(events)
             except StopAsyncIteration:
@@ -220,7 +248,7 @@ class Resilience:
                 )
         except TimeoutError:
             raise _counted(_deadline_error(seconds), attempts) from None
-        return OpenedStream(served, first, _until(ends_at, seconds, events))
+        return first, _until(ends_at, seconds, events), served
 
     async def _run(
         self,
@@ -326,8 +354,8 @@ class Resilience:
 
 
 async def _until(
-    ends_at: float, seconds: float, events: AsyncGenerator[UpstreamEvent, None]
-) -> AsyncGenerator[UpstreamEvent, None]:
+    ends_at: float, seconds: float, events: AsyncGenerator[E, None]
+) -> AsyncGenerator[E, None]:
     """The rest of a stream, ended by ``UpstreamTimeout`` when the deadline passes."""
     async with aclosing(events):
         while True:
