@@ -57,8 +57,11 @@ from robota_proxy.routes import health, openapi
 from robota_proxy.routes.account import AccountRoutes
 from robota_proxy.routes.admin import AdminGuard, AdminRoutes
 from robota_proxy.routes.admin_usage import AdminUsageRoutes
+from robota_proxy.routes.anthropic_compat import AnthropicRoutes
 from robota_proxy.routes.chat import ChatRoutes
+from robota_proxy.routes.embeddings import EmbeddingRoutes
 from robota_proxy.routes.metrics import MetricsRoutes
+from robota_proxy.routes.openai_compat import OpenAIRoutes
 from robota_proxy.routes.ws import WebSocketRoutes
 from robota_proxy.settings import Settings
 from robota_proxy.storage.database import DATABASE_OUTAGE, Database
@@ -75,7 +78,7 @@ from robota_proxy.upstreams.resilience import Resilience, RetryPolicy
 log = logging.getLogger("robota_proxy")
 
 #: Reads about the caller's own account: never counted against their request rate limits.
-UNCOUNTED_PATHS = ("/health", "/openapi.json", "/ai/me", "/ai/usage", "/ai/models")
+UNCOUNTED_PATHS = ("/health", "/openapi.json", "/ai/me", "/ai/usage", "/ai/models", "/v1/models")
 
 
 class Resources:
@@ -206,6 +209,16 @@ class ProxyApp(Starlette):
             stream_max_bytes=settings.stream_max_bytes,
             resilience=self.resilience,
         )
+        openai_surface = OpenAIRoutes(
+            registry,
+            max_body_bytes=settings.max_body_bytes,
+            resilience=self.resilience,
+            aliases=self._aliases,
+        )
+        anthropic_surface = AnthropicRoutes(
+            registry, max_body_bytes=settings.max_body_bytes, resilience=self.resilience
+        )
+        embeddings = EmbeddingRoutes(self.resilience, max_body_bytes=settings.max_body_bytes)
         resume = ResumeRoutes(self.streams)
         websockets = WebSocketRoutes(
             max_in_flight=settings.ws_max_in_flight, send_queue=settings.ws_send_queue
@@ -237,6 +250,9 @@ class ProxyApp(Starlette):
                 *health.ROUTES,
                 *openapi.ROUTES,
                 *chat.routes(),
+                *embeddings.routes(),
+                *openai_surface.routes(),
+                *anthropic_surface.routes(),
                 *resume.routes(),
                 *websockets.routes(),
                 *account.routes(),

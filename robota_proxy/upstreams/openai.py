@@ -222,6 +222,49 @@ class OpenAIUpstream:
             raise malformed_response_error(self.name)
         return embedding_result(answer, request, self.name)
 
+    # --- passthrough (the OpenAI surface, robota_proxy.routes.openai_compat) ----------------
+
+    def passthrough_body(self, body: JSONDict, model: str, max_tokens: int | None) -> JSONDict:
+        """A caller's own chat-completions JSON for this endpoint: the model rewritten and,
+        when the proxy imposed an output limit (a budgeted caller that set none), that limit
+        under the name this endpoint knows. Nothing else is touched."""
+        sent = {**body, "model": model}
+        if max_tokens is not None and "max_tokens" not in body:
+            if "max_completion_tokens" not in body:
+                sent[self._max_tokens_field] = max_tokens
+        return sent
+
+    async def chat_raw(self, body: JSONDict) -> tuple[JSONDict, Usage | None]:
+        """One call with the caller's JSON: the vendor's answer as it came, and its usage."""
+        try:
+            completion = await self._client.request(object, _options(body))
+        except _CALL_ERRORS as exc:
+            raise self._proxy_error(exc, streaming=False) from None
+        if not isinstance(completion, dict):
+            raise malformed_response_error(self.name)
+        usage = completion.get("usage")
+        return completion, _usage(_usage_model(usage)) if isinstance(usage, dict) else None
+
+    async def stream_raw(self, body: JSONDict) -> AsyncGenerator[JSONDict, None]:
+        """The vendor's ``chat.completion.chunk`` objects as they came; usage is always
+        asked for (the proxy meters it), and whether to forward it is the route's affair."""
+        params = {**body, "stream": True}
+        params["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        try:
+            chunks = await self._client.request(
+                object, _options(params), stream=True, stream_cls=openai.AsyncStream[object]
+            )
+        except _CALL_ERRORS as exc:
+            raise self._proxy_error(exc, streaming=False) from None
+        async with (
+            chunks,
+            aclosing(mapped_errors(chunks, _CALL_ERRORS, self._stream_error)) as vendor_chunks,
+        ):
+            async for chunk in vendor_chunks:
+                if not isinstance(chunk, dict):
+                    raise self._stream_error(ValueError("a stream chunk that is not an object"))
+                yield chunk
+
     # --- request ---------------------------------------------------------------------------
 
     def _params(self, request: ChatRequest) -> JSONDict:
@@ -431,6 +474,12 @@ def _usage_model(usage: JSONDict) -> CompletionUsage:
     """The SDK's usage model, built without validation (as the SDK builds it), for
     ``_usage``; one per answer, unlike the chunk models this adapter no longer builds."""
     return CompletionUsage.construct(**usage)
+
+
+def chunk_usage(chunk: JSONDict) -> Usage | None:
+    """The usage a passed-through stream chunk reports, in the contract's shape."""
+    usage = chunk.get("usage")
+    return _usage(_usage_model(usage)) if isinstance(usage, dict) else None
 
 
 def _usage(usage: CompletionUsage) -> Usage:

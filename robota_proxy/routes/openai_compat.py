@@ -1,0 +1,312 @@
+"""``POST /v1/chat/completions`` and ``GET /v1/models``: the OpenAI-compatible surface.
+
+Any OpenAI client works unchanged with ``base_url=<proxy>/v1``. The body was parsed by the
+OpenAI dialect (``robota_proxy.dialects.openai``) into the universal ``ChatRequest`` the
+middleware already authorized, limited, metered and looked up in the cache; this route makes
+the call through the same retries and fallbacks as ``/ai/chat``, one target at a time:
+
+- a target that speaks OpenAI's wire (``openai``, and any compatible server behind it) gets
+  the caller's own JSON with the model rewritten, and its answer or chunks go back as they
+  came: nothing is lost, and nothing is built that was not needed (the cheapest path);
+- any other target (Anthropic, Gemini, the mock) gets the ``ChatRequest`` through its adapter,
+  and the answer is rendered as ``chat.completion`` or ``chat.completion.chunk`` frames.
+
+Either way the vendor's usage, by token kind (cached input, reasoning), settles the call
+record, so the ledger row's cost is exact. Errors before a stream starts are plain statuses
+in OpenAI's shape (the app's handlers render them by path); a failure after it started ends
+the stream with an in-band ``data: {"error": ...}`` frame.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Collection
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeAlias, cast
+
+import pydantic_core
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from robota_client.messages import AssistantMessage, ChatRequest, ErrorEvent, Usage
+from robota_proxy import scope as keys
+from robota_proxy.call_record import CallRecord, call_record
+from robota_proxy.chat_body import chat_request
+from robota_proxy.dialects import OPENAI_CHAT_PATH, ParsedChat
+from robota_proxy.dialects import openai as dialect
+from robota_proxy.errors import Forbidden, ProxyError, UpstreamError
+from robota_proxy.policy.principals import Principal
+from robota_proxy.routes import sse
+from robota_proxy.routes.chat import _wire_events
+from robota_proxy.upstreams.base import Upstream, UpstreamEvent
+from robota_proxy.upstreams.registry import UpstreamRegistry
+from robota_proxy.upstreams.resilience import Resilience
+
+log = logging.getLogger("robota_proxy.openai_compat")
+
+MODELS_PATH = "/v1/models"
+JSONDict: TypeAlias = dict[str, Any]
+#: What one target's stream yields: the vendor's own chunks (passthrough) or wire events.
+Item: TypeAlias = JSONDict | UpstreamEvent
+
+
+class Passthrough(Protocol):
+    """What an adapter offers for the caller's JSON (``robota_proxy.upstreams.openai``)."""
+
+    def passthrough_body(self, body: JSONDict, model: str, max_tokens: int | None) -> JSONDict: ...
+
+    async def chat_raw(self, body: JSONDict) -> tuple[JSONDict, Usage | None]: ...
+
+    def stream_raw(self, body: JSONDict) -> AsyncGenerator[JSONDict, None]: ...
+
+
+def _passthrough(upstream: Upstream, parsed: ParsedChat) -> Passthrough | None:
+    """The adapter as a passthrough when the caller's JSON can go to it as it is."""
+    if parsed.raw is None or getattr(upstream, "dialect", None) != dialect.VENDOR:
+        return None
+    return cast(Passthrough, upstream) if hasattr(upstream, "chat_raw") else None
+
+
+@dataclass(slots=True)
+class _Raw:
+    answer: JSONDict
+    usage: Usage | None
+
+
+class OpenAIRoutes:
+    def __init__(
+        self,
+        registry: UpstreamRegistry,
+        *,
+        max_body_bytes: int,
+        resilience: Resilience,
+        aliases: Collection[str] = (),
+    ) -> None:
+        self.registry = registry
+        self.resilience = resilience
+        self.max_body_bytes = max_body_bytes
+        self.aliases = sorted(aliases)
+
+    def routes(self) -> list[Route]:
+        return [
+            Route(OPENAI_CHAT_PATH, self.chat_completions, methods=["POST"]),
+            Route(MODELS_PATH, self.models, methods=["GET"]),
+        ]
+
+    # --- GET /v1/models ---------------------------------------------------------------------
+
+    async def models(self, request: Request) -> Response:
+        """What this caller may use: ``provider/model`` for every model a provider lists
+        (a provider that takes any model lists none), and the aliases, as OpenAI lists."""
+        principal = _principal(request)
+        names: list[tuple[str, str]] = [
+            (provider, model)
+            for provider, models in self.registry.catalogue().items()
+            for model in models or []
+        ]
+        names += [("auto", alias) for alias in self.aliases]
+        data = []
+        for provider, model in names:
+            if principal is not None and not _allowed(principal, provider, model):
+                continue
+            shown = model if provider == "auto" else f"{provider}/{model}"
+            owner = "robota" if provider == "auto" else provider
+            data.append({"id": shown, "object": "model", "created": 0, "owned_by": owner})
+        return _json({"object": "list", "data": data})
+
+    # --- POST /v1/chat/completions ----------------------------------------------------------
+
+    async def chat_completions(self, request: Request) -> Response:
+        body = await chat_request(request, self.max_body_bytes)
+        parsed = request.scope.get(keys.PARSED_CHAT)
+        if not isinstance(parsed, ParsedChat):  # parsed by another path's dialect: a bug
+            raise UpstreamError("the request was not parsed as an OpenAI chat completion")
+        request_id = keys.request_id(request.scope)
+        record = call_record(request.scope, request_id)
+        if parsed.streamed:
+            record.streamed = True
+            return await self._stream(request, body, parsed, record)
+
+        async def call(upstream: Upstream, sent: ChatRequest) -> AssistantMessage | _Raw:
+            raw = _passthrough(upstream, parsed)
+            if raw is None:
+                return await upstream.chat(sent)
+            assert parsed.raw is not None
+            out = raw.passthrough_body(parsed.raw, sent.model, sent.options.max_tokens)
+            return _Raw(*await raw.chat_raw(out))
+
+        try:
+            result, served = await self.resilience.run(
+                body, _principal(request), "chat", record, call
+            )
+        except ProxyError as exc:
+            record.status = exc.code
+            raise
+        sent = served.request
+        if isinstance(result, _Raw):
+            if result.usage is not None:
+                record.settle_usage(sent.provider, sent.model, result.usage)
+            return _json(result.answer)
+        if result.usage is not None:
+            record.settle_usage(sent.provider, sent.model, result.usage)
+        model = _shown_model(parsed, body, sent)
+        return _json(dialect.completion(result, model=model, request_id=request_id))
+
+    async def _stream(
+        self, request: Request, body: ChatRequest, parsed: ParsedChat, record: CallRecord
+    ) -> Response:
+        raw_body = parsed.raw or {}
+        options = raw_body.get("stream_options")
+        include_usage = isinstance(options, dict) and options.get("include_usage") is True
+
+        def start(upstream: Upstream, sent: ChatRequest) -> AsyncGenerator[Item, None]:
+            raw = _passthrough(upstream, parsed)
+            if raw is None:
+                return _as_items(upstream.stream(sent))
+            out = raw.passthrough_body(raw_body, sent.model, sent.options.max_tokens)
+            return _as_items(raw.stream_raw(out))
+
+        try:
+            first, rest, served = await self.resilience.open_events(
+                body, _principal(request), record, start
+            )
+        except BaseException as exc:
+            record.status = exc.code if isinstance(exc, ProxyError) else "client_disconnected"
+            raise
+        sent = served.request
+        frames: AsyncIterator[bytes]
+        if isinstance(first, dict):
+            frames = _forwarded(sent, record, first, rest, include_usage)
+        else:
+            writer = dialect.ChunkWriter(
+                request_id=record.request_id,
+                model=_shown_model(parsed, body, sent),
+                include_usage=include_usage,
+            )
+            events = _wire_events(sent, record, first, _only_events(rest))
+            frames = _rendered(writer, events)
+        return StreamingResponse(frames, media_type="text/event-stream", headers=sse.HEADERS)
+
+
+async def _as_items(events: AsyncGenerator[Any, None]) -> AsyncGenerator[Item, None]:
+    async with aclosing(events):
+        async for event in events:
+            yield event
+
+
+async def _only_events(items: AsyncGenerator[Item, None]) -> AsyncGenerator[UpstreamEvent, None]:
+    async with aclosing(items):
+        async for item in items:
+            if not isinstance(item, dict):
+                yield item
+
+
+async def _rendered(
+    writer: dialect.ChunkWriter, events: AsyncGenerator[Any, None]
+) -> AsyncGenerator[bytes, None]:
+    async with aclosing(events):
+        yield writer.start()
+        async for event in events:
+            frame = writer.event(event)
+            if frame:
+                yield frame
+
+
+async def _forwarded(
+    sent: ChatRequest,
+    record: CallRecord,
+    first: JSONDict,
+    rest: AsyncGenerator[Item, None],
+    include_usage: bool,
+) -> AsyncGenerator[bytes, None]:
+    """The vendor's chunks as they came, with their usage settled on the call record; the
+    usage-only chunk the proxy asked for is dropped when the caller did not ask for it."""
+    finished = False
+    async with aclosing(rest):
+        try:
+            async for chunk in _chain(first, rest):
+                if not isinstance(chunk, dict):
+                    continue
+                usage = dialect_usage(chunk)
+                if usage is not None:
+                    record.settle_usage(sent.provider, sent.model, usage)
+                choices = chunk.get("choices")
+                if isinstance(choices, list):
+                    for choice in choices:
+                        record.streamed_chars += _delta_chars(choice)
+                        if isinstance(choice, dict) and choice.get("finish_reason"):
+                            finished = True
+                if choices == [] and usage is not None and not include_usage:
+                    continue
+                yield dialect.sse(chunk)
+            if not finished:
+                raise UpstreamError(f"{sent.provider} ended the stream before it finished")
+            yield dialect.DONE_FRAME
+        except ProxyError as exc:
+            record.status = exc.code
+            yield _error_frame(exc, record.request_id)
+        except Exception:
+            record.status = UpstreamError.code
+            log.exception("stream %s failed", record.request_id)
+            yield _error_frame(UpstreamError("the stream failed"), record.request_id)
+        except BaseException:
+            record.status = "client_disconnected"
+            raise
+
+
+async def _chain(first: Item, rest: AsyncIterator[Item]) -> AsyncIterator[Item]:
+    yield first
+    async for item in rest:
+        yield item
+
+
+def dialect_usage(chunk: JSONDict) -> Usage | None:
+    from robota_proxy.upstreams.openai import chunk_usage
+
+    return chunk_usage(chunk)
+
+
+def _delta_chars(choice: object) -> int:
+    delta = choice.get("delta") if isinstance(choice, dict) else None
+    if not isinstance(delta, dict):
+        return 0
+    size = len(delta.get("content") or "")
+    for call in delta.get("tool_calls") or []:
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict):
+            size += len(function.get("arguments") or "") + len(function.get("name") or "")
+    return size
+
+
+def _error_frame(error: ProxyError, request_id: str) -> bytes:
+    return dialect.error_frame(
+        ErrorEvent(code=error.code, message=error.message, request_id=request_id)
+    )
+
+
+def _shown_model(parsed: ParsedChat, asked: ChatRequest, sent: ChatRequest) -> str:
+    """The name the caller used when its target answered; ``provider/model`` of the
+    fallback that did otherwise."""
+    if (sent.provider, sent.model) == (asked.provider, asked.model) and parsed.raw is not None:
+        return str(parsed.raw.get("model") or sent.model)
+    return f"{sent.provider}/{sent.model}"
+
+
+def _allowed(principal: Principal, provider: str, model: str) -> bool:
+    probe = ChatRequest(provider=provider, model=model, messages=[{"role": "user", "content": "-"}])
+    try:
+        principal.permissions.authorize(probe, "chat")
+    except Forbidden:
+        return False
+    return True
+
+
+def _principal(request: Request) -> Principal | None:
+    principal = request.scope.get(keys.PRINCIPAL)
+    return principal if isinstance(principal, Principal) else None
+
+
+def _json(body: object, status: int = 200) -> Response:
+    return Response(pydantic_core.to_json(body), status_code=status, media_type="application/json")
