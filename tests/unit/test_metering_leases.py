@@ -6,9 +6,10 @@ ledger row (503 when the database is down), a unique ledger key with the caller'
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
 from sqlalchemy import select
@@ -26,7 +27,14 @@ from robota_proxy.policy.pricing import PriceBook
 from robota_proxy.scope import request_id
 from robota_proxy.storage import tables
 from robota_proxy.storage.database import Database
-from robota_proxy.storage.usage_store import UsageStore, period_of
+from robota_proxy.storage.usage_store import (
+    IN_FLIGHT,
+    INTERRUPTED,
+    LeaseReclaimer,
+    Opening,
+    UsageStore,
+    period_of,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -174,3 +182,82 @@ async def test_a_client_gone_mid_write_is_client_disconnected(store: UsageStore)
         2,
     )
     assert vendor.calls == 1
+
+
+def in_flight(user: str, request_id: str, when: datetime, lease: timedelta) -> Opening:
+    return Opening(
+        request_id=request_id,
+        created_at=when,
+        user=user,
+        key_id=None,
+        provider="openai",
+        model="gpt-4o-mini",
+        streamed=False,
+        prompt_tokens=5,
+        completion_tokens=10,
+        cost_pico=300,
+        lease_owner="dead-host:1:00000000",
+        lease_expires_at=when + lease,
+    )
+
+
+async def statuses(store: UsageStore) -> dict[object, object]:
+    return {row["request_id"]: row["status"] for row in await ledger(store)}
+
+
+async def test_the_lease_reclaimer_runs_at_start_then_every_interval_until_stopped(
+    store: UsageStore,
+) -> None:
+    """An app's reclaimer closes the leases that expired before it started at once, the
+    ones that expire while it runs within an interval, and none once it is stopped."""
+    now = datetime.now(UTC)
+    for key, when, lease in [
+        ("expired", now - timedelta(hours=1), timedelta(seconds=30)),
+        ("soon", now, timedelta(milliseconds=300)),
+    ]:
+        await store.open(in_flight("zoe", key, when, lease), token_limit=None, cost_limit_pico=None)
+    reclaimer = LeaseReclaimer(store, interval=0.05)
+    await reclaimer.start()
+    try:
+        assert await statuses(store) == {"expired": INTERRUPTED, "soon": IN_FLIGHT}
+        for _ in range(200):  # 10 s at most
+            if (await statuses(store))["soon"] == INTERRUPTED:
+                break
+            await anyio.sleep(0.05)
+        assert await statuses(store) == {"expired": INTERRUPTED, "soon": INTERRUPTED}
+    finally:
+        await reclaimer.stop()
+    await store.open(
+        in_flight("zoe", "after", datetime.now(UTC), timedelta(milliseconds=50)),
+        token_limit=None,
+        cost_limit_pico=None,
+    )
+    await anyio.sleep(0.5)
+    assert await statuses(store) == {
+        "expired": INTERRUPTED,
+        "soon": INTERRUPTED,
+        "after": IN_FLIGHT,
+    }
+    await reclaimer.stop()  # stopping twice is harmless
+
+
+async def test_the_lease_reclaimer_outlives_a_database_outage(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The database is unreachable: starting the app's reclaimer does not fail, it logs one
+    warning per round and keeps trying."""
+    database = Database("postgresql://postgres@127.0.0.1:1/nowhere")
+    reclaimer = LeaseReclaimer(UsageStore(database), interval=0.05)
+    caplog.set_level("WARNING", logger="robota_proxy.usage")
+    try:
+        await reclaimer.start()
+        for _ in range(200):  # 10 s at most
+            if len(caplog.records) >= 2:
+                break
+            await anyio.sleep(0.05)
+    finally:
+        await reclaimer.stop()
+        await database.aclose()
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) >= 2  # one at start, then one per round
+    assert set(messages) == {"could not reclaim expired leases (ConnectionRefusedError)"}

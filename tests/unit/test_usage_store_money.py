@@ -507,3 +507,59 @@ async def test_a_settle_refused_by_the_database_is_reported_and_its_hold_release
     assert await store.reclaim(reclaim_at) == 1
     assert await store.counters(user, "2030-11") == Counters(200, 0, 14_000, 0, 2)
     await assert_adds_up(store, user, "2030-11")
+
+
+# --- reclaiming ----------------------------------------------------------------------------------
+
+
+async def test_a_lease_is_reclaimed_only_once_it_has_expired(store: UsageStore) -> None:
+    """A lease that ends at ``now`` is still good; a microsecond later it has expired."""
+    user = unique("edge")
+    when = datetime(2030, 11, 13, tzinfo=UTC)
+    expiry = when + timedelta(seconds=30)
+    await flush_older_leases(store, expiry)
+    await open_call(store, opening(user, when=when))
+    assert await store.reclaim(expiry) == 0
+    assert await store.reclaim(expiry + timedelta(microseconds=1)) == 1
+    assert await store.counters(user, "2030-11") == Counters(100, 0, 7_000, 0, 1)
+
+
+async def test_a_backlog_is_reclaimed_in_batches_of_500_by_one_call(
+    store: UsageStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """501 expired leases: one ``reclaim`` closes them all, in two transactions (500, then
+    1) so that a backlog never makes one huge transaction, each row once with its own worst
+    case, and each batch is logged with the owners of its leases."""
+    user = unique("backlog")
+    when = datetime(2030, 11, 14, tzinfo=UTC)
+    reclaim_at = when + timedelta(minutes=1)
+    await flush_older_leases(store, reclaim_at)
+
+    async def one(index: int) -> None:
+        await open_call(store, opening(user, when=when, cost=1_000 + index))
+
+    async with anyio.create_task_group() as group:
+        for index in range(501):
+            group.start_soon(one, index)
+    caplog.set_level("WARNING", logger="robota_proxy.usage")
+    caplog.clear()
+    assert await store.reclaim(reclaim_at) == 501
+    assert [(record.levelname, record.getMessage()) for record in caplog.records] == [
+        (
+            "WARNING",
+            f"reclaimed {count} expired lease(s) of {OWNER}: closed as interrupted with their "
+            "worst case",
+        )
+        for count in (500, 1)
+    ]
+    assert await store.reclaim(reclaim_at) == 0
+    assert await store.counters(user, "2030-11") == Counters(
+        tokens_used=501 * 100,
+        tokens_reserved=0,
+        cost_used_pico=sum(1_000 + index for index in range(501)),
+        cost_reserved_pico=0,
+        requests=501,
+    )
+    costs = sorted(int(str(row["cost_pico"])) for row in await rows_of(store, user))
+    assert costs == [1_000 + index for index in range(501)]
+    await assert_adds_up(store, user, "2030-11")
