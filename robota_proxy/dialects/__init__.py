@@ -114,11 +114,27 @@ def _openai_error(error: ProxyError, request_id: str | None) -> tuple[bytes, dic
     return render_error(error, request_id)
 
 
+def _anthropic_parse(body: bytes, router: ModelRouter) -> ParsedChat:
+    from robota_proxy.dialects import anthropic
+
+    return anthropic.parse(body, router)
+
+
+def _anthropic_error(error: ProxyError, request_id: str | None) -> tuple[bytes, dict[str, str]]:
+    from robota_proxy.dialects import anthropic
+
+    return anthropic.render_error(error, request_id)
+
+
 ROBOTA = Dialect("robota", _robota_parse, _robota_error)
 OPENAI = Dialect("openai", _openai_parse, _openai_error)
-DIALECTS: Mapping[Surface, Dialect] = MappingProxyType({"robota": ROBOTA, "openai": OPENAI})
+ANTHROPIC = Dialect("anthropic", _anthropic_parse, _anthropic_error)
+DIALECTS: Mapping[Surface, Dialect] = MappingProxyType(
+    {"robota": ROBOTA, "openai": OPENAI, "anthropic": ANTHROPIC}
+)
 
 OPENAI_CHAT_PATH = "/v1/chat/completions"
+ANTHROPIC_MESSAGES_PATH = "/v1/messages"
 #: Every chat route (below any mount point), its dialect and, when the path decides it, its
 #: feature. ``robota_proxy.middleware.paths.CHAT_PATHS`` is derived from it.
 CHAT_SURFACES: Mapping[str, ChatSurface] = MappingProxyType(
@@ -126,11 +142,15 @@ CHAT_SURFACES: Mapping[str, ChatSurface] = MappingProxyType(
         "/ai/chat": ChatSurface(ROBOTA, "chat"),
         "/ai/chat/stream": ChatSurface(ROBOTA, "stream"),
         OPENAI_CHAT_PATH: ChatSurface(OPENAI, None),
+        ANTHROPIC_MESSAGES_PATH: ChatSurface(ANTHROPIC, None),
     }
 )
 #: Path prefixes whose errors are rendered in a dialect other than Robota's, most specific
 #: first (``/v1/messages`` will come before ``/v1/``).
-_ERROR_PREFIXES: tuple[tuple[str, Dialect], ...] = (("/v1/", OPENAI),)
+_ERROR_PREFIXES: tuple[tuple[str, Dialect], ...] = (
+    (ANTHROPIC_MESSAGES_PATH, ANTHROPIC),  # count_tokens too
+    ("/v1/", OPENAI),
+)
 
 
 def dialect_of_path(path: str) -> Dialect:

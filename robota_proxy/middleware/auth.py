@@ -75,12 +75,17 @@ REFUSAL_MESSAGES: Mapping[RefusalReason, str] = {
 
 
 def authorization_header(scope: Scope) -> str | None:
-    """The first ``Authorization`` header, as sent."""
+    """The first ``Authorization`` header, as sent; without one, an ``x-api-key`` header as
+    ``Bearer <key>``: that is how Anthropic clients (Claude Code, older SDKs) send a key, and
+    the Anthropic-compatible surface must accept them unchanged."""
+    api_key: str | None = None
     for name, value in scope.get("headers", ()):
         if name == b"authorization":
             header: str = value.decode("latin-1")
             return header
-    return None
+        if name == b"x-api-key" and api_key is None:
+            api_key = value.decode("latin-1")
+    return None if api_key is None else f"Bearer {api_key}"
 
 
 def parse_bearer(header: str | None) -> str:

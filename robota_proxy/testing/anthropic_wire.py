@@ -5,9 +5,18 @@ blocks, and the streaming sequence ``message_start`` (input usage), ``content_bl
 ``ping``, ``content_block_delta`` (``text_delta`` or ``input_json_delta``),
 ``content_block_stop``, ``message_delta`` (stop reason, cumulative usage), ``message_stop``.
 Errors are ``{"type": "error", "error": {"type", "message"}, "request_id"}``.
+
+A scripted ``thinking`` text comes first as a ``thinking`` block (``thinking_delta`` then
+``signature_delta`` when streamed) whose signature is derived from its text; like the real
+API, a thinking block sent back in a later turn with any other signature is a 400, so a
+proxy that alters or drops it is caught. ``count_tokens`` answers ``{"input_tokens"}`` with
+the prompt tokens a message call with the same body would report.
 """
 
 from __future__ import annotations
+
+import base64
+import hashlib
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -55,6 +64,27 @@ _ERRORS: dict[int, tuple[str, str]] = {
 
 def _blocks(content: object) -> list[Json]:
     return [block for block in as_list(content) if isinstance(block, dict)]
+
+
+def signature(thinking: str) -> str:
+    """The signature the fake gives a thinking block: opaque to the caller, checkable here."""
+    digest = hashlib.sha256(f"fake-thinking:{thinking}".encode()).digest()
+    return base64.b64encode(digest).decode()
+
+
+def _bad_thinking(messages: list[object]) -> str | None:
+    for position, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") != "assistant":
+            continue
+        for index, block in enumerate(_blocks(message.get("content"))):
+            if block.get("type") != "thinking":
+                continue
+            text = block.get("thinking")
+            if not isinstance(text, str) or block.get("signature") != signature(text):
+                return (
+                    f"messages.{position}.content.{index}: Invalid `signature` in `thinking` block"
+                )
+    return None
 
 
 def _words(content: object) -> int:
@@ -117,6 +147,9 @@ class AnthropicWire:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             return "messages: Field required"
+        bad_thinking = _bad_thinking(messages)
+        if bad_thinking is not None:
+            return bad_thinking
         pending: list[str] = []
         for position, message in enumerate(messages):
             role = message.get("role") if isinstance(message, dict) else None
@@ -165,8 +198,20 @@ class AnthropicWire:
         }
         return json_response(body, status, {**headers, **retry_headers(retry_after)})
 
+    def count_tokens(self, body: Json) -> Json:
+        """``messages.count_tokens``: the prompt tokens the same body would be billed."""
+        return {"input_tokens": max(1, self.summarize(body).words)}
+
     def reply(self, plan: Plan, model: str) -> Json:
         content: list[Json] = []
+        if plan.thinking is not None:
+            content.append(
+                {
+                    "type": "thinking",
+                    "thinking": plan.thinking,
+                    "signature": signature(plan.thinking),
+                }
+            )
         if plan.text or not plan.tool_calls:
             content.append({"type": "text", "text": plan.text})
         content += [
@@ -205,6 +250,12 @@ class AnthropicWire:
         }
         events = [event({"type": "message_start", "message": start})]
         blocks: list[tuple[Json, list[Json]]] = []
+        if plan.thinking is not None:
+            thinking = [
+                {"type": "thinking_delta", "thinking": piece} for piece in split_text(plan.thinking)
+            ]
+            thinking.append({"type": "signature_delta", "signature": signature(plan.thinking)})
+            blocks.append(({"type": "thinking", "thinking": "", "signature": ""}, thinking))
         if plan.text or not plan.tool_calls:
             deltas = [{"type": "text_delta", "text": piece} for piece in split_text(plan.text)]
             blocks.append(({"type": "text", "text": ""}, deltas))

@@ -54,6 +54,7 @@ class FakeVendorApp:
                 Route("/v1/models", self._openai_models, methods=["GET"]),
                 Route("/v1/embeddings", self._openai_embeddings, methods=["POST"]),
                 Route("/v1/messages", self._anthropic_messages, methods=["POST"]),
+                Route("/v1/messages/count_tokens", self._anthropic_count, methods=["POST"]),
                 Route("/v1beta/models/{target}", self._gemini_call, methods=["POST"]),
                 Route("/v1/models/{target}", self._gemini_call, methods=["POST"]),
             ]
@@ -83,6 +84,30 @@ class FakeVendorApp:
         model = str(body.get("model", ""))
         stream = body.get("stream") is True
         return await self._exchange(request, self._anthropic, body, problem, model, stream)
+
+    async def _anthropic_count(self, request: Request) -> Response:
+        body, problem = _parse(await request.body())
+        wire = self._anthropic
+        conversation = wire.summarize(body)
+        self._state.record(
+            RecordedRequest(
+                vendor="anthropic",
+                path=request.url.path,
+                headers=dict(request.headers),
+                body=body,
+                stream=False,
+                model=str(body.get("model", "")),
+                last_role=conversation.last_role,
+                last_text=conversation.last_text,
+            )
+        )
+        refusal = wire.auth_error(request, self._api_key)
+        if refusal is not None:
+            return refusal
+        problem = problem or wire.invalid({"max_tokens": 1, **body})
+        if problem is not None:
+            return wire.error(400, problem)
+        return json_response(wire.count_tokens(body), headers=wire.headers())
 
     async def _gemini_call(self, request: Request) -> Response:
         model, _, action = str(request.path_params["target"]).rpartition(":")

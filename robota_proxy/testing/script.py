@@ -74,6 +74,9 @@ class Reply:
     cache_write_tokens: int = 0
     #: Of the completion tokens, how many the vendor reports as hidden reasoning.
     reasoning_tokens: int = 0
+    #: Anthropic only: a ``thinking`` block (with a signature the fake checks when the block
+    #: is sent back) before the answer; the other vendors never show their reasoning.
+    thinking: str | None = None
     fault: Fault | None = None
 
 
@@ -140,6 +143,7 @@ class Plan:
     cache_write_tokens: int
     reasoning_tokens: int
     fault: Fault | None
+    thinking: str | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -178,4 +182,5 @@ def make_plan(chosen: Reply | Fault | None, conversation: Conversation) -> Plan:
         cache_write_tokens=min(reply.cache_write_tokens, prompt - min(reply.cached_tokens, prompt)),
         reasoning_tokens=min(reply.reasoning_tokens, completion),
         fault=reply.fault,
+        thinking=reply.thinking,
     )

@@ -19,7 +19,7 @@ SDK generation refuses ``httpx`` objects.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Iterable
+from collections.abc import AsyncGenerator, Iterable, Mapping
 from contextlib import aclosing
 
 import anthropic
@@ -182,6 +182,50 @@ class AnthropicUpstream:
         if usage is not None:
             yield UsageEvent(usage=usage)
         yield FinishEvent(_finish_reason(reader.stop_reason))
+
+    # --- passthrough (the Anthropic surface, robota_proxy.routes.anthropic_compat) ------------
+
+    async def passthrough(
+        self, body: JSONDict, headers: Mapping[str, str], *, path: str = "/v1/messages"
+    ) -> JSONDict:
+        """POST the caller's own JSON (its model already rewritten) to ``path`` and return
+        Anthropic's JSON answer untouched: thinking blocks, signatures and ``cache_control``
+        survive because nothing is translated. ``headers``: the caller's
+        ``anthropic-version`` / ``anthropic-beta``, which replace the SDK's defaults."""
+        try:
+            answer = await self._client.post(
+                path, cast_to=object, body=body, options={"headers": dict(headers)}
+            )
+        except _CALL_ERRORS as exc:
+            raise self._proxy_error(exc, streaming=False) from None
+        if not isinstance(answer, dict):
+            raise malformed_response_error(self.name)
+        return answer
+
+    async def passthrough_stream(
+        self, body: JSONDict, headers: Mapping[str, str]
+    ) -> AsyncGenerator[JSONDict, None]:
+        """The stream of a passed-through call, one event object at a time as Anthropic sent
+        it (``ping`` left out: the surface sends its own). A vendor ``event: error`` midway,
+        a cut connection or a garbled event raise the same ``ProxyError`` as ``stream``."""
+        try:
+            events = await self._client.post(
+                "/v1/messages",
+                cast_to=object,
+                body={**body, "stream": True},
+                options={"headers": dict(headers)},
+                stream=True,
+                stream_cls=anthropic.AsyncStream[object],
+            )
+        except _CALL_ERRORS as exc:
+            raise self._proxy_error(exc, streaming=False) from None
+        async with (
+            events,
+            aclosing(mapped_errors(events, _CALL_ERRORS, self._stream_error)) as vendor_events,
+        ):
+            async for event in vendor_events:
+                if isinstance(event, dict):
+                    yield event
 
     # --- request ---------------------------------------------------------------------------
 

@@ -1,0 +1,320 @@
+"""``POST /v1/messages`` and ``POST /v1/messages/count_tokens``: the Anthropic-compatible
+surface.
+
+Any Anthropic client (the SDK with ``base_url=<proxy>``, Claude Code with
+``ANTHROPIC_BASE_URL``) works unchanged. The body was parsed by the Anthropic dialect
+(``robota_proxy.dialects.anthropic``) into the universal ``ChatRequest`` the middleware
+already authorized, limited and metered; this route makes the call through the same retries
+and fallbacks as ``/ai/chat``, one target at a time:
+
+- a target that speaks Anthropic's wire gets the caller's own JSON with the model rewritten,
+  and the caller's ``anthropic-version`` / ``anthropic-beta`` headers; its answer or events go
+  back as they came, so thinking blocks with their signatures, cache breakpoints and betas
+  survive;
+- any other target (OpenAI, Gemini, the mock) gets the ``ChatRequest`` through its adapter
+  (refused with a 400 naming the field when the body holds what it cannot honour), and the
+  answer is rendered as a ``message`` or as Anthropic's SSE sequence.
+
+Either way the vendor's usage, by token kind (cache reads and writes), settles the call
+record, so the ledger row's cost is exact. Errors before a stream starts are plain statuses
+in Anthropic's shape (the app's handlers render them by path); a failure after it started
+ends the stream with an in-band ``event: error``.
+
+``count_tokens`` is forwarded to Anthropic's own endpoint for an Anthropic target; for any
+other target it answers the proxy's own prompt estimate (``prompt_token_bound``: an upper
+bound, not the target's tokenizer count).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeAlias, cast
+
+import pydantic_core
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from robota_client.messages import AssistantMessage, ChatRequest, ErrorEvent
+from robota_proxy import scope as keys
+from robota_proxy.call_record import CallRecord, call_record
+from robota_proxy.chat_body import chat_request, read_body
+from robota_proxy.dialects import ModelRouter, ParsedChat, syntactic_router
+from robota_proxy.dialects import anthropic as dialect
+from robota_proxy.errors import ProxyError, UpstreamError
+from robota_proxy.policy.pricing import prompt_token_bound
+from robota_proxy.policy.principals import Principal
+from robota_proxy.routes import sse
+from robota_proxy.routes.chat import _wire_events
+from robota_proxy.upstreams.base import Upstream, UpstreamEvent
+from robota_proxy.upstreams.registry import UpstreamRegistry
+from robota_proxy.upstreams.resilience import Resilience
+
+log = logging.getLogger("robota_proxy.anthropic_compat")
+
+JSONDict: TypeAlias = dict[str, Any]
+#: What one target's stream yields: the vendor's own events (passthrough) or wire events.
+Item: TypeAlias = JSONDict | UpstreamEvent
+
+
+class Passthrough(Protocol):
+    """What an adapter offers for the caller's JSON (``robota_proxy.upstreams.anthropic``)."""
+
+    async def passthrough(
+        self, body: JSONDict, headers: Mapping[str, str], *, path: str = ...
+    ) -> JSONDict: ...
+
+    def passthrough_stream(
+        self, body: JSONDict, headers: Mapping[str, str]
+    ) -> AsyncGenerator[JSONDict, None]: ...
+
+
+def _passthrough(upstream: Upstream) -> Passthrough | None:
+    """The adapter as a passthrough when it speaks Anthropic's wire."""
+    if getattr(upstream, "dialect", None) != dialect.VENDOR:
+        return None
+    return cast(Passthrough, upstream) if hasattr(upstream, "passthrough_stream") else None
+
+
+@dataclass(slots=True)
+class _Raw:
+    answer: JSONDict
+
+
+class AnthropicRoutes:
+    def __init__(
+        self, registry: UpstreamRegistry, *, max_body_bytes: int, resilience: Resilience
+    ) -> None:
+        self.registry = registry
+        self.resilience = resilience
+        self.max_body_bytes = max_body_bytes
+
+    def routes(self) -> list[Route]:
+        return [
+            Route(dialect.MESSAGES_PATH, self.messages, methods=["POST"]),
+            Route(dialect.COUNT_TOKENS_PATH, self.count_tokens, methods=["POST"]),
+        ]
+
+    # --- POST /v1/messages ------------------------------------------------------------------
+
+    async def messages(self, request: Request) -> Response:
+        body = await chat_request(request, self.max_body_bytes)
+        parsed = request.scope.get(keys.PARSED_CHAT)
+        if not isinstance(parsed, ParsedChat) or parsed.raw is None:  # another dialect: a bug
+            raise UpstreamError("the request was not parsed as an Anthropic message")
+        raw = parsed.raw
+        headers = dialect.forwarded_headers(request.headers)
+        request_id = keys.request_id(request.scope)
+        record = call_record(request.scope, request_id)
+        if parsed.streamed:
+            record.streamed = True
+            return await self._stream(request, body, parsed, record, headers)
+
+        async def call(upstream: Upstream, sent: ChatRequest) -> AssistantMessage | _Raw:
+            passthrough = _passthrough(upstream)
+            if passthrough is None:
+                return await upstream.chat(_translated(parsed, sent))
+            return _Raw(await passthrough.passthrough(_forwarded_body(raw, sent), headers))
+
+        try:
+            result, served = await self.resilience.run(
+                body, _principal(request), "chat", record, call
+            )
+        except ProxyError as exc:
+            record.status = exc.code
+            raise
+        sent = served.request
+        if isinstance(result, _Raw):
+            usage = result.answer.get("usage")
+            if isinstance(usage, dict):
+                record.settle_usage(sent.provider, sent.model, dialect.usage_of(usage))
+            return _json(result.answer, request_id)
+        if result.usage is not None:
+            record.settle_usage(sent.provider, sent.model, result.usage)
+        model = _shown_model(parsed, body, sent)
+        return _json(dialect.message_json(result, model=model, request_id=request_id), request_id)
+
+    async def _stream(
+        self,
+        request: Request,
+        body: ChatRequest,
+        parsed: ParsedChat,
+        record: CallRecord,
+        headers: Mapping[str, str],
+    ) -> Response:
+        raw = parsed.raw or {}
+
+        def start(upstream: Upstream, sent: ChatRequest) -> AsyncGenerator[Item, None]:
+            passthrough = _passthrough(upstream)
+            if passthrough is None:
+                return _as_items(upstream.stream(_translated(parsed, sent)))
+            return _as_items(passthrough.passthrough_stream(_forwarded_body(raw, sent), headers))
+
+        try:
+            first, rest, served = await self.resilience.open_events(
+                body, _principal(request), record, start
+            )
+        except BaseException as exc:
+            record.status = exc.code if isinstance(exc, ProxyError) else "client_disconnected"
+            raise
+        sent = served.request
+        frames: AsyncIterator[bytes]
+        if isinstance(first, dict):
+            frames = _forwarded(sent, record, first, rest)
+        else:
+            writer = dialect.EventWriter(
+                request_id=record.request_id, model=_shown_model(parsed, body, sent)
+            )
+            frames = _rendered(writer, _wire_events(sent, record, first, _only_events(rest)))
+        return StreamingResponse(
+            frames,
+            media_type="text/event-stream",
+            headers={**sse.HEADERS, "request-id": record.request_id},
+        )
+
+    # --- POST /v1/messages/count_tokens -----------------------------------------------------
+
+    async def count_tokens(self, request: Request) -> Response:
+        """Anthropic's own count for an Anthropic target; the proxy's prompt estimate (an
+        upper bound) for any other. Authorized like a chat call to the same model; not a
+        ledger row, as counting is free at Anthropic too."""
+        request_id = keys.request_id(request.scope)
+        router = request.scope.get(keys.MODEL_ROUTER)
+        route: ModelRouter = router if callable(router) else syntactic_router
+        parsed = dialect.parse_count_tokens(await read_body(request, self.max_body_bytes), route)
+        target = parsed.request
+        principal = _principal(request)
+        if principal is not None:
+            principal.permissions.authorize(target, "chat")
+        if target.provider != "auto":
+            upstream = self.registry.resolve(target)
+            passthrough = _passthrough(upstream)
+            if passthrough is not None and parsed.raw is not None:
+                answer = await passthrough.passthrough(
+                    _forwarded_body(parsed.raw, target),
+                    dialect.forwarded_headers(request.headers),
+                    path=dialect.COUNT_TOKENS_PATH,
+                )
+                return _json(answer, request_id)
+        return _json({"input_tokens": prompt_token_bound(target)}, request_id)
+
+
+def _translated(parsed: ParsedChat, sent: ChatRequest) -> ChatRequest:
+    """The request for a target that does not speak Anthropic's wire. A body parsed for a
+    passthrough was read leniently (its untranslatable blocks carried as text), so for such
+    a target (a fallback of another vendor) it is translated again, strictly: a field the
+    target cannot honour is then a 400, before that vendor is called."""
+    if not parsed.native or parsed.raw is None:
+        return sent
+    dialect.refuse_untranslatable(parsed.raw, sent.provider)
+    strict = dialect.to_chat_request(parsed.raw, sent.provider, sent.model, lenient=False)
+    strict.options = sent.options  # what the chain imposed (metering's maxTokens) holds
+    return strict
+
+
+def _forwarded_body(raw: JSONDict, sent: ChatRequest) -> JSONDict:
+    body = dialect.passthrough_body(raw, sent.model)
+    body.pop("stream", None)
+    return body
+
+
+async def _as_items(events: AsyncGenerator[Any, None]) -> AsyncGenerator[Item, None]:
+    async with aclosing(events):
+        async for event in events:
+            yield event
+
+
+async def _only_events(items: AsyncGenerator[Item, None]) -> AsyncGenerator[UpstreamEvent, None]:
+    async with aclosing(items):
+        async for item in items:
+            if not isinstance(item, dict):
+                yield item
+
+
+async def _rendered(
+    writer: dialect.EventWriter, events: AsyncGenerator[Any, None]
+) -> AsyncGenerator[bytes, None]:
+    async with aclosing(events):
+        yield writer.start()
+        async for event in events:
+            frame = writer.event(event)
+            if frame:
+                yield frame
+
+
+#: Delta fields whose text a stream cut short is estimated from.
+_DELTA_TEXT = ("text", "thinking", "partial_json")
+
+
+async def _forwarded(
+    sent: ChatRequest, record: CallRecord, first: JSONDict, rest: AsyncGenerator[Item, None]
+) -> AsyncGenerator[bytes, None]:
+    """Anthropic's events as they came (a ``ping`` after ``message_start``, as Anthropic
+    sends), with the cumulative usage of ``message_delta`` settled on the call record."""
+    tracker = dialect.UsageTracker()
+    async with aclosing(rest):
+        try:
+            async for event in _chain(first, rest):
+                if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+                    continue
+                tracker.see(event)
+                delta = event.get("delta")
+                if event["type"] == "content_block_delta" and isinstance(delta, dict):
+                    record.streamed_chars += sum(
+                        len(delta[key]) for key in _DELTA_TEXT if isinstance(delta.get(key), str)
+                    )
+                if event["type"] == "message_delta":
+                    usage = tracker.usage()
+                    if usage is not None:
+                        record.settle_usage(sent.provider, sent.model, usage)
+                yield dialect.frame(event)
+                if event["type"] == "message_start":
+                    yield dialect.PING_FRAME
+            if not tracker.stopped:
+                raise UpstreamError(f"{sent.provider} ended the stream before message_stop")
+        except ProxyError as exc:
+            record.status = exc.code
+            yield _error_frame(exc, record.request_id)
+        except Exception:
+            record.status = UpstreamError.code
+            log.exception("stream %s failed", record.request_id)
+            yield _error_frame(UpstreamError("the stream failed"), record.request_id)
+        except BaseException:
+            record.status = "client_disconnected"
+            raise
+
+
+async def _chain(first: Item, rest: AsyncIterator[Item]) -> AsyncIterator[Item]:
+    yield first
+    async for item in rest:
+        yield item
+
+
+def _error_frame(error: ProxyError, request_id: str) -> bytes:
+    return dialect.error_frame(
+        ErrorEvent(code=error.code, message=error.message, request_id=request_id)
+    )
+
+
+def _shown_model(parsed: ParsedChat, asked: ChatRequest, sent: ChatRequest) -> str:
+    """The name the caller used when its target answered; ``provider/model`` of the
+    fallback that did otherwise."""
+    if (sent.provider, sent.model) == (asked.provider, asked.model) and parsed.raw is not None:
+        return str(parsed.raw.get("model") or sent.model)
+    return f"{sent.provider}/{sent.model}"
+
+
+def _principal(request: Request) -> Principal | None:
+    principal = request.scope.get(keys.PRINCIPAL)
+    return principal if isinstance(principal, Principal) else None
+
+
+def _json(body: object, request_id: str) -> Response:
+    return Response(
+        pydantic_core.to_json(body),
+        media_type="application/json",
+        headers={"request-id": request_id},
+    )
