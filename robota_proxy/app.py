@@ -178,15 +178,15 @@ class ProxyApp(Starlette):
             settings.resume_window_seconds,
             max_bytes=settings.stream_buffer_max_bytes,
             on_failure=redis_failure,
-        )
             redis_prefix=settings.redis_prefix,
+        )
         self.response_cache = response_cache(
             settings.redis_url,
             ttl=settings.cache_ttl_seconds,
             max_bytes=settings.cache_max_bytes,
             on_failure=redis_failure,
-        )
             redis_prefix=settings.redis_prefix,
+        )
         self.limits = LimitsStorage(settings.redis_url, prefix=settings.redis_prefix)
         self.resources = Resources(
             registry,

@@ -34,6 +34,9 @@ class CallRecord:
     upstream_called: bool = False
     cached: bool = False
     usage: Usage | None = None
+    #: The route worked ``usage`` out itself because the vendor reported none (Gemini's
+    #: embeddings): the ledger row is marked ``estimated``.
+    usage_estimated: bool = False
     cost: Decimal | None = None
     #: Characters of text and tool-call arguments streamed so far, for the estimate used
     #: when a stream ends before the vendor reported usage.

@@ -37,7 +37,7 @@ from robota_proxy.errors import ProxyError
 
 #: Which surface a call came in on; recorded in the ledger's ``surface`` column.
 Surface = Literal["robota", "openai", "anthropic"]
-Feature = Literal["chat", "stream"]
+Feature = Literal["chat", "stream", "embeddings"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +114,12 @@ def _openai_error(error: ProxyError, request_id: str | None) -> tuple[bytes, dic
     return render_error(error, request_id)
 
 
+def _openai_embeddings_parse(body: bytes, router: ModelRouter) -> ParsedChat:
+    from robota_proxy.dialects import openai_embeddings
+
+    return openai_embeddings.parse(body, router)
+
+
 def _anthropic_parse(body: bytes, router: ModelRouter) -> ParsedChat:
     from robota_proxy.dialects import anthropic
 
@@ -129,12 +135,15 @@ def _anthropic_error(error: ProxyError, request_id: str | None) -> tuple[bytes, 
 ROBOTA = Dialect("robota", _robota_parse, _robota_error)
 OPENAI = Dialect("openai", _openai_parse, _openai_error)
 ANTHROPIC = Dialect("anthropic", _anthropic_parse, _anthropic_error)
+#: ``/v1/embeddings``: OpenAI's surface (and errors) with the embeddings body's parse.
+OPENAI_EMBEDDINGS = Dialect("openai", _openai_embeddings_parse, _openai_error)
 DIALECTS: Mapping[Surface, Dialect] = MappingProxyType(
     {"robota": ROBOTA, "openai": OPENAI, "anthropic": ANTHROPIC}
 )
 
 OPENAI_CHAT_PATH = "/v1/chat/completions"
 ANTHROPIC_MESSAGES_PATH = "/v1/messages"
+OPENAI_EMBEDDINGS_PATH = "/v1/embeddings"
 #: Every chat route (below any mount point), its dialect and, when the path decides it, its
 #: feature. ``robota_proxy.middleware.paths.CHAT_PATHS`` is derived from it.
 CHAT_SURFACES: Mapping[str, ChatSurface] = MappingProxyType(
@@ -143,6 +152,7 @@ CHAT_SURFACES: Mapping[str, ChatSurface] = MappingProxyType(
         "/ai/chat/stream": ChatSurface(ROBOTA, "stream"),
         OPENAI_CHAT_PATH: ChatSurface(OPENAI, None),
         ANTHROPIC_MESSAGES_PATH: ChatSurface(ANTHROPIC, None),
+        OPENAI_EMBEDDINGS_PATH: ChatSurface(OPENAI_EMBEDDINGS, "embeddings"),
     }
 )
 #: Path prefixes whose errors are rendered in a dialect other than Robota's, most specific

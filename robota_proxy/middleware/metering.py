@@ -203,12 +203,14 @@ class MeteringMiddleware:
                     "with a monthly budget can only use priced models (the operator can price "
                     "it in ROBOTA_PRICES_FILE, or set a default price there)"
                 )
-            if request.options.max_tokens is None and limits.has_money_limits:
+            # An embedding produces no tokens: its worst case is its input alone.
+            produces = call_feature(scope) != "embeddings"
+            if produces and request.options.max_tokens is None and limits.has_money_limits:
                 request.options.max_tokens = self.reserve_max_tokens
             prompt = prompt_token_bound(request)
             # Without limits nothing is sent or held, but an interrupted call is still
             # charged an estimate: this many output tokens.
-            completion = request.options.max_tokens or self.reserve_max_tokens
+            completion = (request.options.max_tokens or self.reserve_max_tokens) if produces else 0
             worst = self.prices.cost(
                 request.provider,
                 request.model,
@@ -303,7 +305,7 @@ class MeteringMiddleware:
         request = request if isinstance(request, ChatRequest) else None
         provider = record.provider or (request.provider if request else "unknown")
         model = record.model or (request.model if request else "unknown")
-        usage, estimated = record.usage, False
+        usage, estimated = record.usage, record.usage_estimated
         if usage is None:
             usage, estimated = _estimate(record, request), True
             if usage.total_tokens == 0:

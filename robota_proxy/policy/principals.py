@@ -17,8 +17,10 @@ from typing import Any, Literal, Protocol
 from robota_client.messages import ChatRequest
 from robota_proxy.errors import Forbidden, InvalidRequest
 
-Feature = Literal["chat", "stream", "tools"]
-FEATURES: tuple[Feature, ...] = ("chat", "stream", "tools")
+#: ``embeddings`` is ``POST /v1/embeddings``. An explicit ``allowedFeatures`` list is taken at
+#: its word: a list written before embeddings existed does not grant them; no list grants all.
+Feature = Literal["chat", "stream", "tools", "embeddings"]
+FEATURES: tuple[Feature, ...] = ("chat", "stream", "tools", "embeddings")
 
 # Wire (camelCase, the seed's names) <-> attribute names.
 _WIRE_NAMES = {
