@@ -544,8 +544,10 @@ async def test_a_backlog_is_reclaimed_in_batches_of_500_by_one_call(
     caplog.set_level("WARNING", logger="robota_proxy.usage")
     caplog.clear()
     assert await store.reclaim(reclaim_at) == 501
-    assert [(record.levelname, record.getMessage()) for record in caplog.records] == [
+    logged = [(record.name, record.levelname, record.getMessage()) for record in caplog.records]
+    assert logged == [
         (
+            "robota_proxy.usage",
             "WARNING",
             f"reclaimed {count} expired lease(s) of {OWNER}: closed as interrupted with their "
             "worst case",
@@ -563,3 +565,44 @@ async def test_a_backlog_is_reclaimed_in_batches_of_500_by_one_call(
     costs = sorted(int(str(row["cost_pico"])) for row in await rows_of(store, user))
     assert costs == [1_000 + index for index in range(501)]
     await assert_adds_up(store, user, "2030-11")
+
+
+async def test_every_text_a_caller_sends_is_cut_to_its_column(store: UsageStore) -> None:
+    """Over-long ids and names (a JWT ``sub``, an ``X-Request-ID``, a model name) never make
+    the write of an in-flight row or of a never-opened call's row fail: each is cut to its
+    column's length (PostgreSQL would refuse it; SQLite would keep it whole)."""
+    user = unique("u") + "u" * 300
+    when = datetime(2030, 11, 15, tzinfo=UTC)
+    call = replace(
+        opening(user, when=when, request_id="r" * 150, model="m" * 300),
+        correlation_id="c" * 100,
+        key_id="k" * 100,
+        provider="p" * 150,
+        lease_owner="o" * 150,
+    )
+    await store.open(call, token_limit=None, cost_limit_pico=None)
+    [row] = await rows_of(store, user[:200])
+    assert (
+        row["request_id"],
+        row["user_id"],
+        row["correlation_id"],
+        row["key_id"],
+        row["provider"],
+        row["model"],
+        row["lease_owner"],
+    ) == ("r" * 100, user[:200], "c" * 64, "k" * 64, "p" * 100, "m" * 200, "o" * 100)
+    plain = unique("plain")
+    never_opened = replace(
+        entry(plain, when=when, cost=1, model="m" * 300, request_id=f"new_{plain}"),
+        correlation_id="c" * 100,
+        key_id="k" * 100,
+        provider="p" * 150,
+    )
+    await store.settle(never_opened, None)
+    [row] = await rows_of(store, plain)
+    assert (row["correlation_id"], row["key_id"], row["provider"], row["model"]) == (
+        "c" * 64,
+        "k" * 64,
+        "p" * 100,
+        "m" * 200,
+    )
