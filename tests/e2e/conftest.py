@@ -55,7 +55,10 @@ class ProxyProcess:
         return log
 
 
-def start_proxy(env: Mapping[str, str], log_path: Path) -> ProxyProcess:
+def start_proxy(
+    env: Mapping[str, str], log_path: Path, startup_timeout: float = 20
+) -> ProxyProcess:
+    """``startup_timeout``: longer for a proxy importing every vendor SDK on a busy machine."""
     port = free_port()
     full_env = {
         key: value
@@ -79,7 +82,7 @@ def start_proxy(env: Mapping[str, str], log_path: Path) -> ProxyProcess:
         stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + startup_timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"proxy exited early:\n{log_path.read_text()}")
