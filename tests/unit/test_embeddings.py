@@ -17,10 +17,13 @@ import pytest
 import respx
 
 from robota_client.messages import Usage
-from robota_proxy.errors import InvalidRequest, NotFound, RateLimited, UpstreamError
+from robota_proxy.dialects import openai_embeddings, syntactic_router
+from robota_proxy.errors import Forbidden, InvalidRequest, NotFound, RateLimited, UpstreamError
+from robota_proxy.policy.principals import UserPermissions
+from robota_proxy.routes.embeddings import answer, base64_floats, estimated_usage
 from robota_proxy.testing import FakeVendors, Fault, Reply
 from robota_proxy.testing.embeddings import base64_vector, fake_vector
-from robota_proxy.upstreams.base import Embedder, EmbeddingRequest
+from robota_proxy.upstreams.base import Embedder, EmbeddingRequest, EmbeddingResult
 from robota_proxy.upstreams.google import GoogleUpstream
 from robota_proxy.upstreams.openai import OpenAIUpstream
 
@@ -297,3 +300,106 @@ def test_fake_gemini_batch_requires_the_url_model_in_every_request(fake: FakeVen
     assert answer.status_code == 400
     assert answer.json()["error"]["status"] == "INVALID_ARGUMENT"
     assert "models/gemini-embedding-001" in answer.json()["error"]["message"]
+
+
+# --- the /v1/embeddings body and the route's helpers -----------------------------------------
+
+
+def parse_body(body: Any) -> Any:
+    return openai_embeddings.parse(json.dumps(body).encode(), syntactic_router)
+
+
+@pytest.mark.parametrize(
+    ("given", "inputs", "contents"),
+    [
+        ("one text", ("one text",), ["one text"]),
+        (["a", "b c"], ("a", "b c"), ["a", "b c"]),
+        ([5, 17, 0], ((5, 17, 0),), ["5 17 0"]),
+        ([[1, 2], [300]], ((1, 2), (300,)), ["1 2", "300"]),
+    ],
+    ids=["string", "strings", "token-array", "token-arrays"],
+)
+def test_every_input_form_becomes_one_user_message_per_input(
+    given: Any, inputs: tuple[Any, ...], contents: list[str]
+) -> None:
+    parsed = parse_body({"model": "google/gemini-embedding-001", "input": given})
+    assert (parsed.request.provider, parsed.request.model) == ("google", "gemini-embedding-001")
+    assert [m.content for m in parsed.request.messages] == contents
+    assert {m.role for m in parsed.request.messages} == {"user"}
+    fields = openai_embeddings.embedding_fields(parsed.raw)
+    assert fields.inputs == inputs
+    assert (fields.dimensions, fields.encoding_format, fields.user) == (None, "float", None)
+
+
+def test_a_bare_model_goes_to_openai_and_optional_fields_are_read() -> None:
+    parsed = parse_body(
+        {
+            "model": "text-embedding-3-small",
+            "input": "x",
+            "dimensions": 64,
+            "encoding_format": "base64",
+            "user": "u",
+        }
+    )
+    assert (parsed.request.provider, parsed.request.model) == ("openai", "text-embedding-3-small")
+    fields = openai_embeddings.embedding_fields(parsed.raw)
+    assert (fields.dimensions, fields.encoding_format, fields.user) == (64, "base64", "u")
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"input": "x"}, "model"),
+        ({"model": "m"}, "input"),
+        ({"model": "m", "input": ""}, "input.0"),
+        ({"model": "m", "input": []}, "input"),
+        ({"model": "m", "input": ["a", [1]]}, "input"),
+        ({"model": "m", "input": [[1], []]}, "input.1"),
+        ({"model": "m", "input": [-1]}, "input"),
+        ({"model": "m", "input": ["x"] * 2049}, "input"),
+        ({"model": "m", "input": "x", "dimensions": 0}, "dimensions"),
+        ({"model": "m", "input": "x", "dimensions": True}, "dimensions"),
+        ({"model": "m", "input": "x", "encoding_format": "int8"}, "encoding_format"),
+        ({"model": "m", "input": "x", "user": 7}, "user"),
+        ({"model": "m", "input": "x", "temperature": 0}, "temperature"),
+    ],
+)
+def test_bad_bodies_are_400s_naming_the_field(body: dict[str, Any], param: str) -> None:
+    with pytest.raises(InvalidRequest) as refused:
+        parse_body(body)
+    assert refused.value.param == param
+
+
+def test_estimate_is_a_token_per_four_characters_or_one_per_id() -> None:
+    assert estimated_usage(["abcd", "abcde", "a"]) == Usage(prompt_tokens=4, total_tokens=4)
+    assert estimated_usage([(1, 2, 3)]) == Usage(prompt_tokens=3, total_tokens=3)
+
+
+def test_answer_is_openais_list_in_either_encoding() -> None:
+    result = EmbeddingResult(vectors=[[0.5, -2.0], [1.0, 0.25]], model="m", usage=None)
+    usage = Usage(prompt_tokens=5, total_tokens=5)
+    assert answer(result, usage, "float") == {
+        "object": "list",
+        "data": [
+            {"object": "embedding", "index": 0, "embedding": [0.5, -2.0]},
+            {"object": "embedding", "index": 1, "embedding": [1.0, 0.25]},
+        ],
+        "model": "m",
+        "usage": {"prompt_tokens": 5, "total_tokens": 5},
+    }
+    encoded = answer(result, usage, "base64")["data"]
+    assert isinstance(encoded, list)
+    assert [item["embedding"] for item in encoded] == [
+        base64_vector([0.5, -2.0]),
+        base64_vector([1.0, 0.25]),
+    ]
+    assert struct.unpack("<2f", base64.b64decode(base64_floats([0.5, -2.0]))) == (0.5, -2.0)
+
+
+def test_an_explicit_feature_list_must_name_embeddings() -> None:
+    request = parse_body({"model": "text-embedding-3-small", "input": "x"}).request
+    UserPermissions().authorize(request, "embeddings")  # no list: every feature
+    UserPermissions.from_wire({"allowedFeatures": ["embeddings"]}).authorize(request, "embeddings")
+    chat_only = UserPermissions.from_wire({"allowedFeatures": ["chat", "stream", "tools"]})
+    with pytest.raises(Forbidden, match="feature 'embeddings' is not allowed"):
+        chat_only.authorize(request, "embeddings")
