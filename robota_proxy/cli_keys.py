@@ -76,7 +76,7 @@ def _add_permission_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("permissions (unset: no restriction)")
     group.add_argument("--providers", help="comma-separated providers, e.g. openai,anthropic")
     group.add_argument("--models", help="comma-separated model globs, e.g. 'gpt-4o*,claude-*'")
-    group.add_argument("--features", help="comma-separated features: chat,stream,tools")
+    group.add_argument("--features", help="comma-separated features: chat,stream,tools,embeddings")
     group.add_argument("--rpm", type=_non_negative_int, help="requests per minute")
     group.add_argument("--tpm", type=_non_negative_int, help="tokens per minute")
     group.add_argument("--daily-requests", type=_non_negative_int, help="requests per day")
