@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterator
+import locale
+import os
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
 from genai_prices import data_snapshot
-from genai_prices.types import ModelInfo, ModelPrice
+from genai_prices.types import ConditionalPrice, ModelInfo, ModelPrice, StartDateConstraint
 
 from robota_client.messages import ChatRequest, Usage
 from robota_proxy.policy.pricing import (
@@ -190,6 +194,24 @@ def test_a_prices_file_that_is_not_utf8_is_refused_as_unreadable(tmp_path: Path)
         PriceBook.from_file(path)
 
 
+@pytest.fixture
+def ascii_locale() -> Iterator[None]:
+    """The host's locale says ASCII (LC_CTYPE=C without UTF-8), as on some minimal hosts."""
+    saved = locale.setlocale(locale.LC_CTYPE)
+    locale.setlocale(locale.LC_CTYPE, "C")
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_CTYPE, saved)
+
+
+@pytest.mark.usefixtures("ascii_locale")
+def test_a_prices_file_is_utf8_whatever_the_host_locale(tmp_path: Path) -> None:
+    path = tmp_path / "prices.json"
+    path.write_text('{"café/*": {"input": 7, "output": 0}}', encoding="utf-8")
+    assert PriceBook.from_file(path).cost("café", "m", usage(MILLION, 0)) == Decimal(7)
+
+
 def test_no_prices_file_prices_from_genai_prices_alone() -> None:
     book = PriceBook.from_file(None)
     assert book.default is None
@@ -200,6 +222,15 @@ def test_no_prices_file_prices_from_genai_prices_alone() -> None:
 def test_a_price_read_from_the_file_keeps_every_digit(tmp_path: Path) -> None:
     book = book_from(tmp_path, {"x/y": {"input": "0.123456789012345678", "output": 0}})
     assert book.cost("x", "y", usage(MILLION, 0)) == Decimal("0.123456789013")  # rounded up
+
+
+def test_a_usage_without_prompt_tokens_bills_no_input() -> None:
+    """An answer whose usage reports no prompt (or a broken server's negative counts) is
+    billed for its output alone: not one token of input is made up."""
+    book = PriceBook({"x/y": Price(input=Decimal(1000), output=Decimal(2))})
+    assert book.cost("x", "y", usage(0, MILLION)) == Decimal(2)
+    assert book.cost("x", "y", Usage(prompt_tokens=-5, completion_tokens=MILLION)) == Decimal(2)
+    assert book.cost("x", "y", Usage(prompt_tokens=5, completion_tokens=-5)) == Decimal("0.005")
 
 
 def test_usd_text_strips_only_trailing_fraction_zeros() -> None:
@@ -237,7 +268,7 @@ def test_claude_sonnet_4_5_prices_are_tiered_by_prompt_size() -> None:
     provider, model = data_snapshot.get_snapshot().find_provider_model(
         "claude-sonnet-4-5", None, "anthropic", None
     )
-    price = model.get_prices(datetime_now())
+    price = model.get_prices(datetime.now(tz=UTC))
     tiers = {
         name: (value.base, [(tier.start, tier.price) for tier in value.tiers])
         for name in ("input_mtok", "cache_read_mtok", "cache_write_mtok", "output_mtok")
@@ -282,10 +313,71 @@ def test_tiered_costs_round_up_to_a_picodollar() -> None:
     assert cost is not None and cost.as_tuple().exponent == -12
 
 
-def datetime_now() -> Any:
-    from datetime import UTC, datetime
+@pytest.fixture
+def restore_genai_snapshot() -> Iterator[None]:
+    """genai-prices' data is process-wide: put its own back after a test swaps it."""
+    yield
+    data_snapshot.set_custom_snapshot(None)
 
-    return datetime.now(tz=UTC)
+
+def test_the_price_in_force_today_applies() -> None:
+    """o3's price fell from $10/$40 to $2/$8 per million on 2025-06-10; a call today pays the
+    new price, not the first one genai-prices lists."""
+    _, model = data_snapshot.get_snapshot().find_provider_model("o3", None, "openai", None)
+    assert isinstance(model.prices, list)
+    assert [price.constraint for price in model.prices] == [
+        None,
+        StartDateConstraint(start_date=date(2025, 6, 10)),
+    ]
+    assert PriceBook().cost("openai", "o3", usage(MILLION, MILLION)) == Decimal(10)
+
+
+@pytest.fixture
+def host_time_zone() -> Iterator[Callable[[str], None]]:
+    """Sets the host's local time zone (a POSIX TZ string, no tzdata needed) for one test."""
+    saved = os.environ.get("TZ")
+
+    def use(zone: str) -> None:
+        os.environ["TZ"] = zone
+        time.tzset()
+
+    yield use
+    if saved is None:
+        os.environ.pop("TZ", None)
+    else:
+        os.environ["TZ"] = saved
+    time.tzset()
+
+
+@pytest.mark.usefixtures("restore_genai_snapshot")
+def test_a_dated_price_change_starts_at_utc_midnight_whatever_the_host_time_zone(
+    host_time_zone: Callable[[str], None],
+) -> None:
+    """genai-prices dates its price changes in UTC: on a host whose local date is not UTC's
+    date, a call is still priced by the UTC date."""
+    now = datetime.now(tz=UTC)
+    if now.hour < 12:
+        # Twelve hours behind UTC the local date is yesterday; the change starts today (UTC).
+        host_time_zone("<-12>12")
+        starts, expected = now.date(), Decimal(2)
+    else:
+        # Fourteen hours ahead the local date is tomorrow; the change starts tomorrow (UTC).
+        host_time_zone("<+14>-14")
+        starts, expected = now.date() + timedelta(days=1), Decimal(1)
+    assert datetime.now().date() != datetime.now(tz=UTC).date()
+    snapshot = data_snapshot.DataSnapshot(
+        providers=copy.deepcopy(data_snapshot.get_snapshot().providers), from_auto_update=True
+    )
+    _, model = snapshot.find_provider_model("claude-3-5-haiku", None, "anthropic", None)
+    model.prices = [
+        ConditionalPrice(prices=ModelPrice(input_mtok=Decimal(1), output_mtok=Decimal(0))),
+        ConditionalPrice(
+            StartDateConstraint(start_date=starts),
+            prices=ModelPrice(input_mtok=Decimal(2), output_mtok=Decimal(0)),
+        ),
+    ]
+    data_snapshot.set_custom_snapshot(snapshot)
+    assert PriceBook().cost("anthropic", "claude-3-5-haiku", usage(MILLION, 0)) == expected
 
 
 class CountingPrices:
@@ -339,12 +431,6 @@ def test_a_tiered_price_asks_genai_prices_on_every_call(monkeypatch: pytest.Monk
     assert book.cost("anthropic", "claude-sonnet-4-5", usage(MILLION, 0)) == Decimal(6)
     assert book.cost("anthropic", "claude-sonnet-4-5", usage(1000, 0)) == Decimal("0.003")
     assert counting.asked == 2
-
-
-@pytest.fixture
-def restore_genai_snapshot() -> Iterator[None]:
-    yield
-    data_snapshot.set_custom_snapshot(None)
 
 
 def with_haiku_input_price(input_mtok: Decimal) -> data_snapshot.DataSnapshot:
