@@ -343,6 +343,14 @@ def mounted_app(harness: Harness, out: str) -> None:
         assert refused.status_code == 401
 
 
+def openai_sdk_output(harness: Harness, out: str) -> None:
+    lines = out.splitlines()
+    assert lines[0] == "You said: Hello"
+    assert lines[1] == "You said: Tell me a story"
+    assert lines[2].startswith("tokens: ") and int(lines[2].removeprefix("tokens: ")) > 0
+    assert lines[3] == "['mock/mock-1']"
+
+
 def standalone_output(harness: Harness, out: str) -> None:
     assert out == "Echo: Hello\n"
 
@@ -352,6 +360,7 @@ CHECKS: dict[str, list[tuple[str, Check]]] = {
     "README.md": [
         ("python examples/quickstart.py", quickstart_output),
         ("async with RemoteAIProvider(", client_output),
+        ("ai = OpenAI(base_url=", openai_sdk_output),
         ("robota-proxy users set alice", keys_output),
         ("/admin/keys", admin_output),
         ("jwt.encode(", jwt_output),
