@@ -90,6 +90,7 @@ def test_zero_is_a_valid_price_for_every_field(tmp_path: Path) -> None:
 
 
 def test_an_exact_provider_model_wins_over_an_exact_model(tmp_path: Path) -> None:
+    """A negotiated price for one provider's model beats the same model's price everywhere else."""
     book = book_from(
         tmp_path,
         {"m": {"input": 1, "output": 0}, "openai/m": {"input": 2, "output": 0}},
@@ -108,6 +109,8 @@ def test_an_exact_provider_model_alone_prices_that_provider_only(tmp_path: Path)
 
 
 def test_an_exact_model_wins_over_a_glob_listed_before_it(tmp_path: Path) -> None:
+    """An exact name is the operator's most specific word: a broad glob earlier in the file
+    does not shadow it."""
     book = book_from(
         tmp_path,
         {"gpt-*": {"input": 1, "output": 0}, "gpt-x": {"input": 2, "output": 0}},
@@ -117,6 +120,8 @@ def test_an_exact_model_wins_over_a_glob_listed_before_it(tmp_path: Path) -> Non
 
 
 def test_globs_match_in_file_order_on_provider_model_or_model(tmp_path: Path) -> None:
+    """Globs are tried in file order, each against ``provider/model`` and against the model
+    name, and every glob character (``*``, ``?``, ``[...]``) works."""
     book = book_from(
         tmp_path,
         {
@@ -180,6 +185,7 @@ def test_a_bad_entry_is_refused_naming_the_entry_and_the_field(
 
 
 def test_a_prices_file_that_is_not_an_object_is_refused_naming_the_file(tmp_path: Path) -> None:
+    """The operator is told which file is wrong and what it should be."""
     path = tmp_path / "prices.json"
     path.write_text("[1, 2]")
     with pytest.raises(PricesFileError) as refused:
@@ -188,6 +194,7 @@ def test_a_prices_file_that_is_not_an_object_is_refused_naming_the_file(tmp_path
 
 
 def test_a_prices_file_that_is_not_utf8_is_refused_as_unreadable(tmp_path: Path) -> None:
+    """Bytes that are not UTF-8 are a clear start-up error, not a crash or a garbled key."""
     path = tmp_path / "prices.json"
     path.write_bytes(b'{"a/b": {"input": "\xff", "output": 1}}')
     with pytest.raises(PricesFileError, match=r"^cannot read prices file "):
@@ -207,12 +214,14 @@ def ascii_locale() -> Iterator[None]:
 
 @pytest.mark.usefixtures("ascii_locale")
 def test_a_prices_file_is_utf8_whatever_the_host_locale(tmp_path: Path) -> None:
+    """JSON is UTF-8: a non-ASCII key must load on a host whose locale says ASCII."""
     path = tmp_path / "prices.json"
     path.write_text('{"café/*": {"input": 7, "output": 0}}', encoding="utf-8")
     assert PriceBook.from_file(path).cost("café", "m", usage(MILLION, 0)) == Decimal(7)
 
 
 def test_no_prices_file_prices_from_genai_prices_alone() -> None:
+    """Without ``ROBOTA_PRICES_FILE`` the vendors' models are priced and nothing else is."""
     book = PriceBook.from_file(None)
     assert book.default is None
     assert book.cost("openai", "gpt-4o-mini", usage(MILLION, 0)) == Decimal("0.15")
@@ -220,6 +229,7 @@ def test_no_prices_file_prices_from_genai_prices_alone() -> None:
 
 
 def test_a_price_read_from_the_file_keeps_every_digit(tmp_path: Path) -> None:
+    """Prices are read as Decimal text (no float), then the cost rounds up to a picodollar."""
     book = book_from(tmp_path, {"x/y": {"input": "0.123456789012345678", "output": 0}})
     assert book.cost("x", "y", usage(MILLION, 0)) == Decimal("0.123456789013")  # rounded up
 
@@ -243,6 +253,7 @@ def test_usd_text_strips_only_trailing_fraction_zeros() -> None:
 
 
 def test_estimated_completion_tokens_round_up_at_four_characters() -> None:
+    """A stream cut before the vendor's usage is billed ~4 characters a token, never less."""
     assert [estimate_completion_tokens(n) for n in (0, 1, 4, 5, 8, 9)] == [0, 1, 1, 2, 2, 3]
 
 
@@ -284,6 +295,8 @@ def test_claude_sonnet_4_5_prices_are_tiered_by_prompt_size() -> None:
 
 
 def test_a_tiered_price_bills_each_token_kind_at_the_tier_of_the_prompt_size() -> None:
+    """Tiered prices go through genai-prices with each token kind handed over as its own count,
+    so each is billed at its own price in the tier the prompt size selects."""
     book = PriceBook()
     # Under 200k prompt tokens: 30k plain at $3, 100k read at $0.30, 20k written at $3.75,
     # 10k out at $15: 0.09 + 0.03 + 0.075 + 0.15.
@@ -305,12 +318,12 @@ def test_a_tiered_price_clamps_cache_counts_larger_than_the_prompt() -> None:
     assert cost == (100 * Decimal("0.3") + 10 * Decimal(15)) / MILLION
 
 
-def test_tiered_costs_round_up_to_a_picodollar() -> None:
-    # 1 plain input token at $3/M = 3e-6; 1 output at $15/M: exact already. 1 cache read at
-    # $0.3/M = 3e-7: exact. A tiered model's cost is a picodollar multiple, as the ledger holds.
+def test_a_tiered_cost_is_in_picodollars_like_every_other() -> None:
+    """What the caller is told and what the ledger stores are the same twelve-place number,
+    whichever way the price was computed."""
+    # 1 plain input at $3/M, 1 cache read at $0.30/M, 1 cache write at $3.75/M, 1 output at $15/M.
     cost = PriceBook().cost("anthropic", "claude-sonnet-4-5", usage(3, 1, 1, 1))
-    assert cost == (Decimal(3) + Decimal("0.3") + Decimal("3.75") + Decimal(15)) / MILLION
-    assert cost is not None and cost.as_tuple().exponent == -12
+    assert str(cost) == "0.000022050000"
 
 
 @pytest.fixture
