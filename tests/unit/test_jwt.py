@@ -10,10 +10,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import anyio
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from starlette.applications import Starlette
 
 from robota_proxy.app import create_app
 from robota_proxy.policy.jwt import (
@@ -23,7 +25,7 @@ from robota_proxy.policy.jwt import (
     token_label,
     verification_key,
 )
-from robota_proxy.policy.principals import UserPermissions
+from robota_proxy.policy.principals import Principal, UserPermissions
 from robota_proxy.policy.refusals import AuthRefused
 from robota_proxy.settings import Settings
 
@@ -77,9 +79,7 @@ async def test_valid_hs256_token() -> None:
     principal = await hs(permissions=users).authenticate(
         jwt.encode(claims(jti="t-1"), SECRET, algorithm="HS256")
     )
-    assert principal is not None
-    assert (principal.user, principal.key_id) == ("alice", "jwt:t-1")
-    assert principal.permissions == UserPermissions(rpm=7)
+    assert principal == Principal("alice", "jwt:t-1", UserPermissions(rpm=7))
 
 
 async def test_valid_rs256_and_es256_tokens(tmp_path: Path) -> None:
@@ -89,13 +89,14 @@ async def test_valid_rs256_and_es256_tokens(tmp_path: Path) -> None:
     principal = await JwtAuthenticator(key, algorithms).authenticate(
         jwt.encode(claims(), rsa_key, algorithm="RS256")
     )
-    assert principal is not None and principal.key_id == "jwt:alice"
+    assert principal == Principal("alice", "jwt:alice", UserPermissions())
 
     ec_key = ec.generate_private_key(ec.SECP256R1())
     key, algorithms = verification_key(None, pem_file(tmp_path, ec_key), None)
     assert algorithms == ["ES256"]
     token = jwt.encode(claims(), ec_key, algorithm="ES256")
-    assert await JwtAuthenticator(key, algorithms).authenticate(token) is not None
+    principal = await JwtAuthenticator(key, algorithms).authenticate(token)
+    assert principal == Principal("alice", "jwt:alice", UserPermissions())
 
 
 def unsigned(payload: dict[str, Any]) -> str:
@@ -109,12 +110,14 @@ async def test_refused_tokens_name_the_failed_check() -> None:
     auth = hs(issuer="https://idp.example", audience="robota")
     good = {"iss": "https://idp.example", "aud": "robota"}
     now = int(time.time())
-    assert await auth.authenticate(jwt.encode(claims(**good), SECRET, "HS256")) is not None
+    principal = await auth.authenticate(jwt.encode(claims(**good), SECRET, "HS256"))
+    assert principal == Principal("alice", "jwt:alice", UserPermissions())
     refused = {
         "expired": (claims(**good, exp=now - 3600), "token_expired"),
         "not yet valid": (claims(**good, nbf=now + 3600), "token_nbf"),
         "nbf not a number": (claims(**good, nbf="soon"), "token_nbf"),
         "issued in the future": (claims(**good, iat=now + 3600), "token_iat"),
+        "iat not a number": (claims(**good, iat="now"), "token_iat"),
         "wrong audience": (claims(iss=good["iss"], aud="other"), "token_aud"),
         "no audience": (claims(iss=good["iss"]), "token_aud"),
         "wrong issuer": (claims(iss="https://evil", aud="robota"), "token_iss"),
@@ -130,16 +133,24 @@ async def test_refused_tokens_name_the_failed_check() -> None:
         token = jwt.encode(payload, SECRET, "HS256")
         assert (await refusal(auth, token)).reason == reason, case
     unverified = {
-        "wrong signature": (jwt.encode(claims(**good), SECRET + "x", "HS256"), "token_signature"),
-        "alg none": (unsigned(claims(**good)), "token_alg"),
-        "other hmac algorithm": (jwt.encode(claims(**good), SECRET, "HS512"), "token_alg"),
-        "garbage": ("a.b.c", "token_malformed"),
+        "wrong signature": (
+            jwt.encode(claims(**good), SECRET + "x", "HS256"),
+            ("token_signature", "InvalidSignatureError"),
+        ),
+        "alg none": (unsigned(claims(**good)), ("token_alg", "InvalidAlgorithmError")),
+        "other hmac algorithm": (
+            jwt.encode(claims(**good), SECRET, "HS512"),
+            ("token_alg", "InvalidAlgorithmError"),
+        ),
+        "garbage": ("a.b.c", ("token_malformed", "DecodeError")),
     }
-    for case, (token, reason) in unverified.items():
+    for case, (token, (reason, error)) in unverified.items():
         refused_token = await refusal(auth, token)
-        assert refused_token.reason == reason, case
         # Before the signature verified, the log is told the claims are the caller's word.
-        assert refused_token.detail is not None and "claims unverified" in refused_token.detail
+        assert (refused_token.reason, refused_token.detail) == (
+            reason,
+            f"{error}; claims unverified",
+        ), case
 
 
 async def test_refusals_name_the_token_by_jti_or_sub_never_the_token() -> None:
@@ -167,6 +178,12 @@ def test_refusal_reason_mapping_of_pyjwt_errors() -> None:
         (jwt.ImmatureSignatureError("The token is not yet valid (iat)"), "token_iat"),
         (jwt.MissingRequiredClaimError("iss"), "token_iss"),
         (jwt.MissingRequiredClaimError("custom"), "token_invalid"),
+        (jwt.InvalidIssuedAtError("Issued At claim (iat) must be an integer."), "token_iat"),
+        (jwt.ImmatureSignatureError("The token is not yet valid (nbf)"), "token_nbf"),
+        (jwt.InvalidAudienceError("Audience doesn't match"), "token_aud"),
+        (jwt.InvalidIssuerError("Invalid issuer"), "token_iss"),
+        (jwt.ExpiredSignatureError("Signature has expired"), "token_expired"),
+        (jwt.InvalidAlgorithmError("The specified alg value is not allowed"), "token_alg"),
         (jwt.InvalidKeyError("bad key"), "token_invalid"),
     ]
     for error, reason in cases:
@@ -175,7 +192,8 @@ def test_refusal_reason_mapping_of_pyjwt_errors() -> None:
 
 async def test_leeway_accepts_slightly_expired() -> None:
     token = jwt.encode(claims(exp=int(time.time()) - 5), SECRET, "HS256")
-    assert await hs(leeway_seconds=60).authenticate(token) is not None
+    principal = await hs(leeway_seconds=60).authenticate(token)
+    assert principal == Principal("alice", "jwt:alice", UserPermissions())
     assert (await refusal(hs(leeway_seconds=0), token)).reason == "token_expired"
 
 
@@ -198,43 +216,157 @@ async def test_trusted_claims() -> None:
     auth = hs(permissions=users, trust_claims=True, claims_namespace=NS)
     wire = {"allowedProviders": ["mock"], "allowedFeatures": ["chat"], "rpm": 50}
     principal = await auth.authenticate(jwt.encode(claims(**{NS: wire}), SECRET, "HS256"))
-    assert principal is not None
-    assert principal.permissions == UserPermissions(
-        allowed_providers=("mock",), allowed_features=("chat",), rpm=50
+    assert principal == Principal(
+        "alice",
+        "jwt:alice",
+        UserPermissions(allowed_providers=("mock",), allowed_features=("chat",), rpm=50),
     )
     # Without the claim: the user record.
     plain = await auth.authenticate(jwt.encode(claims(), SECRET, "HS256"))
-    assert plain is not None and plain.permissions == UserPermissions(rpm=1)
-    for bad in ({"allowedFeatures": ["video"]}, {"nope": 1}, ["chat"], "chat"):
+    assert plain == Principal("alice", "jwt:alice", UserPermissions(rpm=1))
+    # The log says what is wrong with the claim, so the operator can fix the identity provider.
+    not_an_object = "the permissions claim is not an object"
+    for bad, detail in (
+        (
+            {"allowedFeatures": ["video"]},
+            "unknown feature(s) video; known: chat, stream, tools, embeddings",
+        ),
+        ({"nope": 1}, "unknown permission field 'nope'"),
+        (["chat"], not_an_object),
+        ("chat", not_an_object),
+    ):
         token = jwt.encode(claims(**{NS: bad}), SECRET, "HS256")
         refused = await refusal(auth, token)
-        assert (refused.reason, refused.public_id) == ("token_permissions", "jwt:alice"), bad
+        assert (refused.reason, refused.public_id, refused.detail) == (
+            "token_permissions",
+            "jwt:alice",
+            detail,
+        ), bad
 
 
 async def test_claims_ignored_when_not_trusted() -> None:
     users = Users({"alice": UserPermissions(rpm=1)})
     auth = hs(permissions=users, trust_claims=False, claims_namespace=NS)
     token = jwt.encode(claims(**{NS: {"rpm": 1000}}), SECRET, "HS256")
-    principal = await auth.authenticate(token)
-    assert principal is not None and principal.permissions == UserPermissions(rpm=1)
+    assert await auth.authenticate(token) == Principal("alice", "jwt:alice", UserPermissions(rpm=1))
+    # Not trusting the claims is the default: a token cannot grant itself permissions.
+    default = hs(permissions=users)
+    assert await default.authenticate(token) == Principal(
+        "alice", "jwt:alice", UserPermissions(rpm=1)
+    )
 
 
 def test_configuration_errors(tmp_path: Path) -> None:
+    """The operator sees these at start, so each one says exactly what to change."""
     rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     path = pem_file(tmp_path, rsa_key)
-    with pytest.raises(JwtConfigError, match="not both"):
-        verification_key(SECRET, path, None)
-    with pytest.raises(JwtConfigError, match="cannot be used"):
-        verification_key(SECRET, None, ["RS256"])
-    with pytest.raises(JwtConfigError, match="cannot be used"):
-        verification_key(None, path, ["HS256"])
-    with pytest.raises(JwtConfigError, match="cannot be used"):
-        verification_key(SECRET, None, ["none"])
-    with pytest.raises(JwtConfigError, match="PEM"):
-        verification_key(None, tmp_path / "missing.pem", None)
-    with pytest.raises(JwtConfigError, match="none"):
-        JwtAuthenticator(SECRET, ["HS256", "none"])
-    assert verification_key(SECRET, None, ["HS384"])[1] == ["HS384"]
+    hmac_only = "allowed: HS256, HS384, HS512"
+    cases: list[tuple[Any, str]] = [
+        (
+            lambda: verification_key(SECRET, path, None),
+            "set ROBOTA_JWT_SECRET or ROBOTA_JWT_PUBLIC_KEY_FILE, not both: one deployment "
+            "verifies one kind of signature",
+        ),
+        (
+            lambda: verification_key(SECRET, None, ["RS256", "ES256"]),
+            f"ROBOTA_JWT_ALGORITHMS RS256, ES256 cannot be used with this key; {hmac_only}",
+        ),
+        (
+            lambda: verification_key(None, path, ["HS256"]),
+            "ROBOTA_JWT_ALGORITHMS HS256 cannot be used with this key; "
+            "allowed: RS256, RS384, RS512, PS256, PS384, PS512",
+        ),
+        (
+            lambda: verification_key(SECRET, None, ["none"]),
+            f"ROBOTA_JWT_ALGORITHMS none cannot be used with this key; {hmac_only}",
+        ),
+        (
+            lambda: verification_key(None, tmp_path / "missing.pem", None),
+            f"ROBOTA_JWT_PUBLIC_KEY_FILE {str(tmp_path / 'missing.pem')!r} is not a readable "
+            "PEM public key (FileNotFoundError)",
+        ),
+        (lambda: verification_key(None, None, None), "no JWT secret or public key configured"),
+        (lambda: verification_key("", None, ["HS256"]), "no JWT secret or public key configured"),
+        (
+            lambda: JwtAuthenticator(SECRET, ["HS256", "none"]),
+            "JWT algorithms must be listed, and 'none' is never allowed",
+        ),
+        (
+            lambda: JwtAuthenticator(SECRET, []),
+            "JWT algorithms must be listed, and 'none' is never allowed",
+        ),
+    ]
+    for build, message in cases:
+        with pytest.raises(JwtConfigError) as error:
+            build()
+        assert str(error.value) == message
+    assert verification_key(SECRET, None, ["HS384"]) == (SECRET, ["HS384"])
+    assert verification_key(SECRET, None, None) == (SECRET, ["HS256"])
+
+
+def test_a_public_key_file_must_hold_an_rsa_or_ec_public_key(tmp_path: Path) -> None:
+    """Ed25519 (EdDSA) is a valid PEM public key PyJWT could use, but this proxy's algorithm
+    table has no entry for it: refused at start rather than refusing every token later."""
+    ed = pem_file(tmp_path, ed25519.Ed25519PrivateKey.generate())
+    with pytest.raises(JwtConfigError) as error:
+        verification_key(None, ed, None)
+    assert str(error.value) == "the JWT public key must be an RSA or EC key"
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("-----BEGIN PUBLIC KEY-----\nnot base64\n-----END PUBLIC KEY-----\n")
+    with pytest.raises(JwtConfigError) as error:
+        verification_key(None, garbage, None)
+    assert str(error.value) == (
+        f"ROBOTA_JWT_PUBLIC_KEY_FILE {str(garbage)!r} is not a readable PEM public key (ValueError)"
+    )
+
+
+async def test_a_missing_required_claim_is_named_before_the_clock_checks() -> None:
+    """With an issuer and audience configured, iss and aud are required claims: a token
+    without them is refused for that, even when it is also expired or not valid yet, so the
+    caller fixes the token rather than only the clock."""
+    auth = hs(issuer="https://idp.example", audience="robota")
+    now = int(time.time())
+    expired = claims(aud="robota", exp=now - 3600)
+    assert (await refusal(auth, jwt.encode(expired, SECRET, "HS256"))).reason == "token_iss"
+    early = claims(iss="https://idp.example", nbf=now + 3600)
+    assert (await refusal(auth, jwt.encode(early, SECRET, "HS256"))).reason == "token_aud"
+
+
+async def test_the_key_id_is_the_jti_or_else_the_sub_cut_to_60_characters() -> None:
+    auth = hs()
+    cases = [
+        (claims(jti="t-1"), "jwt:t-1"),
+        (claims(jti=""), "jwt:alice"),  # an empty jti names nothing
+        (claims(jti="j" * 100), "jwt:" + "j" * 60),
+        (claims(sub="s" * 100), "jwt:" + "s" * 60),
+    ]
+    for payload, key_id in cases:
+        principal = await auth.authenticate(jwt.encode(payload, SECRET, "HS256"))
+        assert principal.key_id == key_id, payload
+
+
+async def test_an_empty_sub_is_refused_and_logged_by_the_jti() -> None:
+    token = jwt.encode(claims(sub="  ", jti="t-5"), SECRET, "HS256")
+    refused = await refusal(hs(), token)
+    assert (refused.reason, refused.public_id, refused.detail) == (
+        "token_sub",
+        "jwt:t-5",
+        "sub is empty",
+    )
+
+
+async def test_the_default_leeway_is_30_seconds() -> None:
+    """Clocks drift: a token that expired a few seconds ago is still accepted, one that
+    expired 30 seconds ago is not."""
+    # exp is whole seconds: start at the top of a second so "30 seconds ago" stays
+    # under 31.
+    await anyio.sleep(1 - time.time() % 1)
+    now = int(time.time())
+    auth = hs()
+    stale = jwt.encode(claims(exp=now - 30), SECRET, "HS256")
+    assert (await refusal(auth, stale)).reason == "token_expired"
+    recent = jwt.encode(claims(exp=now - 20), SECRET, "HS256")
+    assert await auth.authenticate(recent) == Principal("alice", "jwt:alice", UserPermissions())
 
 
 def test_a_proxy_with_unusable_jwt_settings_does_not_start(tmp_path: Path) -> None:
@@ -243,4 +375,4 @@ def test_a_proxy_with_unusable_jwt_settings_does_not_start(tmp_path: Path) -> No
         create_app(Settings(jwt_public_key_file=tmp_path / "missing.pem"))
     with pytest.raises(JwtConfigError, match="cannot be used"):
         create_app(Settings(jwt_secret=SECRET, jwt_algorithms=["RS256"]))
-    assert create_app(Settings(jwt_secret=SECRET)) is not None
+    assert isinstance(create_app(Settings(jwt_secret=SECRET)), Starlette)
