@@ -56,7 +56,7 @@ class ProxyProcess:
 
 
 def start_proxy(
-    env: Mapping[str, str], log_path: Path, startup_timeout: float = 20
+    env: Mapping[str, str], log_path: Path, startup_timeout: float = 60
 ) -> ProxyProcess:
     """``startup_timeout``: longer for a proxy importing every vendor SDK on a busy machine."""
     port = free_port()
