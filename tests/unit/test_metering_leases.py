@@ -35,8 +35,11 @@ from robota_proxy.storage.usage_store import (
     UsageStore,
     period_of,
 )
+from tests.unit import usage_store_support as support
 
 pytestmark = pytest.mark.anyio
+
+fresh_statements = support.fresh_statements  # the shared fixture, used by name
 
 BODY = {
     "provider": "openai",

@@ -41,6 +41,7 @@ from tests.unit.usage_store_support import (
 # The shared fixtures, used by name.
 anyio_backend = support.anyio_backend
 database_url = support.database_url
+fresh_statements = support.fresh_statements
 store = support.store
 
 

@@ -27,6 +27,7 @@ pytestmark = pytest.mark.anyio
 # The shared fixtures, used by name.
 anyio_backend = support.anyio_backend
 database_url = support.database_url
+fresh_statements = support.fresh_statements
 store = support.store
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, text
 
-from robota_proxy.storage import tables
+from robota_proxy.storage import tables, usage_store
 from robota_proxy.storage.database import Database
 from robota_proxy.storage.usage_store import (
     LedgerEntry,
@@ -29,6 +29,25 @@ OWNER = "test-host:4242:abcd1234"
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+#: The store's statements, built on first use and kept for the process's life.
+_STATEMENT_CACHES = (
+    usage_store._reserve_stmt,
+    usage_store._insert_counters_stmt,
+    usage_store._add_usage_stmt,
+    usage_store._for_correction_stmt,
+)
+
+
+@pytest.fixture(autouse=True)
+def fresh_statements() -> None:
+    """Each test builds the store's statements anew, as a new process would: otherwise only
+    the first test of a session would build them, and mutation testing (which runs, for a
+    mutant of a statement builder, the tests it saw building statements) would judge a
+    builder's mutants by that one test."""
+    for cache in _STATEMENT_CACHES:
+        cache.cache_clear()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
