@@ -58,7 +58,8 @@ class ProxyProcess:
 def start_proxy(
     env: Mapping[str, str], log_path: Path, startup_timeout: float = 60
 ) -> ProxyProcess:
-    """``startup_timeout``: longer for a proxy importing every vendor SDK on a busy machine."""
+    """``startup_timeout``: importing the three vendor SDKs alone can take 15 s or more on a
+    busy shared machine; a proxy that is up sooner is returned at once."""
     port = free_port()
     full_env = {
         key: value
