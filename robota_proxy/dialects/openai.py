@@ -64,7 +64,7 @@ _TRANSLATED = frozenset(
 #: Fields that never change the answer: let go when the target is another vendor.
 _IGNORABLE = frozenset({"user", "metadata", "store"})
 #: Providers whose adapter honours ``response_format: json_object``.
-_JSON_MODE = frozenset({"openai", "google", "mock"})
+_JSON_MODE = frozenset({"openai", "google"})
 _MESSAGE_KEYS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id"})
 #: Keys an assistant message from the SDK's own answer carries, empty, when sent back.
 _EMPTY_OK = frozenset({"refusal", "annotations", "audio", "function_call"})
