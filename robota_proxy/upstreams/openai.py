@@ -229,9 +229,12 @@ class OpenAIUpstream:
         when the proxy imposed an output limit (a budgeted caller that set none), that limit
         under the name this endpoint knows. Nothing else is touched."""
         sent = {**body, "model": model}
-        if max_tokens is not None and "max_tokens" not in body:
-            if "max_completion_tokens" not in body:
-                sent[self._max_tokens_field] = max_tokens
+        if (
+            max_tokens is not None
+            and "max_tokens" not in body
+            and "max_completion_tokens" not in body
+        ):
+            sent[self._max_tokens_field] = max_tokens
         return sent
 
     async def chat_raw(self, body: JSONDict) -> tuple[JSONDict, Usage | None]:
