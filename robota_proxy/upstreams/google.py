@@ -166,7 +166,6 @@ class GoogleUpstream:
         for event in state.finish():
             yield event
 
-
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
         """``embedContent`` for one input, ``batchEmbedContents`` for several: one call."""
         method, body = embedding_call(request)
