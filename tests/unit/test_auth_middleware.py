@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
-import re
+import time
+from typing import Any
 
 import pytest
 from limits.aio.storage import MemoryStorage
@@ -18,11 +20,12 @@ from starlette.websockets import WebSocket
 
 from robota_proxy import AuthMiddleware
 from robota_proxy.middleware.auth import REFUSAL_MESSAGES, bearer_credential, parse_bearer
+from robota_proxy.middleware.paths import CHAT_PATHS
 from robota_proxy.policy.authenticators import AuthFailureLimiter
 from robota_proxy.policy.principals import Principal, UserPermissions
 from robota_proxy.policy.refusals import REFUSAL_REASONS, AuthRefused
 from robota_proxy.policy.static_keys import StaticKeyAuthenticator, key_id
-from robota_proxy.scope import CHAT_REQUEST, PRINCIPAL
+from robota_proxy.scope import CHAT_REQUEST, PRINCIPAL, REQUEST_ID
 
 
 async def whoami(request: Request) -> JSONResponse:
@@ -177,17 +180,20 @@ def test_the_log_names_reason_and_public_id_never_the_credential(
         client=("10.1.2.3", 999),
     )
     with caplog.at_level(logging.INFO, logger="robota_proxy.auth"):
-        response = client.get("/whoami", headers={"Authorization": f"Bearer {secret}"})
-        client.get("/whoami", headers={"Authorization": secret})
-        client.get("/whoami")
-    assert response.json()["error"]["message"] == UNKNOWN
+        responses = [
+            client.get("/whoami", headers={"Authorization": f"Bearer {secret}"}),
+            client.get("/whoami", headers={"Authorization": secret}),
+            client.get("/whoami"),
+        ]
+    assert responses[0].json()["error"]["message"] == UNKNOWN
+    revoked, malformed, missing = (r.json()["error"]["requestId"] for r in responses)
     lines = [record.getMessage() for record in caplog.records if record.name == "robota_proxy.auth"]
-    assert f"request={response.json()['error']['requestId']}" in lines[0]
     prefix = "authentication refused: reason="
-    assert [re.sub(r" request=req_\w+", "", line) for line in lines] == [
-        f"{prefix}revoked id=abcd1234 client=10.1.2.3 path=/whoami",
-        f"{prefix}malformed id=- client=10.1.2.3 path=/whoami detail='not the Bearer scheme'",
-        f"{prefix}missing id=- client=10.1.2.3 path=/whoami",
+    assert lines == [
+        f"{prefix}revoked id=abcd1234 client=10.1.2.3 path=/whoami request={revoked}",
+        f"{prefix}malformed id=- client=10.1.2.3 path=/whoami request={malformed} "
+        "detail='not the Bearer scheme'",
+        f"{prefix}missing id=- client=10.1.2.3 path=/whoami request={missing}",
     ]
     assert all(secret not in line and "sss" not in line for line in lines)
 
@@ -290,6 +296,19 @@ def test_bad_bodies_are_contract_errors_from_the_middleware() -> None:
     assert client.get("/whoami", headers=GOOD).status_code == 200
 
 
+@pytest.fixture
+def frozen_clock(monkeypatch: pytest.MonkeyPatch) -> float:
+    """Stops the wall clock the failure limiter's moving window reads, so the wait it
+    reports (what is left of the one-minute window) is exactly known."""
+    now = 1_700_000_000.0
+    monkeypatch.setattr(time, "time", lambda: now)
+    return now
+
+
+LIMITED = "too many failed authentications from this address; try again later"
+
+
+@pytest.mark.usefixtures("frozen_clock")
 def test_failed_authentications_are_limited_per_address() -> None:
     limiter = AuthFailureLimiter(MemoryStorage(), per_minute=3)
     client = TestClient(chat_app(UserPermissions(), failure_limiter=limiter))
@@ -297,8 +316,10 @@ def test_failed_authentications_are_limited_per_address() -> None:
         assert client.get("/whoami", headers={"Authorization": "Bearer bad"}).status_code == 401
     blocked = client.get("/whoami", headers=GOOD)  # even the right key: checked before
     assert blocked.status_code == 429
-    assert blocked.json()["error"]["code"] == "rate_limited"
-    assert int(blocked.headers["Retry-After"]) >= 1
+    error = blocked.json()["error"]
+    assert (error["code"], error["message"]) == ("rate_limited", LIMITED)
+    # The clock stood still: the whole one-minute window is left to wait.
+    assert (blocked.headers["Retry-After"], error["retryAfter"]) == ("60", 60.0)
     # Another address is not affected.
     other = TestClient(
         chat_app(UserPermissions(), failure_limiter=limiter), client=("10.0.0.9", 1234)
@@ -366,6 +387,7 @@ def ws_app(**options: object) -> Starlette:
     )
 
 
+@pytest.mark.usefixtures("frozen_clock")
 def test_refused_websockets_get_the_http_error_when_the_server_allows_it() -> None:
     limiter = AuthFailureLimiter(MemoryStorage(), per_minute=1)
     client = TestClient(ws_app(failure_limiter=limiter))
@@ -383,8 +405,11 @@ def test_refused_websockets_get_the_http_error_when_the_server_allows_it() -> No
     assert error["code"] == "unauthenticated"
     assert unauthenticated.headers["X-Request-ID"] == error["requestId"]
     assert limited.status_code == 429
-    assert limited.json()["error"]["code"] == "rate_limited"
-    assert int(limited.headers["Retry-After"]) >= 1
+    assert (limited.json()["error"]["code"], limited.json()["error"]["message"]) == (
+        "rate_limited",
+        LIMITED,
+    )
+    assert limited.headers["Retry-After"] == "60"
 
 
 @pytest.mark.anyio
@@ -401,3 +426,217 @@ async def test_refused_websockets_are_closed_when_the_server_has_no_denial_respo
     scope = {"type": "websocket", "path": "/ai/ws", "headers": [], "extensions": {}}
     await middleware(scope, receive, send)
     assert [(m["type"], m["code"]) for m in sent] == [("websocket.close", 4401)]
+
+
+# --- what the issue found untested --------------------------------------------------------
+
+
+def test_a_credential_with_spaces_is_malformed_and_the_log_says_why(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A key pasted with a space in it is told "malformed", never "unknown key", and the log
+    names the spaces rather than a wrong scheme."""
+    client = TestClient(app_with(["alpha-key"]), client=("10.1.2.3", 999))
+    with caplog.at_level(logging.INFO, logger="robota_proxy.auth"):
+        response = client.get("/whoami", headers={"Authorization": "Bearer alpha key"})
+    assert (response.status_code, response.json()["error"]["message"]) == (401, MALFORMED)
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "robota_proxy.auth"]
+    request_id = response.json()["error"]["requestId"]
+    assert line == (
+        "authentication refused: reason=malformed id=- client=10.1.2.3 path=/whoami "
+        f"request={request_id} detail='spaces or control characters in the credential'"
+    )
+    with pytest.raises(AuthRefused) as refused:
+        parse_bearer("  Bearer alpha  key ")
+    assert (refused.value.reason, refused.value.detail) == (
+        "malformed",
+        "spaces or control characters in the credential",
+    )
+
+
+class Recorder:
+    """The ASGI messages a middleware sends, for scopes no TestClient builds."""
+
+    def __init__(self) -> None:
+        self.sent: list[Message] = []
+        self.reached = False
+
+    async def app(self, scope: Any, receive: Any, send: Any) -> None:
+        self.reached = True
+
+    async def send(self, message: Message) -> None:
+        self.sent.append(message)
+
+
+async def no_body() -> Message:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+@pytest.mark.anyio
+async def test_a_request_without_client_address_or_headers_is_logged_as_unknown(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """ASGI servers may leave out ``client`` (a Unix socket) and even ``headers``: such a
+    request is refused as having no credential, and logged with client=unknown."""
+    recorder = Recorder()
+    middleware = AuthMiddleware(recorder.app, StaticKeyAuthenticator(["alpha-key"]))
+    scope = {"type": "http", "method": "GET", "path": "/whoami", "query_string": b""}
+    with caplog.at_level(logging.INFO, logger="robota_proxy.auth"):
+        await middleware(scope, no_body, recorder.send)
+    assert recorder.reached is False
+    start, body = recorder.sent
+    assert start["status"] == 401
+    assert json.loads(body["body"])["error"]["message"] == MISSING
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "robota_proxy.auth"]
+    assert line == (
+        "authentication refused: reason=missing id=- client=unknown path=/whoami "
+        f"request={scope[REQUEST_ID]}"
+    )
+
+
+@pytest.mark.anyio
+async def test_lifespan_and_other_scopes_pass_through() -> None:
+    recorder = Recorder()
+    middleware = AuthMiddleware(recorder.app, StaticKeyAuthenticator(["alpha-key"]))
+    await middleware({"type": "lifespan"}, no_body, recorder.send)
+    assert (recorder.reached, recorder.sent) == (True, [])
+
+
+def test_x_api_key_is_a_credential_when_there_is_no_authorization_header() -> None:
+    """Anthropic clients send ``x-api-key: <key>``; the Authorization header wins when both
+    are sent, and of several x-api-key headers the first counts."""
+    client = TestClient(app_with(["alpha-key"]))
+    whoami_alpha = {"user": key_id("alpha-key"), "keyId": key_id("alpha-key")}
+    response = client.get("/whoami", headers={"x-api-key": "alpha-key"})
+    assert (response.status_code, response.json()) == (200, whoami_alpha)
+    cases: list[tuple[list[tuple[str, str]], int]] = [
+        ([("x-api-key", "wrong"), ("Authorization", "Bearer alpha-key")], 200),
+        ([("x-api-key", "alpha-key"), ("Authorization", "Bearer wrong")], 401),
+        ([("x-api-key", "alpha-key"), ("x-api-key", "wrong")], 200),
+        ([("x-api-key", "wrong"), ("x-api-key", "alpha-key")], 401),
+    ]
+    for headers, status in cases:
+        assert client.get("/whoami", headers=headers).status_code == status, headers
+    spaced = client.get("/whoami", headers={"x-api-key": "alpha key"})
+    assert spaced.json()["error"]["message"] == MALFORMED
+    # The admin API's helper reads it the same way.
+    assert bearer_credential({"type": "http", "headers": [(b"x-api-key", b"k")]}) == "k"
+
+
+def test_an_anonymous_principal_is_used_without_asking_for_a_credential() -> None:
+    """Authentication turned off on purpose: every request is the configured principal,
+    whatever it sends."""
+    app = Starlette(
+        routes=[Route("/whoami", whoami)],
+        middleware=[
+            Middleware(
+                AuthMiddleware,
+                authenticator=StaticKeyAuthenticator([]),
+                anonymous=Principal("anonymous", None),
+            )
+        ],
+    )
+    client = TestClient(app)
+    for headers in ({}, {"Authorization": "Bearer anything"}):
+        response = client.get("/whoami", headers=headers)
+        assert (response.status_code, response.json()) == (
+            200,
+            {"user": "anonymous", "keyId": None},
+        )
+
+
+def test_exempt_prefixes_need_no_credential() -> None:
+    """The admin API has its own guard: the middleware lets everything below it through."""
+    app = Starlette(
+        routes=[Route("/admin/keys", lambda r: JSONResponse({"admin": True})), Route("/x", whoami)],
+        middleware=[
+            Middleware(
+                AuthMiddleware,
+                authenticator=StaticKeyAuthenticator(["k"]),
+                exempt_prefixes=("/admin/",),
+            )
+        ],
+    )
+    client = TestClient(app)
+    assert client.get("/admin/keys").json() == {"admin": True}
+    assert client.get("/x").json()["error"]["message"] == MISSING
+
+
+async def echo_body(request: Request) -> JSONResponse:
+    return JSONResponse({"body": (await request.body()).decode()})
+
+
+def test_only_posts_to_chat_paths_are_parsed_as_chat_bodies() -> None:
+    """Any other POST reaches its route with its body untouched, however un-chat-like."""
+    app = Starlette(
+        routes=[Route("/upload", echo_body, methods=["POST"])],
+        middleware=[
+            Middleware(
+                AuthMiddleware,
+                authenticator=OneUser("good", UserPermissions(allowed_providers=())),
+                chat_paths={"/ai/chat": "chat"},
+            )
+        ],
+    )
+    response = TestClient(app).post("/upload", content=b"not json", headers=GOOD)
+    assert (response.status_code, response.json()) == (200, {"body": "not json"})
+
+
+def test_a_hosts_own_chat_path_keeps_the_feature_it_was_given() -> None:
+    """Only the proxy's compatible surfaces decide the feature from the body; a host's path
+    mapped to ``stream`` is a stream call whatever its body says."""
+    app = Starlette(
+        routes=[Route("/my/stream", chat_echo, methods=["POST"])],
+        middleware=[
+            Middleware(
+                AuthMiddleware,
+                authenticator=OneUser("good", UserPermissions(allowed_features=("chat",))),
+                chat_paths={"/my/stream": "stream"},
+            )
+        ],
+    )
+    response = TestClient(app).post("/my/stream", json=BODY, headers=GOOD)
+    assert (response.status_code, response.json()["error"]["message"]) == (
+        403,
+        "feature 'stream' is not allowed for this key",
+    )
+
+
+def test_an_openai_body_asking_to_stream_is_a_stream_call() -> None:
+    async def ok(request: Request) -> JSONResponse:
+        return JSONResponse({"ok": True})
+
+    app = Starlette(
+        routes=[Route("/v1/chat/completions", ok, methods=["POST"])],
+        middleware=[
+            Middleware(
+                AuthMiddleware,
+                authenticator=OneUser("good", UserPermissions(allowed_features=("chat",))),
+                chat_paths=CHAT_PATHS,
+            )
+        ],
+    )
+    client = TestClient(app)
+    body = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}
+    assert client.post("/v1/chat/completions", json=body, headers=GOOD).json() == {"ok": True}
+    streamed = client.post("/v1/chat/completions", json={**body, "stream": True}, headers=GOOD)
+    assert streamed.status_code == 403
+    assert streamed.json()["error"]["message"] == "feature 'stream' is not allowed for this key"
+
+
+def test_chat_bodies_are_limited_to_4_mib_by_default() -> None:
+    app = Starlette(
+        routes=[Route("/ai/chat", chat_echo, methods=["POST"])],
+        middleware=[
+            Middleware(
+                AuthMiddleware,
+                authenticator=OneUser("good", UserPermissions()),
+                chat_paths={"/ai/chat": "chat"},
+            )
+        ],
+    )
+    big = TestClient(app).post("/ai/chat", content=b" " * (4 * 1024 * 1024 + 1), headers=GOOD)
+    assert (big.status_code, big.json()["error"]["message"]) == (
+        413,
+        "request body is larger than the limit of 4194304 bytes",
+    )

@@ -244,6 +244,13 @@ async def test_trusted_claims() -> None:
         ), bad
 
 
+async def test_trusted_claims_are_read_from_the_documented_claim_by_default() -> None:
+    """README: the claim is ``https://robota.dev/permissions`` unless configured otherwise."""
+    token = jwt.encode(claims(**{"https://robota.dev/permissions": {"rpm": 5}}), SECRET, "HS256")
+    principal = await hs(trust_claims=True).authenticate(token)
+    assert principal == Principal("alice", "jwt:alice", UserPermissions(rpm=5))
+
+
 async def test_claims_ignored_when_not_trusted() -> None:
     users = Users({"alice": UserPermissions(rpm=1)})
     auth = hs(permissions=users, trust_claims=False, claims_namespace=NS)

@@ -8,6 +8,7 @@ it as a 400) and every accepted value with the exact permissions it yields.
 from __future__ import annotations
 
 from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 
 import pytest
@@ -195,6 +196,13 @@ def test_budgets_keep_the_form_the_admin_wrote(value: str) -> None:
 )
 def test_bad_budgets_are_a_400(value: Any, message: str) -> None:
     assert refused({"monthlyBudgetUsd": value}) == message
+
+
+def test_a_budget_is_a_json_number_or_string_only() -> None:
+    """A Python caller's other number types are refused rather than read through ``str()``:
+    ``Fraction(5)`` would otherwise pass as "5" and ``Fraction(1, 3)`` be a confusing error."""
+    for value in (Fraction(5), Fraction(1, 3)):
+        assert refused({"monthlyBudgetUsd": value}) == "monthlyBudgetUsd must be a decimal number"
 
 
 # --- writing the wire format -------------------------------------------------------------
