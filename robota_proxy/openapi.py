@@ -35,9 +35,13 @@ from robota_client.messages import (
     UsageReport,
     WireModel,
 )
+from robota_proxy.dialects import ANTHROPIC_MESSAGES_PATH, OPENAI_CHAT_PATH, OPENAI_EMBEDDINGS_PATH
+from robota_proxy.dialects.anthropic import COUNT_TOKENS_PATH, error_type
+from robota_proxy.dialects.openai_embeddings import MAX_INPUTS
 from robota_proxy.middleware.paths import CHAT_PATH, STREAM_PATH
 from robota_proxy.policy.principals import MAX_BUDGET_USD, MAX_COUNT, Feature
 from robota_proxy.routes.admin import MAX_ADMIN_BODY_BYTES
+from robota_proxy.routes.openai_compat import MODELS_PATH
 from robota_proxy.routes.usage_report import FIRST_DAY, LAST_DAY
 from robota_proxy.routes.ws import PATH as WS_PATH
 from robota_proxy.storage.key_store import MAX_USER_LENGTH
@@ -208,6 +212,253 @@ class UserWithKeys(UserInfo):
     keys: list[KeyInfo]
 
 
+# --- the compatible surfaces (``/v1/*``): the vendors' own wire, snake_case ---------------------
+#
+# Faithful enough for a client generator and a fuzzer, not a copy of the vendors' references:
+# the fields the dialects read, with their bounds (``robota_proxy.dialects``), and any other
+# field allowed where the proxy passes the caller's JSON through to a target of the same
+# vendor (a field it cannot translate for another vendor's target is a 400 naming it).
+
+
+class VendorModel(BaseModel):
+    """A vendor's object: unknown fields pass through."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+_MODEL_NAME = Field(
+    min_length=1,
+    description="`provider/model`, a fallback alias, or a bare name (a model a provider "
+    "lists, else the vendor's own).",
+)
+_STREAM = Field(
+    default=None, description="`true`: the answer as Server-Sent Events (`text/event-stream`)."
+)
+_POSITIVE = Field(default=None, gt=0, le=10_000_000)
+
+
+class OpenAIToolCall(VendorModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: dict[str, Any] = Field(description="`{name, arguments}`: arguments as JSON text.")
+
+
+class OpenAIChatMessage(VendorModel):
+    """One message: ``developer`` is read as ``system``; content is text or content parts
+    (parts other than text only reach an OpenAI-compatible target)."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[OpenAIToolCall] | None = None
+    tool_call_id: str | None = None
+
+
+class OpenAIChatRequest(VendorModel):
+    """``POST /v1/chat/completions``: OpenAI's ``chat.completions.create`` body."""
+
+    model: str = _MODEL_NAME
+    messages: list[OpenAIChatMessage] = Field(min_length=1)
+    stream: bool | None = _STREAM
+    stream_options: dict[str, Any] | None = Field(
+        default=None, description="`{include_usage: true}`: a last chunk with the usage."
+    )
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    max_tokens: int | None = _POSITIVE
+    max_completion_tokens: int | None = _POSITIVE
+    stop: str | list[str] | None = None
+    tools: list[dict[str, Any]] | None = Field(
+        default=None, description="Function tools: `{type: function, function: {name, ...}}`."
+    )
+    tool_choice: Literal["auto", "none", "required"] | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = Field(
+        default=None, description="`{type: text | json_object | json_schema, ...}`."
+    )
+    n: int | None = Field(default=None, ge=1)
+    parallel_tool_calls: bool | None = None
+    user: str | None = None
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+
+
+class OpenAIUsage(VendorModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class OpenAIChoice(VendorModel):
+    index: int
+    message: dict[str, Any] = Field(description="`{role: assistant, content, tool_calls?}`.")
+    finish_reason: str | None
+
+
+class OpenAIChatCompletion(VendorModel):
+    """A ``chat.completion``: rendered by the proxy, or an OpenAI-compatible target's own."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[OpenAIChoice]
+    usage: OpenAIUsage | None = None
+
+
+class OpenAIChatCompletionChunk(VendorModel):
+    """One ``data:`` frame of a streamed completion; the last one with the usage has no
+    choices."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[dict[str, Any]]
+    usage: OpenAIUsage | None = None
+
+
+class OpenAIModel(VendorModel):
+    id: str = Field(description="`provider/model`, or an alias.")
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class OpenAIModelList(VendorModel):
+    """``GET /v1/models``: what the caller may use."""
+
+    object: Literal["list"]
+    data: list[OpenAIModel]
+
+
+_TOKEN_ID = Annotated[int, Field(ge=0)]
+
+
+class OpenAIEmbeddingRequest(BaseModel):
+    """``POST /v1/embeddings``: OpenAI's ``embeddings.create`` body. An unknown field is a
+    400, as at OpenAI."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = _MODEL_NAME
+    input: (
+        Annotated[str, Field(min_length=1)]
+        | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+        | Annotated[list[_TOKEN_ID], Field(min_length=1)]
+        | Annotated[list[Annotated[list[_TOKEN_ID], Field(min_length=1)]], Field(min_length=1)]
+    ) = Field(description=f"Texts or token ids (never both); at most {MAX_INPUTS} inputs.")
+    dimensions: int | None = Field(default=None, ge=1)
+    encoding_format: Literal["float", "base64"] | None = None
+    user: str | None = None
+
+
+class OpenAIEmbedding(VendorModel):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str = Field(description="Floats, or base64 little-endian float32.")
+
+
+class OpenAIEmbeddingUsage(VendorModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class OpenAIEmbeddingList(VendorModel):
+    object: Literal["list"]
+    data: list[OpenAIEmbedding]
+    model: str
+    usage: OpenAIEmbeddingUsage
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    #: The request field at fault, when one is.
+    param: str | None
+    #: The Robota wire code (``invalid_request``, ``rate_limited``, ...).
+    code: str | None
+
+
+class OpenAIErrorBody(BaseModel):
+    """OpenAI's error shape, so that its SDK raises its own typed exceptions."""
+
+    error: OpenAIErrorDetail
+
+
+class AnthropicInputMessage(VendorModel):
+    role: Literal["user", "assistant"]
+    content: str | list[dict[str, Any]] = Field(
+        description="Text, or content blocks `{type, ...}` (`text`, `tool_use`, "
+        "`tool_result`; any other only reaches an Anthropic target)."
+    )
+
+
+class AnthropicCountTokensRequest(VendorModel):
+    """``POST /v1/messages/count_tokens``: the message without ``max_tokens``."""
+
+    model: str = _MODEL_NAME
+    messages: list[AnthropicInputMessage] = Field(min_length=1)
+    system: str | list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = Field(
+        default=None, description="Client tools `{name, description?, input_schema}`."
+    )
+    tool_choice: dict[str, Any] | None = Field(
+        default=None, description="`{type: auto | any | none}` or `{type: tool, name}`."
+    )
+    thinking: dict[str, Any] | None = None
+
+
+class AnthropicMessagesRequest(AnthropicCountTokensRequest):
+    """``POST /v1/messages``: Anthropic's ``messages.create`` body."""
+
+    max_tokens: int = Field(ge=1, le=10_000_000)
+    stream: bool | None = _STREAM
+    temperature: float | None = Field(default=None, ge=0, le=1)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    top_k: int | None = Field(default=None, ge=0)
+    stop_sequences: list[str] | None = None
+    metadata: dict[str, Any] | None = None
+    service_tier: str | None = None
+
+
+class AnthropicUsage(VendorModel):
+    input_tokens: int
+    output_tokens: int
+
+
+class AnthropicMessage(VendorModel):
+    """A ``message``: rendered by the proxy, or an Anthropic target's own."""
+
+    id: str
+    type: Literal["message"]
+    role: Literal["assistant"]
+    model: str
+    content: list[dict[str, Any]]
+    stop_reason: str | None
+    stop_sequence: str | None = None
+    usage: AnthropicUsage
+
+
+class AnthropicTokenCount(VendorModel):
+    """Anthropic's count for an Anthropic target; the proxy's prompt estimate (an upper
+    bound) for any other."""
+
+    input_tokens: int = Field(ge=0)
+
+
+class AnthropicErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class AnthropicErrorBody(BaseModel):
+    """Anthropic's error shape, so that its SDK raises its own typed exceptions."""
+
+    type: Literal["error"]
+    error: AnthropicErrorDetail
+    request_id: str | None = None
+
+
 # --- parameters, described by models too -------------------------------------------------------
 
 
@@ -280,6 +531,18 @@ _SCHEMA_MODELS: list[tuple[type[BaseModel], JsonSchemaMode]] = [
     (UserWithKeys, "serialization"),
     (Metrics, "serialization"),
     (Health, "serialization"),
+    (OpenAIChatRequest, "validation"),
+    (OpenAIChatCompletion, "serialization"),
+    (OpenAIChatCompletionChunk, "serialization"),
+    (OpenAIModelList, "serialization"),
+    (OpenAIEmbeddingRequest, "validation"),
+    (OpenAIEmbeddingList, "serialization"),
+    (OpenAIErrorBody, "serialization"),
+    (AnthropicMessagesRequest, "validation"),
+    (AnthropicCountTokensRequest, "validation"),
+    (AnthropicMessage, "serialization"),
+    (AnthropicTokenCount, "serialization"),
+    (AnthropicErrorBody, "serialization"),
 ]
 
 #: Statuses whose error may carry ``Retry-After`` (the limiter's, or a vendor's passed on).
@@ -287,6 +550,10 @@ _RETRY_STATUSES = frozenset({429, 502, 503, 504})
 _AUTH_ERRORS = (401, 429)
 _CHAT_ERRORS = (400, 401, 402, 403, 404, 413, 429, 502, 503, 504)
 _ADMIN_ERRORS = (401, 403, 429)
+#: ``count_tokens`` is not metered: no budget to exceed.
+_COUNT_ERRORS = tuple(status for status in _CHAT_ERRORS if status != 402)
+#: Anthropic's SDKs send the key as ``x-api-key``; ``Authorization: Bearer`` works too.
+_ANTHROPIC_SECURITY: list[dict[str, list[str]]] = [{"bearer": []}, {"anthropicApiKey": []}]
 
 
 def _event_name(model: type[BaseModel]) -> str:
@@ -307,8 +574,13 @@ def _json(name: str, description: str, **extra: Any) -> dict[str, Any]:
     }
 
 
-def _errors(*statuses: int) -> dict[str, Any]:
-    return {str(status): {"$ref": f"#/components/responses/Error{status}"} for status in statuses}
+def _errors(*statuses: int, dialect: str = "") -> dict[str, Any]:
+    """The error responses of ``statuses``; ``dialect``: ``OpenAI`` or ``Anthropic`` for
+    the ``/v1/*`` operations, whose errors are in that vendor's shape."""
+    return {
+        str(status): {"$ref": f"#/components/responses/{dialect}Error{status}"}
+        for status in statuses
+    }
 
 
 def _parameters(model: type[BaseModel], where: str) -> list[dict[str, Any]]:
@@ -379,10 +651,16 @@ def _components() -> dict[str, Any]:
     responses: dict[str, Any] = {}
     for status in sorted(codes):
         listed = ", ".join(f"`{code}`" for code in codes[status])
-        response = _json("ErrorBody", f"The contract's error body; `error.code`: {listed}.")
-        if status in _RETRY_STATUSES:
-            response["headers"] = {"Retry-After": {"$ref": "#/components/headers/RetryAfter"}}
-        responses[f"Error{status}"] = response
+        kinds = ", ".join(sorted({f"`{error_type(code)}`" for code in codes[status]}))
+        for prefix, schema, description in (
+            ("", "ErrorBody", f"The contract's error body; `error.code`: {listed}."),
+            ("OpenAI", "OpenAIErrorBody", f"OpenAI's error body; `error.code`: {listed}."),
+            ("Anthropic", "AnthropicErrorBody", f"Anthropic's error body; `error.type`: {kinds}."),
+        ):
+            response = _json(schema, description)
+            if status in _RETRY_STATUSES:
+                response["headers"] = {"Retry-After": {"$ref": "#/components/headers/RetryAfter"}}
+            responses[f"{prefix}Error{status}"] = response
     return {
         "schemas": schemas,
         "responses": responses,
@@ -401,6 +679,13 @@ def _components() -> dict[str, Any]:
                 "type": "http",
                 "scheme": "bearer",
                 "description": "A proxy key (`rk_...`) or a JWT (HS256, RS256 or ES256).",
+            },
+            "anthropicApiKey": {
+                "type": "apiKey",
+                "in": "header",
+                "name": "x-api-key",
+                "description": "The same credentials as `bearer`, as Anthropic's SDKs send "
+                "them; `Authorization` wins when both are sent.",
             },
             "adminKey": {
                 "type": "http",
@@ -437,6 +722,74 @@ def _chat_body() -> dict[str, Any]:
         "required": True,
         "description": "At most `ROBOTA_MAX_BODY_BYTES` (4 MiB by default), else 413.",
         "content": {"application/json": {"schema": _ref("ChatRequest")}},
+    }
+
+
+def _vendor_body(name: str) -> dict[str, Any]:
+    return {
+        "required": True,
+        "description": "At most `ROBOTA_MAX_BODY_BYTES` (4 MiB by default), else 413.",
+        "content": {"application/json": {"schema": _ref(name)}},
+    }
+
+
+def _vendor_answer(name: str, description: str, stream: dict[str, Any] | None) -> dict[str, Any]:
+    """The 200 of a ``/v1`` chat operation: JSON, or ``text/event-stream`` with ``stream``."""
+    answer = _json(name, description)
+    if stream is not None:
+        answer["content"]["text/event-stream"] = stream
+    return answer
+
+
+def _openai_stream() -> dict[str, Any]:
+    return {
+        "schema": {
+            "type": "string",
+            "description": "With `stream: true`: Server-Sent Events without names, each one "
+            "`data:` line of JSON, a `chat.completion.chunk` (the last one with the usage "
+            "and no choices, when `stream_options.include_usage` asked for it), then "
+            "`data: [DONE]`. A failure after the first chunk is a closing "
+            '`data: {"error": {...}}` frame.',
+        },
+        "x-sse-events": {
+            "message": {
+                "anyOf": [_ref("OpenAIChatCompletionChunk"), _ref("OpenAIErrorBody")],
+            }
+        },
+    }
+
+
+#: Anthropic's stream events, by name (its ``event:``, the same as the data's ``type``).
+_ANTHROPIC_EVENTS = (
+    "message_start",
+    "ping",
+    "content_block_start",
+    "content_block_delta",
+    "content_block_stop",
+    "message_delta",
+    "message_stop",
+)
+
+
+def _anthropic_stream() -> dict[str, Any]:
+    events: dict[str, Any] = {
+        name: {
+            "type": "object",
+            "required": ["type"],
+            "properties": {"type": {"const": name}},
+        }
+        for name in _ANTHROPIC_EVENTS
+    }
+    events["error"] = _ref("AnthropicErrorBody")
+    return {
+        "schema": {
+            "type": "string",
+            "description": "With `stream: true`: Anthropic's Server-Sent Events, each "
+            "`event: <type>` and one `data:` line of JSON of that `type`, from "
+            "`message_start` to `message_stop` (`message_delta` carries the cumulative "
+            "usage). A failure after the first event is a closing `event: error`.",
+        },
+        "x-sse-events": events,
     }
 
 
@@ -676,6 +1029,89 @@ def _paths() -> dict[str, Any]:
                 },
             }
         },
+        OPENAI_CHAT_PATH: {
+            "post": {
+                "operationId": "openaiChatCompletions",
+                "tags": ["openai"],
+                "summary": "OpenAI's chat completions: any OpenAI client with "
+                "`base_url=<proxy>/v1`.",
+                "description": "The same chain as `/ai/chat` (keys, permissions, limits, "
+                "budget, fallbacks). An OpenAI-compatible target gets the caller's JSON "
+                "with the model rewritten, and its answer comes back as it came; any other "
+                "gets it translated, and a field that cannot be translated is a 400 naming "
+                "it in `error.param`.",
+                "requestBody": _vendor_body("OpenAIChatRequest"),
+                "responses": {
+                    "200": _vendor_answer(
+                        "OpenAIChatCompletion",
+                        "A `chat.completion`, or its chunks with `stream: true`.",
+                        _openai_stream(),
+                    ),
+                    **_errors(*_CHAT_ERRORS, dialect="OpenAI"),
+                },
+            }
+        },
+        MODELS_PATH: {
+            "get": {
+                "operationId": "openaiListModels",
+                "tags": ["openai"],
+                "summary": "The models the caller may use, as OpenAI lists them.",
+                "responses": {
+                    "200": _json("OpenAIModelList", "`provider/model` ids and aliases."),
+                    **_errors(*_AUTH_ERRORS, dialect="OpenAI"),
+                },
+            }
+        },
+        OPENAI_EMBEDDINGS_PATH: {
+            "post": {
+                "operationId": "openaiEmbeddings",
+                "tags": ["openai"],
+                "summary": "OpenAI's embeddings, for a target that has them (OpenAI-"
+                "compatible or Google); any other is a 400.",
+                "requestBody": _vendor_body("OpenAIEmbeddingRequest"),
+                "responses": {
+                    "200": _json("OpenAIEmbeddingList", "One embedding per input, in order."),
+                    **_errors(*_CHAT_ERRORS, dialect="OpenAI"),
+                },
+            }
+        },
+        ANTHROPIC_MESSAGES_PATH: {
+            "post": {
+                "operationId": "anthropicMessages",
+                "tags": ["anthropic"],
+                "summary": "Anthropic's messages: any Anthropic client with `base_url=<proxy>`.",
+                "description": "The same chain as `/ai/chat`. An Anthropic target gets the "
+                "caller's JSON with the model rewritten (thinking blocks, cache breakpoints "
+                "and betas survive) and the `anthropic-version` and `anthropic-beta` "
+                "headers; any other gets it translated, and a field or block that cannot be "
+                "translated is a 400 naming it.",
+                "security": _ANTHROPIC_SECURITY,
+                "requestBody": _vendor_body("AnthropicMessagesRequest"),
+                "responses": {
+                    "200": _vendor_answer(
+                        "AnthropicMessage",
+                        "A `message`, or its events with `stream: true`.",
+                        _anthropic_stream(),
+                    ),
+                    **_errors(*_CHAT_ERRORS, dialect="Anthropic"),
+                },
+            }
+        },
+        COUNT_TOKENS_PATH: {
+            "post": {
+                "operationId": "anthropicCountTokens",
+                "tags": ["anthropic"],
+                "summary": "The input tokens of a message: Anthropic's count, or the "
+                "proxy's estimate (an upper bound) for another vendor's model.",
+                "description": "Authorized like a chat call to the same model; not metered.",
+                "security": _ANTHROPIC_SECURITY,
+                "requestBody": _vendor_body("AnthropicCountTokensRequest"),
+                "responses": {
+                    "200": _json("AnthropicTokenCount", "The count."),
+                    **_errors(*_COUNT_ERRORS, dialect="Anthropic"),
+                },
+            }
+        },
         "/health": {
             "get": {
                 "operationId": "health",
@@ -716,15 +1152,27 @@ def _document() -> dict[str, Any]:
         "info": {
             "title": "Robota Remote proxy",
             "version": _version(),
-            "description": "The Robota wire (`/ai/*`) and the operator's API (`/admin/*`). "
-            'JSON is camelCase; every error is `{"error": {"code", "message", '
-            '"requestId", "retryAfter"?}}`. Paths are below the mount point.',
+            "description": "The Robota wire (`/ai/*`), the operator's API (`/admin/*`), "
+            "and the OpenAI- and Anthropic-compatible surfaces (`/v1/*`). On the Robota "
+            'wire JSON is camelCase and every error is `{"error": {"code", "message", '
+            '"requestId", "retryAfter"?}}`; `/v1/*` speaks each vendor\'s own wire, '
+            "errors included. Paths are below the mount point.",
         },
         "security": [{"bearer": []}],
         "tags": [
             {"name": "chat", "description": "Chat calls: whole, streamed, resumed, over WS."},
             {"name": "account", "description": "The caller's own models, account and usage."},
             {"name": "admin", "description": "Keys, users and usage; needs the admin key."},
+            {
+                "name": "openai",
+                "description": "OpenAI's wire: chat completions, models, "
+                "embeddings; errors in OpenAI's shape.",
+            },
+            {
+                "name": "anthropic",
+                "description": "Anthropic's wire: messages and token "
+                "counts; errors in Anthropic's shape.",
+            },
             {"name": "operations", "description": "Liveness and this document."},
         ],
         "paths": _paths(),

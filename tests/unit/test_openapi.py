@@ -25,6 +25,7 @@ from starlette.testclient import TestClient
 
 from robota_client.messages import UniversalMessage
 from robota_proxy import create_app, mount
+from robota_proxy.dialects import dialect_of_path
 from robota_proxy.openapi import openapi_document, openapi_json
 from robota_proxy.settings import Settings
 
@@ -119,17 +120,50 @@ def test_every_route_of_the_app_is_documented_and_nothing_else() -> None:
     assert documented == routed
 
 
-def test_every_operation_has_an_id_and_every_error_status_its_error_body() -> None:
+#: The prefix of the error responses of each dialect (``/v1/*`` answers in the vendor's).
+ERROR_PREFIX = {"robota": "", "openai": "OpenAI", "anthropic": "Anthropic"}
+
+
+def test_every_operation_has_an_id_and_every_error_status_its_dialects_error_body() -> None:
     ids = []
-    for item in DOC["paths"].values():
+    for path, item in DOC["paths"].items():
+        prefix = ERROR_PREFIX[dialect_of_path(path).name]
         for method, operation in item.items():
             if method == "parameters":
                 continue
             ids.append(operation["operationId"])
             for status, response in operation["responses"].items():
                 if int(status) >= 400:
-                    assert response["$ref"] == f"#/components/responses/Error{status}"
+                    assert response["$ref"] == f"#/components/responses/{prefix}Error{status}"
     assert len(ids) == len(set(ids))
+
+
+def test_compatible_surfaces_document_bodies_streams_errors_and_keys() -> None:
+    paths = DOC["paths"]
+    chat = paths["/v1/chat/completions"]["post"]
+    messages = paths["/v1/messages"]["post"]
+    for operation in (chat, messages):
+        assert set(operation["responses"]["200"]["content"]) == {
+            "application/json",
+            "text/event-stream",
+        }
+        assert {"400", "401", "402", "403", "404", "413", "429", "502", "503", "504"} <= set(
+            operation["responses"]
+        )
+    schemas = DOC["components"]["schemas"]
+    assert schemas["OpenAIChatRequest"]["required"] == ["model", "messages"]
+    assert schemas["OpenAIChatRequest"]["additionalProperties"] is True
+    assert schemas["AnthropicMessagesRequest"]["required"] == ["model", "messages", "max_tokens"]
+    assert schemas["AnthropicMessagesRequest"]["additionalProperties"] is True
+    assert schemas["OpenAIEmbeddingRequest"]["additionalProperties"] is False
+    assert DOC["components"]["securitySchemes"]["anthropicApiKey"] == {
+        "type": "apiKey",
+        "in": "header",
+        "name": "x-api-key",
+        "description": DOC["components"]["securitySchemes"]["anthropicApiKey"]["description"],
+    }
+    assert messages["security"] == [{"bearer": []}, {"anthropicApiKey": []}]
+    assert "security" not in chat  # the document's default: bearer
 
 
 def test_bounds_of_the_models_are_in_the_schemas() -> None:
@@ -248,6 +282,132 @@ def test_answers_of_every_route_fit_the_document() -> None:
         check(client.post("/admin/users/nobody/restore", headers=AS_ADMIN), restore, "post")
         check(client.get("/admin/usage", headers=AS_ADMIN), "/admin/usage", "get")
         check(client.get("/admin/metrics", headers=AS_ADMIN), "/admin/metrics", "get")
+
+
+def vendor_sse(text: str) -> list[tuple[str, Any]]:
+    """``(event name, data)`` of each frame; ``message`` when it has no ``event:`` (OpenAI's
+    frames), and OpenAI's closing ``[DONE]`` left out."""
+    events = []
+    for block in text.strip().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines())
+        if fields["data"] != "[DONE]":
+            events.append((fields.get("event", "message"), json.loads(fields["data"])))
+    return events
+
+
+def check_vendor(response: httpx.Response, template: str, method: str = "post") -> None:
+    """``check`` for a ``/v1`` operation: JSON, or the vendor's own event stream."""
+    media = response.headers["content-type"].split(";")[0]
+    if media != "text/event-stream":
+        check(response, template, method)
+        return
+    operation = DOC["paths"][template][method]
+    assert response.status_code == 200
+    events = operation["responses"]["200"]["content"][media]["x-sse-events"]
+    seen = vendor_sse(response.text)
+    assert seen
+    for name, data in seen:
+        assert name in events, f"{template}: undocumented event {name}"
+        schema_validator(events[name]).validate(data)
+
+
+OPENAI_CHAT = {"model": "mock/mock-1", "messages": [{"role": "user", "content": "hi"}]}
+ANTHROPIC_CHAT = {**OPENAI_CHAT, "max_tokens": 64}
+AS_ANTHROPIC = {"x-api-key": USER}
+
+
+def test_answers_of_the_compatible_surfaces_fit_the_document() -> None:
+    chat, messages = "/v1/chat/completions", "/v1/messages"
+    count, embeddings = "/v1/messages/count_tokens", "/v1/embeddings"
+    with TestClient(create_app(settings())) as client:
+        check_vendor(client.get("/v1/models", headers=AS_USER), "/v1/models", "get")
+        check_vendor(client.get("/v1/models"), "/v1/models", "get")  # 401
+        check_vendor(client.post(chat, json=OPENAI_CHAT, headers=AS_USER), chat)
+        streamed = {**OPENAI_CHAT, "stream": True, "stream_options": {"include_usage": True}}
+        check_vendor(client.post(chat, json=streamed, headers=AS_USER), chat)
+        check_vendor(client.post(chat, json={"model": "mock/mock-1"}, headers=AS_USER), chat)
+        check_vendor(client.post(chat, json=OPENAI_CHAT), chat)  # 401
+        check_vendor(client.post(chat, content=b"x" * (5 << 20), headers=AS_USER), chat)  # 413
+        # The mock has no embeddings: a 400 naming the model.
+        body = {"model": "mock/mock-1", "input": "hi"}
+        component("OpenAIEmbeddingRequest").validate(body)
+        check_vendor(client.post(embeddings, json=body, headers=AS_USER), embeddings)
+        check_vendor(client.post(embeddings, json={**body, "x": 1}, headers=AS_USER), embeddings)
+        check_vendor(client.post(messages, json=ANTHROPIC_CHAT, headers=AS_ANTHROPIC), messages)
+        check_vendor(client.post(messages, json=ANTHROPIC_CHAT, headers=AS_USER), messages)
+        streamed = {**ANTHROPIC_CHAT, "stream": True}
+        check_vendor(client.post(messages, json=streamed, headers=AS_ANTHROPIC), messages)
+        check_vendor(client.post(messages, json=OPENAI_CHAT, headers=AS_ANTHROPIC), messages)
+        check_vendor(client.post(messages, json=ANTHROPIC_CHAT), messages)  # 401
+        check_vendor(client.post(count, json=OPENAI_CHAT, headers=AS_ANTHROPIC), count)
+        check_vendor(client.post(count, json={"model": "m"}, headers=AS_ANTHROPIC), count)
+
+
+@pytest.mark.parametrize(
+    ("path", "schema", "body"),
+    [
+        ("/v1/chat/completions", "OpenAIChatRequest", {"model": "mock/mock-1"}),
+        ("/v1/chat/completions", "OpenAIChatRequest", {**OPENAI_CHAT, "messages": []}),
+        ("/v1/chat/completions", "OpenAIChatRequest", {**OPENAI_CHAT, "model": ""}),
+        ("/v1/chat/completions", "OpenAIChatRequest", {**OPENAI_CHAT, "temperature": 3}),
+        ("/v1/chat/completions", "OpenAIChatRequest", {**OPENAI_CHAT, "max_tokens": 0}),
+        ("/v1/chat/completions", "OpenAIChatRequest", {**OPENAI_CHAT, "stream": "yes"}),
+        (
+            "/v1/chat/completions",
+            "OpenAIChatRequest",
+            {**OPENAI_CHAT, "messages": [{"role": "robot", "content": "hi"}]},
+        ),
+        ("/v1/messages", "AnthropicMessagesRequest", OPENAI_CHAT),
+        ("/v1/messages", "AnthropicMessagesRequest", {**ANTHROPIC_CHAT, "max_tokens": 0}),
+        ("/v1/messages", "AnthropicMessagesRequest", {**ANTHROPIC_CHAT, "temperature": 1.5}),
+        (
+            "/v1/messages",
+            "AnthropicMessagesRequest",
+            {**ANTHROPIC_CHAT, "messages": [{"role": "system", "content": "hi"}]},
+        ),
+        ("/v1/messages/count_tokens", "AnthropicCountTokensRequest", {"model": "mock/mock-1"}),
+        ("/v1/embeddings", "OpenAIEmbeddingRequest", {"model": "mock/mock-1"}),
+        ("/v1/embeddings", "OpenAIEmbeddingRequest", {"model": "m", "input": []}),
+        ("/v1/embeddings", "OpenAIEmbeddingRequest", {"model": "m", "input": "a", "dimensions": 0}),
+        ("/v1/embeddings", "OpenAIEmbeddingRequest", {"model": "m", "input": "a", "bogus": 1}),
+    ],
+)
+def test_a_vendor_body_the_schema_refuses_the_proxy_refuses(
+    path: str, schema: str, body: dict[str, Any]
+) -> None:
+    assert not component(schema).is_valid(body)
+    with TestClient(create_app(settings())) as client:
+        answer = client.post(path, json=body, headers=AS_USER)
+    assert answer.status_code == 400, answer.text
+    check_vendor(answer, path)
+
+
+@pytest.mark.parametrize(
+    ("path", "schema", "body"),
+    [
+        ("/v1/chat/completions", "OpenAIChatRequest", OPENAI_CHAT),
+        (
+            "/v1/chat/completions",
+            "OpenAIChatRequest",
+            {**OPENAI_CHAT, "temperature": 2, "max_completion_tokens": 5, "stop": ["x"]},
+        ),
+        ("/v1/messages", "AnthropicMessagesRequest", ANTHROPIC_CHAT),
+        (
+            "/v1/messages",
+            "AnthropicMessagesRequest",
+            {**ANTHROPIC_CHAT, "system": "be brief", "temperature": 1, "stop_sequences": ["x"]},
+        ),
+        ("/v1/messages/count_tokens", "AnthropicCountTokensRequest", OPENAI_CHAT),
+    ],
+)
+def test_a_vendor_body_for_the_mock_the_schema_accepts_the_proxy_accepts(
+    path: str, schema: str, body: dict[str, Any]
+) -> None:
+    assert component(schema).is_valid(body)
+    with TestClient(create_app(settings())) as client:
+        answer = client.post(path, json=body, headers=AS_USER)
+    assert answer.status_code == 200, answer.text
+    check_vendor(answer, path)
 
 
 def test_admin_api_disabled_is_documented() -> None:
