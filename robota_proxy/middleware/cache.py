@@ -18,6 +18,12 @@ Only a complete success is stored: a 200 JSON answer, or a stream whose last eve
 final ``AssistantMessage`` and, for a stream, its event list, so a streamed request replays
 the same events (delta, tool_call, usage, done) and a plain request is answered from a stored
 stream and the other way round (the events are rebuilt from the message).
+
+``/v1/chat/completions`` and ``/v1/messages`` are cached by the same rules (the tenant scope,
+``temperature: 0``, the directives, only complete successes, the ``X-Robota-Cache`` header),
+but keep the exact bytes their route sent and are keyed on the caller's own JSON: see
+``cache_raw``. A streamed call (``stream: true``) reads only ``X-Robota-Cache-Control``, as the
+stream route does.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from typing import Literal
 import httpx
 from httpx_sse import EventSource
 from pydantic import ValidationError
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -49,8 +56,14 @@ from robota_client.messages import (
 from robota_proxy import scope as keys
 from robota_proxy.call_record import CallRecord, call_record
 from robota_proxy.chat_body import chat_request
-from robota_proxy.dialects import ROBOTA, dialect_of
+from robota_proxy.dialects import ANTHROPIC, CHAT_SURFACES, ROBOTA, Dialect, ParsedChat, dialect_of
 from robota_proxy.errors import ProxyError
+from robota_proxy.middleware.cache_raw import (
+    RawAnswer,
+    cacheable_dialect,
+    raw_cache_key,
+    stream_complete,
+)
 from robota_proxy.middleware.paths import CHAT_PATHS, call_feature, route_path
 from robota_proxy.policy.principals import Principal
 from robota_proxy.responses import WireResponse, error_response
@@ -197,6 +210,7 @@ class _Capture:
         self._max_bytes = max_bytes
         self._on_complete = on_complete
         self.status = 0
+        self.content_type = "application/json"
         self.chunks: list[bytes] = []
         self.size = 0
         self.complete = False
@@ -205,6 +219,9 @@ class _Capture:
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.status = message["status"]
+            for name, value in message.get("headers", []):
+                if name.lower() == b"content-type":
+                    self.content_type = value.decode("latin-1")
             message = {
                 **message,
                 "headers": [*message.get("headers", []), (b"x-robota-cache", b"MISS")],
@@ -263,29 +280,57 @@ class CacheMiddleware:
             await error_response(exc, request_id, scope=scope)(scope, receive, send)
             return
         streamed = call_feature(scope) == "stream"
-        if dialect_of(scope) is not ROBOTA or not is_cacheable(body):
+        if not is_cacheable(body):
+            await self.app(scope, receive, send)
+            return
+        surface = CHAT_SURFACES.get(route_path(scope))
+        parsed = scope.get(keys.PARSED_CHAT)
+        if dialect_of(scope) is ROBOTA:
+            key = cache_key(self._scope_name(scope), body)
+            raw_surface: Dialect | None = None
+        elif (
+            surface is not None
+            and cacheable_dialect(surface.dialect)
+            and isinstance(parsed, ParsedChat)
+        ):
+            raw_surface = surface.dialect
+            headers = Headers(scope=scope)
+            key = raw_cache_key(self._scope_name(scope), raw_surface, parsed, body, headers)
+        else:  # embeddings, or a dialect without a raw form
             await self.app(scope, receive, send)
             return
         directives = cache_directives(scope, streamed)
-        key = cache_key(self._scope_name(scope), body)
         if "no-cache" not in directives:
             try:
-                raw = await self.cache.get(key)
+                stored = await self.cache.get(key)
             except ProxyError as exc:  # its storage is down and the operator chose "closed"
                 await error_response(exc, request_id, scope=scope)(scope, receive, send)
                 return
-            answer = CachedAnswer.from_bytes(raw) if raw is not None else None
-            if answer is not None:
-                log.info("cache hit %s %s/%s", request_id, body.provider, body.model)
-                await self._hit(answer, streamed, scope, receive, send)
-                return
+            if stored is not None and raw_surface is not None:
+                raw_answer = RawAnswer.from_bytes(stored)
+                if raw_answer is not None:
+                    log.info("cache hit %s %s/%s", request_id, body.provider, body.model)
+                    await self._raw_hit(raw_answer, raw_surface, streamed, scope, send)
+                    return
+            elif stored is not None:
+                answer = CachedAnswer.from_bytes(stored)
+                if answer is not None:
+                    log.info("cache hit %s %s/%s", request_id, body.provider, body.model)
+                    await self._hit(answer, streamed, scope, receive, send)
+                    return
 
         async def store(capture: _Capture) -> None:
             if "no-store" in directives:
                 return
-            answer = self._answer(capture, streamed, scope)
-            if answer is not None:
-                await self.cache.set(key, answer.to_bytes())
+            entry: bytes | None = None
+            if raw_surface is not None:
+                raw_answer = self._raw_answer(capture, raw_surface, streamed, scope, body)
+                entry = raw_answer.to_bytes() if raw_answer is not None else None
+            else:
+                answer = self._answer(capture, streamed, scope)
+                entry = answer.to_bytes() if answer is not None else None
+            if entry is not None:
+                await self.cache.set(key, entry)
 
         await self.app(scope, receive, _Capture(send, self.max_entry_bytes, store).send)
 
@@ -335,6 +380,46 @@ class CacheMiddleware:
         except (ValueError, ValidationError):
             log.warning("cache: could not read the route's own answer; not stored")
             return None
+
+    async def _raw_hit(
+        self, answer: RawAnswer, dialect: Dialect, streamed: bool, scope: Scope, send: Send
+    ) -> None:
+        """The stored bytes as they were sent, metered like a Robota hit: one row marked
+        cached, cost 0, with the token counts of the call that stored it."""
+        request_id = keys.request_id(scope)
+        record = call_record(scope, request_id)
+        record.cached, record.streamed = True, streamed
+        record.settle_usage(answer.provider, answer.model, answer.usage or Usage())
+        headers = [(b"content-type", answer.content_type.encode("latin-1"))]
+        if streamed:
+            headers += [(k.lower().encode(), v.encode()) for k, v in sse.HEADERS.items()]
+        else:
+            headers.append((b"content-length", str(len(answer.body)).encode()))
+        if dialect is ANTHROPIC:  # the Anthropic route names every answer's request
+            headers.append((b"request-id", request_id.encode()))
+        headers.append((b"x-robota-cache", b"HIT"))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": answer.body, "more_body": False})
+
+    def _raw_answer(
+        self, capture: _Capture, dialect: Dialect, streamed: bool, scope: Scope, body: ChatRequest
+    ) -> RawAnswer | None:
+        """The route's bytes to store, or None when they are not a complete success."""
+        record = scope.get(keys.CALL)
+        if not isinstance(record, CallRecord) or record.status != "ok":
+            return None
+        if capture.status != 200 or not capture.complete or capture.too_big:
+            return None
+        content = capture.body
+        if streamed and not stream_complete(dialect, content):
+            return None
+        return RawAnswer(
+            content_type=capture.content_type,
+            body=content,
+            provider=record.provider or body.provider,
+            model=record.model or body.model,
+            usage=record.usage,
+        )
 
 
 def _stream_answer(body: bytes) -> CachedAnswer | None:
