@@ -31,9 +31,8 @@ import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeAlias, cast
+from typing import Protocol, cast
 
-import pydantic_core
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
@@ -46,18 +45,23 @@ from robota_proxy.dialects import ModelRouter, ParsedChat, syntactic_router
 from robota_proxy.dialects import anthropic as dialect
 from robota_proxy.errors import ProxyError, UpstreamError
 from robota_proxy.policy.pricing import prompt_token_bound
-from robota_proxy.policy.principals import Principal
 from robota_proxy.routes import sse
-from robota_proxy.routes.chat import _wire_events
-from robota_proxy.upstreams.base import Upstream, UpstreamEvent
+from robota_proxy.routes.chat import principal_of, wire_events
+from robota_proxy.routes.compat import (
+    Item,
+    JSONDict,
+    as_items,
+    chain,
+    json_response,
+    only_events,
+    rendered,
+    shown_model,
+)
+from robota_proxy.upstreams.base import Upstream
 from robota_proxy.upstreams.registry import UpstreamRegistry
 from robota_proxy.upstreams.resilience import Resilience
 
 log = logging.getLogger("robota_proxy.anthropic_compat")
-
-JSONDict: TypeAlias = dict[str, Any]
-#: What one target's stream yields: the vendor's own events (passthrough) or wire events.
-Item: TypeAlias = JSONDict | UpstreamEvent
 
 
 class Passthrough(Protocol):
@@ -121,7 +125,7 @@ class AnthropicRoutes:
 
         try:
             result, served = await self.resilience.run(
-                body, _principal(request), "chat", record, call
+                body, principal_of(request), "chat", record, call
             )
         except ProxyError as exc:
             record.status = exc.code
@@ -131,11 +135,14 @@ class AnthropicRoutes:
             usage = result.answer.get("usage")
             if isinstance(usage, dict):
                 record.settle_usage(sent.provider, sent.model, dialect.usage_of(usage))
-            return _json(result.answer, request_id)
+            return json_response(result.answer, headers={"request-id": request_id})
         if result.usage is not None:
             record.settle_usage(sent.provider, sent.model, result.usage)
-        model = _shown_model(parsed, body, sent)
-        return _json(dialect.message_json(result, model=model, request_id=request_id), request_id)
+        model = shown_model(parsed, body, sent)
+        return json_response(
+            dialect.message_json(result, model=model, request_id=request_id),
+            headers={"request-id": request_id},
+        )
 
     async def _stream(
         self,
@@ -150,12 +157,12 @@ class AnthropicRoutes:
         def start(upstream: Upstream, sent: ChatRequest) -> AsyncGenerator[Item, None]:
             passthrough = _passthrough(upstream)
             if passthrough is None:
-                return _as_items(upstream.stream(_translated(parsed, sent)))
-            return _as_items(passthrough.passthrough_stream(_forwarded_body(raw, sent), headers))
+                return as_items(upstream.stream(_translated(parsed, sent)))
+            return as_items(passthrough.passthrough_stream(_forwarded_body(raw, sent), headers))
 
         try:
             first, rest, served = await self.resilience.open_events(
-                body, _principal(request), record, start
+                body, principal_of(request), record, start
             )
         except BaseException as exc:
             record.status = exc.code if isinstance(exc, ProxyError) else "client_disconnected"
@@ -166,9 +173,9 @@ class AnthropicRoutes:
             frames = _forwarded(sent, record, first, rest)
         else:
             writer = dialect.EventWriter(
-                request_id=record.request_id, model=_shown_model(parsed, body, sent)
+                request_id=record.request_id, model=shown_model(parsed, body, sent)
             )
-            frames = _rendered(writer, _wire_events(sent, record, first, _only_events(rest)))
+            frames = rendered(writer, wire_events(sent, record, first, only_events(rest)))
         return StreamingResponse(
             frames,
             media_type="text/event-stream",
@@ -186,7 +193,7 @@ class AnthropicRoutes:
         route: ModelRouter = router if callable(router) else syntactic_router
         parsed = dialect.parse_count_tokens(await read_body(request, self.max_body_bytes), route)
         target = parsed.request
-        principal = _principal(request)
+        principal = principal_of(request)
         if principal is not None:
             principal.permissions.authorize(target, "chat")
         if target.provider != "auto":
@@ -198,8 +205,10 @@ class AnthropicRoutes:
                     dialect.forwarded_headers(request.headers),
                     path=dialect.COUNT_TOKENS_PATH,
                 )
-                return _json(answer, request_id)
-        return _json({"input_tokens": prompt_token_bound(target)}, request_id)
+                return json_response(answer, headers={"request-id": request_id})
+        return json_response(
+            {"input_tokens": prompt_token_bound(target)}, headers={"request-id": request_id}
+        )
 
 
 def _translated(parsed: ParsedChat, sent: ChatRequest) -> ChatRequest:
@@ -221,30 +230,6 @@ def _forwarded_body(raw: JSONDict, sent: ChatRequest) -> JSONDict:
     return body
 
 
-async def _as_items(events: AsyncGenerator[Any, None]) -> AsyncGenerator[Item, None]:
-    async with aclosing(events):
-        async for event in events:
-            yield event
-
-
-async def _only_events(items: AsyncGenerator[Item, None]) -> AsyncGenerator[UpstreamEvent, None]:
-    async with aclosing(items):
-        async for item in items:
-            if not isinstance(item, dict):
-                yield item
-
-
-async def _rendered(
-    writer: dialect.EventWriter, events: AsyncGenerator[Any, None]
-) -> AsyncGenerator[bytes, None]:
-    async with aclosing(events):
-        yield writer.start()
-        async for event in events:
-            frame = writer.event(event)
-            if frame:
-                yield frame
-
-
 #: Delta fields whose text a stream cut short is estimated from.
 _DELTA_TEXT = ("text", "thinking", "partial_json")
 
@@ -257,7 +242,7 @@ async def _forwarded(
     tracker = dialect.UsageTracker()
     async with aclosing(rest):
         try:
-            async for event in _chain(first, rest):
+            async for event in chain(first, rest):
                 if not isinstance(event, dict) or not isinstance(event.get("type"), str):
                     continue
                 tracker.see(event)
@@ -287,34 +272,7 @@ async def _forwarded(
             raise
 
 
-async def _chain(first: Item, rest: AsyncIterator[Item]) -> AsyncIterator[Item]:
-    yield first
-    async for item in rest:
-        yield item
-
-
 def _error_frame(error: ProxyError, request_id: str) -> bytes:
     return dialect.error_frame(
         ErrorEvent(code=error.code, message=error.message, request_id=request_id)
-    )
-
-
-def _shown_model(parsed: ParsedChat, asked: ChatRequest, sent: ChatRequest) -> str:
-    """The name the caller used when its target answered; ``provider/model`` of the
-    fallback that did otherwise."""
-    if (sent.provider, sent.model) == (asked.provider, asked.model) and parsed.raw is not None:
-        return str(parsed.raw.get("model") or sent.model)
-    return f"{sent.provider}/{sent.model}"
-
-
-def _principal(request: Request) -> Principal | None:
-    principal = request.scope.get(keys.PRINCIPAL)
-    return principal if isinstance(principal, Principal) else None
-
-
-def _json(body: object, request_id: str) -> Response:
-    return Response(
-        pydantic_core.to_json(body),
-        media_type="application/json",
-        headers={"request-id": request_id},
     )

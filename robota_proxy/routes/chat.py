@@ -71,7 +71,7 @@ class ChatRoutes:
         request_id = keys.request_id(request.scope)
         record = call_record(request.scope, request_id)
         try:
-            message, served = await self.resilience.chat(body, _principal(request), record)
+            message, served = await self.resilience.chat(body, principal_of(request), record)
         except ProxyError as exc:
             record.status = exc.code
             raise
@@ -93,7 +93,7 @@ class ChatRoutes:
         # retry on, instead of a 200 stream that only says "error". Until then the call may be
         # retried and fall back (robota_proxy.upstreams.resilience); after it, never.
         try:
-            opened = await self.resilience.open_stream(body, _principal(request), record)
+            opened = await self.resilience.open_stream(body, principal_of(request), record)
         except BaseException as exc:
             record.status = exc.code if isinstance(exc, ProxyError) else "client_disconnected"
             raise
@@ -101,18 +101,18 @@ class ChatRoutes:
         # The producer is decoupled from this connection (see robota_proxy.streams.response):
         # a client that drops can resume the same answer; one that does not come back within
         # the grace has the vendor call cancelled and what was produced settled.
-        principal = _principal(request)
+        principal = principal_of(request)
         return ProducingStream(
             self.streams,
             new_stream_id(),
             principal.user if principal is not None else "anonymous",
-            _wire_events(body, record, first, events),
+            wire_events(body, record, first, events),
             grace=self.resume_grace,
             max_bytes=self.stream_max_bytes,
         )
 
 
-async def _wire_events(
+async def wire_events(
     body: ChatRequest,
     record: CallRecord,
     first: UpstreamEvent | None,
@@ -161,7 +161,8 @@ async def _wire_events(
             raise
 
 
-def _principal(request: Request) -> Principal | None:
+def principal_of(request: Request) -> Principal | None:
+    """Who the auth middleware said is calling (``None`` when it is not mounted)."""
     principal = request.scope.get(keys.PRINCIPAL)
     return principal if isinstance(principal, Principal) else None
 

@@ -23,9 +23,8 @@ import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Collection
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeAlias, cast
+from typing import Protocol, cast
 
-import pydantic_core
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
@@ -39,17 +38,24 @@ from robota_proxy.dialects import openai as dialect
 from robota_proxy.errors import Forbidden, ProxyError, UpstreamError
 from robota_proxy.policy.principals import Principal
 from robota_proxy.routes import sse
-from robota_proxy.routes.chat import _wire_events
-from robota_proxy.upstreams.base import Upstream, UpstreamEvent
+from robota_proxy.routes.chat import principal_of, wire_events
+from robota_proxy.routes.compat import (
+    Item,
+    JSONDict,
+    as_items,
+    chain,
+    json_response,
+    only_events,
+    rendered,
+    shown_model,
+)
+from robota_proxy.upstreams.base import Upstream
 from robota_proxy.upstreams.registry import UpstreamRegistry
 from robota_proxy.upstreams.resilience import Resilience
 
 log = logging.getLogger("robota_proxy.openai_compat")
 
 MODELS_PATH = "/v1/models"
-JSONDict: TypeAlias = dict[str, Any]
-#: What one target's stream yields: the vendor's own chunks (passthrough) or wire events.
-Item: TypeAlias = JSONDict | UpstreamEvent
 
 
 class Passthrough(Protocol):
@@ -100,7 +106,7 @@ class OpenAIRoutes:
     async def models(self, request: Request) -> Response:
         """What this caller may use: ``provider/model`` for every model a provider lists
         (a provider that takes any model lists none), and the aliases, as OpenAI lists."""
-        principal = _principal(request)
+        principal = principal_of(request)
         names: list[tuple[str, str]] = [
             (provider, model)
             for provider, models in self.registry.catalogue().items()
@@ -114,7 +120,7 @@ class OpenAIRoutes:
             shown = model if provider == "auto" else f"{provider}/{model}"
             owner = "robota" if provider == "auto" else provider
             data.append({"id": shown, "object": "model", "created": 0, "owned_by": owner})
-        return _json({"object": "list", "data": data})
+        return json_response({"object": "list", "data": data})
 
     # --- POST /v1/chat/completions ----------------------------------------------------------
 
@@ -139,7 +145,7 @@ class OpenAIRoutes:
 
         try:
             result, served = await self.resilience.run(
-                body, _principal(request), "chat", record, call
+                body, principal_of(request), "chat", record, call
             )
         except ProxyError as exc:
             record.status = exc.code
@@ -148,11 +154,11 @@ class OpenAIRoutes:
         if isinstance(result, _Raw):
             if result.usage is not None:
                 record.settle_usage(sent.provider, sent.model, result.usage)
-            return _json(result.answer)
+            return json_response(result.answer)
         if result.usage is not None:
             record.settle_usage(sent.provider, sent.model, result.usage)
-        model = _shown_model(parsed, body, sent)
-        return _json(dialect.completion(result, model=model, request_id=request_id))
+        model = shown_model(parsed, body, sent)
+        return json_response(dialect.completion(result, model=model, request_id=request_id))
 
     async def _stream(
         self, request: Request, body: ChatRequest, parsed: ParsedChat, record: CallRecord
@@ -164,13 +170,13 @@ class OpenAIRoutes:
         def start(upstream: Upstream, sent: ChatRequest) -> AsyncGenerator[Item, None]:
             raw = _passthrough(upstream, parsed)
             if raw is None:
-                return _as_items(upstream.stream(sent))
+                return as_items(upstream.stream(sent))
             out = raw.passthrough_body(raw_body, sent.model, sent.options.max_tokens)
-            return _as_items(raw.stream_raw(out))
+            return as_items(raw.stream_raw(out))
 
         try:
             first, rest, served = await self.resilience.open_events(
-                body, _principal(request), record, start
+                body, principal_of(request), record, start
             )
         except BaseException as exc:
             record.status = exc.code if isinstance(exc, ProxyError) else "client_disconnected"
@@ -182,36 +188,12 @@ class OpenAIRoutes:
         else:
             writer = dialect.ChunkWriter(
                 request_id=record.request_id,
-                model=_shown_model(parsed, body, sent),
+                model=shown_model(parsed, body, sent),
                 include_usage=include_usage,
             )
-            events = _wire_events(sent, record, first, _only_events(rest))
-            frames = _rendered(writer, events)
+            events = wire_events(sent, record, first, only_events(rest))
+            frames = rendered(writer, events)
         return StreamingResponse(frames, media_type="text/event-stream", headers=sse.HEADERS)
-
-
-async def _as_items(events: AsyncGenerator[Any, None]) -> AsyncGenerator[Item, None]:
-    async with aclosing(events):
-        async for event in events:
-            yield event
-
-
-async def _only_events(items: AsyncGenerator[Item, None]) -> AsyncGenerator[UpstreamEvent, None]:
-    async with aclosing(items):
-        async for item in items:
-            if not isinstance(item, dict):
-                yield item
-
-
-async def _rendered(
-    writer: dialect.ChunkWriter, events: AsyncGenerator[Any, None]
-) -> AsyncGenerator[bytes, None]:
-    async with aclosing(events):
-        yield writer.start()
-        async for event in events:
-            frame = writer.event(event)
-            if frame:
-                yield frame
 
 
 async def _forwarded(
@@ -226,7 +208,7 @@ async def _forwarded(
     finished = False
     async with aclosing(rest):
         try:
-            async for chunk in _chain(first, rest):
+            async for chunk in chain(first, rest):
                 if not isinstance(chunk, dict):
                     continue
                 usage = dialect_usage(chunk)
@@ -256,12 +238,6 @@ async def _forwarded(
             raise
 
 
-async def _chain(first: Item, rest: AsyncIterator[Item]) -> AsyncIterator[Item]:
-    yield first
-    async for item in rest:
-        yield item
-
-
 def dialect_usage(chunk: JSONDict) -> Usage | None:
     from robota_proxy.upstreams.openai import chunk_usage
 
@@ -286,14 +262,6 @@ def _error_frame(error: ProxyError, request_id: str) -> bytes:
     )
 
 
-def _shown_model(parsed: ParsedChat, asked: ChatRequest, sent: ChatRequest) -> str:
-    """The name the caller used when its target answered; ``provider/model`` of the
-    fallback that did otherwise."""
-    if (sent.provider, sent.model) == (asked.provider, asked.model) and parsed.raw is not None:
-        return str(parsed.raw.get("model") or sent.model)
-    return f"{sent.provider}/{sent.model}"
-
-
 def _allowed(principal: Principal, provider: str, model: str) -> bool:
     probe = ChatRequest(provider=provider, model=model, messages=[{"role": "user", "content": "-"}])
     try:
@@ -301,12 +269,3 @@ def _allowed(principal: Principal, provider: str, model: str) -> bool:
     except Forbidden:
         return False
     return True
-
-
-def _principal(request: Request) -> Principal | None:
-    principal = request.scope.get(keys.PRINCIPAL)
-    return principal if isinstance(principal, Principal) else None
-
-
-def _json(body: object, status: int = 200) -> Response:
-    return Response(pydantic_core.to_json(body), status_code=status, media_type="application/json")

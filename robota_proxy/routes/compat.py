@@ -1,0 +1,83 @@
+"""What the vendor-compatible surfaces (``openai_compat``, ``anthropic_compat``) share.
+
+A compatible route's stream carries one of two kinds of item per target: the vendor's own
+chunks as dicts (a passthrough to a target that speaks the surface's wire) or the adapters'
+``UpstreamEvent``s (a translated call), which a dialect's frame writer renders. These helpers
+join the first item ``Resilience.open_events`` waited for with the rest, split the kinds, and
+render events as frames, closing the vendor call whenever the caller stops reading.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
+from typing import Any, Protocol, TypeAlias
+
+import pydantic_core
+from starlette.responses import Response
+
+from robota_client.messages import ChatRequest
+from robota_proxy.dialects import ParsedChat
+from robota_proxy.upstreams.base import UpstreamEvent
+
+JSONDict: TypeAlias = dict[str, Any]
+#: What one target's stream yields: the vendor's own chunks (passthrough) or wire events.
+Item: TypeAlias = JSONDict | UpstreamEvent
+
+
+class FrameWriter(Protocol):
+    """A dialect's renderer of wire events as SSE frames."""
+
+    def start(self) -> bytes: ...
+
+    def event(self, event: Any) -> bytes | None: ...
+
+
+async def as_items(events: AsyncGenerator[Any, None]) -> AsyncGenerator[Item, None]:
+    async with aclosing(events):
+        async for event in events:
+            yield event
+
+
+async def only_events(items: AsyncGenerator[Item, None]) -> AsyncGenerator[UpstreamEvent, None]:
+    async with aclosing(items):
+        async for item in items:
+            if not isinstance(item, dict):
+                yield item
+
+
+async def rendered(
+    writer: FrameWriter, events: AsyncGenerator[Any, None]
+) -> AsyncGenerator[bytes, None]:
+    async with aclosing(events):
+        yield writer.start()
+        async for event in events:
+            frame = writer.event(event)
+            if frame:
+                yield frame
+
+
+async def chain(first: Item, rest: AsyncIterator[Item]) -> AsyncIterator[Item]:
+    yield first
+    async for item in rest:
+        yield item
+
+
+def shown_model(parsed: ParsedChat, asked: ChatRequest, sent: ChatRequest) -> str:
+    """The name the caller used when its target answered; ``provider/model`` of the
+    fallback that did otherwise."""
+    if (sent.provider, sent.model) == (asked.provider, asked.model) and parsed.raw is not None:
+        return str(parsed.raw.get("model") or sent.model)
+    return f"{sent.provider}/{sent.model}"
+
+
+def json_response(
+    body: object, status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    """JSON straight from pydantic-core (no ``json.dumps`` round trip)."""
+    return Response(
+        pydantic_core.to_json(body),
+        status_code=status,
+        media_type="application/json",
+        headers=headers,
+    )
