@@ -57,11 +57,14 @@ def key(body: dict[str, Any], scope: str = "user:a", headers: dict[str, str] | N
     return raw_cache_key(scope, dialect, parsed, parsed.request, headers or {})
 
 
-def test_the_raw_key_ignores_only_the_stream_field_and_key_order() -> None:
+def test_the_raw_key_ignores_only_the_stream_field_and_top_level_order() -> None:
     base = key(openai_body())
     assert len(base) == 64
     assert key(openai_body(stream=False)) == base
     assert key(dict(reversed(list(openai_body().items())))) == base
+    # Inside a message the order sent is kept (cheaper to hash): a reordered one only misses.
+    swapped = openai_body(messages=[{"content": "hi", "role": "user"}])
+    assert key(swapped) != base
 
 
 def test_the_raw_key_changes_with_tenant_stream_model_and_passthrough_fields() -> None:
