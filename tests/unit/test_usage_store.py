@@ -518,17 +518,18 @@ async def test_a_database_from_before_the_leases_is_upgraded(empty_database_url:
                         LEDGER.c.reserved_tokens,
                         LEDGER.c.lease_expires_at,
                         LEDGER.c.estimate_cost_pico,
+                        LEDGER.c.surface,
                     ).order_by(LEDGER.c.id)
                 )
             ).all()
         assert version == len(MIGRATIONS)  # and every later step runs on it too
         ids = [row.id for row in rows]
         assert [tuple(row)[1:] for row in rows] == [
-            ("client-7", None, 0, None, None),
-            (f"client-7~{ids[1]}", "client-7", 0, None, None),
-            ("req_unique", None, 0, None, None),
-            (f"client-7~{ids[3]}", "client-7", 0, None, None),
-        ]
+            ("client-7", None, 0, None, None, "robota"),
+            (f"client-7~{ids[1]}", "client-7", 0, None, None, "robota"),
+            ("req_unique", None, 0, None, None, "robota"),
+            (f"client-7~{ids[3]}", "client-7", 0, None, None, "robota"),
+        ]  # rows from before migration 4 came in on the only surface there was: /ai/*
         # The upgraded ledger takes new rows, settles them, and keys them uniquely.
         store = UsageStore(database)
         held = await open_call(store, opening("old", when=when, request_id="req_new"))
