@@ -1,6 +1,6 @@
 """Quick per-request CPU cost of robota-proxy: about 30 s, robust to a shared machine.
 
-    python -m benchmarks.cpu_cost                    # plain proxy and the SQLite chain
+    python -m benchmarks.cpu_cost              # the proxy (/ai/chat and /v1) and the SQLite chain
     python -m benchmarks.cpu_cost --seconds 3 --only chat
 
 Starts the fake upstream and real proxy processes (as the harness does), drives each with the
@@ -45,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server = processes.robota_proxy("robota", workdir, upstream_url, extra, 1)
         targets.append(Target("robota", "robota", processes.base_url(server), "bench-key", server))
+        # The same process through its OpenAI-compatible surface: the caller's JSON passed
+        # through to the OpenAI-wire upstream, side by side with /ai/chat's translation.
+        url = processes.base_url(server)
+        targets.append(Target("robota /v1", "openai", url, "bench-key", server))
         if not args.no_chain:
             env = {
                 k: v.format(workdir=workdir)
@@ -57,9 +61,8 @@ def main(argv: list[str] | None = None) -> int:
                 sys.exit(reason)
             chain.api_key = key
             targets.append(chain)
-        for target in targets:
-            assert target.server is not None
-            target.server.start()
+        for server in _servers(targets):
+            server.start()
         direct = Target("direct", "openai", upstream_url, "sk-bench")
         for kind, stream, concurrency in STEPS:
             if args.only and kind != args.only:
@@ -87,13 +90,21 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 print(_line(row), flush=True)
     finally:
-        for target in targets:
-            if target.server is not None:
-                target.server.stop()
+        for server in _servers(targets):
+            server.stop()
         upstream.stop()
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1), encoding="utf-8")
     return 0
+
+
+def _servers(targets: list[Target]) -> list[processes.Server]:
+    """Each process once, though several targets (surfaces) may share it."""
+    unique: dict[int, processes.Server] = {}
+    for target in targets:
+        if target.server is not None:
+            unique.setdefault(id(target.server), target.server)
+    return list(unique.values())
 
 
 def _line(row: dict[str, Any]) -> str:
