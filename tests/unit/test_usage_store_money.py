@@ -6,8 +6,9 @@ cancelled is still written."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
+import logging
+import os
+import re
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
@@ -15,6 +16,7 @@ import anyio
 import pytest
 from sqlalchemy.exc import DBAPIError
 
+from robota_proxy.storage import usage_store
 from robota_proxy.storage.usage_store import (
     IN_FLIGHT,
     INTERRUPTED,
@@ -44,6 +46,7 @@ pytestmark = pytest.mark.anyio
 anyio_backend = support.anyio_backend
 database_url = support.database_url
 fresh_statements = support.fresh_statements
+new_york = support.new_york
 store = support.store
 
 
@@ -225,16 +228,6 @@ async def test_each_month_has_its_own_counters_across_the_new_year(store: UsageS
         f"early_dec_{user}": INTERRUPTED,
         f"jan_{user}": "ok",
     }
-
-
-@pytest.fixture
-def new_york() -> Iterator[None]:
-    """The process runs in New York's time zone (UTC-5 in winter), as a host may."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TZ", "America/New_York")
-        time.tzset()
-        yield
-    time.tzset()
 
 
 async def test_a_calls_month_does_not_depend_on_the_hosts_time_zone(
@@ -480,7 +473,7 @@ async def test_a_refused_abandon_keeps_its_hold_until_the_lease_expires(
 
 
 async def test_a_settle_refused_by_the_database_is_reported_and_its_hold_released(
-    store: UsageStore,
+    store: UsageStore, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The settle's write fails: the caller gets the database's error (never a silent
     success), the row is closed as ``settle_failed`` with its worst case, the hold released.
@@ -495,10 +488,32 @@ async def test_a_settle_refused_by_the_database_is_reported_and_its_hold_release
         await refuse_writes_to(store, closable.request_id, unless_status="settle_failed"),
         await refuse_writes_to(store, stuck.request_id),
     ]
+    caplog.set_level(logging.ERROR, logger="robota_proxy.usage")
     try:
+        errors: list[DBAPIError] = []
         for held in (closable, stuck):
-            with pytest.raises(DBAPIError, match="refused by test"):
+            caplog.clear()
+            with pytest.raises(DBAPIError, match="refused by test") as raised:
                 await store.settle(entry(user, when=when, cost=5, request_id=held.request_id), held)
+            errors.append(raised.value)
+            [record] = caplog.records
+            # A database error is no bug of ours: no traceback in the log.
+            assert (record.name, record.levelname, bool(record.exc_info)) == (
+                "robota_proxy.usage",
+                "ERROR",
+                False,
+            )
+            if held is closable:
+                assert record.getMessage() == (
+                    f"settle of {held.request_id} failed ({type(raised.value).__name__}: "
+                    f"{raised.value}); its row closed as settle_failed with its worst case (1 "
+                    "row), the reservation released"
+                )
+            else:
+                assert record.getMessage() == (
+                    f"settle of {held.request_id} failed and so did closing its row "
+                    f"({type(raised.value).__name__}); its lease expiry will release it"
+                )
         statuses = {row["request_id"]: row["status"] for row in await rows_of(store, user)}
         assert statuses == {closable.request_id: "settle_failed", stuck.request_id: IN_FLIGHT}
         assert await store.counters(user, "2030-11") == Counters(100, 100, 7_000, 7_000, 1)
@@ -607,3 +622,14 @@ async def test_every_text_a_caller_sends_is_cut_to_its_column(store: UsageStore)
         "p" * 100,
         "m" * 200,
     )
+
+
+def test_a_lease_owner_names_the_host_the_process_and_its_life(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``host:pid:random``: the host cut to 60 characters (the column holds 100), the pid,
+    and 8 hex digits that tell apart two lives of a reused pid."""
+    monkeypatch.setattr(usage_store.socket, "gethostname", lambda: "h" * 100)
+    owner = usage_store.new_lease_owner()
+    assert re.fullmatch(rf"h{{60}}:{os.getpid()}:[0-9a-f]{{8}}", owner)
+    assert usage_store.new_lease_owner() != owner

@@ -28,6 +28,7 @@ pytestmark = pytest.mark.anyio
 anyio_backend = support.anyio_backend
 database_url = support.database_url
 fresh_statements = support.fresh_statements
+new_york = support.new_york
 store = support.store
 
 
@@ -94,6 +95,30 @@ async def test_a_report_runs_from_midnight_to_midnight_utc_per_day_model_and_use
     )
     one_day = await store.report(date(2030, 4, 2), date(2030, 4, 2), user=user)
     assert (one_day.total, one_day.days) == (row((), at_end), [row(("2030-04-02",), at_end)])
+
+
+async def test_a_reports_days_are_utc_days_whatever_the_hosts_time_zone(
+    store: UsageStore, new_york: None
+) -> None:
+    """On a host in New York, a day still runs from 00:00 to 24:00 UTC."""
+    user = unique("judy")
+    day = datetime(2030, 4, 3, tzinfo=UTC)
+    tick = timedelta(microseconds=1)
+    inside = [
+        call(user, day, model="m1", cost=1, tokens=(1, 0, 0, 0, 0)),
+        call(user, day + timedelta(days=1) - tick, model="m1", cost=2, tokens=(2, 0, 0, 0, 0)),
+    ]
+    outside = [
+        call(user, day - tick, model="m1", cost=4, tokens=(4, 0, 0, 0, 0)),
+        call(user, day + timedelta(days=1), model="m1", cost=8, tokens=(8, 0, 0, 0, 0)),
+    ]
+    for one in inside + outside:
+        await store.settle(one, None)
+    report = await store.report(date(2030, 4, 3), date(2030, 4, 3), user=user)
+    assert (report.total, report.days) == (
+        row((), *inside),
+        [row(("2030-04-03",), *inside)],
+    )
 
 
 async def test_an_empty_report_and_an_empty_month_are_zeros(store: UsageStore) -> None:

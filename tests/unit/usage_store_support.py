@@ -5,8 +5,9 @@ opening, its ledger entry, and read the ledger back. Every behaviour is tested o
 
 from __future__ import annotations
 
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -29,6 +30,16 @@ OWNER = "test-host:4242:abcd1234"
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture
+def new_york() -> Iterator[None]:
+    """The process runs in New York's time zone (UTC-5 in winter), as a host may."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TZ", "America/New_York")
+        time.tzset()
+        yield
+    time.tzset()
 
 
 #: The store's statements, built on first use and kept for the process's life.
