@@ -609,14 +609,21 @@ async def test_every_text_a_caller_sends_is_cut_to_its_column(store: UsageStore)
     ) == ("r" * 100, user[:200], "c" * 64, "k" * 64, "p" * 100, "m" * 200, "o" * 100)
     plain = unique("plain")
     never_opened = replace(
-        entry(plain, when=when, cost=1, model="m" * 300, request_id=f"new_{plain}"),
+        entry(plain, when=when, cost=1, model="m" * 300, request_id="n" * 150),
         correlation_id="c" * 100,
         key_id="k" * 100,
         provider="p" * 150,
     )
     await store.settle(never_opened, None)
     [row] = await rows_of(store, plain)
-    assert (row["correlation_id"], row["key_id"], row["provider"], row["model"]) == (
+    assert (
+        row["request_id"],
+        row["correlation_id"],
+        row["key_id"],
+        row["provider"],
+        row["model"],
+    ) == (
+        "n" * 100,
         "c" * 64,
         "k" * 64,
         "p" * 100,
