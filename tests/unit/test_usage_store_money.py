@@ -28,6 +28,7 @@ from robota_proxy.storage.usage_store import (
 )
 from tests.unit import usage_store_support as support
 from tests.unit.usage_store_support import (
+    LEDGER,
     OWNER,
     allow_writes,
     assert_adds_up,
@@ -233,19 +234,39 @@ async def test_each_month_has_its_own_counters_across_the_new_year(store: UsageS
 async def test_a_calls_month_does_not_depend_on_the_hosts_time_zone(
     store: UsageStore, new_york: None
 ) -> None:
-    """A call at 00:30 UTC on New Year's Day is January's, also when it is reclaimed and when
-    its late settle corrects it (SQLite hands timestamps back without their zone; read as
-    New York time they would be the old year's)."""
+    """On a host in New York, a call at 23:30 UTC on New Year's Eve is December's, also when
+    it is reclaimed and when its late settle corrects it, and one at 00:30 UTC on New Year's
+    Day is January's (SQLite hands timestamps back without their zone: read as New York time,
+    23:30 would be 04:30 UTC the next day)."""
     user = unique("zone")
-    when = datetime(2031, 1, 1, 0, 30, tzinfo=UTC)
-    await flush_older_leases(store, when + timedelta(minutes=1))
-    held = await open_call(store, opening(user, when=when, request_id=f"zone_{user}"))
-    assert await store.reclaim(when + timedelta(minutes=1)) == 1
-    assert await store.counters(user, "2031-01") == Counters(100, 0, 7_000, 0, 1)
-    await store.settle(entry(user, when=when, cost=40, request_id=held.request_id), held)
-    assert await store.counters(user, "2031-01") == Counters(15, 0, 40, 0, 1)
-    assert await store.counters(user, "2030-12") == Counters(0, 0, 0, 0, 0)
+    eve = datetime(2030, 12, 31, 23, 30, tzinfo=UTC)
+    new_year = datetime(2031, 1, 1, 0, 30, tzinfo=UTC)
+    await flush_older_leases(store, eve + timedelta(minutes=1))
+    held = await open_call(store, opening(user, when=eve, request_id=f"zone_{user}"))
+    assert await store.reclaim(eve + timedelta(minutes=1)) == 1
+    assert await store.counters(user, "2030-12") == Counters(100, 0, 7_000, 0, 1)
+    await store.settle(entry(user, when=eve, cost=40, request_id=held.request_id), held)
+    await store.settle(entry(user, when=new_year, cost=2, prompt=1, completion=1), None)
+    assert await store.counters(user, "2030-12") == Counters(15, 0, 40, 0, 1)
+    assert await store.counters(user, "2031-01") == Counters(2, 0, 2, 0, 1)
+    await assert_adds_up(store, user, "2030-12")
     await assert_adds_up(store, user, "2031-01")
+
+
+async def test_reclaim_by_default_closes_the_leases_expired_by_now_in_utc(
+    store: UsageStore, new_york: None
+) -> None:
+    """``reclaim()`` without a moment uses the present, as UTC, also on a host in New York: a
+    lease that expired an hour ago is closed, one that expires in an hour is not."""
+    user = unique("present")
+    now = datetime.now(UTC)
+    expired = opening(user, when=now - timedelta(hours=2), request_id=f"old_{user}")
+    alive = opening(user, when=now, request_id=f"alive_{user}", lease=timedelta(hours=1))
+    for call in (expired, alive):
+        await open_call(store, call, cost_limit=None)
+    await store.reclaim()
+    statuses = {row["request_id"]: row["status"] for row in await rows_of(store, user)}
+    assert statuses == {f"old_{user}": INTERRUPTED, f"alive_{user}": IN_FLIGHT}
 
 
 # --- what a settle writes ------------------------------------------------------------------------
@@ -640,3 +661,60 @@ def test_a_lease_owner_names_the_host_the_process_and_its_life(
     owner = usage_store.new_lease_owner()
     assert re.fullmatch(rf"h{{60}}:{os.getpid()}:[0-9a-f]{{8}}", owner)
     assert usage_store.new_lease_owner() != owner
+
+
+async def test_a_batch_of_settles_is_written_whole_whatever_its_kinds(store: UsageStore) -> None:
+    """Settles that queue behind a write are written together: an abandon of a reclaimed
+    row, an abandon and a settle of rows deleted by hand, calls never opened and a plain
+    settle; each is written, none stops the others."""
+    user = unique("batch")
+    when = datetime(2030, 11, 16, tzinfo=UTC)
+    reclaim_at = when + timedelta(minutes=1)
+    await flush_older_leases(store, reclaim_at)
+    reclaimed = await open_call(store, opening(user, when=when, request_id=f"reclaimed_{user}"))
+    assert await store.reclaim(reclaim_at) == 1
+    lasting = timedelta(hours=1)
+    gone = [
+        await open_call(store, opening(user, when=when, request_id=f"{name}_{user}", lease=lasting))
+        for name in ("gone_abandoned", "gone_settled")
+    ]
+    plain = await open_call(
+        store, opening(user, when=when, request_id=f"plain_{user}", lease=lasting)
+    )
+    async with store.database.engine.begin() as conn:
+        await conn.execute(
+            LEDGER.delete().where(LEDGER.c.request_id.in_([one.request_id for one in gone]))
+        )
+    jobs = [
+        (entry(user, when=when, cost=1, request_id=f"writer_{user}"), None),
+        (None, reclaimed),
+        (None, gone[0]),
+        (entry(user, when=when, cost=10, request_id=f"never1_{user}"), None),
+        (entry(user, when=when, cost=20, request_id=f"never2_{user}"), None),
+        (entry(user, when=when, cost=40, request_id=gone[1].request_id), gone[1]),
+        (entry(user, when=when, cost=80, request_id=plain.request_id), plain),
+    ]
+
+    async def one(settled: LedgerEntry | None, reservation: Reservation | None) -> None:
+        if settled is None:
+            assert reservation is not None
+            await store.abandon(reservation)
+        else:
+            await store.settle(settled, reservation)
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as group:
+            for settled, reservation in jobs:
+                group.start_soon(one, settled, reservation)
+    costs = {row["request_id"]: row["cost_pico"] for row in await rows_of(store, user)}
+    assert costs == {
+        f"writer_{user}": 1,
+        f"never1_{user}": 10,
+        f"never2_{user}": 20,
+        f"gone_settled_{user}": 40,
+        f"plain_{user}": 80,
+    }
+    counters = await store.counters(user, "2030-11")
+    # The holds of the rows deleted by hand cannot be told apart from released ones: only
+    # the usage is checked here.
+    assert (counters.tokens_used, counters.cost_used_pico, counters.requests) == (75, 151, 5)
