@@ -324,7 +324,8 @@ async def test_an_opened_row_holds_the_calls_details_and_its_lease(store: UsageS
     when = datetime(2030, 11, 7, 9, 30, tzinfo=UTC)
     call = replace(opening(user, when=when, request_id=f"open_{user}"), streamed=False)
     await open_call(store, call, token_limit=1_000)
-    await open_call(store, replace(call, request_id=f"plain_{user}", correlation_id=None))
+    plain = replace(call, request_id=f"plain_{user}", correlation_id=None, streamed=True)
+    await open_call(store, plain)
     rows = [utc(row) for row in await rows_of(store, user)]
     in_flight = {
         "request_id": f"open_{user}",
@@ -356,7 +357,7 @@ async def test_an_opened_row_holds_the_calls_details_and_its_lease(store: UsageS
     }
     assert rows == [
         in_flight,
-        {**in_flight, "request_id": f"plain_{user}", "correlation_id": None},
+        {**in_flight, "request_id": f"plain_{user}", "correlation_id": None, "streamed": True},
     ]
 
 
