@@ -326,7 +326,11 @@ async def test_an_opened_row_holds_the_calls_details_and_its_lease(store: UsageS
     await open_call(store, call, token_limit=1_000)
     plain = replace(call, request_id=f"plain_{user}", correlation_id=None, streamed=True)
     await open_call(store, plain)
-    rows = [utc(row) for row in await rows_of(store, user)]
+    await open_call(store, replace(call, request_id=f"dialect_{user}", surface="anthropic"))
+    *raw, dialect = await rows_of(store, user)
+    rows = [utc(row) for row in raw]
+    # The surface the call came in on is kept (the compatible routes test the rest of it).
+    assert (dialect["request_id"], dialect["surface"]) == (f"dialect_{user}", "anthropic")
     in_flight = {
         "request_id": f"open_{user}",
         "correlation_id": "theirs-1",
@@ -719,3 +723,48 @@ async def test_a_batch_of_settles_is_written_whole_whatever_its_kinds(store: Usa
     # The holds of the rows deleted by hand cannot be told apart from released ones: only
     # the usage is checked here.
     assert (counters.tokens_used, counters.cost_used_pico, counters.requests) == (75, 151, 5)
+
+
+async def test_one_failing_settle_in_a_batch_does_not_take_the_others_down(
+    store: UsageStore,
+) -> None:
+    """Three settles queue behind a write and are written together; one of them cannot be
+    written: the batch is written again one settle at a time, the two good ones are
+    committed and the bad one is reported failed, its row closed with its worst case."""
+    user = unique("fallback")
+    when = datetime(2030, 11, 17, tzinfo=UTC)
+    held = [
+        await open_call(store, opening(user, when=when, request_id=f"{name}_{user}"))
+        for name in ("writer", "good1", "bad", "good2")
+    ]
+    outcomes: dict[str, str] = {}
+
+    async def settle(reservation: Reservation, prompt: int) -> None:
+        settled = entry(user, when=when, cost=3, prompt=prompt, request_id=reservation.request_id)
+        try:
+            await store.settle(settled, reservation)
+            outcomes[reservation.request_id] = "ok"
+        except (OverflowError, DBAPIError):  # sqlite3's bind, asyncpg's
+            outcomes[reservation.request_id] = "failed"
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as group:
+            for reservation in held:
+                # A usage no BIGINT can hold makes the bad one's transaction fail.
+                group.start_soon(
+                    settle, reservation, 2**70 if "bad" in reservation.request_id else 10
+                )
+    assert outcomes == {
+        f"writer_{user}": "ok",
+        f"good1_{user}": "ok",
+        f"bad_{user}": "failed",
+        f"good2_{user}": "ok",
+    }
+    statuses = {row["request_id"]: row["status"] for row in await rows_of(store, user)}
+    assert statuses == {
+        f"writer_{user}": "ok",
+        f"good1_{user}": "ok",
+        f"bad_{user}": "settle_failed",
+        f"good2_{user}": "ok",
+    }
+    assert await store.counters(user, "2030-11") == Counters(3 * 15 + 100, 0, 3 * 3 + 7_000, 0, 4)
