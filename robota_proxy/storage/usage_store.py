@@ -360,8 +360,8 @@ class UsageStore:
             days = await _grouped(conn, where, [day])
             models = await _grouped(conn, where, [ledger.c.provider, ledger.c.model])
             users = await _grouped(conn, where, [ledger.c.user_id])
-            totals = await _grouped(conn, where, [])
-        total = totals[0] if totals else UsageRow((), 0, 0, 0, 0, 0, 0)
+            # An aggregate without GROUP BY is one row, also when no row matches.
+            [total] = await _grouped(conn, where, [])
         return UsageReport(total, days, models, users)
 
     async def ledger_totals(self, user: str, period: str) -> Counters:
