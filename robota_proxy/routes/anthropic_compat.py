@@ -54,6 +54,7 @@ from robota_proxy.routes.compat import (
     chain,
     json_response,
     only_events,
+    open_items,
     rendered,
     shown_model,
 )
@@ -160,13 +161,9 @@ class AnthropicRoutes:
                 return as_items(upstream.stream(_translated(parsed, sent)))
             return as_items(passthrough.passthrough_stream(_forwarded_body(raw, sent), headers))
 
-        try:
-            first, rest, served = await self.resilience.open_events(
-                body, principal_of(request), record, start
-            )
-        except BaseException as exc:
-            record.status = exc.code if isinstance(exc, ProxyError) else "client_disconnected"
-            raise
+        first, rest, served = await open_items(
+            self.resilience, body, principal_of(request), record, start
+        )
         sent = served.request
         frames: AsyncIterator[bytes]
         if isinstance(first, dict):

@@ -9,7 +9,7 @@ render events as frames, closing the vendor call whenever the caller stops readi
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any, Protocol, TypeAlias
 
@@ -17,8 +17,12 @@ import pydantic_core
 from starlette.responses import Response
 
 from robota_client.messages import ChatRequest
+from robota_proxy.call_record import CallRecord
 from robota_proxy.dialects import ParsedChat
-from robota_proxy.upstreams.base import UpstreamEvent
+from robota_proxy.errors import ProxyError
+from robota_proxy.policy.principals import Principal
+from robota_proxy.upstreams.base import Upstream, UpstreamEvent
+from robota_proxy.upstreams.resilience import Resilience, Served
 
 JSONDict: TypeAlias = dict[str, Any]
 #: What one target's stream yields: the vendor's own chunks (passthrough) or wire events.
@@ -61,6 +65,22 @@ async def chain(first: Item, rest: AsyncIterator[Item]) -> AsyncIterator[Item]:
     yield first
     async for item in rest:
         yield item
+
+
+async def open_items(
+    resilience: Resilience,
+    body: ChatRequest,
+    principal: Principal | None,
+    record: CallRecord,
+    start: Callable[[Upstream, ChatRequest], AsyncGenerator[Item, None]],
+) -> tuple[Item | None, AsyncGenerator[Item, None], Served]:
+    """``Resilience.open_events``, with a failure before the first item recorded on the call
+    record (its error code, or ``client_disconnected``) for the ledger row."""
+    try:
+        return await resilience.open_events(body, principal, record, start)
+    except BaseException as exc:
+        record.status = exc.code if isinstance(exc, ProxyError) else "client_disconnected"
+        raise
 
 
 def shown_model(parsed: ParsedChat, asked: ChatRequest, sent: ChatRequest) -> str:

@@ -46,6 +46,7 @@ from robota_proxy.routes.compat import (
     chain,
     json_response,
     only_events,
+    open_items,
     rendered,
     shown_model,
 )
@@ -174,13 +175,9 @@ class OpenAIRoutes:
             out = raw.passthrough_body(raw_body, sent.model, sent.options.max_tokens)
             return as_items(raw.stream_raw(out))
 
-        try:
-            first, rest, served = await self.resilience.open_events(
-                body, principal_of(request), record, start
-            )
-        except BaseException as exc:
-            record.status = exc.code if isinstance(exc, ProxyError) else "client_disconnected"
-            raise
+        first, rest, served = await open_items(
+            self.resilience, body, principal_of(request), record, start
+        )
         sent = served.request
         frames: AsyncIterator[bytes]
         if isinstance(first, dict):
