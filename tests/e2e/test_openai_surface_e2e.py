@@ -181,13 +181,14 @@ async def test_stream_with_usage(
 ) -> None:
     text = "Streaming works one word at a time"
     fake.script(Reply(text=text, prompt_tokens=11), match="stream please")
-    stream = await async_client(surface).chat.completions.create(
-        model=MODELS[vendor],
-        messages=[{"role": "user", "content": "stream please"}],
-        stream=True,
-        stream_options={"include_usage": True},
-    )
-    chunks = [chunk async for chunk in stream]
+    async with async_client(surface) as ai:
+        stream = await ai.chat.completions.create(
+            model=MODELS[vendor],
+            messages=[{"role": "user", "content": "stream please"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = [chunk async for chunk in stream]
     pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
     assert len([piece for piece in pieces if piece]) > 1
     assert "".join(pieces) == text
@@ -300,6 +301,7 @@ async def test_parallel_tool_calls_streamed(
         model=MODELS[vendor], messages=messages, tools=[WEATHER, CLOCK], stream=True
     )
     text = "".join([c.choices[0].delta.content or "" async for c in stream])
+    await ai.close()  # its connection pool belongs to this test's event loop
     assert text == "Tool said: cold\nnoon"
 
 
