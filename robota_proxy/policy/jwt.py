@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from robota_proxy.errors import InvalidRequest
-from robota_proxy.policy.principals import Principal, UserPermissions
+from robota_proxy.policy.principals import MAX_USER_LENGTH, Principal, UserPermissions
 from robota_proxy.policy.refusals import AuthRefused, RefusalReason
 
 HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
@@ -149,6 +149,8 @@ class JwtAuthenticator:
         user = claims.get("sub")
         if not isinstance(user, str) or not user.strip():
             raise AuthRefused("token_sub", token_label(credential), "sub is empty")
+        if len(user) > MAX_USER_LENGTH:
+            raise AuthRefused("token_sub", token_label(credential), "sub is too long")
         ident = claims.get("jti")
         label = ident if isinstance(ident, str) and ident else user
         key_id = f"jwt:{label[:_KEY_ID_MAX]}"

@@ -174,6 +174,11 @@ def storable(text: str) -> bool:
     return not any(ord(char) < 0x20 or char == "\x7f" for char in text)
 
 
+#: The longest user id anywhere: the users table, the ledger's user column and every counter key
+#: hold it whole, so an id that would be cut in one place and not another is refused at the edge.
+MAX_USER_LENGTH = 200
+
+
 @dataclass(frozen=True, slots=True)
 class Principal:
     #: The user the call is accounted to.

@@ -16,11 +16,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from robota_proxy.policy.keys import generate_key, hash_key
-from robota_proxy.policy.principals import UserPermissions
+from robota_proxy.policy.principals import MAX_USER_LENGTH, UserPermissions
 from robota_proxy.storage.database import Database
 from robota_proxy.storage.tables import api_keys, users
 
-MAX_USER_LENGTH = 200
+__all__ = ["MAX_USER_LENGTH", "KeyStore", "check_user"]
 
 
 def _utc(value: datetime | None) -> datetime | None:

@@ -131,7 +131,7 @@ EXPECTED_MESSAGES = {
     "token_iat": "invalid token: iat is in the future or not a number",
     "token_aud": "invalid token: aud is missing or not this proxy's audience",
     "token_iss": "invalid token: iss is missing or not the trusted issuer",
-    "token_sub": "invalid token: sub (the user) is missing or empty",
+    "token_sub": "invalid token: sub (the user) is missing, empty or longer than 200 characters",
     "token_jti": "invalid token: jti must be a string",
     "token_permissions": "invalid token: the permissions claim is not valid",
     "token_user_revoked": "the user's access has been revoked: ask the operator",

@@ -127,6 +127,7 @@ async def test_refused_tokens_name_the_failed_check() -> None:
         "no sub": ({"exp": now + 60, **good}, "token_sub"),
         "empty sub": (claims(**good, sub=" "), "token_sub"),
         "sub not a string": (claims(**good, sub=7), "token_sub"),
+        "sub of 201 characters": (claims(**good, sub="u" * 201), "token_sub"),
         "jti not a string": (claims(**good, jti=7), "token_jti"),
     }
     for case, (payload, reason) in refused.items():
@@ -360,6 +361,20 @@ async def test_an_empty_sub_is_refused_and_logged_by_the_jti() -> None:
         "jwt:t-5",
         "sub is empty",
     )
+
+
+async def test_a_sub_longer_than_a_user_id_is_refused_and_one_of_200_accepted() -> None:
+    """The ledger, the users table and the counters all hold a user id of 200 characters
+    whole; a longer sub would be cut in the ledger but not in the counters, splitting one
+    caller's spend in two, so it is refused at the edge."""
+    refused = await refusal(hs(), jwt.encode(claims(sub="u" * 201, jti="t-6"), SECRET, "HS256"))
+    assert (refused.reason, refused.public_id, refused.detail) == (
+        "token_sub",
+        "jwt:t-6",
+        "sub is too long",
+    )
+    principal = await hs().authenticate(jwt.encode(claims(sub="u" * 200), SECRET, "HS256"))
+    assert principal.user == "u" * 200
 
 
 async def test_the_default_leeway_is_30_seconds() -> None:
