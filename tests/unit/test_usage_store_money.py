@@ -633,7 +633,7 @@ async def test_every_text_a_caller_sends_is_cut_to_its_column(store: UsageStore)
         row["model"],
         row["lease_owner"],
     ) == ("r" * 100, user[:200], "c" * 64, "k" * 64, "p" * 100, "m" * 200, "o" * 100)
-    plain = unique("plain")
+    plain = unique("plain") + "p" * 300
     never_opened = replace(
         entry(plain, when=when, cost=1, model="m" * 300, request_id="n" * 150),
         correlation_id="c" * 100,
@@ -641,15 +641,17 @@ async def test_every_text_a_caller_sends_is_cut_to_its_column(store: UsageStore)
         provider="p" * 150,
     )
     await store.settle(never_opened, None)
-    [row] = await rows_of(store, plain)
+    [row] = await rows_of(store, plain[:200])
     assert (
         row["request_id"],
+        row["user_id"],
         row["correlation_id"],
         row["key_id"],
         row["provider"],
         row["model"],
     ) == (
         "n" * 100,
+        plain[:200],
         "c" * 64,
         "k" * 64,
         "p" * 100,
