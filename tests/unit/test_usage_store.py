@@ -12,6 +12,7 @@ import anyio
 import pytest
 from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from robota_proxy.storage import tables
 from robota_proxy.storage.database import MIGRATIONS, Database
@@ -276,6 +277,61 @@ async def test_a_settle_after_its_lease_was_reclaimed_corrects_the_row(store: Us
     await store.abandon(late)
     assert [row["request_id"] for row in await rows_of(store, user)] == [f"slow_{user}"]
     await assert_adds_up(store, user, "2030-08")
+
+
+async def _blocked_by(conn: AsyncConnection, pid: int) -> list[int]:
+    result = await conn.execute(
+        text("SELECT pid FROM pg_stat_activity WHERE :pid = ANY(pg_blocking_pids(pid))"),
+        {"pid": pid},
+    )
+    return [int(row.pid) for row in result]
+
+
+@pytest.mark.anyio
+async def test_two_settles_of_one_reclaimed_call_move_the_counters_once(
+    postgres_url: str,
+) -> None:
+    """The same late settle arriving twice at once from two processes (a retried write):
+    each correction must read the row the other left, or both take the reclaimed estimate
+    back and the counters drift from the ledger. A third connection holds the user's counter
+    row so that both settles are inside their transactions before either commits."""
+    user = unique("twice")
+    when = datetime(2031, 2, 1, tzinfo=UTC)
+    databases = [Database(postgres_url) for _ in range(3)]
+    for database in databases:
+        await database.open()
+    try:
+        first, second = UsageStore(databases[0]), UsageStore(databases[1])
+        await flush_older_leases(first, when + timedelta(minutes=1))
+        held = await open_call(first, opening(user, when=when, request_id=f"twice_{user}"))
+        assert await first.reclaim(when + timedelta(minutes=1)) == 1
+        final = entry(user, when=when, cost=1_234, request_id=f"twice_{user}")
+        async with databases[2].engine.connect() as locker:
+            await locker.execute(
+                text(
+                    "SELECT 1 FROM usage_counters WHERE user_id = :user AND period = :period "
+                    "FOR UPDATE"
+                ),
+                {"user": user, "period": "2031-02"},
+            )
+            pid = int((await locker.execute(text("SELECT pg_backend_pid()"))).scalar_one())
+            async with anyio.create_task_group() as group:
+                group.start_soon(first.settle, final, held)
+                group.start_soon(second.settle, final, held)
+                with anyio.fail_after(10):
+                    while True:  # one settle waits on the counters, the other on the first
+                        waiting = await _blocked_by(locker, pid)
+                        if waiting and await _blocked_by(locker, waiting[0]):
+                            break
+                        await anyio.sleep(0.02)
+                await locker.rollback()
+        counters = await first.counters(user, "2031-02")
+        assert (counters.requests, counters.tokens_used, counters.cost_used_pico) == (1, 15, 1_234)
+        assert (counters.tokens_reserved, counters.cost_reserved_pico) == (0, 0)
+        await assert_adds_up(first, user, "2031-02")
+    finally:
+        for database in databases:
+            await database.aclose()
 
 
 @pytest.mark.anyio
