@@ -34,6 +34,7 @@ __all__ = [
     "RateLimitedError",
     "RemoteConnectionError",
     "RemoteError",
+    "StreamRestarted",
     "UnauthenticatedError",
     "UpstreamError",
     "UpstreamTimeoutError",
@@ -173,6 +174,34 @@ class ProtocolError(RemoteError):
     ``done`` or ``error``. Usually a wrong ``server_url`` or a proxy in between."""
 
     code = "protocol_error"
+
+
+class StreamRestarted(RemoteError):
+    """A text stream (``chat_stream``) cannot give one clean answer: the proxy restarted the
+    answer midway (a ``restart`` event, see ``robota_client.messages.RestartEvent``) and the
+    fresh answer does not begin with the text already handed to the caller, which cannot be
+    taken back. Raised as soon as the two are seen to differ, before any of the new text is
+    handed over. Not a wire code: the proxy did nothing wrong, the caller's view of the
+    stream is what broke; the whole call may be made again, or read with ``stream()``, which
+    reports restarts as events.
+
+    ``reason`` is the proxy's, from the restart event; ``delivered`` is the text the caller
+    had already received (all of it void).
+    """
+
+    code = "stream_restarted"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str = "",
+        delivered: str = "",
+        request_id: str | None = None,
+    ) -> None:
+        super().__init__(message, request_id=request_id)
+        self.reason = reason
+        self.delivered = delivered
 
 
 _BY_CODE: dict[str, type[RemoteError]] = {

@@ -290,7 +290,22 @@ class ErrorEvent(WireModel):
     request_id: str | None = None
 
 
-StreamEvent: TypeAlias = DeltaEvent | ToolCallEvent | UsageEvent | DoneEvent | ErrorEvent
+class RestartEvent(WireModel):
+    """The answer streamed so far is void: a failure midway could not be continued
+    seamlessly (the vendor died and the proxy had to ask again, or fell back to another
+    deployment), so a fresh complete answer follows in the same stream, from its first
+    delta. Whoever assembles the stream discards what it holds (``StreamAssembler`` does);
+    whoever has already shown the text must take it back or check the new answer repeats it.
+    """
+
+    type: Literal["restart"] = Field(default="restart", exclude=True)
+    #: Why, for logs and for the caller's error message; not meant to be parsed.
+    reason: str
+
+
+StreamEvent: TypeAlias = (
+    DeltaEvent | ToolCallEvent | UsageEvent | DoneEvent | ErrorEvent | RestartEvent
+)
 
 _EVENT_TYPES: dict[str, type[WireModel]] = {
     "delta": DeltaEvent,
@@ -298,7 +313,12 @@ _EVENT_TYPES: dict[str, type[WireModel]] = {
     "usage": UsageEvent,
     "done": DoneEvent,
     "error": ErrorEvent,
+    "restart": RestartEvent,
 }
+#: Every event name of the contract. Both client transports skip names outside it (events
+#: added after this client was written) and decode the rest, so it is kept in one place: an
+#: event added to ``_EVENT_TYPES`` cannot be silently dropped by one of them.
+EVENT_NAMES: frozenset[str] = frozenset(_EVENT_TYPES)
 
 
 def parse_event(name: str, data: str | Mapping[str, Any]) -> StreamEvent:
@@ -308,7 +328,9 @@ def parse_event(name: str, data: str | Mapping[str, Any]) -> StreamEvent:
         raise ValueError(f"unknown stream event {name!r}")
     payload = json.loads(data) if isinstance(data, str) else dict(data)
     event = model.model_validate(payload)
-    assert isinstance(event, DeltaEvent | ToolCallEvent | UsageEvent | DoneEvent | ErrorEvent)
+    assert isinstance(
+        event, DeltaEvent | ToolCallEvent | UsageEvent | DoneEvent | ErrorEvent | RestartEvent
+    )
     return event
 
 
@@ -316,16 +338,24 @@ class StreamAssembler:
     """Folds stream events into the final ``AssistantMessage``.
 
     The proxy uses it to build the ``done`` event's message and the client uses it to offer
-    the assembled message after a stream, so both sides agree on what a stream meant.
+    the assembled message after a stream, so both sides agree on what a stream meant. A
+    ``restart`` event empties it: what came before belongs to an answer that was abandoned,
+    and the final message is the fresh answer alone.
     """
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything added so far (what a ``restart`` event means)."""
         self._text: list[str] = []
         self._calls: dict[int, dict[str, Any]] = {}
         self.usage: Usage | None = None
 
     def add(self, event: StreamEvent) -> None:
-        if isinstance(event, DeltaEvent):
+        if isinstance(event, RestartEvent):
+            self.reset()
+        elif isinstance(event, DeltaEvent):
             self._text.append(event.content)
         elif isinstance(event, ToolCallEvent):
             call = self._calls.setdefault(event.index, {"id": "", "name": "", "arguments": []})

@@ -18,7 +18,7 @@ import httpx
 from pydantic import ValidationError
 
 from robota_client.closing import AsyncClosing
-from robota_client.errors import ProtocolError
+from robota_client.errors import ProtocolError, StreamRestarted
 from robota_client.messages import (
     AssistantMessage,
     ChatOptions,
@@ -27,6 +27,7 @@ from robota_client.messages import (
     DoneEvent,
     Me,
     MessageLike,
+    RestartEvent,
     StreamAssembler,
     ToolSchema,
     Usage,
@@ -176,11 +177,23 @@ class RemoteAIProvider(AsyncClosing):
         return ChatStream(self._transport.stream("/ai/chat/stream", request.to_wire()))
 
     def chat_stream(
-        self, messages: Sequence[MessageLike], options: Options = None, tools: Tools = None
+        self,
+        messages: Sequence[MessageLike],
+        options: Options = None,
+        tools: Tools = None,
+        *,
+        raw_restarts: bool = False,
     ) -> TextStream:
         """Text chunks only, the shape local providers stream. Use ``stream`` for tool calls
-        and usage."""
-        return TextStream(self.stream(messages, options, tools))
+        and usage.
+
+        The chunks join to one clean answer even when the proxy restarts it midway (see
+        ``TextStream``): the fresh answer's text is held back until it has repeated what was
+        already yielded, and only the rest is yielded; a fresh answer that says something
+        else raises ``StreamRestarted``. ``raw_restarts=True`` yields the fresh answer's
+        text as it comes instead (the chunks then hold the abandoned text too).
+        """
+        return TextStream(self.stream(messages, options, tools), raw_restarts=raw_restarts)
 
     async def models(self) -> dict[str, list[str] | None]:
         """Models per vendor the proxy serves; ``None`` where it allows any model."""
@@ -253,6 +266,11 @@ class ChatStream(AsyncClosing):
     After the ``done`` event, ``message`` is the whole answer (tool calls included) and
     ``usage`` its token counts. A failure raises a ``RemoteError``; events already received
     stay received, and ``text`` holds the text they carried.
+
+    A ``RestartEvent`` says the proxy abandoned the answer midway and a fresh one follows
+    from its start. It is yielded, so that a caller who displayed the text can clear it,
+    and the stream forgets what it had assembled: ``text``, ``usage`` and ``message`` are
+    always those of the answer after the last restart. ``restarts`` counts them.
     """
 
     def __init__(self, events: EventStream | WSEventStream) -> None:
@@ -260,6 +278,10 @@ class ChatStream(AsyncClosing):
         self._assembler = StreamAssembler()
         self._done: DoneEvent | None = None
         self._message: AssistantMessage | None = None
+        #: Restart events received; each voided the answer assembled before it.
+        self.restarts = 0
+        #: The last restart's ``reason``; ``None`` while there was none.
+        self.restart_reason: str | None = None
 
     def __aiter__(self) -> ChatStream:
         return self
@@ -270,6 +292,10 @@ class ChatStream(AsyncClosing):
             self._done = event
             self._message = self._final_message(event)
         else:
+            if isinstance(event, RestartEvent):
+                self.restarts += 1
+                self.restart_reason = event.reason
+            # The assembler empties itself on a restart.
             self._assembler.add(event)
         return event
 
@@ -325,10 +351,30 @@ class ChatStream(AsyncClosing):
 class TextStream(AsyncClosing):
     """The text chunks of a ``ChatStream``. A class rather than an async generator so that
     ``async with`` / ``aclose`` release the connection at once when the caller stops early,
-    instead of whenever the garbage collector finalises a generator."""
+    instead of whenever the garbage collector finalises a generator.
 
-    def __init__(self, stream: ChatStream) -> None:
+    Restarts. A text stream has no way to say "forget what I gave you", so when the proxy
+    restarts the answer (``RestartEvent``) the chunks must still join to one clean answer.
+    After a restart the fresh answer's text is held back until it is at least as long as
+    the text already yielded. If it begins with that text (a deterministic model, or one
+    that happened to answer alike), only the remainder is yielded and the caller never
+    notices; if it does not, ``StreamRestarted`` is raised as soon as the two differ (or at
+    ``done``, when the fresh answer ends shorter), and the connection is released. Nothing
+    of the fresh answer is yielded before it is known to continue the old one, so what the
+    caller received is always a prefix of the final answer.
+
+    ``raw_restarts=True`` turns this off: the fresh answer's chunks are yielded as they come
+    and the caller sees the abandoned text followed by the new answer (``stream.restarts``
+    tells whether that happened).
+    """
+
+    def __init__(self, stream: ChatStream, *, raw_restarts: bool = False) -> None:
         self.stream = stream
+        self.raw_restarts = raw_restarts
+        #: All the text handed to the caller.
+        self._delivered = ""
+        #: Since a restart: the fresh answer's text not yet yielded (``None`` when caught up).
+        self._held: str | None = None
 
     def __aiter__(self) -> TextStream:
         return self
@@ -336,8 +382,47 @@ class TextStream(AsyncClosing):
     async def __anext__(self) -> str:
         while True:
             event = await self.stream.__anext__()
-            if isinstance(event, DeltaEvent) and event.content:
+            if isinstance(event, RestartEvent):
+                if not self.raw_restarts:
+                    self._held = ""
+                    await self._check_caught_up(final=False)
+                continue
+            if isinstance(event, DoneEvent) and self._held is not None:
+                await self._check_caught_up(final=True)
+                continue
+            if not (isinstance(event, DeltaEvent) and event.content):
+                continue
+            if self._held is None:
+                self._delivered += event.content
                 return event.content
+            self._held += event.content
+            rest = await self._check_caught_up(final=False)
+            if rest:
+                self._delivered += rest
+                return rest
+
+    async def _check_caught_up(self, *, final: bool) -> str:
+        """Compare the fresh answer's held text with what was yielded. Returns the text to
+        yield once the fresh answer has repeated all of it (and stops holding), ``""``
+        while it is still a prefix of it; raises ``StreamRestarted`` once they differ."""
+        held, yielded = self._held, self._delivered
+        assert held is not None
+        if len(held) >= len(yielded) and held.startswith(yielded):
+            self._held = None
+            return held[len(yielded) :]
+        if not final and yielded.startswith(held):
+            return ""
+        await self.stream.aclose()
+        reason = self.stream.restart_reason or "no reason given"
+        raise StreamRestarted(
+            f"the proxy restarted the answer midway ({reason}) and the new answer "
+            f"{'is shorter than' if yielded.startswith(held) else 'differs from'} the "
+            f"{len(yielded)} characters already streamed, which cannot be taken back; "
+            "use stream() to handle restarts, or make the call again",
+            reason=reason,
+            delivered=yielded,
+            request_id=self.stream.request_id,
+        )
 
     async def aclose(self) -> None:
         await self.stream.aclose()

@@ -131,6 +131,15 @@ class SyncChatStream(_BlockingIterator[ChatEvent]):
         return self._stream.text
 
     @property
+    def restarts(self) -> int:
+        """Restart events seen; ``text`` and ``message`` hold only the last answer."""
+        return self._stream.restarts
+
+    @property
+    def restart_reason(self) -> str | None:
+        return self._stream.restart_reason
+
+    @property
     def request_id(self) -> str | None:
         return self._stream.request_id
 
@@ -210,10 +219,19 @@ class SyncRemoteAIProvider:
         return SyncChatStream(self._live_portal(), self._provider.stream(messages, options, tools))
 
     def chat_stream(
-        self, messages: Sequence[MessageLike], options: Options = None, tools: Tools = None
+        self,
+        messages: Sequence[MessageLike],
+        options: Options = None,
+        tools: Tools = None,
+        *,
+        raw_restarts: bool = False,
     ) -> SyncTextStream:
+        """Text chunks joining to one clean answer, restarts included (see ``TextStream``:
+        a restarted answer that does not repeat the text already yielded raises
+        ``StreamRestarted``, unless ``raw_restarts``)."""
         return SyncTextStream(
-            self._live_portal(), self._provider.chat_stream(messages, options, tools)
+            self._live_portal(),
+            self._provider.chat_stream(messages, options, tools, raw_restarts=raw_restarts),
         )
 
     def models(self) -> dict[str, list[str] | None]:

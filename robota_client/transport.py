@@ -23,6 +23,15 @@ A stream whose connection drops after the proxy announced it (``X-Robota-Stream-
 answer (the proxy kept producing it), so the caller gets the rest exactly once, with no
 second vendor call. Resumes start at once and back off (the proxy waits only a short grace
 for an abandoned stream), and are bounded per break.
+
+A ``restart`` event (the proxy abandoned the answer midway and a fresh one follows in the
+same stream) is, for the transport, an event like any other: it carries an ``id:``, a
+resume continues after the last id delivered whether that was a restart or a delta, and
+the events after it are simply the rest of the same stream. Resume and restart are
+independent: a broken connection never causes a restart (the proxy's buffer replays the
+events exactly once, a restart among them if it was not yet delivered), and a restart never
+reopens the window in which the client may resend the request. Undoing the abandoned
+answer is the job of the layer that assembled it (``ChatStream``, ``TextStream``).
 """
 
 from __future__ import annotations
@@ -58,9 +67,11 @@ from robota_client.errors import (
     error_from_response,
 )
 from robota_client.messages import (
+    EVENT_NAMES,
     DeltaEvent,
     DoneEvent,
     ErrorEvent,
+    RestartEvent,
     ToolCallEvent,
     UsageEvent,
     parse_event,
@@ -70,14 +81,14 @@ __all__ = ["ChatEvent", "EventStream", "HTTPTransport"]
 
 log = logging.getLogger("robota_client")
 
-#: What a stream hands to the caller; an ``error`` event is raised, never yielded.
-ChatEvent: TypeAlias = DeltaEvent | ToolCallEvent | UsageEvent | DoneEvent
+#: What a stream hands to the caller; an ``error`` event is raised, never yielded. A
+#: ``RestartEvent`` is handed over like the others: what it voids is the caller's to undo.
+ChatEvent: TypeAlias = DeltaEvent | ToolCallEvent | UsageEvent | DoneEvent | RestartEvent
 
 Sleep: TypeAlias = Callable[[float], Awaitable[None]]
 
 _T = TypeVar("_T")
 
-_EVENT_NAMES = frozenset({"delta", "tool_call", "usage", "done", "error"})
 #: The header naming a resumable stream (``robota_proxy.streams``).
 STREAM_ID_HEADER = "x-robota-stream-id"
 
@@ -442,7 +453,7 @@ class _OpenStream:
         async for sse in self.events:
             if sse.id:
                 self.last_event_id = sse.id
-            if sse.event not in _EVENT_NAMES:
+            if sse.event not in EVENT_NAMES:
                 # Keep-alives or event types added after this client was written.
                 continue
             try:

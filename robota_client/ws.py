@@ -6,7 +6,10 @@ One socket to ``/ai/ws`` carries all calls, each tagged with an id (frame format
 ``resume`` frame with its last ``eventId`` and gets the rest of the same answer (no second
 vendor call); a stream that has received nothing is sent again, as the HTTP transport
 does before a stream's first event. A non-streamed ``chat`` whose socket drops raises
-``RemoteConnectionError``: the vendor may have been called, so it is not resent.
+``RemoteConnectionError``: the vendor may have been called, so it is not resent. A
+``restart`` frame is an event like the others here, with its ``eventId`` (see the module doc
+of ``robota_client.transport``): a resume continues after it, and undoing the abandoned
+answer is left to ``ChatStream`` and ``TextStream``.
 
 Keep-alive is the websockets library's protocol ping (every 20 s); a dead peer closes the
 socket and triggers the reconnect.
@@ -54,14 +57,13 @@ from robota_client.errors import (
     error_from_event,
     error_from_response,
 )
-from robota_client.messages import DoneEvent, ErrorEvent, parse_event
+from robota_client.messages import EVENT_NAMES, DoneEvent, ErrorEvent, parse_event
 from robota_client.transport import ChatEvent, ChatEventIterator
 
 __all__ = ["WSEventStream", "WSTransport"]
 
 log = logging.getLogger("robota_client")
 
-_EVENT_NAMES = frozenset({"delta", "tool_call", "usage", "done", "error"})
 #: The proxy's default ``ROBOTA_WS_MAX_IN_FLIGHT``: the bound assumed until it says its own.
 DEFAULT_MAX_IN_FLIGHT = 16
 #: Re-sends of a request the socket refused as over its bound, before giving up (with
@@ -419,7 +421,7 @@ class WSEventStream(ChatEventIterator):
             await self._transport._send(self._call.request_frame())
         while True:
             frame = await self._transport._next_frame(self._call)
-            if frame.get("event") in _EVENT_NAMES:
+            if frame.get("event") in EVENT_NAMES:
                 event = _event(frame)
                 if isinstance(event, DoneEvent):
                     self.request_id = event.message.metadata.request_id
