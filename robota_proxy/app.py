@@ -74,6 +74,7 @@ from robota_proxy.streams.factory import stream_buffer
 from robota_proxy.streams.route import ResumeRoutes
 from robota_proxy.upstreams.registry import UpstreamRegistry, build_upstreams
 from robota_proxy.upstreams.resilience import Resilience, RetryPolicy
+from robota_proxy.upstreams.target_options import PhaseLimits, TargetTable
 
 log = logging.getLogger("robota_proxy")
 
@@ -331,11 +332,17 @@ def _resilience(registry: UpstreamRegistry, settings: Settings) -> Resilience:
         backoff_max=settings.retry_backoff_max,
         retry_after_max=settings.retry_after_max,
     )
+    limits = PhaseLimits(
+        headers=settings.upstream_headers_timeout,
+        first_token=settings.upstream_first_token_timeout,
+        idle=settings.upstream_idle_timeout,
+    )
     return Resilience(
         registry,
         policy=policy,
         fallbacks=settings.fallbacks,
         max_timeout=settings.max_request_timeout,
+        targets=TargetTable(limits, settings.target_options),
     )
 
 

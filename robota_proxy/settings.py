@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 CommaList = Annotated[list[str], NoDecode]
@@ -28,6 +28,19 @@ def _vendor_key(vendor: str) -> Any:
         default=None,
         validation_alias=AliasChoices(f"ROBOTA_{vendor}_API_KEY", f"{vendor}_API_KEY"),
     )
+
+
+class TargetOverrides(BaseModel):
+    """What one entry of ``ROBOTA_TARGET_OPTIONS`` may set for the targets its pattern
+    matches; an unset field keeps the global limit or the known default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    headers_timeout: float | None = Field(default=None, gt=0, le=3600)
+    first_token_timeout: float | None = Field(default=None, gt=0, le=3600)
+    idle_timeout: float | None = Field(default=None, gt=0, le=3600)
+    #: Whether the target continues an answer from an assistant prefill.
+    prefill: bool | None = None
 
 
 class Settings(BaseSettings):
@@ -135,6 +148,18 @@ class Settings(BaseSettings):
     retry_after_max: float = Field(default=10.0, ge=0)
     #: ``{"alias or provider/model": ["provider/model", ...]}``, tried in order.
     fallbacks: dict[str, list[str]] = Field(default_factory=dict)
+    #: Phase limits of one upstream attempt (README: Timeouts and continuation). A target that
+    #: misses the headers or first-token limit is not tried again; the chain moves on.
+    upstream_connect_timeout: float = Field(default=5.0, gt=0, le=600)
+    #: A non-streamed answer (vendors send its headers only with the whole answer).
+    upstream_headers_timeout: float = Field(default=25.0, gt=0, le=3600)
+    #: A stream's first text or tool-call piece, counted from the start of the attempt.
+    upstream_first_token_timeout: float = Field(default=15.0, gt=0, le=3600)
+    #: The longest gap between two events of a stream before it is taken as stalled.
+    upstream_idle_timeout: float = Field(default=10.0, gt=0, le=3600)
+    #: ``{"glob of provider/model": {"headers_timeout", "first_token_timeout",
+    #: "idle_timeout", "prefill"}}``: per-target overrides; the first matching pattern wins.
+    target_options: dict[str, TargetOverrides] = Field(default_factory=dict)
     #: Upper bound of a request's ``options.timeout`` (larger values are clamped) and the
     #: deadline of requests that set none; covers retries, fallbacks and the whole stream.
     max_request_timeout: float = Field(default=300.0, gt=0)

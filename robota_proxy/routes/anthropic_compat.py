@@ -162,7 +162,7 @@ class AnthropicRoutes:
             return as_items(passthrough.passthrough_stream(_forwarded_body(raw, sent), headers))
 
         first, rest, served = await open_items(
-            self.resilience, body, principal_of(request), record, start
+            self.resilience, body, principal_of(request), record, start, _is_content
         )
         sent = served.request
         frames: AsyncIterator[bytes]
@@ -229,6 +229,22 @@ def _forwarded_body(raw: JSONDict, sent: ChatRequest) -> JSONDict:
 
 #: Delta fields whose text a stream cut short is estimated from.
 _DELTA_TEXT = ("text", "thinking", "partial_json")
+
+
+#: Anthropic events that come with the headers, before the model has said anything.
+_FRAMING = frozenset({"message_start", "ping"})
+
+
+def _is_content(event: JSONDict) -> bool:
+    """Whether a passed-through event carries part of the answer (a text block's start is
+    framing; a tool call's start names the tool, which is the answer)."""
+    kind = event.get("type")
+    if kind in _FRAMING:
+        return False
+    if kind == "content_block_start":
+        block = event.get("content_block")
+        return isinstance(block, dict) and block.get("type") not in ("text", "thinking")
+    return True
 
 
 async def _forwarded(

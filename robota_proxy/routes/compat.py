@@ -73,11 +73,18 @@ async def open_items(
     principal: Principal | None,
     record: CallRecord,
     start: Callable[[Upstream, ChatRequest], AsyncGenerator[Item, None]],
+    is_content: Callable[[JSONDict], bool],
 ) -> tuple[Item | None, AsyncGenerator[Item, None], Served]:
     """``Resilience.open_events``, with a failure before the first item recorded on the call
-    record (its error code, or ``client_disconnected``) for the ledger row."""
+    record (its error code, or ``client_disconnected``) for the ledger row. ``is_content``
+    tells the vendor's framing chunks of a passthrough from its first token (a translated
+    call's events are all content)."""
+
+    def content(item: Item) -> bool:
+        return is_content(item) if isinstance(item, dict) else True
+
     try:
-        return await resilience.open_events(body, principal, record, start)
+        return await resilience.open_events(body, principal, record, start, content)
     except BaseException as exc:
         record.status = exc.code if isinstance(exc, ProxyError) else "client_disconnected"
         raise

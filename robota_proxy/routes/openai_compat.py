@@ -176,7 +176,7 @@ class OpenAIRoutes:
             return as_items(raw.stream_raw(out))
 
         first, rest, served = await open_items(
-            self.resilience, body, principal_of(request), record, start
+            self.resilience, body, principal_of(request), record, start, _is_content
         )
         sent = served.request
         frames: AsyncIterator[bytes]
@@ -191,6 +191,24 @@ class OpenAIRoutes:
             events = wire_events(sent, record, first, only_events(rest))
             frames = rendered(writer, events)
         return StreamingResponse(frames, media_type="text/event-stream", headers=sse.HEADERS)
+
+
+def _is_content(chunk: JSONDict) -> bool:
+    """Whether a passed-through chunk carries part of the answer: OpenAI's first chunk
+    (``delta: {"role": "assistant", "content": ""}``) comes with the headers and does not."""
+    if chunk.get("usage"):
+        return True
+    choices = chunk.get("choices")
+    for choice in choices if isinstance(choices, list) else ():
+        if not isinstance(choice, dict):
+            continue
+        delta = choice.get("delta")
+        if choice.get("finish_reason") or (
+            isinstance(delta, dict)
+            and (delta.get("content") or delta.get("tool_calls") or delta.get("refusal"))
+        ):
+            return True
+    return False
 
 
 async def _forwarded(

@@ -58,6 +58,15 @@ def vendor_message(body: object) -> str | None:
     return text.strip()[:_MAX_VENDOR_MESSAGE]
 
 
+def vendor_code(body: object) -> str | None:
+    """The vendor's own error code (OpenAI's ``code``, e.g. ``context_length_exceeded``)."""
+    if not isinstance(body, Mapping):
+        return None
+    inner = body.get("error")
+    code = (inner if isinstance(inner, Mapping) else body).get("code")
+    return code if isinstance(code, str) else None
+
+
 def status_error(
     vendor: str,
     status: int,
@@ -71,6 +80,7 @@ def status_error(
         vendor,
         status,
         vendor_message=vendor_message(body),
+        vendor_code=vendor_code(body),
         retry_after=retry_after_seconds(headers),
         secrets=secrets,
     )

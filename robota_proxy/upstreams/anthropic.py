@@ -119,6 +119,7 @@ class AnthropicUpstream:
         api_key: str,
         base_url: str | None = None,
         timeout: float = 60.0,
+        connect_timeout: float = 5.0,
         models: list[str] | None = None,
         default_max_tokens: int = 4096,
         max_connections: int = 1000,
@@ -132,7 +133,7 @@ class AnthropicUpstream:
                 max_connections=max_connections,
                 max_keepalive_connections=max_connections,
             ),
-            timeout=httpx2.Timeout(timeout),
+            timeout=httpx2.Timeout(timeout, connect=connect_timeout),
         )
         self._client = anthropic.AsyncAnthropic(
             api_key=api_key,

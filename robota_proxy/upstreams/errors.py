@@ -23,6 +23,18 @@ from robota_proxy.errors import (
 )
 
 
+class ContextWindowExceeded(InvalidRequest):
+    """The prompt does not fit the target's context window (OpenAI ``context_length_exceeded``,
+    Anthropic's "prompt is too long", Gemini's "input token count ... exceeds"). The caller
+    sees a 400 like any rejected request, but a fallback with a larger window may serve it:
+    the next target of a chain is tried, the same one never again."""
+
+
+class PhaseTimeout(UpstreamTimeout):
+    """A target missed a phase limit (response headers, first token, stream idle). Trying
+    the same target again would likely wait as long again, so the chain moves on at once."""
+
+
 class VendorServerError(UpstreamError):
     """A vendor 5xx without a more specific meaning: same wire error as ``UpstreamError``,
     kept apart so the proxy's retries can tell it (worth another try) from a refused vendor
@@ -63,15 +75,32 @@ def retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:
     return None
 
 
+#: How each vendor words a prompt that does not fit the context window (its error code is
+#: checked first where it has one).
+_CONTEXT_OVERFLOW = re.compile(
+    r"maximum context length|context[ _]length|prompt is too long|context window"
+    r"|input token count .* exceeds",
+    re.IGNORECASE,
+)
+
+
+def is_context_overflow(code: str | None, message: str | None) -> bool:
+    if code == "context_length_exceeded":
+        return True
+    return bool(message and _CONTEXT_OVERFLOW.search(message))
+
+
 def error_for_status(
     vendor: str,
     status: int,
     *,
     vendor_message: str | None = None,
+    vendor_code: str | None = None,
     retry_after: float | None = None,
     secrets: Iterable[str] = (),
 ) -> ProxyError:
-    """The wire error for a vendor HTTP status."""
+    """The wire error for a vendor HTTP status; ``vendor_code`` is the vendor's own error
+    code where its body has one (OpenAI's ``code``)."""
     if status in (401, 403):
         return UpstreamError(
             f"{vendor} refused the proxy's credentials (HTTP {status}); "
@@ -82,6 +111,11 @@ def error_for_status(
     detail = f": {redact(vendor_message, secrets)}" if vendor_message else ""
     if status == 404:
         return NotFound(f"{vendor} does not know the requested resource (HTTP 404){detail}")
+    if status in (400, 413) and is_context_overflow(vendor_code, vendor_message):
+        return ContextWindowExceeded(
+            f"{vendor} rejected the request: the prompt exceeds the model's context window"
+            f" (HTTP {status}){detail}"
+        )
     if 400 <= status < 500:
         return InvalidRequest(f"{vendor} rejected the request (HTTP {status}){detail}")
     if status in (502, 503, 504, 529):

@@ -97,6 +97,7 @@ class GoogleUpstream:
         api_key: str,
         base_url: str = DEFAULT_BASE_URL,
         timeout: float = 60.0,
+        connect_timeout: float = 5.0,
         models: list[str] | None = None,
         name: str = "google",
         max_connections: int = 1000,
@@ -108,7 +109,7 @@ class GoogleUpstream:
         self._client = httpx.AsyncClient(
             base_url=base_url.rstrip("/"),
             headers={"x-goog-api-key": api_key},
-            timeout=httpx.Timeout(timeout),
+            timeout=httpx.Timeout(timeout, connect=connect_timeout),
             limits=httpx.Limits(
                 max_connections=max_connections, max_keepalive_connections=max_connections
             ),

@@ -135,6 +135,7 @@ class OpenAIUpstream:
         api_key: str,
         base_url: str | None = None,
         timeout: float = 60.0,
+        connect_timeout: float = 5.0,
         models: list[str] | None = None,
         name: str = "openai",
         max_connections: int = 1000,
@@ -152,7 +153,7 @@ class OpenAIUpstream:
                     max_connections=max_connections,
                     max_keepalive_connections=max_connections,
                 ),
-                timeout=httpx2.Timeout(timeout),
+                timeout=httpx2.Timeout(timeout, connect=connect_timeout),
                 follow_redirects=True,
             )
         )

@@ -74,6 +74,7 @@ def build_upstreams(settings: Settings) -> dict[str, Upstream]:
             base_url=settings.openai_base_url,
             models=settings.openai_models,
             timeout=timeout,
+            connect_timeout=settings.upstream_connect_timeout,
             max_connections=pool,
         )
     if settings.anthropic_api_key:
@@ -85,6 +86,7 @@ def build_upstreams(settings: Settings) -> dict[str, Upstream]:
             models=settings.anthropic_models,
             default_max_tokens=settings.anthropic_default_max_tokens,
             timeout=timeout,
+            connect_timeout=settings.upstream_connect_timeout,
             max_connections=pool,
         )
     if settings.google_api_key:
@@ -95,6 +97,7 @@ def build_upstreams(settings: Settings) -> dict[str, Upstream]:
             base_url=settings.google_base_url,
             models=settings.google_models,
             timeout=timeout,
+            connect_timeout=settings.upstream_connect_timeout,
             max_connections=pool,
         )
     return upstreams

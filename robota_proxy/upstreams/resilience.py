@@ -1,8 +1,17 @@
-"""Retries, fallback chains and the per-request deadline around the upstream calls.
+"""Retries, fallback chains, phase limits and the per-request deadline around upstream calls.
 
 Everything here happens before the caller has seen a byte: a non-streamed call is retried as a
 whole, a stream only until its first upstream event (after that, text has gone out and a retry
 would repeat it, so a failure midway ends the stream with an error event as before).
+
+Each attempt has limits by phase (``target_options``): a non-streamed answer must come within
+the headers limit, a stream's first text or tool-call piece within the first-token limit, and
+each later event within the idle limit. A target that misses the headers or first-token limit
+is not tried again (``PhaseTimeout``): the next target of the chain is tried at once, so that a
+silent target costs one limit, not three, and a fall-back chain finishes inside a client's
+default timeout. A prompt too long for a target's context window (``ContextWindowExceeded``)
+also moves on without a retry. Retries of the same target are spaced by at least the back-off
+base (a vendor's ``Retry-After`` is a lower bound, capped), so no target is hit in a burst.
 
 For each target, in order, the request is first authorized (the principal's allowed providers
 and models apply to fallback targets too: a target it may not use is skipped) and resolved
@@ -44,8 +53,9 @@ from robota_proxy.errors import (
 )
 from robota_proxy.policy.principals import Feature, Principal
 from robota_proxy.upstreams.base import Upstream, UpstreamEvent
-from robota_proxy.upstreams.errors import VendorServerError
+from robota_proxy.upstreams.errors import ContextWindowExceeded, PhaseTimeout, VendorServerError
 from robota_proxy.upstreams.registry import UpstreamRegistry
+from robota_proxy.upstreams.target_options import TargetLimits, TargetTable
 
 log = logging.getLogger("robota_proxy.upstream")
 
@@ -56,7 +66,14 @@ E = TypeVar("E")
 _RETRYABLE = (RateLimited, UpstreamUnavailable, UpstreamTimeout, VendorServerError)
 #: Failures on the upstream's side, after which the next target of a chain is tried. A vendor
 #: 404 counts: the next target is another model. ``InvalidRequest`` does not.
-_FALLS_BACK = (RateLimited, UpstreamError, UpstreamUnavailable, UpstreamTimeout, NotFound)
+_FALLS_BACK = (
+    RateLimited,
+    UpstreamError,
+    UpstreamUnavailable,
+    UpstreamTimeout,
+    NotFound,
+    ContextWindowExceeded,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,8 +158,10 @@ class Resilience:
         fallbacks: Mapping[str, Sequence[str]] | None = None,
         max_timeout: float = 300.0,
         counter: AttemptCounter | None = None,
+        targets: TargetTable | None = None,
     ) -> None:
         self.registry = registry
+        self.target_table = targets if targets is not None else TargetTable()
         self.policy = policy if policy is not None else RetryPolicy()
         self.fallbacks = {
             name: [Target.parse(text) for text in chain]
@@ -198,9 +217,17 @@ class Resilience:
         compatible surface uses it to pass its caller's own JSON to a target of its vendor."""
         seconds = self.deadline(request)
         attempts: list[Attempt] = []
+
+        async def answered(upstream: Upstream, sent: ChatRequest, limits: TargetLimits) -> T:
+            limit = limits.limits.headers
+            with anyio.move_on_after(limit) as scope:
+                return await call(upstream, sent)
+            assert scope.cancelled_caught
+            raise _phase_timeout(sent, "answer", limit)
+
         try:
             with anyio.fail_after(seconds):
-                return await self._run(request, principal, feature, record, call, attempts)
+                return await self._run(request, principal, feature, record, answered, attempts)
         except TimeoutError:
             raise _counted(_deadline_error(seconds), attempts) from None
 
@@ -220,35 +247,48 @@ class Resilience:
         principal: Principal | None,
         record: CallRecord | None,
         start: Callable[[Upstream, ChatRequest], AsyncGenerator[E, None]],
+        is_content: Callable[[E], bool] | None = None,
     ) -> tuple[E | None, AsyncGenerator[E, None], Served]:
         """``open_stream`` for any stream of items ``start(upstream, sent)`` produces (a
         compatible surface's passthrough of vendor events): retried and fallen back until its
-        first item, bounded by the deadline to its end."""
+        first content item (``is_content``; any item when not given: a vendor's framing such
+        as Anthropic's ``message_start`` comes with the headers and says nothing about the
+        answer), bounded by the deadline to its end and by the idle limit between items."""
         seconds = self.deadline(request)
         ends_at = anyio.current_time() + seconds
 
         async def call(
-            upstream: Upstream, sent: ChatRequest
-        ) -> tuple[E | None, AsyncGenerator[E, None]]:
+            upstream: Upstream, sent: ChatRequest, limits: TargetLimits
+        ) -> tuple[list[E], AsyncGenerator[E, None], float]:
             events = start(upstream, sent)
+            head: list[E] = []
+            limit = limits.limits.first_token
             try:
-                first = await anext(events)
-            except StopAsyncIteration:
-                return None, events
+                with anyio.move_on_after(limit) as scope:
+                    async for item in events:
+                        head.append(item)
+                        if is_content is None or is_content(item):
+                            break
             except BaseException:
                 await events.aclose()
                 raise
-            return first, events
+            if scope.cancelled_caught:
+                await events.aclose()
+                raise _phase_timeout(sent, "first token", limit)
+            return head, events, limits.limits.idle
 
         attempts: list[Attempt] = []
         try:
             with anyio.fail_after(seconds):
-                (first, events), served = await self._run(
+                (head, events, idle), served = await self._run(
                     request, principal, "stream", record, call, attempts
                 )
         except TimeoutError:
             raise _counted(_deadline_error(seconds), attempts) from None
-        return first, _until(ends_at, seconds, events), served
+        rest = _until(ends_at, seconds, idle, served.target, events)
+        if len(head) > 1:
+            rest = _leading(head[1:], rest)
+        return (head[0] if head else None), rest, served
 
     async def _run(
         self,
@@ -256,7 +296,7 @@ class Resilience:
         principal: Principal | None,
         feature: Feature,
         record: CallRecord | None,
-        call: Callable[[Upstream, ChatRequest], Awaitable[T]],
+        call: Callable[[Upstream, ChatRequest, TargetLimits], Awaitable[T]],
         attempts: list[Attempt],
     ) -> tuple[T, Served]:
         """``attempts`` is the caller's, so that a deadline that cuts this short can still
@@ -298,8 +338,9 @@ class Resilience:
         sent: ChatRequest,
         attempts: list[Attempt],
         label: str,
-        call: Callable[[Upstream, ChatRequest], Awaitable[T]],
+        call: Callable[[Upstream, ChatRequest, TargetLimits], Awaitable[T]],
     ) -> T:
+        limits = self.target_table.get(target.provider, target.model)
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.policy.retries + 1),
             wait=self._wait,
@@ -311,7 +352,7 @@ class Resilience:
                 started = time.perf_counter()
                 outcome = "cancelled"
                 try:
-                    result = await call(upstream, sent)
+                    result = await call(upstream, sent, limits)
                     outcome = "ok"
                 except ProxyError as exc:
                     outcome = exc.code
@@ -326,17 +367,19 @@ class Resilience:
         raise AssertionError("tenacity ended without a result or an error")  # pragma: no cover
 
     def _retryable(self, exc: BaseException) -> bool:
-        if not isinstance(exc, _RETRYABLE):
+        if not isinstance(exc, _RETRYABLE) or isinstance(exc, PhaseTimeout):
             return False
         return exc.retry_after is None or exc.retry_after <= self.policy.retry_after_max
 
     def _wait(self, state: RetryCallState) -> float:
-        """The vendor's ``Retry-After`` when it sent one (within the cap, see ``_retryable``),
-        else tenacity's exponential back-off with jitter."""
+        """Tenacity's exponential back-off with jitter, or the vendor's ``Retry-After`` when
+        it asks for longer (within the cap, see ``_retryable``). Never less than the back-off:
+        a ``Retry-After: 0`` must not turn the retries into a burst."""
+        backoff = float(self._backoff(state))
         error = state.outcome.exception() if state.outcome is not None else None
         if isinstance(error, ProxyError) and error.retry_after is not None:
-            return min(error.retry_after, self.policy.retry_after_max)
-        return float(self._backoff(state))
+            return max(backoff, min(error.retry_after, self.policy.retry_after_max))
+        return backoff
 
     def _note(self, attempts: list[Attempt], attempt: Attempt, label: str, why: str = "") -> None:
         attempts.append(attempt)
@@ -354,19 +397,38 @@ class Resilience:
 
 
 async def _until(
-    ends_at: float, seconds: float, events: AsyncGenerator[E, None]
+    ends_at: float, seconds: float, idle: float, target: Target, events: AsyncGenerator[E, None]
 ) -> AsyncGenerator[E, None]:
-    """The rest of a stream, ended by ``UpstreamTimeout`` when the deadline passes."""
+    """The rest of a stream, ended by ``UpstreamTimeout`` when the deadline passes, or by a
+    ``PhaseTimeout`` when the target goes quiet for longer than the idle limit."""
     async with aclosing(events):
         while True:
-            with anyio.move_on_after(ends_at - anyio.current_time()) as scope:
+            left = ends_at - anyio.current_time()
+            with anyio.move_on_after(min(left, idle)) as scope:
                 try:
                     event = await anext(events)
                 except StopAsyncIteration:
                     return
             if scope.cancelled_caught:
-                raise _deadline_error(seconds)
+                if left <= idle:
+                    raise _deadline_error(seconds)
+                raise PhaseTimeout(f"{target} sent nothing for {idle:g} s: the stream stalled")
             yield event
+
+
+async def _leading(head: list[E], rest: AsyncGenerator[E, None]) -> AsyncGenerator[E, None]:
+    """The items read while waiting for the first content, then the rest of the stream."""
+    async with aclosing(rest):
+        for item in head:
+            yield item
+        async for item in rest:
+            yield item
+
+
+def _phase_timeout(sent: ChatRequest, phase: str, limit: float) -> PhaseTimeout:
+    return PhaseTimeout(
+        f"{sent.provider}/{sent.model} sent no {phase} within {limit:g} s",
+    )
 
 
 def _counted(error: ProxyError, attempts: Sequence[Attempt]) -> ProxyError:
