@@ -9,7 +9,22 @@ vendor key::
         ...  # point the proxy at fake.openai_base_url / anthropic_base_url / google_base_url
 """
 
-from robota_proxy.testing.script import Fault, RecordedRequest, Reply, ToolCallSpec
+from robota_proxy.testing.script import (
+    ErrorKind,
+    Fault,
+    PrefillMode,
+    RecordedRequest,
+    Reply,
+    ToolCallSpec,
+)
 from robota_proxy.testing.server import FakeVendors
 
-__all__ = ["FakeVendors", "Fault", "RecordedRequest", "Reply", "ToolCallSpec"]
+__all__ = [
+    "ErrorKind",
+    "FakeVendors",
+    "Fault",
+    "PrefillMode",
+    "RecordedRequest",
+    "Reply",
+    "ToolCallSpec",
+]

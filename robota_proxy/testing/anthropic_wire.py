@@ -23,6 +23,7 @@ from starlette.responses import Response
 
 from robota_proxy.testing.script import (
     Conversation,
+    ErrorKind,
     Finish,
     LastRole,
     Plan,
@@ -102,6 +103,11 @@ def _words(content: object) -> int:
 class AnthropicWire:
     vendor: Vendor = "anthropic"
     newline = "\n"
+    #: What the API answers, for models that cannot continue an assistant turn.
+    prefill_refused = (
+        "This model does not support assistant message prefill. "
+        "The conversation must end with a user message."
+    )
 
     def headers(self) -> dict[str, str]:
         return {"request-id": new_id("req_", 24)}
@@ -150,6 +156,11 @@ class AnthropicWire:
         bad_thinking = _bad_thinking(messages)
         if bad_thinking is not None:
             return bad_thinking
+        last = messages[-1]
+        if isinstance(last, dict) and last.get("role") == "assistant":
+            prefill = text_of(last.get("content"))
+            if prefill != prefill.rstrip():
+                return "messages: final assistant content cannot end with trailing whitespace"
         pending: list[str] = []
         for position, message in enumerate(messages):
             role = message.get("role") if isinstance(message, dict) else None
@@ -198,6 +209,13 @@ class AnthropicWire:
         }
         return json_response(body, status, {**headers, **retry_headers(retry_after)})
 
+    def kind_error(self, kind: ErrorKind, message: str | None = None) -> Response | None:
+        """A too-long prompt is a 400; a refusal is no error at all but a 200 message whose
+        ``stop_reason`` is ``refusal`` (None: the caller renders the refused plan)."""
+        if kind == "content_policy":
+            return None
+        return self.error(400, message or "prompt is too long: 210000 tokens > 200000 maximum")
+
     def count_tokens(self, body: Json) -> Json:
         """``messages.count_tokens``: the prompt tokens the same body would be billed."""
         return {"input_tokens": max(1, self.summarize(body).words)}
@@ -212,7 +230,7 @@ class AnthropicWire:
                     "signature": signature(plan.thinking),
                 }
             )
-        if plan.text or not plan.tool_calls:
+        if plan.text or not (plan.tool_calls or plan.refused):
             content.append({"type": "text", "text": plan.text})
         content += [
             {
@@ -256,7 +274,7 @@ class AnthropicWire:
             ]
             thinking.append({"type": "signature_delta", "signature": signature(plan.thinking)})
             blocks.append(({"type": "thinking", "thinking": "", "signature": ""}, thinking))
-        if plan.text or not plan.tool_calls:
+        if plan.text or not (plan.tool_calls or plan.refused):
             deltas = [{"type": "text_delta", "text": piece} for piece in split_text(plan.text)]
             blocks.append(({"type": "text", "text": ""}, deltas))
         for call in plan.tool_calls:
@@ -290,7 +308,8 @@ class AnthropicWire:
                 }
             )
         )
-        events.append(event({"type": "message_stop"}))
+        if not (plan.fault and plan.fault.no_terminal):
+            events.append(event({"type": "message_stop"}))
         return events
 
 

@@ -20,13 +20,15 @@ from robota_proxy.testing import embeddings
 from robota_proxy.testing.anthropic_wire import AnthropicWire
 from robota_proxy.testing.gemini_wire import GeminiWire
 from robota_proxy.testing.openai_wire import OpenAIWire, models_list
-from robota_proxy.testing.script import Fault, RecordedRequest, Reply, make_plan
+from robota_proxy.testing.script import Fault, RecordedRequest, Reply, make_plan, refusal
 from robota_proxy.testing.sse import FaultyEventStream
 from robota_proxy.testing.state import FakeState
 from robota_proxy.testing.wire import Json, VendorWire, json_response
 
 _GEMINI_ACTIONS = ("generateContent", "streamGenerateContent")
 _GEMINI_EMBED_ACTIONS = ("embedContent", "batchEmbedContents")
+#: Returned once the client has gone: nobody reads it (nginx's "client closed request").
+_CLIENT_GONE = 499
 
 
 def _parse(raw: bytes) -> tuple[Json, str | None]:
@@ -76,8 +78,8 @@ class FakeVendorApp:
                 stream=False,
             )
         )
-        refusal = self._openai.auth_error(request, self._api_key)
-        return refusal or json_response(models_list(), headers=self._openai.headers())
+        denied = self._openai.auth_error(request, self._api_key)
+        return denied or json_response(models_list(), headers=self._openai.headers())
 
     async def _anthropic_messages(self, request: Request) -> Response:
         body, problem = _parse(await request.body())
@@ -99,11 +101,12 @@ class FakeVendorApp:
                 model=str(body.get("model", "")),
                 last_role=conversation.last_role,
                 last_text=conversation.last_text,
+                prefill=conversation.prefill,
             )
         )
-        refusal = wire.auth_error(request, self._api_key)
-        if refusal is not None:
-            return refusal
+        denied = wire.auth_error(request, self._api_key)
+        if denied is not None:
+            return denied
         problem = problem or wire.invalid({"max_tokens": 1, **body})
         if problem is not None:
             return wire.error(400, problem)
@@ -148,6 +151,30 @@ class FakeVendorApp:
             lambda tokens: embeddings.gemini_reply(action, model, body, tokens),
         )
 
+    async def _hold(self, request: Request, seconds: float) -> bool:
+        """Wait ``seconds``, but no longer than the client stays: True if it went away.
+
+        Uvicorn does not cancel a handler whose client disconnects, so a plain sleep with a
+        long ``latency`` (a silent vendor) would outlive the test and hold the server's
+        shutdown; listening for ``http.disconnect`` ends the wait at once instead.
+        """
+        left = False
+        async with anyio.create_task_group() as group:
+
+            async def watch() -> None:
+                nonlocal left
+                while (await request.receive())["type"] != "http.disconnect":
+                    pass
+                left = True
+                group.cancel_scope.cancel()
+
+            group.start_soon(watch)
+            await anyio.sleep(seconds)
+            group.cancel_scope.cancel()
+        if left:
+            self._state.wait_abandoned()
+        return left
+
     async def _embedding_exchange(
         self,
         request: Request,
@@ -172,17 +199,17 @@ class FakeVendorApp:
             last_text="\n".join(texts),
         )
         self._state.record(recorded)
-        refusal = wire.auth_error(request, self._api_key)
-        if refusal is not None:
-            return refusal
+        denied = wire.auth_error(request, self._api_key)
+        if denied is not None:
+            return denied
         if problem is not None:
             return wire.error(400, problem)
         chosen = self._state.choose(recorded)
         fault = chosen if isinstance(chosen, Fault) else None
         if isinstance(chosen, Reply):
             fault = chosen.fault
-        if fault is not None and fault.latency > 0:
-            await anyio.sleep(fault.latency)
+        if fault is not None and fault.latency > 0 and await self._hold(request, fault.latency):
+            return Response(status_code=_CLIENT_GONE)
         if fault is not None and fault.status is not None:
             return wire.error(fault.status, fault.message, fault.retry_after)
         tokens = chosen.prompt_tokens if isinstance(chosen, Reply) else None
@@ -208,22 +235,40 @@ class FakeVendorApp:
             model=model,
             last_role=conversation.last_role,
             last_text=conversation.last_text,
+            prefill=conversation.prefill,
         )
         self._state.record(recorded)
-        refusal = wire.auth_error(request, self._api_key)
-        if refusal is not None:
-            return refusal
+        denied = wire.auth_error(request, self._api_key)
+        if denied is not None:
+            return denied
         problem = problem or wire.invalid(body)
         if problem is not None:
             return wire.error(400, problem)
+        prefill_mode = self._state.prefill_mode(wire.vendor)
+        if conversation.prefill is not None and prefill_mode == "reject":
+            return wire.error(400, wire.prefill_refused)
 
-        plan = make_plan(self._state.choose(recorded), conversation)
+        plan = make_plan(
+            self._state.choose(recorded), conversation, continue_prefill=prefill_mode == "continue"
+        )
         fault = plan.fault
-        if fault is not None and fault.latency > 0:
-            await anyio.sleep(fault.latency)
-        if fault is not None and fault.status is not None:
+        if fault is not None and fault.latency > 0 and await self._hold(request, fault.latency):
+            return Response(status_code=_CLIENT_GONE)
+        if fault is not None and fault.error_kind is not None:
+            kind_error = wire.kind_error(fault.error_kind, fault.message)
+            if kind_error is not None:
+                return kind_error
+            plan = refusal(plan)
+        elif fault is not None and fault.status is not None:
             return wire.error(fault.status, fault.message, fault.retry_after)
         if not stream:
+            # Nothing of a JSON answer can go early: a slow first token delays all of it.
+            if (
+                fault is not None
+                and fault.first_token_latency > 0
+                and await self._hold(request, fault.first_token_latency)
+            ):
+                return Response(status_code=_CLIENT_GONE)
             return json_response(wire.reply(plan, model), headers=wire.headers())
         events = wire.events(plan, model, body)
         if not sse:  # Gemini without alt=sse streams one JSON array

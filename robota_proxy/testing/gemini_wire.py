@@ -19,6 +19,7 @@ from starlette.responses import Response
 
 from robota_proxy.testing.script import (
     Conversation,
+    ErrorKind,
     Finish,
     LastRole,
     Plan,
@@ -90,9 +91,22 @@ def _words(parts: list[Json]) -> int:
     return total
 
 
+#: What a blocked prompt's ``promptFeedback`` rates, as the API lists them.
+_BLOCKED_RATINGS = [
+    {"category": "HARM_CATEGORY_SEXUALLY_EXPLICIT", "probability": "NEGLIGIBLE"},
+    {"category": "HARM_CATEGORY_HATE_SPEECH", "probability": "NEGLIGIBLE"},
+    {"category": "HARM_CATEGORY_HARASSMENT", "probability": "NEGLIGIBLE"},
+    {"category": "HARM_CATEGORY_DANGEROUS_CONTENT", "probability": "HIGH"},
+]
+
+
 class GeminiWire:
     vendor: Vendor = "google"
     newline = "\r\n"
+    #: The API's refusal of contents ending with a ``model`` turn, in its own grammar.
+    prefill_refused = (
+        "Please ensure that multiturn requests ends with a user role or a function response."
+    )
 
     def headers(self) -> dict[str, str]:
         return {}
@@ -183,7 +197,21 @@ class GeminiWire:
             ]
         return json_response({"error": error}, status, retry_headers(retry_after))
 
+    def kind_error(self, kind: ErrorKind, message: str | None = None) -> Response | None:
+        """A too-long prompt is a 400 ``INVALID_ARGUMENT``; a refused one is a 200 whose
+        prompt is blocked (None: the caller renders the refused plan)."""
+        if kind == "content_policy":
+            return None
+        return self.error(
+            400,
+            message
+            or "The input token count (1200000) exceeds the maximum number of tokens allowed "
+            "(1048576).",
+        )
+
     def reply(self, plan: Plan, model: str) -> Json:
+        if plan.refused:
+            return _blocked(plan, model, new_id(""))
         parts: list[Json] = []
         if plan.text or not plan.tool_calls:
             parts.append({"text": plan.text})
@@ -192,8 +220,20 @@ class GeminiWire:
 
     def events(self, plan: Plan, model: str, body: Json) -> list[SSEEvent]:
         response_id = new_id("")
+        if plan.refused:
+            return [SSEEvent(dumps(_blocked(plan, model, response_id)), content=True)]
         pieces = split_text(plan.text)
         calls = _call_parts(plan)
+        if plan.fault and plan.fault.no_terminal:
+            # Gemini has no end marker: what ends a stream is the chunk naming the finish
+            # reason, so that chunk is what goes missing; every piece still arrives.
+            events = [
+                SSEEvent(dumps(_response([{"text": piece}], model, response_id)), content=True)
+                for piece in pieces
+            ]
+            if calls:
+                events.append(SSEEvent(dumps(_response(calls, model, response_id)), content=True))
+            return events
         if calls:
             last: list[Json] = calls
         else:
@@ -233,3 +273,17 @@ def _response(parts: list[Json], model: str, response_id: str, plan: Plan | None
     payload["modelVersion"] = model
     payload["responseId"] = response_id
     return payload
+
+
+def _blocked(plan: Plan, model: str, response_id: str) -> Json:
+    """A ``GenerateContentResponse`` for a prompt the safety filters blocked: no candidate,
+    the reason in ``promptFeedback``, only the prompt counted."""
+    return {
+        "promptFeedback": {"blockReason": "SAFETY", "safetyRatings": _BLOCKED_RATINGS},
+        "usageMetadata": {
+            "promptTokenCount": plan.prompt_tokens,
+            "totalTokenCount": plan.prompt_tokens,
+        },
+        "modelVersion": model,
+        "responseId": response_id,
+    }

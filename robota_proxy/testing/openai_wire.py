@@ -15,7 +15,14 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from robota_proxy.testing.script import Conversation, LastRole, Plan, Vendor, count_words
+from robota_proxy.testing.script import (
+    Conversation,
+    ErrorKind,
+    LastRole,
+    Plan,
+    Vendor,
+    count_words,
+)
 from robota_proxy.testing.sse import SSEEvent
 from robota_proxy.testing.wire import (
     Json,
@@ -54,6 +61,22 @@ _ERRORS: dict[int, tuple[str, str | None, str]] = {
 }
 
 
+# (message, param, code) of the request errors ``Fault.error_kind`` names, as OpenAI sends them.
+_KIND_ERRORS: dict[ErrorKind, tuple[str, str | None, str]] = {
+    "context_length": (
+        "This model's maximum context length is 128000 tokens. However, your messages "
+        "resulted in 130000 tokens. Please reduce the length of the messages.",
+        "messages",
+        "context_length_exceeded",
+    ),
+    "content_policy": (
+        "Your request was rejected as a result of our safety system.",
+        None,
+        "content_policy_violation",
+    ),
+}
+
+
 def masked_key(key: str) -> str:
     """The key as OpenAI quotes it in a 401: first 8 and last 4 characters kept."""
     if len(key) <= 12:
@@ -64,6 +87,12 @@ def masked_key(key: str) -> str:
 class OpenAIWire:
     vendor: Vendor = "openai"
     newline = "\n"
+    #: The real API never refuses a final assistant message (it answers afresh), so this
+    #: wording is the fake's own, in OpenAI's style, for the ``reject`` prefill mode.
+    prefill_refused = (
+        "Invalid value for 'messages': the last message must not have role 'assistant'; "
+        "assistant message prefill is not supported."
+    )
 
     def headers(self) -> dict[str, str]:
         return {"x-request-id": new_id("req_", 32), "openai-processing-ms": "1"}
@@ -156,15 +185,26 @@ class OpenAIWire:
     ) -> Response:
         return self._error(status, message, retry_after, code=_kind(status)[1])
 
+    def kind_error(self, kind: ErrorKind, message: str | None = None) -> Response | None:
+        """Both kinds are a 400 ``invalid_request_error`` with OpenAI's code and param."""
+        default_message, param, code = _KIND_ERRORS[kind]
+        return self._error(400, message or default_message, None, code=code, param=param)
+
     def _error(
-        self, status: int, message: str | None, retry_after: float | None, *, code: str | None
+        self,
+        status: int,
+        message: str | None,
+        retry_after: float | None,
+        *,
+        code: str | None,
+        param: str | None = None,
     ) -> Response:
         kind, _, default_message = _kind(status)
         body = {
             "error": {
                 "message": message or default_message,
                 "type": kind,
-                "param": None,
+                "param": param,
                 "code": code,
             }
         }
@@ -237,7 +277,8 @@ class OpenAIWire:
         events.append(chunk({}, plan.finish))
         if include_usage:
             events.append(SSEEvent(dumps({**base, "choices": [], "usage": _usage(plan)})))
-        events.append(SSEEvent("[DONE]"))
+        if not (plan.fault and plan.fault.no_terminal):
+            events.append(SSEEvent("[DONE]"))
         return events
 
 

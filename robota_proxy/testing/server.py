@@ -11,13 +11,21 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Mapping
 from types import TracebackType
 
 import anyio.to_thread
 import uvicorn
 
 from robota_proxy.testing.app import FakeVendorApp
-from robota_proxy.testing.script import Fault, Matcher, RecordedRequest, Reply, Vendor
+from robota_proxy.testing.script import (
+    Fault,
+    Matcher,
+    PrefillMode,
+    RecordedRequest,
+    Reply,
+    Vendor,
+)
 from robota_proxy.testing.sse import quiet_deliberate_drops
 from robota_proxy.testing.state import FakeState
 
@@ -40,13 +48,15 @@ class FakeVendors:
         port: int = 0,
         max_recorded: int = 10_000,
         log_config: dict[str, object] | None = None,
+        prefill: Mapping[Vendor, PrefillMode] | None = None,
     ) -> None:
         """``port=0`` picks a free port. ``log_config`` is handed to uvicorn; the default
-        None leaves the embedding process's logging configuration alone."""
+        None leaves the embedding process's logging configuration alone. ``prefill``
+        overrides, per vendor, what a final assistant turn gets (see :meth:`set_prefill`)."""
         self.api_key = api_key
         self._port = port
         self._log_config = log_config
-        self._state = FakeState(max_recorded)
+        self._state = FakeState(max_recorded, prefill)
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._socket: socket.socket | None = None
@@ -167,6 +177,14 @@ class FakeVendors:
         """
         self._state.add_rule(reply, match, times, vendor)
 
+    def set_prefill(self, vendor: Vendor, mode: PrefillMode) -> None:
+        """What ``vendor`` does with a conversation ending in an assistant turn with text P:
+        ``continue`` answers only what follows P in the planned text (Anthropic's default),
+        ``ignore`` answers the whole text afresh as OpenAI does (its default), ``reject``
+        answers the vendor's 400 (Gemini's default; for OpenAI a wording of the fake's own).
+        :meth:`reset` restores the defaults given to the constructor."""
+        self._state.set_prefill(vendor, mode)
+
     @property
     def requests(self) -> list[RecordedRequest]:
         """Every request received so far, oldest first (a copy)."""
@@ -189,8 +207,15 @@ class FakeVendors:
         return self._state.aborted_at
 
     @property
+    def abandoned_at(self) -> list[float]:
+        """``time.monotonic()`` when a client went away while its answer was held back by
+        ``latency`` (or a non-streamed ``first_token_latency``): the wait ended then, so a
+        silent vendor leaves no task behind."""
+        return self._state.abandoned_at
+
+    @property
     def dropped_streams(self) -> int:
-        """Streams cut on purpose by a ``drop_after`` fault."""
+        """Streams cut on purpose by a ``drop_after`` or ``stall_after`` fault."""
         return self._state.dropped_streams
 
     def reset(self) -> None:

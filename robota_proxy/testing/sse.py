@@ -2,9 +2,11 @@
 
 Starlette's ``StreamingResponse`` cannot say whether a stream was cut by the client, and
 uvicorn silently ignores writes after a disconnect, so this response watches for
-``http.disconnect`` itself while it sends. A deliberate cut (``drop_after``) raises out of
-the ASGI call: that is the one way to make uvicorn close the socket without writing the
-chunked body's terminator, which is what a vendor dying mid-stream looks like to a client.
+``http.disconnect`` itself while it sends, or waits (``first_token_latency``,
+``stall_after``): a wait is cancelled as soon as the client goes away. A deliberate cut
+(``drop_after``, ``stall_after``) raises out of the ASGI call: that is the one way to make
+uvicorn close the socket without writing the chunked body's terminator, which is what a
+vendor dying mid-stream looks like to a client.
 """
 
 from __future__ import annotations
@@ -68,26 +70,51 @@ def frame(event: SSEEvent, newline: str) -> bytes:
     return f"{head}data: {event.data}{newline}{newline}".encode()
 
 
-def apply_faults(events: list[SSEEvent], fault: Fault | None) -> tuple[list[SSEEvent], bool]:
-    """The events to send and whether to cut the connection after them."""
+@dataclass(frozen=True, slots=True)
+class StreamPlan:
+    """The events to send once the stream faults are applied, and how the stream ends."""
+
+    events: list[SSEEvent]
+    #: Cut the connection after the events instead of ending the body.
+    cut: bool = False
+    #: Seconds of silence, connection open, before the cut (``stall_after``).
+    stall: float = 0.0
+    #: Index of the event that waits ``first_token_latency`` (the first content event, or
+    #: ``len(events)``: the end of the body when nothing is content).
+    first_content: int = 0
+
+
+def _cut_at(content_at: list[int], after: int) -> int:
+    """Where a stream cut after ``after`` content chunks stops: before the next content
+    chunk, or when there is none past the content, before the finish."""
+    if after < len(content_at):
+        return content_at[after]
+    return content_at[-1] + 1 if content_at else 0
+
+
+def apply_faults(events: list[SSEEvent], fault: Fault | None) -> StreamPlan:
     if fault is None:
-        return events, False
+        return StreamPlan(events)
     content_at = [index for index, event in enumerate(events) if event.content]
     events = list(events)
     if fault.malformed_at is not None and 0 <= fault.malformed_at < len(content_at):
         index = content_at[fault.malformed_at]
         events[index] = replace(events[index], data=MALFORMED_DATA)
-    if fault.drop_after is None:
-        return events, False
-    if fault.drop_after < len(content_at):
-        cut = content_at[fault.drop_after]
-    else:  # past the content: everything but the finish
-        cut = content_at[-1] + 1 if content_at else 0
-    return events[:cut], True
+    first_content = content_at[0] if content_at else len(events)
+    cuts: list[tuple[int, float]] = []
+    if fault.drop_after is not None:
+        cuts.append((_cut_at(content_at, fault.drop_after), 0.0))
+    if fault.stall_after is not None:
+        cuts.append((_cut_at(content_at, fault.stall_after), fault.stall_seconds))
+    if not cuts:
+        return StreamPlan(events, first_content=first_content)
+    # Both given: the earlier cut wins; at the same place the stall, which is the longer.
+    cut, stall = min(cuts, key=lambda item: (item[0], -item[1]))
+    return StreamPlan(events[:cut], cut=True, stall=stall, first_content=first_content)
 
 
 class FaultyEventStream(Response):
-    """An SSE response that may stall, garble or cut, and reports how it ended."""
+    """An SSE response that may pause, stall, garble or cut, and reports how it ended."""
 
     def __init__(
         self,
@@ -103,8 +130,12 @@ class FaultyEventStream(Response):
         self.media_type = "text/event-stream"
         self.background = None
         self.init_headers({"cache-control": "no-cache", **(headers or {})})
-        to_send, self._drop = apply_faults(events, fault)
-        self._chunks = [frame(event, newline) for event in to_send]
+        plan = apply_faults(events, fault)
+        self._chunks = [frame(event, newline) for event in plan.events]
+        self._drop = plan.cut
+        self._stall = plan.stall
+        self._first_content = plan.first_content
+        self._first_wait = fault.first_token_latency if fault else 0.0
         self._pause = fault.chunk_latency if fault else 0.0
         self._state = state
 
@@ -132,8 +163,15 @@ class FaultyEventStream(Response):
                 for position, chunk in enumerate(self._chunks):
                     if position and self._pause:
                         await anyio.sleep(self._pause)
+                    if position == self._first_content and self._first_wait:
+                        await anyio.sleep(self._first_wait)
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if not self._drop and len(self._chunks) <= self._first_content and self._first_wait:
+                    await anyio.sleep(self._first_wait)  # no content reached: hold the end
                 if self._drop:
+                    # The watcher runs meanwhile, so a client leaving during a stall is
+                    # seen (aborted) and this task is cancelled rather than left asleep.
+                    await anyio.sleep(self._stall)
                     outcome.append("dropped")
                 else:
                     finishing = True

@@ -10,13 +10,36 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Mapping
 
-from robota_proxy.testing.script import Fault, Matcher, RecordedRequest, Reply, Rule, Vendor
+from robota_proxy.testing.script import (
+    Fault,
+    Matcher,
+    PrefillMode,
+    RecordedRequest,
+    Reply,
+    Rule,
+    Vendor,
+)
+
+#: What each vendor really does with a final assistant turn: Anthropic continues it, OpenAI
+#: accepts the request but writes a fresh answer, Gemini refuses a conversation that does
+#: not end with a user turn.
+DEFAULT_PREFILL: dict[Vendor, PrefillMode] = {
+    "openai": "ignore",
+    "anthropic": "continue",
+    "google": "reject",
+}
 
 
 class FakeState:
-    def __init__(self, max_recorded: int) -> None:
+    def __init__(
+        self, max_recorded: int, prefill: Mapping[Vendor, PrefillMode] | None = None
+    ) -> None:
         self._lock = threading.Lock()
+        self._prefill_defaults: dict[Vendor, PrefillMode] = {**DEFAULT_PREFILL, **(prefill or {})}
+        self._prefill = dict(self._prefill_defaults)
+        self._abandoned_at: list[float] = []
         self._rules: list[Rule] = []
         # Bounded so a long benchmark cannot grow the test process without limit.
         self._requests: deque[RecordedRequest] = deque(maxlen=max_recorded)
@@ -62,6 +85,18 @@ class FakeState:
             self._aborted += 1
             self._aborted_at.append(time.monotonic())
 
+    def wait_abandoned(self) -> None:
+        with self._lock:
+            self._abandoned_at.append(time.monotonic())
+
+    def prefill_mode(self, vendor: Vendor) -> PrefillMode:
+        with self._lock:
+            return self._prefill[vendor]
+
+    def set_prefill(self, vendor: Vendor, mode: PrefillMode) -> None:
+        with self._lock:
+            self._prefill[vendor] = mode
+
     def stream_dropped(self) -> None:
         with self._lock:
             self._dropped += 1
@@ -87,6 +122,11 @@ class FakeState:
             return list(self._aborted_at)
 
     @property
+    def abandoned_at(self) -> list[float]:
+        with self._lock:
+            return list(self._abandoned_at)
+
+    @property
     def dropped_streams(self) -> int:
         with self._lock:
             return self._dropped
@@ -97,3 +137,5 @@ class FakeState:
             self._requests.clear()
             self._completed = self._aborted = self._dropped = 0
             self._aborted_at.clear()
+            self._abandoned_at.clear()
+            self._prefill = dict(self._prefill_defaults)

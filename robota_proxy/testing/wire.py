@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from starlette.requests import Request
 from starlette.responses import Response
 
-from robota_proxy.testing.script import Conversation, Plan, Vendor
+from robota_proxy.testing.script import Conversation, ErrorKind, Plan, Vendor
 from robota_proxy.testing.sse import SSEEvent
 
 Json = dict[str, Any]
@@ -30,6 +30,8 @@ class VendorWire(Protocol):
     vendor: Vendor
     #: Line ending in the SSE framing.
     newline: str
+    #: The 400 message refusing a final assistant turn (prefill mode ``reject``).
+    prefill_refused: str
 
     def auth_error(self, request: Request, api_key: str) -> Response | None:
         """The vendor's refusal when the request does not carry ``api_key`` as it should."""
@@ -46,6 +48,11 @@ class VendorWire(Protocol):
     def error(
         self, status: int, message: str | None = None, retry_after: float | None = None
     ) -> Response: ...
+
+    def kind_error(self, kind: ErrorKind, message: str | None = None) -> Response | None:
+        """The vendor's error response for ``kind``, or None when the vendor answers it
+        with a 200 refusal instead (rendered from ``script.refusal(plan)``)."""
+        ...
 
     def reply(self, plan: Plan, model: str) -> Json: ...
 
