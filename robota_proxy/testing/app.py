@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -20,7 +21,14 @@ from robota_proxy.testing import embeddings
 from robota_proxy.testing.anthropic_wire import AnthropicWire
 from robota_proxy.testing.gemini_wire import GeminiWire
 from robota_proxy.testing.openai_wire import OpenAIWire, models_list
-from robota_proxy.testing.script import Fault, RecordedRequest, Reply, make_plan, refusal
+from robota_proxy.testing.script import (
+    Conversation,
+    Fault,
+    RecordedRequest,
+    Reply,
+    make_plan,
+    refusal,
+)
 from robota_proxy.testing.sse import FaultyEventStream
 from robota_proxy.testing.state import FakeState
 from robota_proxy.testing.wire import Json, VendorWire, json_response
@@ -225,7 +233,7 @@ class FakeVendorApp:
         stream: bool,
         sse: bool = True,
     ) -> Response:
-        conversation = wire.summarize(body)
+        conversation = _with_prefill(wire, body, wire.summarize(body))
         recorded = RecordedRequest(
             vendor=wire.vendor,
             path=request.url.path,
@@ -277,3 +285,16 @@ class FakeVendorApp:
         return FaultyEventStream(
             events, state=self._state, fault=fault, newline=wire.newline, headers=wire.headers()
         )
+
+
+def _with_prefill(wire: VendorWire, body: Json, conversation: Conversation) -> Conversation:
+    """A conversation that ends in an assistant text is a prefill of the answer to the turn
+    before it: summarised as that turn, with the prefill beside it."""
+    if conversation.last_role != "assistant" or not conversation.last_text:
+        return conversation
+    key = "contents" if wire.vendor == "google" else "messages"
+    turns = body.get(key)
+    if not isinstance(turns, list) or len(turns) < 2:
+        return replace(conversation, prefill=conversation.last_text)
+    before = wire.summarize({**body, key: turns[:-1]})
+    return replace(before, words=conversation.words, prefill=conversation.last_text)

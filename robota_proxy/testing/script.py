@@ -150,11 +150,10 @@ class Conversation:
     last_text: str = ""
     #: Whitespace-separated words across every message text (system and tool results too).
     words: int = 0
-
-    @property
-    def prefill(self) -> str | None:
-        """The final assistant turn's text, when there is one to continue."""
-        return self.last_text if self.last_role == "assistant" and self.last_text else None
+    #: The final assistant turn's text, when there is one to continue; ``last_role`` and
+    #: ``last_text`` then describe the turn before it (what the answer is an answer to), so a
+    #: script line matches a continued request as it matched the first one.
+    prefill: str | None = None
 
 
 @dataclass(slots=True)

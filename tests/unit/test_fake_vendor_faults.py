@@ -433,7 +433,7 @@ PREFILLED: Any = [
 
 
 def test_make_plan_continues_only_a_text_that_starts_with_the_prefill() -> None:
-    conversation = Conversation("assistant", "It is", 3)
+    conversation = Conversation("user", "what is it?", 6, prefill="It is")
     assert make_plan(Reply(text="It is 42."), conversation, continue_prefill=True).text == " 42."
     assert make_plan(Reply(text="No."), conversation, continue_prefill=True).text == "No."
     assert make_plan(Reply(text="It is 42."), conversation).text == "It is 42."
@@ -448,7 +448,9 @@ def test_anthropic_continues_a_prefill_by_default(fake: FakeVendors) -> None:
     assert message.content[0].type == "text" and message.content[0].text == " 42 today."
     assert message.usage.output_tokens == 2
     assert pieces == [" 42 ", "today."]
-    assert [(r.prefill, r.last_role) for r in fake.requests] == [("It is", "assistant")] * 2
+    assert [(r.prefill, r.last_role, r.last_text) for r in fake.requests] == [
+        ("It is", "user", "what is it?")
+    ] * 2
 
 
 def test_anthropic_without_prefill_support_and_with_trailing_space(fake: FakeVendors) -> None:
