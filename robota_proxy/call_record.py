@@ -19,6 +19,19 @@ from robota_proxy.scope import CALL
 
 #: ``(provider, model, usage) -> cost in USD``, or ``None`` when the model has no known price.
 Pricer = Callable[[str, str, Usage], Decimal | None]
+#: Usage of a stream attempt the vendor never reported, from the characters it produced.
+Estimator = Callable[[int], Usage]
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptUsage:
+    """What one ended attempt of a continued stream consumed, priced at its own target."""
+
+    provider: str
+    model: str
+    usage: Usage
+    cost: Decimal | None
+    estimated: bool
 
 
 @dataclass(slots=True)
@@ -38,25 +51,87 @@ class CallRecord:
     #: embeddings): the ledger row is marked ``estimated``.
     usage_estimated: bool = False
     cost: Decimal | None = None
-    #: Characters of text and tool-call arguments streamed so far, for the estimate used
-    #: when a stream ends before the vendor reported usage.
+    #: Characters of text and tool-call arguments the current attempt streamed so far, for
+    #: the estimate used when it ends before the vendor reported usage.
     streamed_chars: int = 0
+    #: Set by the metering middleware: the usage of ``streamed_chars`` the vendor never
+    #: reported (the prompt's bound plus the text's tokens).
+    estimator: Estimator | None = None
+    #: Attempts of a stream that broke midway and was continued (``usage`` and ``cost`` are
+    #: then the sums, each attempt priced at its own target).
+    earlier: list[AttemptUsage] = field(default_factory=list)
     #: ``ok``, a wire error code, or ``client_disconnected``.
     status: str = "ok"
     started: float = field(default_factory=time.perf_counter)
+    _attempt: AttemptUsage | None = None
 
     def settle_usage(self, provider: str, model: str, usage: Usage) -> Decimal | None:
-        """Record the vendor's usage and price it; a cached answer costs nothing."""
-        self.provider, self.model, self.usage = provider, model, usage
-        if self.cached:
-            self.cost = Decimal(0)
-        elif self.pricer is not None:
-            self.cost = self.pricer(provider, model, usage)
+        """Record the vendor's usage of the current attempt and price it; a cached answer
+        costs nothing. ``usage`` and ``cost`` become the call's totals when earlier attempts
+        of a continued stream were kept; the total cost is returned."""
+        self.provider, self.model = provider, model
+        cost = self._price(provider, model, usage)
+        self._attempt = AttemptUsage(provider, model, usage, cost, False)
+        if not self.earlier:
+            self.usage, self.cost = usage, cost
+        else:
+            self._add_up()
         return self.cost
+
+    @property
+    def attempt_unsettled(self) -> bool:
+        """A continued stream whose current attempt has not reported its usage."""
+        return bool(self.earlier) and self._attempt is None
+
+    def end_attempt(self) -> AttemptUsage:
+        """The current attempt of a stream is over (it broke and another one continues the
+        answer): keep what it consumed, estimated from its text when the vendor never said,
+        and start counting the next one from nothing."""
+        ended = self._attempt
+        if ended is None:
+            usage = self.estimator(self.streamed_chars) if self.estimator else Usage()
+            provider, model = self.provider or "unknown", self.model or "unknown"
+            ended = AttemptUsage(
+                provider, model, usage, self._price(provider, model, usage), usage.total_tokens > 0
+            )
+        self.earlier.append(ended)
+        self._attempt = None
+        self.streamed_chars = 0
+        self._add_up()
+        return ended
+
+    def _price(self, provider: str, model: str, usage: Usage) -> Decimal | None:
+        if self.cached:
+            return Decimal(0)
+        return self.pricer(provider, model, usage) if self.pricer is not None else None
+
+    def _add_up(self) -> None:
+        attempts = [*self.earlier, *([self._attempt] if self._attempt else [])]
+        total = Usage()
+        for one in attempts:
+            total = _plus(total, one.usage)
+        self.usage = total
+        costs = [one.cost for one in attempts if one.cost is not None]
+        self.cost = sum(costs, Decimal(0)) if len(costs) == len(attempts) else None
+        self.usage_estimated = self.usage_estimated or any(one.estimated for one in attempts)
 
     @property
     def latency_ms(self) -> int:
         return round((time.perf_counter() - self.started) * 1000)
+
+
+def _plus(total: Usage, one: Usage) -> Usage:
+    def kind(a: int | None, b: int | None) -> int | None:
+        return None if a is None and b is None else (a or 0) + (b or 0)
+
+    return Usage(
+        prompt_tokens=total.prompt_tokens + one.prompt_tokens,
+        completion_tokens=total.completion_tokens + one.completion_tokens,
+        total_tokens=total.total_tokens + one.total_tokens,
+        cached_prompt_tokens=kind(total.cached_prompt_tokens, one.cached_prompt_tokens),
+        cache_write_tokens=kind(total.cache_write_tokens, one.cache_write_tokens),
+        reasoning_tokens=kind(total.reasoning_tokens, one.reasoning_tokens),
+    )
 
 
 def call_record(scope: MutableMapping[str, Any], request_id: str) -> CallRecord:

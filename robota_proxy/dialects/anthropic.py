@@ -622,7 +622,9 @@ class EventWriter:
             return b""
         if isinstance(event, DoneEvent):
             return self.finish(event.finish_reason)
-        return error_frame(event)
+        if isinstance(event, ErrorEvent):
+            return error_frame(event)
+        return b""  # ``restart``: only the Robota surface asks for continued streams
 
     def finish(self, reason: FinishReason) -> bytes:
         delta = {"stop_reason": _STOP_REASONS.get(reason, "end_turn"), "stop_sequence": None}

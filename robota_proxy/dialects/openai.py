@@ -419,7 +419,9 @@ class ChunkWriter:
             if self.include_usage and self._usage is not None:
                 frames += sse({**self._base, "choices": [], "usage": usage_json(self._usage)})
             return frames + DONE_FRAME
-        return error_frame(event)
+        if isinstance(event, ErrorEvent):
+            return error_frame(event)
+        return b""  # ``restart``: only the Robota surface asks for continued streams
 
 
 def error_frame(event: ErrorEvent) -> bytes:

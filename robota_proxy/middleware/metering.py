@@ -32,6 +32,7 @@ Pure ASGI, configured only by its arguments; meets the other pieces through the 
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Collection
 from datetime import UTC, datetime, timedelta
@@ -122,6 +123,7 @@ class MeteringMiddleware:
             principal = Principal(self.anonymous_user)
         record = call_record(scope, keys.request_id(scope))
         record.pricer = self.prices
+        record.estimator = functools.partial(_estimated_usage, scope)
         started_at = datetime.now(UTC)
         try:
             receive = await self._readable(scope, receive, principal)
@@ -305,6 +307,8 @@ class MeteringMiddleware:
         request = request if isinstance(request, ChatRequest) else None
         provider = record.provider or (request.provider if request else "unknown")
         model = record.model or (request.model if request else "unknown")
+        if record.attempt_unsettled:  # a continued stream ended before its last usage report
+            record.end_attempt()
         usage, estimated = record.usage, record.usage_estimated
         if usage is None:
             usage, estimated = _estimate(record, request), True
@@ -344,8 +348,19 @@ class MeteringMiddleware:
 def _estimate(record: CallRecord, request: ChatRequest | None) -> Usage:
     if record.status not in _MAY_HAVE_WORKED and record.streamed_chars == 0:
         return Usage()
+    return _usage_of(request, record.streamed_chars)
+
+
+def _estimated_usage(scope: Scope, streamed_chars: int) -> Usage:
+    """The record's estimator: an attempt of a continued stream that broke before its usage
+    report is charged like any stream cut short."""
+    request = scope.get(keys.CHAT_REQUEST)
+    return _usage_of(request if isinstance(request, ChatRequest) else None, streamed_chars)
+
+
+def _usage_of(request: ChatRequest | None, streamed_chars: int) -> Usage:
     prompt = prompt_token_bound(request) if request is not None else 0
-    completion = estimate_completion_tokens(record.streamed_chars)
+    completion = estimate_completion_tokens(streamed_chars)
     return Usage(
         prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
     )

@@ -35,7 +35,7 @@ from robota_proxy.streams.memory import MemoryStreamBuffer
 from robota_proxy.streams.response import DEFAULT_STREAM_MAX_BYTES, ProducingStream
 from robota_proxy.upstreams.base import FinishEvent, UpstreamEvent
 from robota_proxy.upstreams.registry import UpstreamRegistry
-from robota_proxy.upstreams.resilience import Resilience
+from robota_proxy.upstreams.resilience import Resilience, StreamItem
 
 log = logging.getLogger("robota_proxy.chat")
 
@@ -116,12 +116,13 @@ async def wire_events(
     body: ChatRequest,
     record: CallRecord,
     first: UpstreamEvent | None,
-    events: AsyncGenerator[UpstreamEvent, None],
+    events: AsyncGenerator[StreamItem, None],
 ) -> AsyncGenerator[StreamEvent, None]:
     """The upstream's events as wire events: its finish becomes ``done`` with the assembled
     message, and a failure midway becomes a closing ``error`` event. The call record learns
     the usage (priced) and, until then, how much text was produced, so a stream cut short by
-    the client is still settled."""
+    the client is still settled. A stream continued on another target (``restart`` or a
+    prefill) reports the usage and cost of all its attempts, and the target that finished."""
     assembler = StreamAssembler()
     request_id = record.request_id
     async with aclosing(events):
@@ -133,12 +134,16 @@ async def wire_events(
                 elif isinstance(event, ToolCallEvent):
                     record.streamed_chars += len(event.arguments_delta) + len(event.name or "")
                 elif isinstance(event, UsageEvent):
-                    cost = record.settle_usage(body.provider, body.model, event.usage)
+                    provider = record.provider or body.provider
+                    model = record.model or body.model
+                    cost = record.settle_usage(provider, model, event.usage)
+                    if record.earlier and record.usage is not None:  # every attempt's usage
+                        event = UsageEvent(usage=record.usage)
                     _put_cost(event.usage, cost)
                 if isinstance(event, FinishEvent):
                     metadata = ResponseMetadata(
-                        provider=body.provider,
-                        model=body.model,
+                        provider=record.provider or body.provider,
+                        model=record.model or body.model,
                         finish_reason=event.finish_reason,
                         request_id=request_id,
                     )
@@ -173,12 +178,12 @@ def _put_cost(usage: Usage, cost: Decimal | None) -> None:
 
 
 async def _chain(
-    head: list[UpstreamEvent], rest: AsyncIterator[UpstreamEvent]
-) -> AsyncIterator[UpstreamEvent]:
+    head: list[UpstreamEvent], rest: AsyncIterator[StreamItem]
+) -> AsyncIterator[StreamItem]:
     for event in head:
         yield event
-    async for event in rest:
-        yield event
+    async for item in rest:
+        yield item
 
 
 def _error_event(error: ProxyError, request_id: str) -> ErrorEvent:

@@ -29,18 +29,26 @@ of it, back-off sleeps included, and for streams the whole stream too; passing i
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TypeAlias, TypeVar
 
 import anyio
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 from tenacity.wait import wait_exponential_jitter
 
-from robota_client.messages import AssistantMessage, ChatRequest
+from robota_client.messages import (
+    AssistantMessage,
+    ChatRequest,
+    DeltaEvent,
+    RestartEvent,
+    ToolCallEvent,
+    UniversalMessage,
+)
 from robota_proxy.call_record import CallRecord
 from robota_proxy.errors import (
     Forbidden,
@@ -53,6 +61,7 @@ from robota_proxy.errors import (
 )
 from robota_proxy.policy.principals import Feature, Principal
 from robota_proxy.upstreams.base import Upstream, UpstreamEvent
+from robota_proxy.upstreams.breakers import Breakers
 from robota_proxy.upstreams.errors import ContextWindowExceeded, PhaseTimeout, VendorServerError
 from robota_proxy.upstreams.registry import UpstreamRegistry
 from robota_proxy.upstreams.target_options import TargetLimits, TargetTable
@@ -108,7 +117,8 @@ class RetryPolicy:
 class Attempt:
     target: Target
     #: ``ok``, a wire error code, ``timeout`` (the deadline passed), ``cancelled``,
-    #: or ``skipped`` (not allowed for the principal or not served here).
+    #: ``skipped`` (not allowed for the principal or not served here) or ``circuit_open``
+    #: (its circuit breaker is open: not called).
     outcome: str
     ms: int
 
@@ -120,17 +130,24 @@ class Served:
     target: Target
     request: ChatRequest
     attempts: list[Attempt] = field(default_factory=list)
+    #: ``anyio.current_time()`` at which the request's deadline passes (streams).
+    ends_at: float = math.inf
 
     @property
     def vendor_calls(self) -> int:
-        return sum(1 for attempt in self.attempts if attempt.outcome != "skipped")
+        return _vendor_calls(self.attempts)
+
+
+#: What a continued stream yields: the adapters' events, and ``restart`` when an answer that
+#: broke midway could not be continued and starts again.
+StreamItem: TypeAlias = UpstreamEvent | RestartEvent
 
 
 @dataclass(slots=True)
 class OpenedStream:
     served: Served
     first: UpstreamEvent | None
-    events: AsyncGenerator[UpstreamEvent, None]
+    events: AsyncGenerator[StreamItem, None]
 
 
 class AttemptCounter:
@@ -159,8 +176,10 @@ class Resilience:
         max_timeout: float = 300.0,
         counter: AttemptCounter | None = None,
         targets: TargetTable | None = None,
+        breakers: Breakers | None = None,
     ) -> None:
         self.registry = registry
+        self.breakers = breakers
         self.target_table = targets if targets is not None else TargetTable()
         self.policy = policy if policy is not None else RetryPolicy()
         self.fallbacks = {
@@ -235,11 +254,17 @@ class Resilience:
         self, request: ChatRequest, principal: Principal | None, record: CallRecord | None
     ) -> OpenedStream:
         """The first event of the first target that produced one, and the rest of its
-        stream bounded by what is left of the deadline."""
+        stream bounded by what is left of the deadline. A stream that breaks after it
+        started is continued (``_continued``)."""
         first, events, served = await self.open_events(
             request, principal, record, lambda upstream, sent: upstream.stream(sent)
         )
-        return OpenedStream(served, first, events)
+        if first is None:
+            return OpenedStream(served, None, events)
+        continued = self._continued(
+            principal, record, served, _leading([first], events), _label(record, request)
+        )
+        return OpenedStream(served, None, continued)
 
     async def open_events(
         self,
@@ -260,21 +285,7 @@ class Resilience:
         async def call(
             upstream: Upstream, sent: ChatRequest, limits: TargetLimits
         ) -> tuple[list[E], AsyncGenerator[E, None], float]:
-            events = start(upstream, sent)
-            head: list[E] = []
-            limit = limits.limits.first_token
-            try:
-                with anyio.move_on_after(limit) as scope:
-                    async for item in events:
-                        head.append(item)
-                        if is_content is None or is_content(item):
-                            break
-            except BaseException:
-                await events.aclose()
-                raise
-            if scope.cancelled_caught:
-                await events.aclose()
-                raise _phase_timeout(sent, "first token", limit)
+            head, events = await _first_content(start(upstream, sent), sent, limits, is_content)
             return head, events, limits.limits.idle
 
         attempts: list[Attempt] = []
@@ -285,10 +296,136 @@ class Resilience:
                 )
         except TimeoutError:
             raise _counted(_deadline_error(seconds), attempts) from None
+        served.ends_at = ends_at
         rest = _until(ends_at, seconds, idle, served.target, events)
         if len(head) > 1:
             rest = _leading(head[1:], rest)
         return (head[0] if head else None), rest, served
+
+    # --- mid-stream continuation --------------------------------------------------------------
+
+    async def _continued(
+        self,
+        principal: Principal | None,
+        record: CallRecord | None,
+        served: Served,
+        events: AsyncGenerator[UpstreamEvent, None],
+        label: str,
+    ) -> AsyncGenerator[StreamItem, None]:
+        """The stream, continued when it breaks after content went out (a cut, a stall past
+        the idle limit, a vendor error event): the same target first, then the rest of the
+        chain. A target that accepts a prefill gets the text produced so far as the start of
+        its answer and streams only the continuation, so the caller never sees the seam; on
+        one that does not (or after tool calls, which cannot be prefilled) the answer starts
+        again after a ``restart`` event. Each ended attempt's usage is kept on the call
+        record (``CallRecord.end_attempt``), so the caller is billed every attempt once."""
+        target, current = served.target, events
+        text: list[str] = []
+        tools = False
+        #: Each target continues a stream at most once: a second break there means it is
+        #: not a passing fault.
+        continued_on: set[Target] = set()
+        while True:
+            try:
+                async with aclosing(current):
+                    async for event in current:
+                        if isinstance(event, DeltaEvent):
+                            text.append(event.content)
+                        elif isinstance(event, ToolCallEvent):
+                            tools = True
+                        yield event
+                return
+            except ProxyError as broken:
+                if served.ends_at - anyio.current_time() <= 0 or not (text or tools):
+                    raise
+                log.warning(
+                    "stream %s broke after %d characters from %s (%s): continuing",
+                    label,
+                    sum(len(piece) for piece in text),
+                    target,
+                    broken.code,
+                )
+                await self._report(target, broken)
+                if record is not None:
+                    record.end_attempt()
+                resumed = await self._resume(
+                    principal, record, served, target, "".join(text), tools, continued_on, label
+                )
+                if resumed is None:
+                    raise
+                target, current, prefilled = resumed
+                continued_on.add(target)
+                if not prefilled:
+                    text.clear()
+                    tools = False
+                    yield RestartEvent(reason=f"{broken.code}: {broken.message}")
+
+    async def _resume(
+        self,
+        principal: Principal | None,
+        record: CallRecord | None,
+        served: Served,
+        broken: Target,
+        text: str,
+        tools: bool,
+        exclude: set[Target],
+        label: str,
+    ) -> tuple[Target, AsyncGenerator[UpstreamEvent, None], bool] | None:
+        """The next attempt that started streaming: its target, its events, and whether it
+        continues from a prefill (else it is a fresh answer). ``None`` when none did."""
+        chain = self.targets(served.request)
+        after = chain[chain.index(broken) + 1 :] if broken in chain else []
+        prefill = text.rstrip()
+        for target in [broken, *after]:
+            if target in exclude:
+                continue
+            left = served.ends_at - anyio.current_time()
+            if left <= 0:
+                return None
+            sent = served.request.model_copy(
+                update={"provider": target.provider, "model": target.model}
+            )
+            try:
+                if principal is not None:
+                    principal.permissions.authorize(sent, "stream")
+                upstream = self.registry.resolve(sent)
+            except (Forbidden, NotFound) as exc:
+                self._note(served.attempts, Attempt(target, "skipped", 0), label, exc.code)
+                continue
+            if not await self._allowed(target):
+                self._note(served.attempts, Attempt(target, "circuit_open", 0), label)
+                continue
+            limits = self.target_table.get(target.provider, target.model)
+            continues = bool(prefill) and not tools and limits.prefill
+            if continues:
+                answer = UniversalMessage(role="assistant", content=prefill)
+                sent = sent.model_copy(update={"messages": [*sent.messages, answer]})
+            started, outcome = time.perf_counter(), "cancelled"
+            try:
+                with anyio.fail_after(left):
+                    head, events = await _first_content(upstream.stream(sent), sent, limits, None)
+                outcome = "ok"
+            except ProxyError as exc:
+                outcome = exc.code
+                await self._report(target, exc)
+                continue
+            except TimeoutError:
+                outcome = "timeout"
+                return None
+            finally:
+                ms = round((time.perf_counter() - started) * 1000)
+                self._note(served.attempts, Attempt(target, outcome, ms), label, "continuation")
+            await self._report(target, None)
+            if record is not None:
+                record.provider, record.model = target.provider, target.model
+            seconds = self.deadline(served.request)
+            rest: AsyncGenerator[UpstreamEvent, None] = _leading(
+                head, _until(served.ends_at, seconds, limits.limits.idle, target, events)
+            )
+            if continues:
+                rest = _after_seam(rest, len(text) - len(prefill))
+            return target, rest, continues
+        return None
 
     async def _run(
         self,
@@ -301,10 +438,10 @@ class Resilience:
     ) -> tuple[T, Served]:
         """``attempts`` is the caller's, so that a deadline that cuts this short can still
         say how many vendor calls were made."""
-        # What the log lines name: the request and what the caller asked for.
-        label = f"{record.request_id if record else '-'} {request.provider}/{request.model}"
+        label = _label(record, request)
         refused: ProxyError | None = None
         failed: ProxyError | None = None
+        circuit: ProxyError | None = None
         for target in self.targets(request):
             sent = request.model_copy(update={"provider": target.provider, "model": target.model})
             try:
@@ -314,6 +451,10 @@ class Resilience:
             except (Forbidden, NotFound) as exc:
                 self._note(attempts, Attempt(target, "skipped", 0), label, exc.code)
                 refused = refused or exc
+                continue
+            if not await self._allowed(target):
+                self._note(attempts, Attempt(target, "circuit_open", 0), label)
+                circuit = circuit or _circuit_open(target)
                 continue
             if record is not None:
                 record.provider, record.model = target.provider, target.model
@@ -326,7 +467,7 @@ class Resilience:
             return result, Served(target, sent, attempts)
         # Every target failed or was skipped: the last vendor failure says most; with none,
         # the first refusal (for a plain request: exactly what resolving it alone raised).
-        error = failed or refused
+        error = failed or circuit or refused
         if error is None:  # an alias whose chain is empty
             error = NotFound(f"model {request.model!r} has no fallback target configured")
         raise _counted(error, attempts)
@@ -356,6 +497,7 @@ class Resilience:
                     outcome = "ok"
                 except ProxyError as exc:
                     outcome = exc.code
+                    await self._report(target, exc)
                     raise
                 except TimeoutError:
                     outcome = "timeout"
@@ -363,8 +505,21 @@ class Resilience:
                 finally:
                     ms = round((time.perf_counter() - started) * 1000)
                     self._note(attempts, Attempt(target, outcome, ms), label)
+                await self._report(target, None)
                 return result
         raise AssertionError("tenacity ended without a result or an error")  # pragma: no cover
+
+    async def _allowed(self, target: Target) -> bool:
+        return self.breakers is None or await self.breakers.allow(str(target))
+
+    async def _report(self, target: Target, error: ProxyError | None) -> None:
+        """A target's answer to its circuit breaker: a success, or a failure of its own."""
+        if self.breakers is None:
+            return
+        if error is None:
+            await self.breakers.success(str(target))
+        elif isinstance(error, _BREAKS):
+            await self.breakers.failure(str(target))
 
     def _retryable(self, exc: BaseException) -> bool:
         if not isinstance(exc, _RETRYABLE) or isinstance(exc, PhaseTimeout):
@@ -416,6 +571,54 @@ async def _until(
             yield event
 
 
+async def _first_content(
+    events: AsyncGenerator[E, None],
+    sent: ChatRequest,
+    limits: TargetLimits,
+    is_content: Callable[[E], bool] | None,
+) -> tuple[list[E], AsyncGenerator[E, None]]:
+    """The items of a new stream up to its first content (any item when ``is_content`` is
+    None), within the target's first-token limit; the stream is closed on any failure."""
+    head: list[E] = []
+    limit = limits.limits.first_token
+    try:
+        with anyio.move_on_after(limit) as scope:
+            async for item in events:
+                head.append(item)
+                if is_content is None or is_content(item):
+                    break
+    except BaseException:
+        await events.aclose()
+        raise
+    if scope.cancelled_caught:
+        await events.aclose()
+        raise _phase_timeout(sent, "first token", limit)
+    return head, events
+
+
+async def _after_seam(
+    events: AsyncGenerator[UpstreamEvent, None], spaces: int
+) -> AsyncGenerator[UpstreamEvent, None]:
+    """A continuation without the whitespace the caller already has: a prefill may not end
+    in whitespace (Anthropic refuses it), so it was cut off and the model writes it again."""
+    async with aclosing(events):
+        async for event in events:
+            if spaces and isinstance(event, DeltaEvent):
+                content = event.content
+                stripped = content.lstrip()
+                drop = min(spaces, len(content) - len(stripped))
+                spaces = 0 if stripped else spaces - drop
+                if not content[drop:]:
+                    continue
+                event = DeltaEvent(content=content[drop:])
+            yield event
+
+
+def _label(record: CallRecord | None, request: ChatRequest) -> str:
+    """What the log lines name: the request and what the caller asked for."""
+    return f"{record.request_id if record else '-'} {request.provider}/{request.model}"
+
+
 async def _leading(head: list[E], rest: AsyncGenerator[E, None]) -> AsyncGenerator[E, None]:
     """The items read while waiting for the first content, then the rest of the stream."""
     async with aclosing(rest):
@@ -436,8 +639,25 @@ def _counted(error: ProxyError, attempts: Sequence[Attempt]) -> ProxyError:
     request (all targets), which the caller sees as ``upstreamAttempts`` and takes as "do not
     retry": this layer's retries are the only ones, so a caller's retry policy cannot
     multiply them (3 proxy tries x 3 client tries was 9 calls to a vendor that is down)."""
-    error.upstream_attempts = sum(1 for attempt in attempts if attempt.outcome != "skipped")
+    error.upstream_attempts = _vendor_calls(attempts)
     return error
+
+
+def _vendor_calls(attempts: Sequence[Attempt]) -> int:
+    return sum(1 for attempt in attempts if attempt.outcome not in _NOT_CALLED)
+
+
+#: Outcomes of targets that were not called.
+_NOT_CALLED = frozenset({"skipped", "circuit_open"})
+#: Failures that count against a target's circuit breaker: the target's own (down, slow,
+#: broken). A rejected request, a vendor's rate limit or a cancelled call say nothing about it.
+_BREAKS = (UpstreamUnavailable, UpstreamTimeout, UpstreamError)
+
+
+def _circuit_open(target: Target) -> UpstreamUnavailable:
+    return UpstreamUnavailable(
+        f"{target} is failing and was not called (its circuit breaker is open)"
+    )
 
 
 def _deadline_error(seconds: float) -> UpstreamTimeout:

@@ -191,7 +191,29 @@ def test_the_deadline_ends_a_slow_stream_with_an_error_event(
     assert calls(fake, text) == 1
 
 
-def test_a_stream_that_already_sent_text_is_never_retried(
+def test_a_stream_that_broke_after_text_restarts_and_finishes_the_answer(
+    resilient: ProxyProcess, fake: FakeVendors
+) -> None:
+    """OpenAI takes no prefill: the proxy asks again and says ``restart`` before the fresh
+    answer, so the caller's assembled message is the whole answer once."""
+    text = marker()
+    words = "one two three four five six"
+    fake.script(Reply(text=words, fault=Fault(drop_after=2)), match=text, times=1)
+    fake.script(Reply(text=words), match=text)
+    status, events = stream(resilient, body(text))
+    assert status == 200
+    names = [name for name, _ in events]
+    assert names[:3] == ["delta", "delta", "restart"]
+    assert names[-1] == "done" and names.count("restart") == 1
+    restart = events[2][1]
+    assert restart["reason"] == "upstream_error: openai sent a malformed or truncated stream"
+    after = [data["content"] for name, data in events[3:] if name == "delta"]
+    assert "".join(after) == words
+    assert events[-1][1]["message"]["content"] == words
+    assert calls(fake, text) == 2
+
+
+def test_a_stream_that_breaks_again_after_its_restart_ends_with_an_error(
     resilient: ProxyProcess, fake: FakeVendors
 ) -> None:
     text = marker()
@@ -199,8 +221,9 @@ def test_a_stream_that_already_sent_text_is_never_retried(
     status, events = stream(resilient, body(text))
     assert status == 200
     names = [name for name, _ in events]
-    assert names[0] == "delta" and names[-1] == "error"
-    assert calls(fake, text) == 1
+    assert names == ["delta", "delta", "restart", "delta", "delta", "error"]
+    assert events[-1][1]["code"] == "upstream_error"
+    assert calls(fake, text) == 2
 
 
 def test_a_stream_refused_before_its_first_event_is_retried(

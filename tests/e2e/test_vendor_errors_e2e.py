@@ -101,25 +101,45 @@ async def test_vendor_timeout(remote: RemoteAIProvider, fake: FakeVendors) -> No
     assert time.monotonic() - started < 4.5  # the proxy's upstream timeout is 2 s
 
 
-async def test_stream_cut_midway_ends_with_an_error_event(
+async def test_a_stream_cut_midway_is_finished_and_the_caller_gets_it_once(
     remote: RemoteAIProvider, fake: FakeVendors
 ) -> None:
-    fake.script(Reply(text="one two three four five six", fault=Fault(drop_after=3)), match="cut")
+    """Anthropic continues from the text so far (a prefill, no seam); OpenAI and Gemini take
+    no prefill, so the proxy starts the answer again after a ``restart`` event and
+    ``chat_stream`` passes on only what the caller has not seen."""
+    words = "one two three four five six"
+    fake.script(Reply(text=words, fault=Fault(drop_after=3)), match="cut", times=1)
+    fake.script(Reply(text=words), match="cut")
+    received = [chunk async for chunk in remote.chat_stream(ask("cut"))]
+    assert "".join(received) == words
+    sent = [request.prefill for request in fake.requests]
+    prefill = "one two three" if remote.target_provider == "anthropic" else None
+    assert sent == [None, prefill]
+
+
+async def test_a_stream_that_keeps_breaking_ends_with_an_error_event(
+    remote: RemoteAIProvider, fake: FakeVendors
+) -> None:
+    """Each target continues a stream once: the second cut is the caller's error."""
+    fake.script(
+        Reply(text=" ".join(f"w{i}" for i in range(12)), fault=Fault(drop_after=3)), match="cut"
+    )
     received: list[str] = []
     with pytest.raises(UpstreamError):
-        async for chunk in remote.chat_stream(ask("cut")):
+        async for chunk in remote.chat_stream(ask("cut"), raw_restarts=True):
             received.append(chunk)
     assert received, "text before the cut reaches the caller"
-    assert "".join(received) != "one two three four five six"
+    assert len(fake.requests) == 2
 
 
-async def test_malformed_chunk_ends_with_an_error_event(
-    remote: RemoteAIProvider, fake: FakeVendors
-) -> None:
-    fake.script(Reply(text="one two three four", fault=Fault(malformed_at=2)), match="garbled")
-    with pytest.raises(UpstreamError):
-        async for _ in remote.chat_stream(ask("garbled")):
-            pass
+async def test_a_malformed_chunk_is_survived(remote: RemoteAIProvider, fake: FakeVendors) -> None:
+    fake.script(
+        Reply(text="one two three four", fault=Fault(malformed_at=2)), match="garbled", times=1
+    )
+    fake.script(Reply(text="one two three four"), match="garbled")
+    received = [chunk async for chunk in remote.chat_stream(ask("garbled"))]
+    assert "".join(received) == "one two three four"
+    assert len(fake.requests) == 2
 
 
 @pytest.mark.parametrize("vendor", ["openai", "google"])

@@ -184,6 +184,7 @@ def test_stream_and_resume_are_event_streams_with_last_event_id() -> None:
         "usage",
         "done",
         "error",
+        "restart",
     }
     resume = DOC["paths"]["/ai/chat/stream/{stream_id}"]["get"]
     header = next(p for p in resume["parameters"] if p["in"] == "header")

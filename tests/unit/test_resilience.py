@@ -18,6 +18,7 @@ from robota_client.messages import (
     ChatRequest,
     DeltaEvent,
     ResponseMetadata,
+    RestartEvent,
 )
 from robota_proxy.call_record import CallRecord
 from robota_proxy.errors import (
@@ -229,20 +230,35 @@ async def test_the_deadline_covers_the_call_and_is_clamped() -> None:
     assert subject.deadline(ask(timeout=2)) == 2
 
 
-async def test_a_stream_is_retried_only_before_its_first_event() -> None:
+async def test_a_stream_is_retried_before_its_first_event_and_restarted_after_it() -> None:
     vendor = Scripted("a", [UpstreamUnavailable("down"), "one two"])
     opened = await resilience(vendor).open_stream(ask(), None, None)
-    assert opened.first == DeltaEvent(content="one")
+    assert opened.first is None  # the first event leads the events of a continued stream
     rest = [event async for event in opened.events]
-    assert rest == [DeltaEvent(content="two"), FinishEvent("stop")]
+    assert rest == [DeltaEvent(content="one"), DeltaEvent(content="two"), FinishEvent("stop")]
     assert len(vendor.calls) == 2
 
-    cut = Scripted("a", ["cut midway", "never asked"])
+    # Broken after content, on a target that takes no prefill: a restart, a fresh answer.
+    cut = Scripted("a", ["cut midway", "fresh answer"])
     opened = await resilience(cut).open_stream(ask(), None, None)
+    events = [event async for event in opened.events]
+    assert events == [
+        DeltaEvent(content="cut"),
+        DeltaEvent(content="midway"),
+        RestartEvent(reason="upstream_unavailable: gone"),
+        DeltaEvent(content="fresh"),
+        DeltaEvent(content="answer"),
+        FinishEvent("stop"),
+    ]
+    assert cut.calls == ["m1", "m1"]
+
+    # Broken again on the same target: each target continues a stream once.
+    twice = Scripted("a", ["cut midway"])
+    opened = await resilience(twice).open_stream(ask(), None, None)
     with pytest.raises(UpstreamUnavailable):
         async for _ in opened.events:
             pass
-    assert cut.calls == ["m1"]
+    assert twice.calls == ["m1", "m1"]
 
 
 async def test_upstream_error_falls_back_too() -> None:
