@@ -72,6 +72,7 @@ from robota_proxy.storage.usage_store import LeaseReclaimer, UsageStore
 from robota_proxy.streams.buffer import StreamBuffer
 from robota_proxy.streams.factory import stream_buffer
 from robota_proxy.streams.route import ResumeRoutes
+from robota_proxy.upstreams.breakers import BreakerPolicy, Breakers, MemoryBreakers
 from robota_proxy.upstreams.registry import UpstreamRegistry, build_upstreams
 from robota_proxy.upstreams.resilience import Resilience, RetryPolicy
 from robota_proxy.upstreams.target_options import PhaseLimits, TargetTable
@@ -197,7 +198,10 @@ class ProxyApp(Starlette):
             limits=self.limits,
         )
         self._warned_lazy = False
-        self.resilience = _resilience(registry, settings)
+        breakers, close_breakers = _breakers(settings)
+        if close_breakers is not None:
+            self.resources.drain_before_close(close_breakers)
+        self.resilience = _resilience(registry, settings, breakers)
         #: Fallback chains keyed by a bare name: model aliases on every surface.
         self._aliases = frozenset(name for name in settings.fallbacks if "/" not in name)
         #: Upstream attempts by target and outcome, served by ``GET /admin/metrics``.
@@ -245,7 +249,7 @@ class ProxyApp(Starlette):
         admin_guard = AdminGuard(settings.admin_key, failures)
         admin = AdminRoutes(self.key_store, admin_guard)
         admin_usage = AdminUsageRoutes(self.usage_store, admin_guard)
-        metrics = MetricsRoutes(self.upstream_attempts, admin_guard)
+        metrics = MetricsRoutes(self.upstream_attempts, admin_guard, breakers)
         super().__init__(
             routes=[
                 *health.ROUTES,
@@ -325,7 +329,32 @@ class ProxyApp(Starlette):
         return self.resources.registry.route(name, vendor, self._aliases)
 
 
-def _resilience(registry: UpstreamRegistry, settings: Settings) -> Resilience:
+def _breakers(
+    settings: Settings,
+) -> tuple[Breakers | None, Callable[[], Awaitable[None]] | None]:
+    """Per process, or on the shared Redis (with the close of its client) when one is set."""
+    if not settings.breaker_enabled:
+        return None, None
+    policy = BreakerPolicy(
+        failures=settings.breaker_failures,
+        error_rate=settings.breaker_error_rate,
+        window_seconds=settings.breaker_window_seconds,
+        min_calls=settings.breaker_min_calls,
+        cooldown_seconds=settings.breaker_cooldown_seconds,
+    )
+    if settings.redis_url is None:
+        return MemoryBreakers(policy), None
+    from redis.asyncio import Redis  # the [redis] extra: imported only when configured
+
+    from robota_proxy.storage.breakers_redis import RedisBreakers
+
+    client = Redis.from_url(settings.redis_url)
+    return RedisBreakers(client, settings.redis_prefix, policy), client.aclose
+
+
+def _resilience(
+    registry: UpstreamRegistry, settings: Settings, breakers: Breakers | None
+) -> Resilience:
     policy = RetryPolicy(
         retries=settings.upstream_retries,
         backoff_base=settings.retry_backoff_base,
@@ -343,6 +372,7 @@ def _resilience(registry: UpstreamRegistry, settings: Settings) -> Resilience:
         fallbacks=settings.fallbacks,
         max_timeout=settings.max_request_timeout,
         targets=TargetTable(limits, settings.target_options),
+        breakers=breakers,
     )
 
 

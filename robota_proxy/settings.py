@@ -160,6 +160,17 @@ class Settings(BaseSettings):
     #: ``{"glob of provider/model": {"headers_timeout", "first_token_timeout",
     #: "idle_timeout", "prefill"}}``: per-target overrides; the first matching pattern wins.
     target_options: dict[str, TargetOverrides] = Field(default_factory=dict)
+    #: Circuit breakers per target (README: Circuit breakers), shared through Redis when
+    #: ``ROBOTA_REDIS_URL`` is set: open after ``breaker_failures`` failures in a row or an
+    #: error rate of ``breaker_error_rate`` over ``breaker_window_seconds`` (from
+    #: ``breaker_min_calls`` calls on), skip the target for ``breaker_cooldown_seconds``,
+    #: then let one probe through.
+    breaker_enabled: bool = True
+    breaker_failures: int = Field(default=5, ge=1, le=10_000)
+    breaker_error_rate: float | None = Field(default=0.5, gt=0, le=1)
+    breaker_window_seconds: float = Field(default=30.0, gt=0, le=24 * 3600)
+    breaker_min_calls: int = Field(default=10, ge=1, le=1_000_000)
+    breaker_cooldown_seconds: float = Field(default=30.0, gt=0, le=24 * 3600)
     #: Upper bound of a request's ``options.timeout`` (larger values are clamped) and the
     #: deadline of requests that set none; covers retries, fallbacks and the whole stream.
     max_request_timeout: float = Field(default=300.0, gt=0)

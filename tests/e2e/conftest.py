@@ -70,6 +70,10 @@ def start_proxy(
     # Server-side retries off unless a test asks for them: the error-mapping tests expect one
     # vendor call per request (and would wait out back-off and Retry-After otherwise).
     full_env["ROBOTA_UPSTREAM_RETRIES"] = "0"
+    # Circuit breakers off unless a test asks for them, for the same reason: a proxy shared by
+    # a module's fault tests would otherwise open a target's breaker in one test and skip the
+    # target in the next (the breaker tests turn them on, each with a target of its own).
+    full_env["ROBOTA_BREAKER_ENABLED"] = "false"
     full_env.update(env)
     if "ROBOTA_REDIS_URL" in full_env:
         full_env.setdefault("ROBOTA_REDIS_PREFIX", REDIS_TEST_PREFIX)

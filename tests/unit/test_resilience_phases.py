@@ -17,10 +17,22 @@ import anyio
 import pytest
 
 from robota_client.messages import AssistantMessage, ChatRequest, DeltaEvent, ResponseMetadata
-from robota_proxy.errors import InvalidRequest, ProxyError, RateLimited, UpstreamTimeout
+from robota_proxy.errors import (
+    InvalidRequest,
+    ProxyError,
+    RateLimited,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from robota_proxy.settings import TargetOverrides
 from robota_proxy.upstreams.base import FinishEvent, Upstream, UpstreamEvent
-from robota_proxy.upstreams.errors import ContextWindowExceeded, PhaseTimeout, error_for_status
+from robota_proxy.upstreams.breakers import BreakerPolicy, MemoryBreakers
+from robota_proxy.upstreams.errors import (
+    ContextWindowExceeded,
+    PhaseTimeout,
+    VendorServerError,
+    error_for_status,
+)
 from robota_proxy.upstreams.registry import UpstreamRegistry
 from robota_proxy.upstreams.resilience import Resilience, RetryPolicy
 from robota_proxy.upstreams.target_options import PhaseLimits, TargetTable, known_prefill
@@ -124,19 +136,22 @@ async def test_a_slow_first_token_moves_to_the_fallback_without_a_retry() -> Non
     assert str(opened.served.target) == "b/m"
 
 
-async def test_a_stream_that_stalls_is_ended_after_the_idle_limit() -> None:
+async def test_a_stream_that_stalls_is_cut_at_the_idle_limit_and_started_again_once() -> None:
     stalling = Vendor("a", "one two three four", stall_after=2)
     opened = await chain(stalling).open_stream(ask(), None, None)
-    received: list[str] = [opened.first.content] if isinstance(opened.first, DeltaEvent) else []
+    received: list[str] = []
     started = time.monotonic()
     with pytest.raises(PhaseTimeout) as caught:
         async for event in opened.events:
-            if isinstance(event, DeltaEvent):
-                received.append(event.content)
-    assert received == ["one", " two"]
-    assert 0.2 <= time.monotonic() - started < 0.6
+            received.append(
+                event.content if isinstance(event, DeltaEvent) else type(event).__name__
+            )
+    # Stalled, restarted on the same target (no prefill there), stalled again: given up.
+    assert received == ["one", " two", "RestartEvent", "one", " two"]
+    assert 0.4 <= time.monotonic() - started < 1.0
     assert caught.value.message == "a/m sent nothing for 0.2 s: the stream stalled"
     assert caught.value.code == "upstream_timeout"
+    assert len(stalling.arrivals) == 2
 
 
 async def test_a_context_window_overflow_goes_to_the_next_target_without_a_retry() -> None:
@@ -244,3 +259,41 @@ async def test_limits_and_prefill_per_target_come_from_the_first_matching_patter
 )
 def test_known_prefill_defaults(provider: str, model: str, accepts: bool) -> None:
     assert known_prefill(provider, model) is accepts
+
+
+async def test_a_target_that_is_down_is_skipped_by_its_breaker_then_probed_once() -> None:
+    """15 requests while ``a`` is down: its first request's three tries open the breaker,
+    the other 14 go straight to ``b``; after the cool-down one probe finds ``a`` back."""
+    now = [0.0]
+    breakers = MemoryBreakers(
+        BreakerPolicy(failures=3, error_rate=None, cooldown_seconds=30), clock=lambda: now[0]
+    )
+    down = VendorServerError("a failed (HTTP 503)")
+    a, b = Vendor("a", down, down, down, "a is back"), Vendor("b", "from b")
+    subject = chain(a, b)
+    subject.breakers = breakers
+    served_by = [str((await subject.chat(ask(), None, None))[1].target) for _ in range(15)]
+    assert served_by == ["b/m"] * 15
+    assert (len(a.arrivals), len(b.arrivals)) == (3, 15)
+    assert await breakers.snapshot() == {"a/m": "open", "b/m": "closed"}
+    now[0] = 31.0
+    message, served = await subject.chat(ask(), None, None)
+    assert (message.content, str(served.target), len(a.arrivals)) == ("a is back", "a/m", 4)
+    assert await breakers.snapshot() == {"a/m": "closed", "b/m": "closed"}
+
+
+async def test_when_every_target_is_open_the_caller_hears_it_without_a_vendor_call() -> None:
+    now = [0.0]
+    breakers = MemoryBreakers(BreakerPolicy(failures=1, error_rate=None), clock=lambda: now[0])
+    a = Vendor("a", VendorServerError("a failed (HTTP 500)"))
+    subject = chain(a)
+    subject.breakers = breakers
+    with pytest.raises(VendorServerError):
+        await subject.chat(ask(), None, None)
+    with pytest.raises(UpstreamUnavailable) as caught:
+        await subject.chat(ask(), None, None)
+    assert caught.value.message == (
+        "a/m is failing and was not called (its circuit breaker is open)"
+    )
+    assert caught.value.upstream_attempts == 0
+    assert len(a.arrivals) == 3
