@@ -73,7 +73,12 @@ from robota_proxy.streams.buffer import StreamBuffer
 from robota_proxy.streams.factory import stream_buffer
 from robota_proxy.streams.route import ResumeRoutes
 from robota_proxy.upstreams.breakers import BreakerPolicy, Breakers, MemoryBreakers
-from robota_proxy.upstreams.registry import UpstreamRegistry, build_upstreams
+from robota_proxy.upstreams.deployments import Balancer
+from robota_proxy.upstreams.registry import (
+    UpstreamRegistry,
+    build_deployments,
+    build_upstreams,
+)
 from robota_proxy.upstreams.resilience import Resilience, RetryPolicy
 from robota_proxy.upstreams.target_options import PhaseLimits, TargetTable
 
@@ -171,7 +176,6 @@ class ProxyApp(Starlette):
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        registry = UpstreamRegistry(lambda: build_upstreams(settings))
         database = Database(settings.database_url)
         #: What an unreachable Redis means for limits, cache and streams (README: Bad days).
         redis_failure = RedisFailurePolicy(settings.redis_failure)
@@ -190,6 +194,11 @@ class ProxyApp(Starlette):
             redis_prefix=settings.redis_prefix,
         )
         self.limits = LimitsStorage(settings.redis_url, prefix=settings.redis_prefix)
+        registry = UpstreamRegistry(
+            lambda: build_upstreams(settings),
+            deployments=lambda: build_deployments(settings),
+            balancer=Balancer(settings.balancing, self.limits.storage),
+        )
         self.resources = Resources(
             registry,
             database,

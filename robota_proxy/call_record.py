@@ -40,9 +40,11 @@ class CallRecord:
     streamed: bool = False
     #: Set by the metering middleware so the route can put the cost on the answer.
     pricer: Pricer | None = None
-    #: Where the call went (after fallbacks: the one that served).
+    #: Where the call went (after fallbacks: the one that served), and the deployment of that
+    #: provider that answered (its name, never its key).
     provider: str | None = None
     model: str | None = None
+    deployment: str | None = None
     #: True once a vendor was asked: only such calls (and cache hits) are ledger rows.
     upstream_called: bool = False
     cached: bool = False

@@ -43,6 +43,25 @@ class TargetOverrides(BaseModel):
     prefill: bool | None = None
 
 
+class DeploymentSettings(BaseModel):
+    """One entry of ``ROBOTA_DEPLOYMENTS``: another key, base URL or region of a vendor that
+    serves the same models, load-balanced with the vendor's own settings (README: Deployments).
+    Its name is what the ledger and the metrics show; its key never leaves the proxy."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=60, pattern=r"^[A-Za-z0-9._-]+$")
+    provider: Literal["openai", "anthropic", "google"]
+    api_key: SecretStr | None = None
+    base_url: str | None = None
+    models: list[str] | None = None
+    #: Share of the traffic under the ``weighted`` strategy.
+    weight: float = Field(default=1.0, gt=0, le=1_000_000)
+    #: This deployment's own vendor limits (requests and tokens per minute), if it has any.
+    rpm: int | None = Field(default=None, ge=1)
+    tpm: int | None = Field(default=None, ge=1)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="ROBOTA_",
@@ -171,6 +190,13 @@ class Settings(BaseSettings):
     breaker_window_seconds: float = Field(default=30.0, gt=0, le=24 * 3600)
     breaker_min_calls: int = Field(default=10, ge=1, le=1_000_000)
     breaker_cooldown_seconds: float = Field(default=30.0, gt=0, le=24 * 3600)
+    #: More deployments of a vendor (``[{"name", "provider", "api_key", "base_url",
+    #: "models", "weight", "rpm", "tpm"}]``), balanced with the vendor's own settings.
+    deployments: list[DeploymentSettings] = Field(default_factory=list)
+    #: How a request picks among a vendor's deployments: ``weighted`` (random by weight),
+    #: ``least-busy`` (fewest calls in flight) or ``lowest-latency`` (recent time to first
+    #: token).
+    balancing: Literal["weighted", "least-busy", "lowest-latency"] = "weighted"
     #: Upper bound of a request's ``options.timeout`` (larger values are clamped) and the
     #: deadline of requests that set none; covers retries, fallbacks and the whole stream.
     max_request_timeout: float = Field(default=300.0, gt=0)
@@ -214,6 +240,18 @@ class Settings(BaseSettings):
         """Operators write ``INFO`` as often as ``info``; both name the same level."""
         return value.strip().lower() if isinstance(value, str) else value
 
+    @field_validator("deployments")
+    @classmethod
+    def _check_deployments(cls, value: list[DeploymentSettings]) -> list[DeploymentSettings]:
+        """Names are what the ledger shows: one per deployment, and never a vendor's own
+        (its settings are the deployment of that name)."""
+        seen: set[str] = set()
+        for deployment in value:
+            if deployment.name in seen or deployment.name in ("openai", "anthropic", "google"):
+                raise ValueError(f"deployment name {deployment.name!r} is already taken")
+            seen.add(deployment.name)
+        return value
+
     @field_validator("fallbacks")
     @classmethod
     def _check_fallbacks(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -233,5 +271,6 @@ class Settings(BaseSettings):
             self.admin_key,
             self.jwt_secret,
             *self.api_keys,
+            *(deployment.api_key for deployment in self.deployments),
         ]
         return [secret.get_secret_value() for secret in held if secret is not None]

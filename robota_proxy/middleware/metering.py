@@ -342,6 +342,7 @@ class MeteringMiddleware:
             cached=record.cached,
             priced=cost is not None,
             estimated=estimated,
+            deployment=record.deployment,
         )
 
 

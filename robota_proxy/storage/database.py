@@ -121,11 +121,22 @@ async def _ledger_surface(conn: AsyncConnection) -> None:
 
 
 #: Append only: a released step is never edited, a change is a new step.
+async def _ledger_deployment(conn: AsyncConnection) -> None:
+    """5: the ledger names the deployment that answered (``usage_ledger.deployment``, null
+    for rows written before it). Idempotent for the same reason as step 2."""
+    existing = await conn.run_sync(
+        lambda sync: {column["name"] for column in inspect(sync).get_columns("usage_ledger")}
+    )
+    if "deployment" not in existing:
+        await conn.execute(text("ALTER TABLE usage_ledger ADD COLUMN deployment VARCHAR(60)"))
+
+
 MIGRATIONS: Sequence[Migration] = (
     _initial_schema,
     _ledger_leases,
     _user_revocation,
     _ledger_surface,
+    _ledger_deployment,
 )
 
 # Any fixed number: the advisory lock that serialises migrations across PostgreSQL clients.

@@ -122,6 +122,9 @@ usage_ledger = Table(
     #: The surface the call came in on: ``robota`` (``/ai/*``), ``openai`` (``/v1/chat/...``)
     #: or ``anthropic`` (``/v1/messages``); written when the row opens.
     Column("surface", String(20), nullable=False, default="robota", server_default="robota"),
+    #: The deployment of the provider that answered (``ROBOTA_DEPLOYMENTS``; the provider's
+    #: own name for its default one); written by the settle.
+    Column("deployment", String(60), nullable=True),
     Index("ix_usage_ledger_user_time", "user_id", "created_at"),
     Index("ux_usage_ledger_request_id", "request_id", unique=True),
     Index("ix_usage_ledger_lease", "status", "lease_expires_at"),

@@ -165,6 +165,8 @@ class LedgerEntry:
     cache_write_tokens: int = 0
     #: The caller's ``X-Request-ID``, when it sent one.
     correlation_id: str | None = None
+    #: The deployment of the provider that answered (its name, never its key).
+    deployment: str | None = None
 
     @property
     def quota_tokens(self) -> int:
@@ -751,6 +753,7 @@ _FINAL_COLUMNS: dict[str, Any] = {
     "cached": Boolean,
     "priced": Boolean,
     "estimated": Boolean,
+    "deployment": String,
 }
 _FINAL_SET: dict[str, Any] = {
     **{name: bindparam(f"fin_{name}", type_=kind) for name, kind in _FINAL_COLUMNS.items()},
@@ -883,6 +886,7 @@ def _ledger_values(entry: LedgerEntry) -> dict[str, Any]:
         "estimate_prompt_tokens": 0,
         "estimate_completion_tokens": 0,
         "estimate_cost_pico": None,
+        "deployment": _clip("deployment", entry.deployment),
     }
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import weakref
 from collections import Counter
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing
@@ -388,7 +389,7 @@ class Resilience:
             try:
                 if principal is not None:
                     principal.permissions.authorize(sent, "stream")
-                upstream = self.registry.resolve(sent)
+                self.registry.resolve(sent)
             except (Forbidden, NotFound) as exc:
                 self._note(served.attempts, Attempt(target, "skipped", 0), label, exc.code)
                 continue
@@ -403,7 +404,10 @@ class Resilience:
             started, outcome = time.perf_counter(), "cancelled"
             try:
                 with anyio.fail_after(left):
-                    head, events = await _first_content(upstream.stream(sent), sent, limits, None)
+                    deployment = await self.registry.pick(sent)
+                    head, events = await _first_content(
+                        deployment.upstream.stream(sent), sent, limits, None
+                    )
                 outcome = "ok"
             except ProxyError as exc:
                 outcome = exc.code
@@ -418,6 +422,7 @@ class Resilience:
             await self._report(target, None)
             if record is not None:
                 record.provider, record.model = target.provider, target.model
+                record.deployment = deployment.name
             seconds = self.deadline(served.request)
             rest: AsyncGenerator[UpstreamEvent, None] = _leading(
                 head, _until(served.ends_at, seconds, limits.limits.idle, target, events)
@@ -447,7 +452,7 @@ class Resilience:
             try:
                 if principal is not None:
                     principal.permissions.authorize(sent, feature)
-                upstream = self.registry.resolve(sent)
+                self.registry.resolve(sent)
             except (Forbidden, NotFound) as exc:
                 self._note(attempts, Attempt(target, "skipped", 0), label, exc.code)
                 refused = refused or exc
@@ -460,7 +465,7 @@ class Resilience:
                 record.provider, record.model = target.provider, target.model
                 record.upstream_called = True
             try:
-                result = await self._retrying(target, upstream, sent, attempts, label, call)
+                result = await self._retrying(target, sent, attempts, record, label, call)
             except _FALLS_BACK as exc:
                 failed = exc
                 continue
@@ -475,13 +480,15 @@ class Resilience:
     async def _retrying(
         self,
         target: Target,
-        upstream: Upstream,
         sent: ChatRequest,
         attempts: list[Attempt],
+        record: CallRecord | None,
         label: str,
         call: Callable[[Upstream, ChatRequest, TargetLimits], Awaitable[T]],
     ) -> T:
+        """Tries of one target, each on the deployment the balancer picks for it."""
         limits = self.target_table.get(target.provider, target.model)
+        balancer = self.registry.balancer
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.policy.retries + 1),
             wait=self._wait,
@@ -492,22 +499,35 @@ class Resilience:
             with try_:
                 started = time.perf_counter()
                 outcome = "cancelled"
+                deployment = await self.registry.pick(sent)
+                if record is not None:
+                    record.deployment = deployment.name
+                balancer.started(deployment)
                 try:
-                    result = await call(upstream, sent, limits)
+                    result = await call(deployment.upstream, sent, limits)
                     outcome = "ok"
+                    balancer.first_token(deployment, time.perf_counter() - started)
                 except ProxyError as exc:
                     outcome = exc.code
+                    if isinstance(exc, RateLimited) and self._other_deployments(target):
+                        # The retry goes to another deployment at once, not after the wait.
+                        balancer.cool_down(deployment, exc.retry_after)
+                        _MOVED_ON.add(exc)
                     await self._report(target, exc)
                     raise
                 except TimeoutError:
                     outcome = "timeout"
                     raise
                 finally:
+                    balancer.finished(deployment)
                     ms = round((time.perf_counter() - started) * 1000)
                     self._note(attempts, Attempt(target, outcome, ms), label)
                 await self._report(target, None)
                 return result
         raise AssertionError("tenacity ended without a result or an error")  # pragma: no cover
+
+    def _other_deployments(self, target: Target) -> bool:
+        return len(self.registry.deployments(target.provider)) > 1
 
     async def _allowed(self, target: Target) -> bool:
         return self.breakers is None or await self.breakers.allow(str(target))
@@ -532,7 +552,8 @@ class Resilience:
         a ``Retry-After: 0`` must not turn the retries into a burst."""
         backoff = float(self._backoff(state))
         error = state.outcome.exception() if state.outcome is not None else None
-        if isinstance(error, ProxyError) and error.retry_after is not None:
+        waits = isinstance(error, ProxyError) and error not in _MOVED_ON
+        if waits and isinstance(error, ProxyError) and error.retry_after is not None:
             return max(backoff, min(error.retry_after, self.policy.retry_after_max))
         return backoff
 
@@ -647,6 +668,9 @@ def _vendor_calls(attempts: Sequence[Attempt]) -> int:
     return sum(1 for attempt in attempts if attempt.outcome not in _NOT_CALLED)
 
 
+#: Vendor 429s whose deployment was cooled down: the next try goes to another deployment
+#: without waiting for this one's ``Retry-After``.
+_MOVED_ON: weakref.WeakSet[BaseException] = weakref.WeakSet()
 #: Outcomes of targets that were not called.
 _NOT_CALLED = frozenset({"skipped", "circuit_open"})
 #: Failures that count against a target's circuit breaker: the target's own (down, slow,

@@ -23,6 +23,7 @@ def test_attempts_are_counted_and_only_the_admin_sees_them() -> None:
         metrics = client.get("/admin/metrics", headers={"Authorization": f"Bearer {ADMIN}"})
     assert metrics.status_code == 200
     assert metrics.json() == {
-        "upstreamAttempts": [{"target": "mock/mock-1", "outcome": "ok", "count": 3}]
+        "upstreamAttempts": [{"target": "mock/mock-1", "outcome": "ok", "count": 3}],
+        "circuitBreakers": {"mock/mock-1": "closed"},
     }
     assert ADMIN not in metrics.text and USER not in metrics.text

@@ -295,6 +295,7 @@ def final(user: str, request_id: str, when: datetime, *, flipped: bool) -> Ledge
         estimated=not flipped,
         cache_write_tokens=5,
         correlation_id="theirs-1",
+        deployment="openai-east" if flipped else "anthropic",
     )
 
 
@@ -315,6 +316,7 @@ def final_columns(settled: LedgerEntry) -> dict[str, object]:
         "cached": settled.cached,
         "priced": settled.priced,
         "estimated": settled.estimated,
+        "deployment": settled.deployment,
     }
 
 
@@ -358,6 +360,8 @@ async def test_an_opened_row_holds_the_calls_details_and_its_lease(store: UsageS
         "estimate_prompt_tokens": 40,
         "estimate_completion_tokens": 60,
         "estimate_cost_pico": 7_000,
+        # Known only once a deployment answered: written by the settle.
+        "deployment": None,
     }
     assert rows == [
         in_flight,
