@@ -643,6 +643,7 @@ async def test_every_text_a_caller_sends_is_cut_to_its_column(store: UsageStore)
         correlation_id="c" * 100,
         key_id="k" * 100,
         provider="p" * 150,
+        deployment="d" * 100,
     )
     await store.settle(never_opened, None)
     [row] = await rows_of(store, plain[:200])
@@ -653,6 +654,7 @@ async def test_every_text_a_caller_sends_is_cut_to_its_column(store: UsageStore)
         row["key_id"],
         row["provider"],
         row["model"],
+        row["deployment"],
     ) == (
         "n" * 100,
         plain[:200],
@@ -660,6 +662,7 @@ async def test_every_text_a_caller_sends_is_cut_to_its_column(store: UsageStore)
         "k" * 64,
         "p" * 100,
         "m" * 200,
+        "d" * 60,
     )
 
 
