@@ -172,7 +172,10 @@ class AnthropicRoutes:
             writer = dialect.EventWriter(
                 request_id=record.request_id, model=shown_model(parsed, body, sent)
             )
-            frames = rendered(writer, wire_events(sent, record, first, only_events(rest)))
+            continued = self.resilience.continued(
+                principal_of(request), record, served, first, only_events(rest), restart=False
+            )
+            frames = rendered(writer, wire_events(sent, record, None, continued))
         return StreamingResponse(
             frames,
             media_type="text/event-stream",

@@ -188,8 +188,10 @@ class OpenAIRoutes:
                 model=shown_model(parsed, body, sent),
                 include_usage=include_usage,
             )
-            events = wire_events(sent, record, first, only_events(rest))
-            frames = rendered(writer, events)
+            continued = self.resilience.continued(
+                principal_of(request), record, served, first, only_events(rest), restart=False
+            )
+            frames = rendered(writer, wire_events(sent, record, None, continued))
         return StreamingResponse(frames, media_type="text/event-stream", headers=sse.HEADERS)
 
 

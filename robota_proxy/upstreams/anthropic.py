@@ -177,7 +177,10 @@ class AnthropicUpstream:
             async for event in vendor_events:
                 for item in reader.events(event):
                     yield item
-        if not reader.stopped:
+        # ``message_delta`` carries the stop reason and the final usage: a stream that ends
+        # after it but without ``message_stop`` has said everything, and is finished with
+        # what it reported rather than treated as broken.
+        if not reader.stopped and reader.stop_reason is None:
             raise broken_stream_error(self.name)
         usage = reader.usage()
         if usage is not None:

@@ -260,12 +260,26 @@ class Resilience:
         first, events, served = await self.open_events(
             request, principal, record, lambda upstream, sent: upstream.stream(sent)
         )
-        if first is None:
-            return OpenedStream(served, None, events)
-        continued = self._continued(
-            principal, record, served, _leading([first], events), _label(record, request)
-        )
+        continued = self.continued(principal, record, served, first, events, restart=True)
         return OpenedStream(served, None, continued)
+
+    def continued(
+        self,
+        principal: Principal | None,
+        record: CallRecord | None,
+        served: Served,
+        first: UpstreamEvent | None,
+        events: AsyncGenerator[UpstreamEvent, None],
+        *,
+        restart: bool,
+    ) -> AsyncGenerator[StreamItem, None]:
+        """``first`` and the rest of an opened stream, continued when it breaks midway (see
+        ``_continued``). ``restart``: whether the caller's wire can say ``restart`` (the
+        Robota wire can; a vendor-compatible one cannot, so there only a target that takes
+        a prefill continues the answer, and otherwise the original failure is raised)."""
+        label = _label(record, served.request)
+        head: list[UpstreamEvent] = [] if first is None else [first]
+        return self._continued(principal, record, served, _leading(head, events), label, restart)
 
     async def open_events(
         self,
@@ -312,6 +326,7 @@ class Resilience:
         served: Served,
         events: AsyncGenerator[UpstreamEvent, None],
         label: str,
+        restart: bool,
     ) -> AsyncGenerator[StreamItem, None]:
         """The stream, continued when it breaks after content went out (a cut, a stall past
         the idle limit, a vendor error event): the same target first, then the rest of the
@@ -350,7 +365,15 @@ class Resilience:
                 if record is not None:
                     record.end_attempt()
                 resumed = await self._resume(
-                    principal, record, served, target, "".join(text), tools, continued_on, label
+                    principal,
+                    record,
+                    served,
+                    target,
+                    "".join(text),
+                    tools,
+                    continued_on,
+                    label,
+                    restart,
                 )
                 if resumed is None:
                     raise
@@ -371,6 +394,7 @@ class Resilience:
         tools: bool,
         exclude: set[Target],
         label: str,
+        restart: bool,
     ) -> tuple[Target, AsyncGenerator[UpstreamEvent, None], bool] | None:
         """The next attempt that started streaming: its target, its events, and whether it
         continues from a prefill (else it is a fresh answer). ``None`` when none did."""
@@ -398,6 +422,8 @@ class Resilience:
                 continue
             limits = self.target_table.get(target.provider, target.model)
             continues = bool(prefill) and not tools and limits.prefill
+            if not (continues or restart):
+                continue
             if continues:
                 answer = UniversalMessage(role="assistant", content=prefill)
                 sent = sent.model_copy(update={"messages": [*sent.messages, answer]})
