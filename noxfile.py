@@ -38,7 +38,10 @@ def mutation(session: nox.Session) -> None:
     mutation/gate.py against mutation/floors.toml. Verdicts are kept in ``mutants/`` and
     re-used for code and tests that did not change; ``nox -s mutation -- --fresh`` starts over.
     About 15 minutes from nothing on 2 cores."""
-    session.install("-e", ".[dev]", "mutmut==3.8.1")
+    # pytest-timeout: a mutant that makes a test wait forever (a batch writer that never
+    # answers) fails that test in 20 s, instead of holding a worker until mutmut's CPU-time
+    # limit (which a waiting process never reaches) — 6 such mutants cost 10 minutes.
+    session.install("-e", ".[dev]", "mutmut==3.8.1", "pytest-timeout>=2.3")
     if "--fresh" in session.posargs:
         shutil.rmtree("mutants", ignore_errors=True)
     session.run("mutmut", "run", "--max-children", str(os.cpu_count() or 1))
