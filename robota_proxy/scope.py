@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, MutableMapping
+from contextvars import ContextVar
 from typing import Any
 
 #: ``str``: the request id, set by ``RequestContextMiddleware`` (or generated on first use).
 REQUEST_ID = "robota.request_id"
+#: The same request id for code that never sees the scope (a vendor adapter's log line), set
+#: by ``RequestContextMiddleware`` for the duration of the request and inherited by the tasks
+#: it starts (a stream's producer).
+current_request_id: ContextVar[str | None] = ContextVar("robota_request_id", default=None)
 #: ``str``: the caller's own ``X-Request-ID`` when it sent a usable one (then it is also the
 #: request id above, echoed back). Not unique: the ledger keeps it beside a key of its own.
 CORRELATION_ID = "robota.correlation_id"

@@ -50,13 +50,19 @@ class RequestContextMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            if scope["type"] == "websocket":
-                scope[keys.REQUEST_ID] = _identify(scope)
-            await self.app(scope, receive, send)
+            if scope["type"] != "websocket":
+                await self.app(scope, receive, send)
+                return
+            token = keys.current_request_id.set(_identify(scope))
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                keys.current_request_id.reset(token)
             return
         request_id = _identify(scope)
         started = time.perf_counter()
         status = 500
+        token = keys.current_request_id.set(request_id)
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -68,6 +74,7 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            keys.current_request_id.reset(token)
             if log.isEnabledFor(logging.INFO):
                 log.info(
                     "%s %s %d %.1fms %s",

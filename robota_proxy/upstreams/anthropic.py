@@ -19,11 +19,12 @@ SDK generation refuses ``httpx`` objects.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Iterable, Mapping
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
+from contextlib import aclosing, asynccontextmanager
 
 import anthropic
 import httpx2
+import pydantic
 from anthropic.types import (
     InputJSONDelta,
     Message,
@@ -38,6 +39,7 @@ from anthropic.types import (
     TextDelta,
     ToolUseBlock,
 )
+from httpx_sse import EventSource, SSEError
 
 from robota_client.messages import (
     AssistantMessage,
@@ -68,6 +70,7 @@ from robota_proxy.upstreams.errors import (
     timeout_error,
     unavailable_error,
 )
+from robota_proxy.upstreams.sse_json import json_events
 
 OFFICIAL_BASE_URL = "https://api.anthropic.com"
 
@@ -105,6 +108,12 @@ _TOOL_CHOICES: dict[str, JSONDict] = {
 #: leaves transport errors in the middle of a stream unwrapped, hence ``httpx2``;
 #: ``ValueError`` covers a stream event that is not JSON.
 _CALL_ERRORS = (anthropic.AnthropicError, httpx2.HTTPError, ValueError)
+#: What reading a started stream can raise besides the call's own errors.
+_STREAM_ERRORS = (*_CALL_ERRORS, SSEError)
+#: The SDK's own union of stream event types, to read an event object as the SDK would.
+_STREAM_EVENT: pydantic.TypeAdapter[RawMessageStreamEvent] = pydantic.TypeAdapter(
+    RawMessageStreamEvent
+)
 
 
 class AnthropicUpstream:
@@ -163,18 +172,14 @@ class AnthropicUpstream:
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[UpstreamEvent, None]:
         params = self._params(request)
-        try:
-            events = await self._client.messages.create(**params, stream=True)
-        except _CALL_ERRORS as exc:
-            raise self._proxy_error(exc, streaming=False) from None
-        # ``async with`` closes the vendor response however this generator ends: drained,
-        # failed, closed early by the consumer, or cancelled.
-        async with (
-            events,
-            aclosing(mapped_errors(events, _CALL_ERRORS, self._stream_error)) as vendor_events,
-        ):
-            reader = _EventReader()
-            async for event in vendor_events:
+        body = {**params, **params.pop("extra_body", {})}
+        reader = _EventReader()
+        async with self._events(body, None) as vendor_events:
+            async for raw in vendor_events:
+                try:
+                    event = _STREAM_EVENT.validate_python(raw)
+                except pydantic.ValidationError:
+                    continue  # an event type this SDK does not know yet: nothing to read
                 for item in reader.events(event):
                     yield item
         # ``message_delta`` carries the stop reason and the final usage: a stream that ends
@@ -212,24 +217,39 @@ class AnthropicUpstream:
         """The stream of a passed-through call, one event object at a time as Anthropic sent
         it (``ping`` left out: the surface sends its own). A vendor ``event: error`` midway,
         a cut connection or a garbled event raise the same ``ProxyError`` as ``stream``."""
+        async with self._events(body, headers) as vendor_events:
+            async for event in vendor_events:
+                yield event
+
+    @asynccontextmanager
+    async def _events(
+        self, body: JSONDict, headers: Mapping[str, str] | None
+    ) -> AsyncIterator[AsyncGenerator[JSONDict, None]]:
+        """The event objects of one streamed ``/v1/messages`` call, read by ``sse_json`` (a
+        malformed event is skipped, not fatal; ``ping`` is left out), with the vendor's
+        failures mapped to wire errors and the response closed however the reading ends.
+        ``headers``: the caller's ``anthropic-version`` / ``anthropic-beta`` on a passthrough."""
         try:
-            events = await self._client.post(
+            response = await self._client.post(
                 "/v1/messages",
-                cast_to=object,
+                cast_to=httpx2.Response,
                 body={**body, "stream": True},
-                options={"headers": dict(headers)},
+                options={"headers": dict(headers)} if headers else {},
                 stream=True,
-                stream_cls=anthropic.AsyncStream[object],
             )
         except _CALL_ERRORS as exc:
             raise self._proxy_error(exc, streaming=False) from None
-        async with (
-            events,
-            aclosing(mapped_errors(events, _CALL_ERRORS, self._stream_error)) as vendor_events,
-        ):
-            async for event in vendor_events:
-                if isinstance(event, dict):
-                    yield event
+        # httpx-sse reads any response through httpx's streaming API, which the SDK's httpx2
+        # response has.
+        source = EventSource(response)  # type: ignore[arg-type]
+        events = _event_objects(json_events(source.aiter_sse(), self.name), response)
+        try:
+            async with aclosing(
+                mapped_errors(events, _STREAM_ERRORS, self._stream_error)
+            ) as mapped:
+                yield mapped
+        finally:
+            await response.aclose()
 
     # --- request ---------------------------------------------------------------------------
 
@@ -320,6 +340,23 @@ class AnthropicUpstream:
         if streaming:
             return broken_stream_error(self.name)
         return malformed_response_error(self.name)
+
+
+async def _event_objects(
+    events: AsyncGenerator[tuple[str, JSONDict], None], response: httpx2.Response
+) -> AsyncGenerator[JSONDict, None]:
+    """The events but ``ping``; an ``error`` event midway raises as the SDK's reader did (its
+    error type then decides the wire error, see ``_proxy_error``)."""
+    async with aclosing(events):
+        async for name, event in events:
+            kind = event.get("type", name)
+            if kind == "ping":
+                continue
+            if kind == "error":
+                raise anthropic.APIStatusError(
+                    "an error event in the stream", response=response, body=event
+                )
+            yield event
 
 
 class _EventReader:

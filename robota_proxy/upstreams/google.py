@@ -70,6 +70,7 @@ from robota_proxy.upstreams.errors import (
     timeout_error,
     unavailable_error,
 )
+from robota_proxy.upstreams.sse_json import json_events
 
 VENDOR = "google"
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
@@ -154,9 +155,8 @@ class GoogleUpstream:
                     await source.response.aread()
                     raise status_error(source.response, self._api_key)
                 started = True
-                async with aclosing(source.aiter_sse()) as frames:
-                    async for frame in frames:
-                        chunk = _decode_chunk(frame.data)
+                async with aclosing(json_events(source.aiter_sse(), VENDOR)) as chunks:
+                    async for _, chunk in chunks:
                         raise_embedded_error(chunk, self._api_key)
                         for event in state.feed(chunk):
                             yield event
@@ -574,16 +574,6 @@ class StreamState:
             events.append(UsageEvent(usage=usage_from(self.usage)))
         events.append(FinishEvent(finish_reason=reason))
         return events
-
-
-def _decode_chunk(data: str) -> Json:
-    try:
-        chunk = json.loads(data)
-    except ValueError:
-        raise broken_stream_error(VENDOR) from None
-    if not isinstance(chunk, dict):
-        raise broken_stream_error(VENDOR)
-    return chunk
 
 
 # --- errors --------------------------------------------------------------------------------

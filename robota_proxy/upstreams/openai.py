@@ -33,14 +33,15 @@ import array
 import base64
 import binascii
 import sys
-from collections.abc import AsyncGenerator
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
 import aiohttp
 import httpx
 import httpx2
 import openai
+from httpx_sse import EventSource, SSEError
 from openai._models import FinalRequestOptions  # the SDK's own options type (see _POST)
 from openai.types import CompletionUsage
 
@@ -77,6 +78,7 @@ from robota_proxy.upstreams.errors import (
     timeout_error,
     unavailable_error,
 )
+from robota_proxy.upstreams.sse_json import json_events
 
 OFFICIAL_BASE_URL = "https://api.openai.com/v1"
 _PATH = "/chat/completions"
@@ -110,6 +112,8 @@ _CALL_ERRORS = (
     aiohttp.ClientError,
     ValueError,
 )
+#: What reading a started stream can raise besides the call's own errors.
+_STREAM_ERRORS = (*_CALL_ERRORS, SSEError)
 _TIMEOUTS = (openai.APITimeoutError, httpx.TimeoutException, httpx2.TimeoutException)
 _UNREACHABLE = (
     openai.APIConnectionError,
@@ -188,22 +192,9 @@ class OpenAIUpstream:
         params = self._params(request)
         params["stream"] = True
         params["stream_options"] = {"include_usage": True}
-        try:
-            chunks = await self._client.request(
-                object, _options(params), stream=True, stream_cls=openai.AsyncStream[object]
-            )
-        except _CALL_ERRORS as exc:
-            raise self._proxy_error(exc, streaming=False) from None
-        # ``async with`` closes the vendor response however this generator ends: drained,
-        # failed, closed early by the consumer, or cancelled.
-        async with (
-            chunks,
-            aclosing(mapped_errors(chunks, _CALL_ERRORS, self._stream_error)) as vendor_chunks,
-        ):
-            reader = _ChunkReader()
+        reader = _ChunkReader()
+        async with self._chunks(params) as vendor_chunks:
             async for chunk in vendor_chunks:
-                if not isinstance(chunk, dict):
-                    raise self._stream_error(ValueError("a stream chunk that is not an object"))
                 for event in reader.events(chunk):
                     yield event
         if reader.finish_reason is None:
@@ -254,20 +245,31 @@ class OpenAIUpstream:
         asked for (the proxy meters it), and whether to forward it is the route's affair."""
         params = {**body, "stream": True}
         params["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        async with self._chunks(params) as vendor_chunks:
+            async for chunk in vendor_chunks:
+                yield chunk
+
+    @asynccontextmanager
+    async def _chunks(self, params: JSONDict) -> AsyncIterator[AsyncGenerator[JSONDict, None]]:
+        """The ``chat.completion.chunk`` objects of one streamed call, read by
+        ``sse_json`` (a malformed chunk is skipped, not fatal), with the vendor's failures
+        mapped to wire errors; the response is closed however the reading ends."""
         try:
-            chunks = await self._client.request(
-                object, _options(params), stream=True, stream_cls=openai.AsyncStream[object]
-            )
+            response = await self._client.request(httpx2.Response, _options(params), stream=True)
         except _CALL_ERRORS as exc:
             raise self._proxy_error(exc, streaming=False) from None
-        async with (
-            chunks,
-            aclosing(mapped_errors(chunks, _CALL_ERRORS, self._stream_error)) as vendor_chunks,
-        ):
-            async for chunk in vendor_chunks:
-                if not isinstance(chunk, dict):
-                    raise self._stream_error(ValueError("a stream chunk that is not an object"))
-                yield chunk
+        # httpx-sse reads any response through httpx's streaming API, which the SDK's httpx2
+        # response has.
+        source = EventSource(response)  # type: ignore[arg-type]
+        objects = json_events(source.aiter_sse(), self.name, done="[DONE]")
+        chunks = _chunk_objects(objects, self.name)
+        try:
+            async with aclosing(
+                mapped_errors(chunks, _STREAM_ERRORS, self._stream_error)
+            ) as mapped:
+                yield mapped
+        finally:
+            await response.aclose()
 
     # --- request ---------------------------------------------------------------------------
 
@@ -348,6 +350,18 @@ class OpenAIUpstream:
         if streaming:
             return broken_stream_error(self.name)
         return malformed_response_error(self.name)
+
+
+async def _chunk_objects(
+    events: AsyncGenerator[tuple[str, JSONDict], None], vendor: str
+) -> AsyncGenerator[JSONDict, None]:
+    """The chunks; an ``error`` object midway (what OpenAI sends when it fails after the
+    stream started) ends the stream as broken, as the SDK's reader did."""
+    async with aclosing(events):
+        async for _, chunk in events:
+            if "error" in chunk:
+                raise broken_stream_error(vendor)
+            yield chunk
 
 
 def _aiohttp_failure(exc: BaseException) -> aiohttp.ClientConnectionError | None:
