@@ -28,6 +28,7 @@ of it, back-off sleeps included, and for streams the whole stream too; passing i
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -63,6 +64,7 @@ from robota_proxy.errors import (
 from robota_proxy.policy.principals import Feature, Principal
 from robota_proxy.upstreams.base import Upstream, UpstreamEvent
 from robota_proxy.upstreams.breakers import Breakers
+from robota_proxy.upstreams.deployments import Deployment
 from robota_proxy.upstreams.errors import ContextWindowExceeded, PhaseTimeout, VendorServerError
 from robota_proxy.upstreams.registry import UpstreamRegistry
 from robota_proxy.upstreams.target_options import TargetLimits, TargetTable
@@ -133,6 +135,8 @@ class Served:
     attempts: list[Attempt] = field(default_factory=list)
     #: ``anyio.current_time()`` at which the request's deadline passes (streams).
     ends_at: float = math.inf
+    #: The deployment of ``target`` that answered.
+    deployment: Deployment | None = None
 
     @property
     def vendor_calls(self) -> int:
@@ -307,7 +311,7 @@ class Resilience:
         try:
             with anyio.fail_after(seconds):
                 (head, events, idle), served = await self._run(
-                    request, principal, "stream", record, call, attempts
+                    request, principal, "stream", record, call, attempts, holds=True
                 )
         except TimeoutError:
             raise _counted(_deadline_error(seconds), attempts) from None
@@ -315,6 +319,8 @@ class Resilience:
         rest = _until(ends_at, seconds, idle, served.target, events)
         if len(head) > 1:
             rest = _leading(head[1:], rest)
+        if served.deployment is not None:
+            rest = self._in_flight(served.deployment, rest)
         return (head[0] if head else None), rest, served
 
     # --- mid-stream continuation --------------------------------------------------------------
@@ -428,13 +434,16 @@ class Resilience:
                 answer = UniversalMessage(role="assistant", content=prefill)
                 sent = sent.model_copy(update={"messages": [*sent.messages, answer]})
             started, outcome = time.perf_counter(), "cancelled"
+            balancer, deployment = self.registry.balancer, None
             try:
                 with anyio.fail_after(left):
                     deployment = await self.registry.pick(sent)
+                    balancer.started(deployment)
                     head, events = await _first_content(
                         deployment.upstream.stream(sent), sent, limits, None
                     )
                 outcome = "ok"
+                balancer.first_token(deployment, time.perf_counter() - started)
             except ProxyError as exc:
                 outcome = exc.code
                 await self._report(target, exc)
@@ -443,6 +452,8 @@ class Resilience:
                 outcome = "timeout"
                 return None
             finally:
+                if deployment is not None and outcome != "ok":
+                    balancer.finished(deployment)
                 ms = round((time.perf_counter() - started) * 1000)
                 self._note(served.attempts, Attempt(target, outcome, ms), label, "continuation")
             await self._report(target, None)
@@ -455,7 +466,7 @@ class Resilience:
             )
             if continues:
                 rest = _after_seam(rest, len(text) - len(prefill))
-            return target, rest, continues
+            return target, self._in_flight(deployment, rest), continues
         return None
 
     async def _run(
@@ -466,6 +477,7 @@ class Resilience:
         record: CallRecord | None,
         call: Callable[[Upstream, ChatRequest, TargetLimits], Awaitable[T]],
         attempts: list[Attempt],
+        holds: bool = False,
     ) -> tuple[T, Served]:
         """``attempts`` is the caller's, so that a deadline that cuts this short can still
         say how many vendor calls were made."""
@@ -491,11 +503,13 @@ class Resilience:
                 record.provider, record.model = target.provider, target.model
                 record.upstream_called = True
             try:
-                result = await self._retrying(target, sent, attempts, record, label, call)
+                result, deployment = await self._retrying(
+                    target, sent, attempts, record, label, call, holds
+                )
             except _FALLS_BACK as exc:
                 failed = exc
                 continue
-            return result, Served(target, sent, attempts)
+            return result, Served(target, sent, attempts, deployment=deployment)
         # Every target failed or was skipped: the last vendor failure says most; with none,
         # the first refusal (for a plain request: exactly what resolving it alone raised).
         error = failed or circuit or refused
@@ -511,8 +525,11 @@ class Resilience:
         record: CallRecord | None,
         label: str,
         call: Callable[[Upstream, ChatRequest, TargetLimits], Awaitable[T]],
-    ) -> T:
-        """Tries of one target, each on the deployment the balancer picks for it."""
+        holds: bool,
+    ) -> tuple[T, Deployment]:
+        """Tries of one target, each on the deployment the balancer picks for it. ``holds``:
+        the call goes on after ``call`` returned (a stream), so a success leaves the
+        deployment counted in flight for the caller to release."""
         limits = self.target_table.get(target.provider, target.model)
         balancer = self.registry.balancer
         retrying = AsyncRetrying(
@@ -545,12 +562,23 @@ class Resilience:
                     outcome = "timeout"
                     raise
                 finally:
-                    balancer.finished(deployment)
+                    if outcome != "ok" or not holds:
+                        balancer.finished(deployment)
                     ms = round((time.perf_counter() - started) * 1000)
                     self._note(attempts, Attempt(target, outcome, ms), label)
                 await self._report(target, None)
-                return result
+                return result, deployment
         raise AssertionError("tenacity ended without a result or an error")  # pragma: no cover
+
+    def _in_flight(
+        self, deployment: Deployment, events: AsyncGenerator[E, None]
+    ) -> AsyncGenerator[E, None]:
+        """A stream that counts as in flight on its deployment until it ends: when it is
+        closed, or, if it is dropped without ever being read, when it is collected."""
+        release = _once(functools.partial(self.registry.balancer.finished, deployment))
+        held = _released_at_end(events, release)
+        weakref.finalize(held, release)
+        return held
 
     def _other_deployments(self, target: Target) -> bool:
         return len(self.registry.deployments(target.provider)) > 1
@@ -568,6 +596,8 @@ class Resilience:
             await self.breakers.failure(str(target))
 
     def _retryable(self, exc: BaseException) -> bool:
+        if exc in _MOVED_ON:  # another deployment is ready: its Retry-After is not ours
+            return True
         if not isinstance(exc, _RETRYABLE) or isinstance(exc, PhaseTimeout):
             return False
         return exc.retry_after is None or exc.retry_after <= self.policy.retry_after_max
@@ -664,6 +694,29 @@ async def _after_seam(
 def _label(record: CallRecord | None, request: ChatRequest) -> str:
     """What the log lines name: the request and what the caller asked for."""
     return f"{record.request_id if record else '-'} {request.provider}/{request.model}"
+
+
+def _once(action: Callable[[], None]) -> Callable[[], None]:
+    done = False
+
+    def run() -> None:
+        nonlocal done
+        if not done:
+            done = True
+            action()
+
+    return run
+
+
+async def _released_at_end(
+    events: AsyncGenerator[E, None], release: Callable[[], None]
+) -> AsyncGenerator[E, None]:
+    try:
+        async with aclosing(events):
+            async for event in events:
+                yield event
+    finally:
+        release()
 
 
 async def _leading(head: list[E], rest: AsyncGenerator[E, None]) -> AsyncGenerator[E, None]:
