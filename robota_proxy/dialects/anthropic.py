@@ -565,6 +565,13 @@ class EventWriter:
         self._tool_blocks: dict[int, int] = {}
         self._usage: Usage | None = None
 
+    def resume(self, blocks: int, open_text: int | None) -> None:
+        """Write on in a stream already begun by someone else (a passed-through answer
+        that broke and is continued): ``blocks`` content blocks were started, and the text
+        block ``open_text`` is still open (its next text goes on in it)."""
+        self._blocks = blocks
+        self._open = (open_text, True) if open_text is not None else None
+
     def start(self) -> bytes:
         message: dict[str, Any] = {
             "id": message_id(self._request_id),

@@ -27,17 +27,24 @@ bound, not the target's tokenizer count).
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import aclosing
-from dataclasses import dataclass
-from typing import Protocol, cast
+from dataclasses import dataclass, field
+from typing import Protocol, TypeAlias, cast
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from robota_client.messages import AssistantMessage, ChatRequest, ErrorEvent
+from robota_client.messages import (
+    AssistantMessage,
+    ChatRequest,
+    DeltaEvent,
+    ErrorEvent,
+    UsageEvent,
+)
 from robota_proxy import scope as keys
 from robota_proxy.call_record import CallRecord, call_record
 from robota_proxy.chat_body import chat_request, read_body
@@ -58,7 +65,7 @@ from robota_proxy.routes.compat import (
     rendered,
     shown_model,
 )
-from robota_proxy.upstreams.base import Upstream
+from robota_proxy.upstreams.base import FinishEvent, Upstream, UpstreamEvent
 from robota_proxy.upstreams.registry import UpstreamRegistry
 from robota_proxy.upstreams.resilience import Resilience
 
@@ -167,7 +174,10 @@ class AnthropicRoutes:
         sent = served.request
         frames: AsyncIterator[bytes]
         if isinstance(first, dict):
-            frames = _forwarded(sent, record, first, rest)
+            resume = functools.partial(
+                self.resilience.continuation, principal_of(request), record, served
+            )
+            frames = _forwarded(sent, record, first, rest, resume)
         else:
             writer = dialect.EventWriter(
                 request_id=record.request_id, model=shown_model(parsed, body, sent)
@@ -250,32 +260,90 @@ def _is_content(event: JSONDict) -> bool:
     return True
 
 
+#: ``(failure, text so far) ->`` the rest of the answer from a target that takes a prefill.
+Resume: TypeAlias = Callable[
+    [ProxyError, str], Awaitable[AsyncGenerator[UpstreamEvent, None] | None]
+]
+
+
+@dataclass(slots=True)
+class _Blocks:
+    """What a passed-through stream has started: its content blocks and their text, so a
+    break can be continued from a prefill while every block so far is text."""
+
+    count: int = 0
+    open: int | None = None
+    only_text: bool = True
+    text: list[str] = field(default_factory=list)
+
+    def see(self, event: JSONDict) -> None:
+        kind = event["type"]
+        if kind == "content_block_start":
+            block = event.get("content_block")
+            self.only_text = (
+                self.only_text and isinstance(block, dict) and block.get("type") == "text"
+            )
+            self.count += 1
+            index = event.get("index")
+            self.open = index if isinstance(index, int) else None
+        elif kind == "content_block_stop":
+            self.open = None
+        elif kind == "content_block_delta":
+            delta = event.get("delta")
+            if isinstance(delta, dict) and isinstance(delta.get("text"), str):
+                self.text.append(delta["text"])
+
+
 async def _forwarded(
-    sent: ChatRequest, record: CallRecord, first: JSONDict, rest: AsyncGenerator[Item, None]
+    sent: ChatRequest,
+    record: CallRecord,
+    first: JSONDict,
+    rest: AsyncGenerator[Item, None],
+    resume: Resume,
 ) -> AsyncGenerator[bytes, None]:
     """Anthropic's events as they came (a ``ping`` after ``message_start``, as Anthropic
-    sends), with the cumulative usage of ``message_delta`` settled on the call record."""
+    sends), with the cumulative usage of ``message_delta`` settled on the call record. A
+    stream that ends after its stop reason without ``message_stop`` is finished here; one
+    that breaks midway while all it said is text is continued from a prefill (``resume``)
+    where a target takes one, else ends with an error event naming the failure."""
     tracker = dialect.UsageTracker()
+    blocks = _Blocks()
     async with aclosing(rest):
         try:
-            async for event in chain(first, rest):
-                if not isinstance(event, dict) or not isinstance(event.get("type"), str):
-                    continue
-                tracker.see(event)
-                delta = event.get("delta")
-                if event["type"] == "content_block_delta" and isinstance(delta, dict):
-                    record.streamed_chars += sum(
-                        len(delta[key]) for key in _DELTA_TEXT if isinstance(delta.get(key), str)
-                    )
-                if event["type"] == "message_delta":
-                    usage = tracker.usage()
-                    if usage is not None:
-                        record.settle_usage(sent.provider, sent.model, usage)
-                yield dialect.frame(event)
-                if event["type"] == "message_start":
-                    yield dialect.PING_FRAME
-            if not tracker.stopped:
+            try:
+                async for event in chain(first, rest):
+                    if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+                        continue
+                    tracker.see(event)
+                    blocks.see(event)
+                    delta = event.get("delta")
+                    if event["type"] == "content_block_delta" and isinstance(delta, dict):
+                        record.streamed_chars += sum(
+                            len(delta[key])
+                            for key in _DELTA_TEXT
+                            if isinstance(delta.get(key), str)
+                        )
+                    if event["type"] == "message_delta":
+                        usage = tracker.usage()
+                        if usage is not None:
+                            record.settle_usage(sent.provider, sent.model, usage)
+                    yield dialect.frame(event)
+                    if event["type"] == "message_start":
+                        yield dialect.PING_FRAME
+            except ProxyError as broken:
+                more = None
+                if blocks.only_text and tracker.stop_reason is None:
+                    more = await resume(broken, "".join(blocks.text))
+                if more is None:
+                    raise
+                async for frame in _continued(sent, record, blocks, more):
+                    yield frame
+                return
+            if tracker.stopped:
+                return
+            if tracker.stop_reason is None:
                 raise UpstreamError(f"{sent.provider} ended the stream before message_stop")
+            yield dialect.frame({"type": "message_stop"})
         except ProxyError as exc:
             record.status = exc.code
             yield _error_frame(exc, record.request_id)
@@ -286,6 +354,31 @@ async def _forwarded(
         except BaseException:
             record.status = "client_disconnected"
             raise
+
+
+async def _continued(
+    sent: ChatRequest,
+    record: CallRecord,
+    blocks: _Blocks,
+    events: AsyncGenerator[UpstreamEvent, None],
+) -> AsyncGenerator[bytes, None]:
+    """A continuation's events written on in the broken stream: the open text block goes
+    on (or a new one starts), and the closing ``message_delta`` carries the usage of every
+    attempt, which is what the caller is billed."""
+    writer = dialect.EventWriter(request_id=record.request_id, model=sent.model)
+    writer.resume(blocks.count, blocks.open)
+    async with aclosing(events):
+        async for event in events:
+            if isinstance(event, DeltaEvent):
+                record.streamed_chars += len(event.content)
+                yield writer.event(event)
+            elif isinstance(event, UsageEvent):
+                provider, model = record.provider or sent.provider, record.model or sent.model
+                record.settle_usage(provider, model, event.usage)
+                if record.usage is not None:
+                    writer.event(UsageEvent(usage=record.usage))
+            elif isinstance(event, FinishEvent):
+                yield writer.finish(event.finish_reason)
 
 
 def _error_frame(error: ProxyError, request_id: str) -> bytes:

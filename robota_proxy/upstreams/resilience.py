@@ -360,16 +360,7 @@ class Resilience:
             except ProxyError as broken:
                 if served.ends_at - anyio.current_time() <= 0 or not (text or tools):
                     raise
-                log.warning(
-                    "stream %s broke after %d characters from %s (%s): continuing",
-                    label,
-                    sum(len(piece) for piece in text),
-                    target,
-                    broken.code,
-                )
-                await self._report(target, broken)
-                if record is not None:
-                    record.end_attempt()
+                await self._broke(record, target, broken, sum(map(len, text)), label)
                 resumed = await self._resume(
                     principal,
                     record,
@@ -389,6 +380,47 @@ class Resilience:
                     text.clear()
                     tools = False
                     yield RestartEvent(reason=f"{broken.code}: {broken.message}")
+
+    async def continuation(
+        self,
+        principal: Principal | None,
+        record: CallRecord | None,
+        served: Served,
+        broken: ProxyError,
+        text: str,
+    ) -> AsyncGenerator[UpstreamEvent, None] | None:
+        """For a passed-through stream that broke after ``text`` (a compatible surface
+        forwarding its vendor's own events): the rest of the answer as events, from a
+        target that takes a prefill; ``None`` when there is none or no time is left."""
+        if served.ends_at - anyio.current_time() <= 0 or not text:
+            return None
+        label = _label(record, served.request)
+        await self._broke(record, served.target, broken, len(text), label)
+        resumed = await self._resume(
+            principal, record, served, served.target, text, False, set(), label, False
+        )
+        return None if resumed is None else resumed[1]
+
+    async def _broke(
+        self,
+        record: CallRecord | None,
+        target: Target,
+        broken: ProxyError,
+        chars: int,
+        label: str,
+    ) -> None:
+        """A stream broke midway and will be continued: logged, counted against the
+        target's breaker, and the attempt's usage kept on the call record."""
+        log.warning(
+            "stream %s broke after %d characters from %s (%s): continuing",
+            label,
+            chars,
+            target,
+            broken.code,
+        )
+        await self._report(target, broken)
+        if record is not None:
+            record.end_attempt()
 
     async def _resume(
         self,

@@ -473,6 +473,9 @@ def test_proxy_refusals_reach_the_sdk_typed(surface: ProxyProcess, fake: FakeVen
 def test_a_failure_midway_ends_the_stream_with_an_error_event(
     vendor: str, surface: ProxyProcess, fake: FakeVendors
 ) -> None:
+    """Every attempt is cut after two chunks. An Anthropic target takes a prefill, so the
+    answer is continued once (two more words) before the error; an OpenAI one does not, and
+    the stream ends at the first cut."""
     fake.script(Reply(text="one two three four five", fault=Fault(drop_after=2)))
     texts: list[str] = []
     with (
@@ -482,8 +485,10 @@ def test_a_failure_midway_ends_the_stream_with_an_error_event(
         ) as stream,
     ):
         texts.extend(stream.text_stream)
-    assert "".join(texts) == "one two "
+    expected = "one two three four " if vendor == "anthropic" else "one two "
+    assert "".join(texts) == expected
     assert caught.value.body["error"]["type"] == "api_error"  # type: ignore[index]
+    assert len(fake.requests) == (2 if vendor == "anthropic" else 1)
 
 
 # --- money ------------------------------------------------------------------------------------

@@ -274,9 +274,9 @@ def test_a_vendor_error_or_a_cut_stream_is_not_cached(
     assert ask(proxy, surface, model, text).cache == "MISS"
     assert vendor_calls(fake, text) == 2
 
-    # A stream translated for an Anthropic target is continued from a prefill after a cut:
-    # cut its continuation too, so that the caller gets the error that must not be cached.
-    continued = provider == "anthropic" and surface != "anthropic"
+    # A stream to an Anthropic target is continued from a prefill after a cut: cut its
+    # continuation too, so that the caller gets the error that must not be cached.
+    continued = provider == "anthropic"
     cuts = 2 if continued else 1
     text = marker()
     fake.script(Fault(drop_after=1), match=text, times=cuts)

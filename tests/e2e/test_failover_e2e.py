@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import anthropic
 import anyio
 import httpx
 import openai
@@ -716,3 +717,64 @@ async def breaker_states(proxy: Proxy) -> dict[str, str]:
     assert answer.status_code == 200, answer.text
     states: dict[str, str] = answer.json()["circuitBreakers"]
     return states
+
+
+# --- /v1/messages passed through to Anthropic --------------------------------------------------
+
+
+def anthropic_client(proxy: Proxy) -> anthropic.AsyncAnthropic:
+    return anthropic.AsyncAnthropic(base_url=proxy.url, api_key=USER_KEY, max_retries=0)
+
+
+async def test_a_passed_through_anthropic_stream_that_breaks_is_continued_from_a_prefill(
+    failover: Proxy, fake: FakeVendors
+) -> None:
+    """The caller's own JSON goes to Anthropic untouched; when that stream is cut midway,
+    the text so far is sent as a prefill and the continuation is written on in the same
+    content block: the SDK assembles the whole answer once."""
+    text = marker()
+    fake.script(Reply(text=WORDS, fault=Fault(drop_after=3)), match=text, times=1)
+    fake.script(Reply(text=WORDS), match=text)
+    async with (
+        anthropic_client(failover) as client,
+        client.messages.stream(
+            model="claude-3-5-haiku-latest",
+            max_tokens=100,
+            messages=[{"role": "user", "content": text}],
+        ) as stream,
+    ):
+        pieces = [piece async for piece in stream.text_stream]
+        message = await stream.get_final_message()
+        request_id = stream.response.headers["request-id"]
+    assert "".join(pieces) == WORDS
+    assert [block.type for block in message.content] == ["text"]
+    assert message.content[0].text == WORDS  # type: ignore[union-attr]
+    assert message.stop_reason == "end_turn"
+    requests = seen(fake, text, FALLBACK)
+    assert [request.prefill for request in requests] == [None, "one two three"]
+    row = the_row(failover, request_id)
+    # The cut attempt is estimated (prompt bound + its text), the continuation reported.
+    assert (row["status"], row["estimated"], row["deployment"]) == ("ok", 1, "anthropic")
+    assert (message.usage.input_tokens, message.usage.output_tokens) == (
+        row["prompt_tokens"],
+        row["completion_tokens"],
+    )
+
+
+async def test_a_passed_through_anthropic_stream_without_message_stop_is_finished(
+    failover: Proxy, fake: FakeVendors
+) -> None:
+    text = marker()
+    fake.script(Reply(text=WORDS, fault=Fault(no_terminal=True)), match=text)
+    async with (
+        anthropic_client(failover) as client,
+        client.messages.stream(
+            model="claude-3-5-haiku-latest",
+            max_tokens=100,
+            messages=[{"role": "user", "content": text}],
+        ) as stream,
+    ):
+        message = await stream.get_final_message()
+    assert message.content[0].text == WORDS  # type: ignore[union-attr]
+    assert (message.stop_reason, message.usage.output_tokens) == ("end_turn", 10)
+    assert len(seen(fake, text, FALLBACK)) == 1
