@@ -19,6 +19,7 @@ SDK generation refuses ``httpx`` objects.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
 from contextlib import aclosing, asynccontextmanager
 
@@ -39,7 +40,7 @@ from anthropic.types import (
     TextDelta,
     ToolUseBlock,
 )
-from httpx_sse import EventSource, SSEError
+from httpx_sse import SSEError
 
 from robota_client.messages import (
     AssistantMessage,
@@ -60,7 +61,6 @@ from robota_proxy.upstreams._convert import (
     JSONDict,
     arguments_json,
     malformed_response_error,
-    mapped_errors,
     status_error,
     tool_arguments,
 )
@@ -70,7 +70,7 @@ from robota_proxy.upstreams.errors import (
     timeout_error,
     unavailable_error,
 )
-from robota_proxy.upstreams.sse_json import json_events
+from robota_proxy.upstreams.sse_json import response_objects
 
 OFFICIAL_BASE_URL = "https://api.anthropic.com"
 
@@ -239,17 +239,15 @@ class AnthropicUpstream:
             )
         except _CALL_ERRORS as exc:
             raise self._proxy_error(exc, streaming=False) from None
-        # httpx-sse reads any response through httpx's streaming API, which the SDK's httpx2
-        # response has.
-        source = EventSource(response)  # type: ignore[arg-type]
-        events = _event_objects(json_events(source.aiter_sse(), self.name), response)
-        try:
-            async with aclosing(
-                mapped_errors(events, _STREAM_ERRORS, self._stream_error)
-            ) as mapped:
-                yield mapped
-        finally:
-            await response.aclose()
+        async with response_objects(
+            response,
+            self.name,
+            functools.partial(_event_objects, response=response),
+            done=None,
+            errors=_STREAM_ERRORS,
+            to_proxy_error=self._stream_error,
+        ) as events:
+            yield events
 
     # --- request ---------------------------------------------------------------------------
 

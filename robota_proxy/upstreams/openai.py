@@ -32,6 +32,7 @@ from __future__ import annotations
 import array
 import base64
 import binascii
+import functools
 import sys
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing, asynccontextmanager
@@ -41,7 +42,7 @@ import aiohttp
 import httpx
 import httpx2
 import openai
-from httpx_sse import EventSource, SSEError
+from httpx_sse import SSEError
 from openai._models import FinalRequestOptions  # the SDK's own options type (see _POST)
 from openai.types import CompletionUsage
 
@@ -64,7 +65,6 @@ from robota_proxy.upstreams._convert import (
     JSONDict,
     make_usage,
     malformed_response_error,
-    mapped_errors,
     status_error,
 )
 from robota_proxy.upstreams.base import (
@@ -78,7 +78,7 @@ from robota_proxy.upstreams.errors import (
     timeout_error,
     unavailable_error,
 )
-from robota_proxy.upstreams.sse_json import json_events
+from robota_proxy.upstreams.sse_json import response_objects
 
 OFFICIAL_BASE_URL = "https://api.openai.com/v1"
 _PATH = "/chat/completions"
@@ -258,18 +258,15 @@ class OpenAIUpstream:
             response = await self._client.request(httpx2.Response, _options(params), stream=True)
         except _CALL_ERRORS as exc:
             raise self._proxy_error(exc, streaming=False) from None
-        # httpx-sse reads any response through httpx's streaming API, which the SDK's httpx2
-        # response has.
-        source = EventSource(response)  # type: ignore[arg-type]
-        objects = json_events(source.aiter_sse(), self.name, done="[DONE]")
-        chunks = _chunk_objects(objects, self.name)
-        try:
-            async with aclosing(
-                mapped_errors(chunks, _STREAM_ERRORS, self._stream_error)
-            ) as mapped:
-                yield mapped
-        finally:
-            await response.aclose()
+        async with response_objects(
+            response,
+            self.name,
+            functools.partial(_chunk_objects, vendor=self.name),
+            done="[DONE]",
+            errors=_STREAM_ERRORS,
+            to_proxy_error=self._stream_error,
+        ) as chunks:
+            yield chunks
 
     # --- request ---------------------------------------------------------------------------
 

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
-from httpx_sse import ServerSentEvent
+import httpx2
+from httpx_sse import EventSource, ServerSentEvent
 
+from robota_proxy.errors import ProxyError
 from robota_proxy.scope import current_request_id
+from robota_proxy.upstreams._convert import mapped_errors
 
 log = logging.getLogger("robota_proxy.upstream")
 
@@ -53,3 +57,26 @@ async def json_events(
                 "" if skipped == 1 else "s",
                 vendor,
             )
+
+
+@asynccontextmanager
+async def response_objects(
+    response: httpx2.Response,
+    vendor: str,
+    read: Callable[[AsyncGenerator[tuple[str, JSONDict], None]], AsyncGenerator[JSONDict, None]],
+    *,
+    done: str | None,
+    errors: tuple[type[Exception], ...],
+    to_proxy_error: Callable[[Exception], ProxyError],
+) -> AsyncIterator[AsyncGenerator[JSONDict, None]]:
+    """The objects of a vendor's streamed response (``read`` turns the events into the
+    vendor's objects, raising on its in-band errors), its failures mapped to wire errors,
+    and the response closed however the reading ends. httpx-sse reads any response through
+    httpx's streaming API, which the vendor SDKs' httpx2 responses have."""
+    source = EventSource(response)  # type: ignore[arg-type]
+    objects = read(json_events(source.aiter_sse(), vendor, done=done))
+    try:
+        async with aclosing(mapped_errors(objects, errors, to_proxy_error)) as mapped:
+            yield mapped
+    finally:
+        await response.aclose()

@@ -86,7 +86,7 @@ def gemini_texts(chunks: list[Any]) -> list[str]:
     return [part["text"] for c in chunks for part in c["candidates"][0]["content"]["parts"]]
 
 
-def wait_for(condition: Any, timeout: float = 3.0) -> None:
+def wait_for(condition: Any, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "condition not reached in time"

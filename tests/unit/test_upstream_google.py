@@ -648,15 +648,20 @@ async def test_transport_error_mid_stream_is_broken(
     assert body.closed
 
 
-async def test_malformed_sse_data_is_broken(google: GoogleUpstream, api: respx.MockRouter) -> None:
+async def test_malformed_sse_data_is_skipped_and_logged_once(
+    google: GoogleUpstream, api: respx.MockRouter, caplog: pytest.LogCaptureFixture
+) -> None:
     api.post(STREAM_URL).mock(
-        return_value=sse_response(sse_body(STREAM_CHUNKS[1], "{not json", STREAM_CHUNKS[3]))
+        return_value=sse_response(
+            sse_body(STREAM_CHUNKS[1], "{not json", "[1, 2]", STREAM_CHUNKS[3])
+        )
     )
-    received: list[UpstreamEvent] = []
-    with pytest.raises(UpstreamError, match="malformed or truncated"):
-        async for event in google.stream(hello()):
-            received.append(event)
-    assert received == [DeltaEvent(content="Hello")]
+    received = await collect(google, hello())
+    assert received[0] == DeltaEvent(content="Hello")
+    assert [e.name for e in received if isinstance(e, ToolCallEvent) and e.name] == ["get_time"]
+    assert received[-1] == FinishEvent("tool_calls")
+    skipped = [r.getMessage() for r in caplog.records if "malformed" in r.getMessage()]
+    assert skipped == ["request -: skipped 2 malformed chunks in a stream from google"]
 
 
 async def test_wrong_content_type_is_broken(google: GoogleUpstream, api: respx.MockRouter) -> None:
