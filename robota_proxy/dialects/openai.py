@@ -28,6 +28,7 @@ from robota_client.messages import (
     DeltaEvent,
     DoneEvent,
     ErrorEvent,
+    FinishReason,
     FunctionCall,
     StreamEvent,
     ToolCall,
@@ -398,6 +399,20 @@ class ChunkWriter:
     def start(self) -> bytes:
         return self._chunk({"role": "assistant", "content": ""})
 
+    def resume(self, chunk: dict[str, Any]) -> None:
+        """Write on in a stream already begun by someone else (a passed-through answer that
+        broke and is continued): its chunks' id, creation time and model carry on."""
+        for key in ("id", "created", "model", "system_fingerprint"):
+            if key in chunk:
+                self._base[key] = chunk[key]
+
+    def finish(self, reason: FinishReason) -> bytes:
+        """The finish chunk, the usage chunk when asked for, ``[DONE]``."""
+        frames = self._chunk({}, _FINISH.get(reason, reason))
+        if self.include_usage and self._usage is not None:
+            frames += sse({**self._base, "choices": [], "usage": usage_json(self._usage)})
+        return frames + DONE_FRAME
+
     def event(self, event: StreamEvent) -> bytes:
         if isinstance(event, DeltaEvent):
             return self._chunk({"content": event.content})
@@ -414,11 +429,7 @@ class ChunkWriter:
             self._usage = event.usage  # sent after the finish chunk, as OpenAI does
             return b""
         if isinstance(event, DoneEvent):
-            reason = _FINISH.get(event.finish_reason, event.finish_reason)
-            frames = self._chunk({}, reason)
-            if self.include_usage and self._usage is not None:
-                frames += sse({**self._base, "choices": [], "usage": usage_json(self._usage)})
-            return frames + DONE_FRAME
+            return self.finish(event.finish_reason)
         if isinstance(event, ErrorEvent):
             return error_frame(event)
         return b""  # ``restart``: only the Robota surface asks for continued streams

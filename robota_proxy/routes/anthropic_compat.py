@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Protocol, TypeAlias, cast
+from typing import Protocol, cast
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -57,6 +57,7 @@ from robota_proxy.routes.chat import principal_of, wire_events
 from robota_proxy.routes.compat import (
     Item,
     JSONDict,
+    Resume,
     as_items,
     chain,
     json_response,
@@ -258,12 +259,6 @@ def _is_content(event: JSONDict) -> bool:
         block = event.get("content_block")
         return isinstance(block, dict) and block.get("type") not in ("text", "thinking")
     return True
-
-
-#: ``(failure, text so far) ->`` the rest of the answer from a target that takes a prefill.
-Resume: TypeAlias = Callable[
-    [ProxyError, str], Awaitable[AsyncGenerator[UpstreamEvent, None] | None]
-]
 
 
 @dataclass(slots=True)

@@ -9,7 +9,7 @@ render events as frames, closing the vendor call whenever the caller stops readi
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from typing import Any, Protocol, TypeAlias
 
@@ -27,6 +27,11 @@ from robota_proxy.upstreams.resilience import Resilience, Served
 JSONDict: TypeAlias = dict[str, Any]
 #: What one target's stream yields: the vendor's own chunks (passthrough) or wire events.
 Item: TypeAlias = JSONDict | UpstreamEvent
+#: ``(failure, text so far) ->`` the rest of a broken passed-through answer, from a target
+#: that takes a prefill (``Resilience.continuation``), or ``None``.
+Resume: TypeAlias = Callable[
+    [ProxyError, str], Awaitable[AsyncGenerator[UpstreamEvent, None] | None]
+]
 
 
 class FrameWriter(Protocol):

@@ -19,6 +19,7 @@ the stream with an in-band ``data: {"error": ...}`` frame.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Collection
 from contextlib import aclosing
@@ -29,7 +30,14 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from robota_client.messages import AssistantMessage, ChatRequest, ErrorEvent, Usage
+from robota_client.messages import (
+    AssistantMessage,
+    ChatRequest,
+    DeltaEvent,
+    ErrorEvent,
+    Usage,
+    UsageEvent,
+)
 from robota_proxy import scope as keys
 from robota_proxy.call_record import CallRecord, call_record
 from robota_proxy.chat_body import chat_request
@@ -42,6 +50,7 @@ from robota_proxy.routes.chat import principal_of, wire_events
 from robota_proxy.routes.compat import (
     Item,
     JSONDict,
+    Resume,
     as_items,
     chain,
     json_response,
@@ -50,7 +59,7 @@ from robota_proxy.routes.compat import (
     rendered,
     shown_model,
 )
-from robota_proxy.upstreams.base import Upstream
+from robota_proxy.upstreams.base import FinishEvent, Upstream, UpstreamEvent
 from robota_proxy.upstreams.registry import UpstreamRegistry
 from robota_proxy.upstreams.resilience import Resilience
 
@@ -181,7 +190,13 @@ class OpenAIRoutes:
         sent = served.request
         frames: AsyncIterator[bytes]
         if isinstance(first, dict):
-            frames = _forwarded(sent, record, first, rest, include_usage)
+            resume = functools.partial(
+                self.resilience.continuation, principal_of(request), record, served
+            )
+            writer = dialect.ChunkWriter(
+                request_id=record.request_id, model=sent.model, include_usage=include_usage
+            )
+            frames = _forwarded(sent, record, first, rest, writer, resume)
         else:
             writer = dialect.ChunkWriter(
                 request_id=record.request_id,
@@ -218,28 +233,50 @@ async def _forwarded(
     record: CallRecord,
     first: JSONDict,
     rest: AsyncGenerator[Item, None],
-    include_usage: bool,
+    writer: dialect.ChunkWriter,
+    resume: Resume,
 ) -> AsyncGenerator[bytes, None]:
     """The vendor's chunks as they came, with their usage settled on the call record; the
-    usage-only chunk the proxy asked for is dropped when the caller did not ask for it."""
+    usage-only chunk the proxy asked for is dropped when the caller did not ask for it. A
+    stream that breaks midway while all it said is text is continued from a prefill
+    (``resume``) where a target takes one, written on with the same chunk id; otherwise it
+    ends with an error event naming the failure."""
     finished = False
+    text: list[str] = []
+    only_text = True
+    last: JSONDict = first
     async with aclosing(rest):
         try:
-            async for chunk in chain(first, rest):
-                if not isinstance(chunk, dict):
-                    continue
-                usage = dialect_usage(chunk)
-                if usage is not None:
-                    record.settle_usage(sent.provider, sent.model, usage)
-                choices = chunk.get("choices")
-                if isinstance(choices, list):
-                    for choice in choices:
-                        record.streamed_chars += _delta_chars(choice)
-                        if isinstance(choice, dict) and choice.get("finish_reason"):
-                            finished = True
-                if choices == [] and usage is not None and not include_usage:
-                    continue
-                yield dialect.sse(chunk)
+            try:
+                async for chunk in chain(first, rest):
+                    if not isinstance(chunk, dict):
+                        continue
+                    last = chunk
+                    usage = dialect_usage(chunk)
+                    if usage is not None:
+                        record.settle_usage(sent.provider, sent.model, usage)
+                    choices = chunk.get("choices")
+                    if isinstance(choices, list):
+                        for choice in choices:
+                            record.streamed_chars += _delta_chars(choice)
+                            delta = choice.get("delta") if isinstance(choice, dict) else None
+                            if isinstance(delta, dict):
+                                if isinstance(delta.get("content"), str):
+                                    text.append(delta["content"])
+                                only_text = only_text and not delta.get("tool_calls")
+                            if isinstance(choice, dict) and choice.get("finish_reason"):
+                                finished = True
+                    if choices == [] and usage is not None and not writer.include_usage:
+                        continue
+                    yield dialect.sse(chunk)
+            except ProxyError as broken:
+                more = await resume(broken, "".join(text)) if only_text and not finished else None
+                if more is None:
+                    raise
+                writer.resume(last)
+                async for frame in _continued(sent, record, writer, more):
+                    yield frame
+                return
             if not finished:
                 raise UpstreamError(f"{sent.provider} ended the stream before it finished")
             yield dialect.DONE_FRAME
@@ -253,6 +290,28 @@ async def _forwarded(
         except BaseException:
             record.status = "client_disconnected"
             raise
+
+
+async def _continued(
+    sent: ChatRequest,
+    record: CallRecord,
+    writer: dialect.ChunkWriter,
+    events: AsyncGenerator[UpstreamEvent, None],
+) -> AsyncGenerator[bytes, None]:
+    """A continuation's events written on as chunks of the broken stream; its usage chunk
+    carries every attempt's usage, which is what the caller is billed."""
+    async with aclosing(events):
+        async for event in events:
+            if isinstance(event, DeltaEvent):
+                record.streamed_chars += len(event.content)
+                yield writer.event(event)
+            elif isinstance(event, UsageEvent):
+                provider, model = record.provider or sent.provider, record.model or sent.model
+                record.settle_usage(provider, model, event.usage)
+                if record.usage is not None:
+                    writer.event(UsageEvent(usage=record.usage))
+            elif isinstance(event, FinishEvent):
+                yield writer.finish(event.finish_reason)
 
 
 def dialect_usage(chunk: JSONDict) -> Usage | None:
