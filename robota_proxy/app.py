@@ -41,6 +41,7 @@ from robota_proxy.middleware.metering import MeteringMiddleware
 from robota_proxy.middleware.paths import CHAT_PATHS
 from robota_proxy.middleware.ratelimit import RateLimitMiddleware
 from robota_proxy.middleware.request_context import RequestContextMiddleware
+from robota_proxy.observability.alerts import Alerts, Webhook
 from robota_proxy.observability.throttled_log import ThrottledLog
 from robota_proxy.policy.authenticators import (
     AuthFailureLimiter,
@@ -72,7 +73,7 @@ from robota_proxy.storage.usage_store import LeaseReclaimer, UsageStore
 from robota_proxy.streams.buffer import StreamBuffer
 from robota_proxy.streams.factory import stream_buffer
 from robota_proxy.streams.route import ResumeRoutes
-from robota_proxy.upstreams.breakers import BreakerPolicy, Breakers, MemoryBreakers
+from robota_proxy.upstreams.breakers import BreakerPolicy, Breakers, MemoryBreakers, OnChange
 from robota_proxy.upstreams.deployments import Balancer
 from robota_proxy.upstreams.registry import (
     UpstreamRegistry,
@@ -207,7 +208,13 @@ class ProxyApp(Starlette):
             limits=self.limits,
         )
         self._warned_lazy = False
-        breakers, close_breakers = _breakers(settings)
+        #: Webhook alerts (README: Alerts), or None when ``ROBOTA_ALERT_WEBHOOK_URL`` is unset.
+        self.alerts = _alerts(
+            settings, database, self.resources, lambda u, p: self.usage_store.counters(u, p)
+        )
+        breakers, close_breakers = _breakers(
+            settings, None if self.alerts is None else self.alerts.circuit_changed
+        )
         if close_breakers is not None:
             self.resources.drain_before_close(close_breakers)
         self.resilience = _resilience(registry, settings, breakers)
@@ -291,6 +298,7 @@ class ProxyApp(Starlette):
                     max_body_bytes=settings.max_body_bytes,
                     request_timeout=settings.max_request_timeout,
                     lease_margin=settings.lease_margin_seconds,
+                    alerts=self.alerts,
                 ),
                 Middleware(
                     CacheMiddleware,
@@ -338,8 +346,50 @@ class ProxyApp(Starlette):
         return self.resources.registry.route(name, vendor, self._aliases)
 
 
-def _breakers(
+def _alerts(
     settings: Settings,
+    database: Database,
+    resources: Resources,
+    counters: Callable[[str, str], Awaitable[Any]],
+) -> Alerts | None:
+    """Alerts with their once-a-month marks in Redis when one is shared, else in the
+    database; their tasks start after the database opens and drain before it closes."""
+    if settings.alert_webhook_url is None:
+        return None
+    from robota_proxy.storage.alert_marks import DatabaseAlertMarks, RedisAlertMarks
+
+    secret = settings.alert_webhook_secret
+    webhook = Webhook(
+        settings.alert_webhook_url.get_secret_value(),
+        None if secret is None else secret.get_secret_value(),
+        attempts=settings.alert_attempts,
+        backoff=settings.alert_backoff_seconds,
+        backoff_max=settings.alert_backoff_max_seconds,
+        timeout=settings.alert_timeout_seconds,
+    )
+    marks: DatabaseAlertMarks | RedisAlertMarks
+    if settings.redis_url is None:
+        marks = DatabaseAlertMarks(database)
+    else:
+        from redis.asyncio import Redis  # the [redis] extra: imported only when configured
+
+        client = Redis.from_url(settings.redis_url)
+        marks = RedisAlertMarks(client, settings.redis_prefix)
+        resources.drain_before_close(client.aclose)
+    alerts = Alerts(
+        webhook,
+        marks,
+        counters,
+        queue_size=settings.alert_queue_size,
+        drain_seconds=settings.alert_drain_seconds,
+    )
+    resources.start_after_open(alerts.start)
+    resources.drain_before_close(alerts.stop)  # pushed after the client's close: runs first
+    return alerts
+
+
+def _breakers(
+    settings: Settings, on_change: OnChange | None = None
 ) -> tuple[Breakers | None, Callable[[], Awaitable[None]] | None]:
     """Per process, or on the shared Redis (with the close of its client) when one is set."""
     if not settings.breaker_enabled:
@@ -352,13 +402,13 @@ def _breakers(
         cooldown_seconds=settings.breaker_cooldown_seconds,
     )
     if settings.redis_url is None:
-        return MemoryBreakers(policy), None
+        return MemoryBreakers(policy, on_change=on_change), None
     from redis.asyncio import Redis  # the [redis] extra: imported only when configured
 
     from robota_proxy.storage.breakers_redis import RedisBreakers
 
     client = Redis.from_url(settings.redis_url)
-    return RedisBreakers(client, settings.redis_prefix, policy), client.aclose
+    return RedisBreakers(client, settings.redis_prefix, policy, on_change=on_change), client.aclose
 
 
 def _resilience(

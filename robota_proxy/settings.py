@@ -206,6 +206,38 @@ class Settings(BaseSettings):
     lease_margin_seconds: float = Field(default=60.0, ge=0, le=24 * 3600)
     lease_reclaim_seconds: float = Field(default=5.0, gt=0, le=3600)
 
+    # --- alerts (README: Operating it, Alerts) ---
+    #: Where alerts are POSTed as JSON; unset: no alerts. A secret, like the keys: webhook
+    #: URLs often carry their own token, so it is never logged.
+    alert_webhook_url: SecretStr | None = None
+    #: Signs each alert (``X-Robota-Signature: sha256=<hex>``, HMAC-SHA256 of
+    #: ``<X-Robota-Timestamp>.<raw body>``) so the receiver can reject forgeries and replays.
+    alert_webhook_secret: SecretStr | None = None
+    #: Tries of one alert (the first included), spaced by a back-off doubling from
+    #: ``alert_backoff_seconds`` up to ``alert_backoff_max_seconds``; then it is dropped.
+    alert_attempts: int = Field(default=5, ge=1, le=20)
+    alert_backoff_seconds: float = Field(default=0.5, ge=0, le=60)
+    alert_backoff_max_seconds: float = Field(default=30.0, ge=0, le=600)
+    #: The receiver's answer to one POST, connection included.
+    alert_timeout_seconds: float = Field(default=5.0, gt=0, le=120)
+    #: Alerts waiting to be sent; past it the oldest is dropped (counted in a warning).
+    alert_queue_size: int = Field(default=1000, ge=1, le=1_000_000)
+    #: At shutdown, how long what is still queued may take to go out.
+    alert_drain_seconds: float = Field(default=3.0, ge=0, le=60)
+
+    # --- Prometheus metrics (README: Operating it, Metrics) ---
+    #: ``GET /metrics`` (behind the admin key) and the counting behind it.
+    metrics_enabled: bool = True
+    #: ``host:port``: also serve ``/metrics`` there, without authentication (a port only
+    #: Prometheus reaches).
+    metrics_addr: str | None = Field(
+        default=None, pattern=r"^(\[[0-9A-Fa-f:.]+\]|[^:\s]*):\d{1,5}$"
+    )
+    #: A ``user`` label on requests, tokens and cost: one series per user (cardinality).
+    metrics_per_user: bool = False
+    #: Distinct provider/model pairs with a label of their own; the rest read ``other``.
+    metrics_max_models: int = Field(default=500, ge=1, le=100_000)
+
     #: The offline ``mock`` provider: on by default so a fresh install answers without keys.
     mock_enabled: bool = True
     mock_models: CommaList = Field(default_factory=lambda: ["mock-1"])
@@ -272,5 +304,7 @@ class Settings(BaseSettings):
             self.jwt_secret,
             *self.api_keys,
             *(deployment.api_key for deployment in self.deployments),
+            self.alert_webhook_url,
+            self.alert_webhook_secret,
         ]
         return [secret.get_secret_value() for secret in held if secret is not None]

@@ -37,6 +37,7 @@ import logging
 from collections.abc import Collection
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import TYPE_CHECKING
 
 import anyio
 from starlette.requests import Request
@@ -77,6 +78,9 @@ from robota_proxy.storage.usage_store import (
     period_of,
 )
 
+if TYPE_CHECKING:
+    from robota_proxy.observability.alerts import Alerts
+
 log = logging.getLogger("robota_proxy.metering")
 #: A database outage fails every call the same way: one line per interval, not per call.
 _outage = ThrottledLog(log, interval=10.0)
@@ -100,8 +104,11 @@ class MeteringMiddleware:
         request_timeout: float = 300.0,
         lease_margin: float = 60.0,
         lease_owner: str | None = None,
+        alerts: Alerts | None = None,
     ) -> None:
         self.app = app
+        #: Told of ledger write failures and of settles of users with limits (README: Alerts).
+        self.alerts = alerts
         self.store = store
         self.prices = prices
         self.reserve_max_tokens = reserve_max_tokens
@@ -247,6 +254,8 @@ class MeteringMiddleware:
                 cost_limit_pico=None if budget is None else to_pico(budget),
             )
         except Exception as exc:
+            if self.alerts is not None:
+                self.alerts.ledger_write_failed("open", type(exc).__name__)
             if isinstance(exc, DATABASE_OUTAGE):
                 _outage.warn(
                     "open", "ledger rows cannot be written (%s): calls refused", type(exc).__name__
@@ -279,7 +288,18 @@ class MeteringMiddleware:
                 return
             entry = self._entry(scope, record, principal, started_at, reservation.request_id)
             await self.store.settle(entry, reservation)
+            if self.alerts is not None and principal.permissions.has_money_limits:
+                budget = principal.permissions.monthly_budget_usd
+                self.alerts.usage_settled(
+                    principal.user,
+                    principal.key_id,
+                    reservation.period,
+                    principal.permissions.monthly_tokens,
+                    None if budget is None else to_pico(budget),
+                )
         except Exception as exc:
+            if self.alerts is not None:
+                self.alerts.ledger_write_failed("settle", type(exc).__name__)
             # The answer has gone out already; all that is left to do is to say so loudly.
             # The store has released the hold (or the lease's expiry will).
             if isinstance(exc, DATABASE_OUTAGE):

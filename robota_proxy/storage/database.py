@@ -131,12 +131,26 @@ async def _ledger_deployment(conn: AsyncConnection) -> None:
         await conn.execute(text("ALTER TABLE usage_ledger ADD COLUMN deployment VARCHAR(60)"))
 
 
+async def _alert_marks(conn: AsyncConnection) -> None:
+    """6: ``alert_marks``, the alerts sent once per user and month (a budget's 80% and 100%),
+    so that processes sharing the database send each of them once. Idempotent for the same
+    reason as step 2."""
+    await conn.execute(
+        text(
+            "CREATE TABLE IF NOT EXISTS alert_marks (user_id VARCHAR(200) NOT NULL, "
+            "period VARCHAR(7) NOT NULL, alert VARCHAR(40) NOT NULL, "
+            "PRIMARY KEY (user_id, period, alert))"
+        )
+    )
+
+
 MIGRATIONS: Sequence[Migration] = (
     _initial_schema,
     _ledger_leases,
     _user_revocation,
     _ledger_surface,
     _ledger_deployment,
+    _alert_marks,
 )
 
 # Any fixed number: the advisory lock that serialises migrations across PostgreSQL clients.

@@ -130,6 +130,17 @@ usage_ledger = Table(
     Index("ix_usage_ledger_lease", "status", "lease_expires_at"),
 )
 
+#: Alerts already sent, one row per (user, month, alert) such as ``budget:80``: the insert of
+#: its key is how processes sharing the database agree that exactly one of them sends it
+#: (``robota_proxy.storage.alert_marks``; Redis does this instead when configured).
+alert_marks = Table(
+    "alert_marks",
+    metadata,
+    Column("user_id", String(200), primary_key=True),
+    Column("period", String(7), primary_key=True),
+    Column("alert", String(40), primary_key=True),
+)
+
 #: Column lengths of the ledger's text columns: values are clipped to them, so that nothing
 #: a caller sends (a 300-character model name) can make the ledger write fail.
 LEDGER_TEXT_LIMITS = {
