@@ -86,7 +86,15 @@ from robota_proxy.upstreams.target_options import PhaseLimits, TargetTable
 log = logging.getLogger("robota_proxy")
 
 #: Reads about the caller's own account: never counted against their request rate limits.
-UNCOUNTED_PATHS = ("/health", "/openapi.json", "/ai/me", "/ai/usage", "/ai/models", "/v1/models")
+UNCOUNTED_PATHS = (
+    "/health",
+    "/ready",
+    "/openapi.json",
+    "/ai/me",
+    "/ai/usage",
+    "/ai/models",
+    "/v1/models",
+)
 
 
 class Resources:
@@ -161,13 +169,17 @@ class Resources:
         log.info("resources opened (providers: %s)", ", ".join(self.registry.names()))
 
     async def _stop(self) -> None:
-        # Each one is closed even when closing another fails; the first failure is raised.
+        """Run after the server's drain (no request is running any more): first the work
+        that still writes in the background (drains), then the vendor pools, the Redis-backed
+        parts, and the database last, since everything before it may still write a ledger or
+        key row. Each one is closed even when closing another fails; the first failure is
+        raised. An exit stack runs its callbacks last pushed, first run."""
         async with AsyncExitStack() as stack:
-            stack.push_async_callback(self.registry.aclose)
             stack.push_async_callback(self.database.aclose)
-            stack.push_async_callback(self.streams.aclose)
-            stack.push_async_callback(self.response_cache.aclose)
             stack.push_async_callback(self.limits.aclose)
+            stack.push_async_callback(self.response_cache.aclose)
+            stack.push_async_callback(self.streams.aclose)
+            stack.push_async_callback(self.registry.aclose)
             for drain in self._drains:  # pushed last: they run first
                 stack.push_async_callback(drain)
 
@@ -266,9 +278,18 @@ class ProxyApp(Starlette):
         admin = AdminRoutes(self.key_store, admin_guard)
         admin_usage = AdminUsageRoutes(self.usage_store, admin_guard)
         metrics = MetricsRoutes(self.upstream_attempts, admin_guard, breakers)
+        readiness = health.ReadinessRoutes(
+            database,
+            registry,
+            admin_guard,
+            redis_url=settings.redis_url,
+            timeout=settings.ready_timeout_seconds,
+        )
+        self.resources.drain_before_close(readiness.aclose)
         super().__init__(
             routes=[
                 *health.ROUTES,
+                *readiness.routes(),
                 *openapi.ROUTES,
                 *chat.routes(),
                 *embeddings.routes(),
@@ -439,7 +460,7 @@ def _auth_options(
     settings: Settings, store: KeyStore, failures: AuthFailureLimiter
 ) -> dict[str, Any]:
     common: dict[str, Any] = {
-        "exempt_paths": ("/health", "/openapi.json"),
+        "exempt_paths": ("/health", "/ready", "/openapi.json"),  # /ready: the admin key
         "exempt_prefixes": ("/admin/",),  # guarded by the admin key instead
         "chat_paths": CHAT_PATHS,
         "max_body_bytes": settings.max_body_bytes,

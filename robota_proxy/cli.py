@@ -63,9 +63,8 @@ def _serve(args: argparse.Namespace) -> int:
     """Check everything that can be checked before uvicorn starts (see ``preflight``), say
     what was found (``banner``), then run. The app opens the database again in its lifespan;
     checking here is what makes a bad database a one-line error and status 2 rather than
-    uvicorn's traceback and status 3."""
-    import uvicorn
-
+    uvicorn's traceback and status 3. Run by ``robota_proxy.serving``: uvicorn with a drain
+    that exits 0 on SIGTERM."""
     from robota_proxy.banner import banner_lines
     from robota_proxy.preflight import check_settings, probe_database
 
@@ -83,10 +82,11 @@ def _serve(args: argparse.Namespace) -> int:
             "on its own); set ROBOTA_REDIS_URL to share them",
             file=sys.stderr,
         )
+    from robota_proxy.serving import serve
+
     # An import string and a factory so that --workers and --reload can start fresh copies.
-    uvicorn.run(
+    return serve(
         "robota_proxy.app:create_app",
-        factory=True,
         host=host,
         port=port,
         workers=args.workers,
@@ -94,14 +94,15 @@ def _serve(args: argparse.Namespace) -> int:
         log_level=settings.log_level,
         log_config=log_config(settings.log_level),
         access_log=False,  # our RequestContextMiddleware logs one line per request
-        timeout_graceful_shutdown=30,
+        # On SIGTERM: running calls and streams get this long to finish (README: Graceful
+        # drain); what is left is cancelled and settled, then the process exits 0.
+        timeout_graceful_shutdown=settings.drain_seconds,
         # Bounded heads, head/body deadlines, a connection cap (robota_proxy.http_guard), and
         # X-Forwarded-* believed only from the addresses the operator lists (none by default).
         http="robota_proxy.http_guard:GuardedHttpToolsProtocol",
         proxy_headers=bool(settings.forwarded_allow_ips),
         forwarded_allow_ips=settings.forwarded_allow_ips or None,
     )
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

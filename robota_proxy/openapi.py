@@ -96,6 +96,26 @@ class Health(WireModel):
     status: Literal["ok"]
 
 
+class ReadyCheck(WireModel):
+    """One check of ``GET /ready`` as the admin sees it."""
+
+    ok: bool
+    latency_ms: float = Field(ge=0)
+    #: Why a failed check failed: exception types and the OS's words, never a URL.
+    reason: str | None = None
+    #: What a passing check found (the providers' names).
+    found: str | None = None
+
+
+class Readiness(WireModel):
+    """``GET /ready``: whether this process can serve; the failed checks by name, and with
+    the admin key every check's detail."""
+
+    status: Literal["ready", "not_ready"]
+    failed: list[Literal["database", "draining", "providers", "redis"]] | None = None
+    checks: dict[str, ReadyCheck] | None = None
+
+
 class UpstreamAttempt(WireModel):
     #: ``provider/model`` of the attempt's target.
     target: str
@@ -531,6 +551,7 @@ _SCHEMA_MODELS: list[tuple[type[BaseModel], JsonSchemaMode]] = [
     (UserWithKeys, "serialization"),
     (Metrics, "serialization"),
     (Health, "serialization"),
+    (Readiness, "serialization"),
     (OpenAIChatRequest, "validation"),
     (OpenAIChatCompletion, "serialization"),
     (OpenAIChatCompletionChunk, "serialization"),
@@ -1119,6 +1140,22 @@ def _paths() -> dict[str, Any]:
                 "summary": "Liveness; needs no credentials and calls no vendor.",
                 "security": public,
                 "responses": {"200": _json("Health", "The process is up.")},
+            }
+        },
+        "/ready": {
+            "get": {
+                "operationId": "ready",
+                "tags": ["operations"],
+                "summary": "Readiness: the database and Redis answer, a provider is "
+                "configured, the process is not draining.",
+                "description": "Public: the failed checks by name. With the admin key "
+                "(optional) each check's latency and reason as well.",
+                "security": [{}, *admin],
+                "responses": {
+                    "200": _json("Readiness", "Ready to serve."),
+                    "503": _json("Readiness", "Not ready: `failed` names the checks."),
+                    **_errors(*_ADMIN_ERRORS),
+                },
             }
         },
         OPENAPI_PATH: {

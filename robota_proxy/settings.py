@@ -150,6 +150,12 @@ class Settings(BaseSettings):
     max_connections_per_vendor: int = Field(default=1000, gt=0)
     #: uvicorn's levels; any case is accepted (``INFO`` as well as ``info``).
     log_level: LogLevel = "info"
+    #: On SIGTERM (README: Graceful drain): how long running calls and streams may go on
+    #: finishing once the listener is closed; what is still running then is cancelled and
+    #: settled (its ledger row written), and the process exits 0.
+    drain_seconds: float = Field(default=30.0, ge=0, le=3600)
+    #: ``/ready``: how long each check (database, Redis) may take before it counts as failed.
+    ready_timeout_seconds: float = Field(default=1.0, gt=0, le=60)
 
     # --- response cache and upstream resilience (README: Caching, Fallbacks and retries) ---
     #: Exact-match cache of deterministic (temperature 0) or opted-in (``cache: true``) calls.

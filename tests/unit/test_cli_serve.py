@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from robota_proxy import serving
 from robota_proxy.cli import main
 from robota_proxy.policy.principals import UserPermissions
 from robota_proxy.storage.database import Database
@@ -27,7 +27,8 @@ JWT_SECRET = "jwt-shared-secret-value"
 @pytest.fixture
 def runs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[dict[str, Any]]:
     calls: list[dict[str, Any]] = []
-    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: calls.append(kwargs))
+    # ``serving.serve`` runs uvicorn (robota_proxy.serving); recorded instead of run.
+    monkeypatch.setattr(serving, "serve", lambda *args, **kwargs: calls.append(kwargs) or 0)
     for name in list(os.environ):
         if (name.startswith("ROBOTA_") and name != "ROBOTA_DATABASE_URL") or name.endswith(
             "_API_KEY"
@@ -298,6 +299,7 @@ def test_prices_file_that_does_not_parse(
 BLOCKED = """
 import sys
 sys.modules[{module!r}] = None  # as if the extra were not installed
+from robota_proxy import serving
 from robota_proxy.cli import main
 sys.exit(main(["serve"]))
 """
