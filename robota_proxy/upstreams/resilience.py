@@ -397,7 +397,16 @@ class Resilience:
         label = _label(record, served.request)
         await self._broke(record, served.target, broken, len(text), label)
         resumed = await self._resume(
-            principal, record, served, served.target, text, False, set(), label, False
+            principal,
+            record,
+            served,
+            served.target,
+            text,
+            False,
+            set(),
+            label,
+            False,
+            stalled=stalled,
         )
         return None if resumed is None else resumed[1]
 
@@ -406,6 +415,7 @@ class Resilience:
         record: CallRecord | None,
         target: Target,
         broken: ProxyError,
+                    stalled=isinstance(broken, PhaseTimeout),
         chars: int,
         label: str,
     ) -> None:
@@ -431,15 +441,19 @@ class Resilience:
         text: str,
         tools: bool,
         exclude: set[Target],
+        stalled = isinstance(broken, PhaseTimeout)
         label: str,
         restart: bool,
     ) -> tuple[Target, AsyncGenerator[UpstreamEvent, None], bool] | None:
         """The next attempt that started streaming: its target, its events, and whether it
-        continues from a prefill (else it is a fresh answer). ``None`` when none did."""
+        continues from a prefill (else it is a fresh answer). ``None`` when none did. The
+        broken target is asked first when its connection was cut (the fault is most often on
+        the way, not in the model), last when it ``stalled`` past its idle limit (like one
+        that missed its first-token limit, it would likely keep the caller waiting again)."""
         chain = self.targets(served.request)
         after = chain[chain.index(broken) + 1 :] if broken in chain else []
         prefill = text.rstrip()
-        for target in [broken, *after]:
+        for target in [*after, broken] if stalled else [broken, *after]:
             if target in exclude:
                 continue
             left = served.ends_at - anyio.current_time()
@@ -468,6 +482,8 @@ class Resilience:
             started, outcome = time.perf_counter(), "cancelled"
             balancer, deployment = self.registry.balancer, None
             try:
+        *,
+        stalled: bool = False,
                 with anyio.fail_after(left):
                     deployment = await self.registry.pick(sent)
                     balancer.started(deployment)

@@ -425,7 +425,32 @@ BREAKS = {
 
 
 @pytest.mark.parametrize("surface", ["stream", "text"])
-@pytest.mark.parametrize("kind", sorted(BREAKS))
+async def test_a_stalled_openai_stream_is_continued_on_the_fallback_without_a_seam(
+    failover: Proxy, fake: FakeVendors, surface: Surface
+) -> None:
+    """A target that went quiet is asked last: the fallback (Anthropic) takes the text so
+    far as a prefill and writes the rest, so there is no restart and no second wait."""
+    text = marker()
+    fake.script(Reply(text=WORDS, fault=BREAKS["stall"]), match=text, times=1)
+    fake.script(Reply(text=WORDS), match=text)
+    outcome = await ask(failover, surface, text)
+
+    assert outcome.error is None, outcome.error
+    assert (outcome.text, outcome.restarts) == (WORDS, 0)
+    assert "".join(outcome.deltas) == WORDS
+    assert len(seen(fake, text, PRIMARY)) == 1
+    assert [request.prefill for request in seen(fake, text, FALLBACK)] == [FIRST_THREE.rstrip()]
+    assert outcome.waited < LIMIT + SLACK
+    bound, guessed = prompt_bound(text), estimated_completion(FIRST_THREE)
+    row = the_row(failover, outcome.request_id)
+    assert (row["status"], row["provider"], row["model"]) == ("ok", *split(FALLBACK))
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (bound + 4, guessed + 7)
+    assert row["cost_pico"] == cost_pico(PRIMARY, bound, guessed) + cost_pico(FALLBACK, 4, 7)
+    await assert_healthy(failover, fake, surface)
+
+
+@pytest.mark.parametrize("surface", ["stream", "text"])
+@pytest.mark.parametrize("kind", ["cut"])
 async def test_a_broken_openai_stream_restarts_and_the_answer_arrives_once(
     failover: Proxy, fake: FakeVendors, kind: str, surface: Surface
 ) -> None:
