@@ -371,6 +371,7 @@ class Resilience:
                     continued_on,
                     label,
                     restart,
+                    stalled=isinstance(broken, PhaseTimeout),
                 )
                 if resumed is None:
                     raise
@@ -396,6 +397,7 @@ class Resilience:
             return None
         label = _label(record, served.request)
         await self._broke(record, served.target, broken, len(text), label)
+        stalled = isinstance(broken, PhaseTimeout)
         resumed = await self._resume(
             principal,
             record,
@@ -415,7 +417,6 @@ class Resilience:
         record: CallRecord | None,
         target: Target,
         broken: ProxyError,
-                    stalled=isinstance(broken, PhaseTimeout),
         chars: int,
         label: str,
     ) -> None:
@@ -441,9 +442,10 @@ class Resilience:
         text: str,
         tools: bool,
         exclude: set[Target],
-        stalled = isinstance(broken, PhaseTimeout)
         label: str,
         restart: bool,
+        *,
+        stalled: bool = False,
     ) -> tuple[Target, AsyncGenerator[UpstreamEvent, None], bool] | None:
         """The next attempt that started streaming: its target, its events, and whether it
         continues from a prefill (else it is a fresh answer). ``None`` when none did. The
@@ -482,8 +484,6 @@ class Resilience:
             started, outcome = time.perf_counter(), "cancelled"
             balancer, deployment = self.registry.balancer, None
             try:
-        *,
-        stalled: bool = False,
                 with anyio.fail_after(left):
                     deployment = await self.registry.pick(sent)
                     balancer.started(deployment)
