@@ -2,11 +2,14 @@
 
     python -m benchmarks.cpu_cost              # the proxy (/ai/chat and /v1) and the SQLite chain
     python -m benchmarks.cpu_cost --seconds 3 --only chat
+    python -m benchmarks.cpu_cost --metrics-off --no-chain   # Prometheus metrics on vs off
 
 Starts the fake upstream and real proxy processes (as the harness does), drives each with the
 load generator, and reads the proxy's CPU seconds (psutil, whole process tree) per request:
 unlike latency, that figure hardly moves when other work shares the cores. Latency and TTFT
-are printed as well, proxy minus direct.
+are printed as well, proxy minus direct. ``--metrics-off`` adds the same proxy with
+``ROBOTA_METRICS_ENABLED=false``, measured in turns with it in the same run, and prints what
+the metrics cost per request (the budget: at most 5%).
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=("chat", "stream"), help="one kind of step")
     parser.add_argument("--no-chain", action="store_true", help="plain proxy only")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument(
+        "--metrics-off", action="store_true", help="also the proxy with metrics off; the ratio"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     extra = dict(pair.split("=", 1) for pair in args.env)
@@ -49,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         # through to the OpenAI-wire upstream, side by side with /ai/chat's translation.
         url = processes.base_url(server)
         targets.append(Target("robota /v1", "openai", url, "bench-key", server))
+        if args.metrics_off:
+            off_env = {**extra, "ROBOTA_METRICS_ENABLED": "false"}
+            off = processes.robota_proxy("robota-nometrics", workdir, upstream_url, off_env, 1)
+            url = processes.base_url(off)
+            targets.append(Target("metrics off", "robota", url, "bench-key", off))
         if not args.no_chain:
             env = {
                 k: v.format(workdir=workdir)
@@ -93,9 +104,28 @@ def main(argv: list[str] | None = None) -> int:
         for server in _servers(targets):
             server.stop()
         upstream.stop()
+    if args.metrics_off:
+        for line in _metrics_cost(rows):
+            print(line, flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1), encoding="utf-8")
     return 0
+
+
+def _metrics_cost(rows: list[dict[str, Any]]) -> list[str]:
+    """Per step: CPU per request of /ai/chat with metrics on over the same with them off."""
+    lines = []
+    for step in dict.fromkeys(row["step"] for row in rows):
+        on = next((r["cpu_ms"] for r in rows if r["step"] == step and r["target"] == "robota"), 0)
+        off = next(
+            (r["cpu_ms"] for r in rows if r["step"] == step and r["target"] == "metrics off"), 0
+        )
+        if on and off:
+            lines.append(
+                f"metrics cost {step:<12} on {on:.3f} ms/req, off {off:.3f} ms/req: "
+                f"{(on / off - 1) * 100:+.1f}% (budget +5%)"
+            )
+    return lines
 
 
 def _servers(targets: list[Target]) -> list[processes.Server]:

@@ -42,6 +42,7 @@ from robota_proxy.middleware.paths import CHAT_PATHS
 from robota_proxy.middleware.ratelimit import RateLimitMiddleware
 from robota_proxy.middleware.request_context import RequestContextMiddleware
 from robota_proxy.observability.alerts import Alerts, Webhook
+from robota_proxy.observability.metrics import MetricsServer, ProxyMetrics
 from robota_proxy.observability.throttled_log import ThrottledLog
 from robota_proxy.policy.authenticators import (
     AuthFailureLimiter,
@@ -63,6 +64,7 @@ from robota_proxy.routes.chat import ChatRoutes
 from robota_proxy.routes.embeddings import EmbeddingRoutes
 from robota_proxy.routes.metrics import MetricsRoutes
 from robota_proxy.routes.openai_compat import OpenAIRoutes
+from robota_proxy.routes.prometheus import PrometheusRoutes
 from robota_proxy.routes.ws import WebSocketRoutes
 from robota_proxy.settings import Settings
 from robota_proxy.storage.database import DATABASE_OUTAGE, Database
@@ -80,7 +82,7 @@ from robota_proxy.upstreams.registry import (
     build_deployments,
     build_upstreams,
 )
-from robota_proxy.upstreams.resilience import Resilience, RetryPolicy
+from robota_proxy.upstreams.resilience import AttemptCounter, Resilience, RetryPolicy
 from robota_proxy.upstreams.target_options import PhaseLimits, TargetTable
 
 log = logging.getLogger("robota_proxy")
@@ -229,7 +231,11 @@ class ProxyApp(Starlette):
         )
         if close_breakers is not None:
             self.resources.drain_before_close(close_breakers)
-        self.resilience = _resilience(registry, settings, breakers)
+        #: Prometheus metrics (README: Operating it, Metrics); None when turned off.
+        self.metrics = _metrics(settings, self.resources, redis_failure)
+        self.resilience = _resilience(
+            registry, settings, breakers, self.metrics.attempts if self.metrics else None
+        )
         #: Fallback chains keyed by a bare name: model aliases on every surface.
         self._aliases = frozenset(name for name in settings.fallbacks if "/" not in name)
         #: Upstream attempts by target and outcome, served by ``GET /admin/metrics``.
@@ -257,6 +263,9 @@ class ProxyApp(Starlette):
             max_in_flight=settings.ws_max_in_flight, send_queue=settings.ws_send_queue
         )
         self.usage_store = UsageStore(database)
+        if self.metrics is not None:
+            self.usage_store.on_pending = self.metrics.ledger_write
+            self.usage_store.on_failed = self.metrics.ledger_failed
         # Leases of calls whose process died: closed at start and every few seconds after.
         reclaimer = LeaseReclaimer(self.usage_store, settings.lease_reclaim_seconds)
         self.resources.start_after_open(reclaimer.start)
@@ -301,9 +310,10 @@ class ProxyApp(Starlette):
                 *admin.routes(),
                 *admin_usage.routes(),
                 *metrics.routes(),
+                *(PrometheusRoutes(self.metrics, admin_guard).routes() if self.metrics else []),
             ],
             middleware=[
-                Middleware(RequestContextMiddleware),
+                Middleware(RequestContextMiddleware, metrics=self.metrics),
                 Middleware(AuthMiddleware, **auth),
                 Middleware(
                     RateLimitMiddleware,
@@ -338,6 +348,8 @@ class ProxyApp(Starlette):
             },
             lifespan=self.lifespan,
         )
+        if self.metrics is not None:
+            self.metrics.bind_routes(self.routes)
 
     @asynccontextmanager
     async def lifespan(self, app: Any = None) -> AsyncIterator[None]:
@@ -432,8 +444,34 @@ def _breakers(
     return RedisBreakers(client, settings.redis_prefix, policy, on_change=on_change), client.aclose
 
 
+def _metrics(
+    settings: Settings, resources: Resources, redis_failure: RedisFailurePolicy
+) -> ProxyMetrics | None:
+    """The metrics, fed by Redis failures, and their unauthenticated bind when
+    ``ROBOTA_METRICS_ADDR`` is set (opened and closed with the other resources)."""
+    if not settings.metrics_enabled:
+        return None
+    metrics = ProxyMetrics(
+        per_user=settings.metrics_per_user, max_models=settings.metrics_max_models
+    )
+    redis_failure.on_failed = metrics.redis_failed
+    if settings.metrics_addr is not None:
+        server = MetricsServer(settings.metrics_addr, metrics.exposition)
+        resources.start_after_open(server.start)
+        resources.drain_before_close(server.stop)
+
+    async def exited() -> None:
+        metrics.process_exited()
+
+    resources.drain_before_close(exited)
+    return metrics
+
+
 def _resilience(
-    registry: UpstreamRegistry, settings: Settings, breakers: Breakers | None
+    registry: UpstreamRegistry,
+    settings: Settings,
+    breakers: Breakers | None,
+    counter: AttemptCounter | None = None,
 ) -> Resilience:
     policy = RetryPolicy(
         retries=settings.upstream_retries,
@@ -453,6 +491,7 @@ def _resilience(
         max_timeout=settings.max_request_timeout,
         targets=TargetTable(limits, settings.target_options),
         breakers=breakers,
+        counter=counter,
     )
 
 
@@ -460,7 +499,7 @@ def _auth_options(
     settings: Settings, store: KeyStore, failures: AuthFailureLimiter
 ) -> dict[str, Any]:
     common: dict[str, Any] = {
-        "exempt_paths": ("/health", "/ready", "/openapi.json"),  # /ready: the admin key
+        "exempt_paths": ("/health", "/ready", "/openapi.json", "/metrics"),  # the admin key
         "exempt_prefixes": ("/admin/",),  # guarded by the admin key instead
         "chat_paths": CHAT_PATHS,
         "max_body_bytes": settings.max_body_bytes,
@@ -533,6 +572,9 @@ async def _database_error(request: Request, exc: Exception) -> Response:
     _database_outage.warn(
         "database", "database unreachable (%s): answering 503", type(exc).__name__
     )
+    metrics = getattr(request.app, "metrics", None)
+    if isinstance(metrics, ProxyMetrics):
+        metrics.database_failed()
     error = UpstreamUnavailable("the proxy's database is unreachable; retry shortly", retry_after=1)
     return error_response(error, keys.request_id(request.scope), scope=request.scope)
 

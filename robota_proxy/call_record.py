@@ -65,6 +65,11 @@ class CallRecord:
     #: ``ok``, a wire error code, or ``client_disconnected``.
     status: str = "ok"
     started: float = field(default_factory=time.perf_counter)
+    #: Seconds spent waiting on vendors before the answer started (every attempt, back-off
+    #: included): what ``X-Robota-Overhead-Ms`` takes out of the elapsed time.
+    vendor_seconds: float = 0.0
+    #: ``hit`` or ``miss`` once the response cache looked the call up (metrics).
+    cache_result: str | None = None
     _attempt: AttemptUsage | None = None
 
     def settle_usage(self, provider: str, model: str, usage: Usage) -> Decimal | None:

@@ -82,6 +82,10 @@ def _serve(args: argparse.Namespace) -> int:
             "on its own); set ROBOTA_REDIS_URL to share them",
             file=sys.stderr,
         )
+    from robota_proxy.observability.metrics import prepare_multiprocess
+
+    # --workers N: the workers' metrics meet in PROMETHEUS_MULTIPROC_DIR (README: Metrics).
+    prepare_multiprocess(args.workers)
     from robota_proxy.serving import serve
 
     # An import string and a factory so that --workers and --reload can start fresh copies.

@@ -12,6 +12,7 @@ refuse than serve unlimited: then the request gets a 503 JSON error instead.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Literal
 
 from robota_proxy.errors import UpstreamUnavailable
@@ -29,8 +30,12 @@ class RedisFailurePolicy:
     def __init__(self, mode: RedisFailureMode = "open", *, interval: float = 10.0) -> None:
         self.mode = mode
         self._log = ThrottledLog(log, interval)
+        #: Told of every failure with its part (``robota_redis_errors_total``).
+        self.on_failed: Callable[[str], None] | None = None
 
     def failed(self, part: str, exc: BaseException) -> None:
+        if self.on_failed is not None:
+            self.on_failed(part)
         verdict = "requests refused (ROBOTA_REDIS_FAILURE=closed)"
         if self.mode == "open":
             verdict = "going on without it (ROBOTA_REDIS_FAILURE=open)"

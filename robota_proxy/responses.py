@@ -38,6 +38,8 @@ def error_response(
     """The error as the caller's dialect has it (``robota_proxy.dialects``): OpenAI's shape
     under ``/v1/``, the Robota contract elsewhere, or when no ``scope`` says where."""
     dialect = dialect_of(scope) if scope is not None else ROBOTA
+    if isinstance(scope, dict):  # for the metrics' refusal count (scope.ERROR_CODE)
+        scope[keys.ERROR_CODE] = error.code
     if dialect is ROBOTA:
         response: Response = WireResponse(
             error.body(request_id), status_code=status or error.status

@@ -36,6 +36,9 @@ MODEL_ROUTER = "robota.model_router"
 #: ``robota_proxy.call_record.CallRecord``: the call's accounting slip (usage, cost, status),
 #: created by ``MeteringMiddleware`` or on first use, filled by the route.
 CALL = "robota.call"
+#: ``str``: the wire error code of the error answer sent (set by ``responses.error_response``),
+#: so that the outermost layer can count refusals by reason without parsing the body.
+ERROR_CODE = "robota.error_code"
 
 
 def request_id(scope: MutableMapping[str, Any]) -> str:

@@ -231,6 +231,19 @@ class Settings(BaseSettings):
     #: At shutdown, how long what is still queued may take to go out.
     alert_drain_seconds: float = Field(default=3.0, ge=0, le=60)
 
+    # --- Prometheus metrics (README: Operating it, Metrics) ---
+    #: ``GET /metrics`` (behind the admin key) and the counting behind it.
+    metrics_enabled: bool = True
+    #: ``host:port``: also serve ``/metrics`` there, without authentication (a port only
+    #: Prometheus reaches).
+    metrics_addr: str | None = Field(
+        default=None, pattern=r"^(\[[0-9A-Fa-f:.]+\]|[^:\s]*):\d{1,5}$"
+    )
+    #: A ``user`` label on requests, tokens and cost: one series per user (cardinality).
+    metrics_per_user: bool = False
+    #: Distinct provider/model pairs with a label of their own; the rest read ``other``.
+    metrics_max_models: int = Field(default=500, ge=1, le=100_000)
+
     #: The offline ``mock`` provider: on by default so a fresh install answers without keys.
     mock_enabled: bool = True
     mock_models: CommaList = Field(default_factory=lambda: ["mock-1"])

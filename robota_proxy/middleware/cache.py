@@ -318,6 +318,7 @@ class CacheMiddleware:
                     log.info("cache hit %s %s/%s", request_id, body.provider, body.model)
                     await self._hit(answer, streamed, scope, receive, send)
                     return
+            call_record(scope, request_id).cache_result = "miss"
 
         async def store(capture: _Capture) -> None:
             if "no-store" in directives:
@@ -347,6 +348,7 @@ class CacheMiddleware:
         message, events = answer.replay(request_id)
         record = call_record(scope, request_id)
         record.cached, record.streamed = True, streamed
+        record.cache_result = "hit"
         provider = message.metadata.provider or ""
         model = message.metadata.model or ""
         record.settle_usage(provider, model, message.usage or Usage())
@@ -389,6 +391,7 @@ class CacheMiddleware:
         request_id = keys.request_id(scope)
         record = call_record(scope, request_id)
         record.cached, record.streamed = True, streamed
+        record.cache_result = "hit"
         record.settle_usage(answer.provider, answer.model, answer.usage or Usage())
         headers = [(b"content-type", answer.content_type.encode("latin-1"))]
         if streamed:

@@ -3,6 +3,12 @@
 Outermost in the chain so that every response, errors from later middleware included, carries
 ``X-Request-ID`` and is logged once. The log line holds method, route path, status and
 milliseconds only: no headers and no query string, so no key can reach the logs through it.
+
+Every answer also carries ``X-Robota-Overhead-Ms``: the time from the request's arrival to
+the start of its answer less the time spent waiting on vendors until then (the call record's
+``vendor_seconds``), i.e. what the proxy itself took, the figure operators check our
+performance claims with. Given ``metrics`` (``robota_proxy.observability.metrics``), the
+finished request is counted there once, from its call record.
 """
 
 from __future__ import annotations
@@ -10,12 +16,17 @@ from __future__ import annotations
 import logging
 import re
 import time
+from typing import TYPE_CHECKING
 
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from robota_proxy import scope as keys
+from robota_proxy.call_record import CallRecord
 from robota_proxy.middleware.paths import route_path
+
+if TYPE_CHECKING:
+    from robota_proxy.observability.metrics import ProxyMetrics
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 log = logging.getLogger("robota_proxy.access")
@@ -44,9 +55,13 @@ def _identify(scope: Scope) -> str:
     return theirs
 
 
+OVERHEAD_HEADER = "X-Robota-Overhead-Ms"
+
+
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, *, metrics: ProxyMetrics | None = None) -> None:
         self.app = app
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -63,18 +78,34 @@ class RequestContextMiddleware:
         started = time.perf_counter()
         status = 500
         token = keys.current_request_id.set(request_id)
+        metrics = self.metrics
+        streaming = False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, streaming
             if message["type"] == "http.response.start":
                 status = message["status"]
-                MutableHeaders(scope=message)["X-Request-ID"] = request_id
+                record = scope.get(keys.CALL)
+                vendor = record.vendor_seconds if isinstance(record, CallRecord) else 0.0
+                overhead = max(0.0, time.perf_counter() - started - vendor) * 1000
+                headers = MutableHeaders(scope=message)
+                headers["X-Request-ID"] = request_id
+                headers.append(OVERHEAD_HEADER, f"{overhead:.2f}")
+                if metrics is not None:
+                    streaming = metrics.stream_started(scope, status)
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
         finally:
             keys.current_request_id.reset(token)
+            if metrics is not None:
+                if streaming:
+                    metrics.stream_ended()
+                try:
+                    metrics.request_done(scope, status, time.perf_counter() - started)
+                except Exception:  # a metrics bug must not turn an answer into an error
+                    log.exception("metrics of %s not counted", request_id)
             if log.isEnabledFor(logging.INFO):
                 log.info(
                     "%s %s %d %.1fms %s",

@@ -38,7 +38,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -201,6 +201,10 @@ class UsageStore:
         self.database = database
         self._queue: list[_Job] = []
         self._writing = False
+        #: Metrics hooks (``robota_proxy.observability.metrics``): a write queued (+1) or
+        #: done (-1); a write failed (whether the database was the cause).
+        self.on_pending: Callable[[int], None] | None = None
+        self.on_failed: Callable[[bool], None] | None = None
 
     @property
     def _engine(self) -> Any:
@@ -244,6 +248,16 @@ class UsageStore:
         transactions into a few, which is what SQLite, with its single writer, needs; every
         job is still all-or-nothing. The writing is shielded: whoever happens to write the
         batch may be cancelled, the others' jobs are still written."""
+        if self.on_pending is not None:
+            self.on_pending(1)
+            try:
+                await self._queue_and_wait(job)
+            finally:
+                self.on_pending(-1)
+            return
+        await self._queue_and_wait(job)
+
+    async def _queue_and_wait(self, job: _Job) -> None:
         self._queue.append(job)
         if not self._writing:
             self._writing = True
@@ -279,6 +293,8 @@ class UsageStore:
             one.finish(None)
 
     async def _failed(self, job: _Job, error: Exception) -> None:
+        if self.on_failed is not None:
+            self.on_failed(isinstance(error, DATABASE_OUTAGE))
         if isinstance(job, _Settle) and job.entry is not None and job.reservation is not None:
             # Release the hold and record the failure on the row, as the reclaimer would.
             try:

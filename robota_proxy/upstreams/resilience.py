@@ -157,13 +157,30 @@ class OpenedStream:
 
 class AttemptCounter:
     """Upstream attempts by ``provider/model`` and outcome: the proxy's attempt metrics,
-    served by ``GET /admin/metrics`` (``robota_proxy.routes.metrics``)."""
+    served by ``GET /admin/metrics`` (``robota_proxy.routes.metrics``).
+
+    The hooks below it (``decided``, ``first_token``, ``token_gap``) do nothing here: the
+    Prometheus counter (``robota_proxy.observability.metrics``) overrides them, and
+    ``times_tokens`` False spares a stream the clock reads when nobody listens."""
+
+    #: Whether ``first_token`` and ``token_gap`` are wanted (a clock read per stream event).
+    times_tokens = False
 
     def __init__(self) -> None:
         self.counts: Counter[tuple[str, str]] = Counter()
 
     def add(self, attempt: Attempt) -> None:
         self.counts[(str(attempt.target), attempt.outcome)] += 1
+
+    def decided(self, target: Target, what: str) -> None:
+        """After a failed attempt on ``target``: ``retry`` (tried again) or ``fallback``
+        (the chain moves on to its next target)."""
+
+    def first_token(self, target: Target, seconds: float) -> None:
+        """A stream's first content came from ``target``, ``seconds`` after the request."""
+
+    def token_gap(self, target: Target, seconds: float) -> None:
+        """Two content events of a stream from ``target`` were ``seconds`` apart."""
 
     def snapshot(self) -> dict[str, int]:
         return {f"{target} {outcome}": n for (target, outcome), n in sorted(self.counts.items())}
@@ -241,6 +258,7 @@ class Resilience:
         compatible surface uses it to pass its caller's own JSON to a target of its vendor."""
         seconds = self.deadline(request)
         attempts: list[Attempt] = []
+        started = time.perf_counter()
 
         async def answered(upstream: Upstream, sent: ChatRequest, limits: TargetLimits) -> T:
             limit = limits.limits.headers
@@ -254,6 +272,9 @@ class Resilience:
                 return await self._run(request, principal, feature, record, answered, attempts)
         except TimeoutError:
             raise _counted(_deadline_error(seconds), attempts) from None
+        finally:
+            if record is not None:  # for X-Robota-Overhead-Ms: the vendors' share
+                record.vendor_seconds += time.perf_counter() - started
 
     async def open_stream(
         self, request: ChatRequest, principal: Principal | None, record: CallRecord | None
@@ -300,6 +321,7 @@ class Resilience:
         answer), bounded by the deadline to its end and by the idle limit between items."""
         seconds = self.deadline(request)
         ends_at = anyio.current_time() + seconds
+        started = time.perf_counter()
 
         async def call(
             upstream: Upstream, sent: ChatRequest, limits: TargetLimits
@@ -315,8 +337,17 @@ class Resilience:
                 )
         except TimeoutError:
             raise _counted(_deadline_error(seconds), attempts) from None
+        finally:
+            if record is not None:  # for X-Robota-Overhead-Ms: the vendors' share
+                record.vendor_seconds += time.perf_counter() - started
         served.ends_at = ends_at
-        rest = _until(ends_at, seconds, idle, served.target, events)
+        timer: Callable[[E], None] | None = None
+        if self.counter.times_tokens and head:
+            now = time.perf_counter()
+            since = record.started if record is not None else started
+            self.counter.first_token(served.target, now - since)
+            timer = _gap_timer(self.counter, served.target, is_content or _is_wire_content, now)
+        rest = _until(ends_at, seconds, idle, served.target, events, timer)
         if len(head) > 1:
             rest = _leading(head[1:], rest)
         if served.deployment is not None:
@@ -371,11 +402,11 @@ class Resilience:
                     continued_on,
                     label,
                     restart,
-                    stalled=isinstance(broken, PhaseTimeout),
                 )
                 if resumed is None:
                     raise
                 target, current, prefilled = resumed
+                    stalled=isinstance(broken, PhaseTimeout),
                 continued_on.add(target)
                 if not prefilled:
                     text.clear()
@@ -397,7 +428,6 @@ class Resilience:
             return None
         label = _label(record, served.request)
         await self._broke(record, served.target, broken, len(text), label)
-        stalled = isinstance(broken, PhaseTimeout)
         resumed = await self._resume(
             principal,
             record,
@@ -411,6 +441,7 @@ class Resilience:
             stalled=stalled,
         )
         return None if resumed is None else resumed[1]
+        stalled = isinstance(broken, PhaseTimeout)
 
     async def _broke(
         self,
@@ -444,8 +475,6 @@ class Resilience:
         exclude: set[Target],
         label: str,
         restart: bool,
-        *,
-        stalled: bool = False,
     ) -> tuple[Target, AsyncGenerator[UpstreamEvent, None], bool] | None:
         """The next attempt that started streaming: its target, its events, and whether it
         continues from a prefill (else it is a fresh answer). ``None`` when none did. The
@@ -453,6 +482,8 @@ class Resilience:
         the way, not in the model), last when it ``stalled`` past its idle limit (like one
         that missed its first-token limit, it would likely keep the caller waiting again)."""
         chain = self.targets(served.request)
+        *,
+        stalled: bool = False,
         after = chain[chain.index(broken) + 1 :] if broken in chain else []
         prefill = text.rstrip()
         for target in [*after, broken] if stalled else [broken, *after]:
@@ -533,7 +564,8 @@ class Resilience:
         refused: ProxyError | None = None
         failed: ProxyError | None = None
         circuit: ProxyError | None = None
-        for target in self.targets(request):
+        targets = self.targets(request)
+        for index, target in enumerate(targets):
             sent = request.model_copy(update={"provider": target.provider, "model": target.model})
             try:
                 if principal is not None:
@@ -556,6 +588,8 @@ class Resilience:
                 )
             except _FALLS_BACK as exc:
                 failed = exc
+                if index + 1 < len(targets):
+                    self.counter.decided(target, "fallback")
                 continue
             return result, Served(target, sent, attempts, deployment=deployment)
         # Every target failed or was skipped: the last vendor failure says most; with none,
@@ -584,6 +618,7 @@ class Resilience:
             stop=stop_after_attempt(self.policy.retries + 1),
             wait=self._wait,
             retry=retry_if_exception(self._retryable),
+            before_sleep=lambda _: self.counter.decided(target, "retry"),
             reraise=True,
         )
         async for try_ in retrying:
@@ -677,10 +712,16 @@ class Resilience:
 
 
 async def _until(
-    ends_at: float, seconds: float, idle: float, target: Target, events: AsyncGenerator[E, None]
+    ends_at: float,
+    seconds: float,
+    idle: float,
+    target: Target,
+    events: AsyncGenerator[E, None],
+    seen: Callable[[E], None] | None = None,
 ) -> AsyncGenerator[E, None]:
     """The rest of a stream, ended by ``UpstreamTimeout`` when the deadline passes, or by a
-    ``PhaseTimeout`` when the target goes quiet for longer than the idle limit."""
+    ``PhaseTimeout`` when the target goes quiet for longer than the idle limit. ``seen`` is
+    told of each event as it arrives (the metrics' gaps between tokens)."""
     async with aclosing(events):
         while True:
             left = ends_at - anyio.current_time()
@@ -693,6 +734,8 @@ async def _until(
                 if left <= idle:
                     raise _deadline_error(seconds)
                 raise PhaseTimeout(f"{target} sent nothing for {idle:g} s: the stream stalled")
+            if seen is not None:
+                seen(event)
             yield event
 
 
@@ -737,6 +780,27 @@ async def _after_seam(
                     continue
                 event = DeltaEvent(content=content[drop:])
             yield event
+
+
+def _is_wire_content(event: object) -> bool:
+    return isinstance(event, DeltaEvent | ToolCallEvent)
+
+
+def _gap_timer(
+    counter: AttemptCounter, target: Target, is_content: Callable[[E], bool], first: float
+) -> Callable[[E], None]:
+    """Tells ``counter`` the time between consecutive content events, from ``first`` (the
+    first content's arrival) on; framing and usage events are not tokens."""
+    last = first
+
+    def seen(event: E) -> None:
+        nonlocal last
+        if is_content(event):
+            now = time.perf_counter()
+            counter.token_gap(target, now - last)
+            last = now
+
+    return seen
 
 
 def _label(record: CallRecord | None, request: ChatRequest) -> str:
