@@ -402,11 +402,11 @@ class Resilience:
                     continued_on,
                     label,
                     restart,
+                    stalled=isinstance(broken, PhaseTimeout),
                 )
                 if resumed is None:
                     raise
                 target, current, prefilled = resumed
-                    stalled=isinstance(broken, PhaseTimeout),
                 continued_on.add(target)
                 if not prefilled:
                     text.clear()
@@ -428,6 +428,7 @@ class Resilience:
             return None
         label = _label(record, served.request)
         await self._broke(record, served.target, broken, len(text), label)
+        stalled = isinstance(broken, PhaseTimeout)
         resumed = await self._resume(
             principal,
             record,
@@ -441,7 +442,6 @@ class Resilience:
             stalled=stalled,
         )
         return None if resumed is None else resumed[1]
-        stalled = isinstance(broken, PhaseTimeout)
 
     async def _broke(
         self,
@@ -475,6 +475,8 @@ class Resilience:
         exclude: set[Target],
         label: str,
         restart: bool,
+        *,
+        stalled: bool = False,
     ) -> tuple[Target, AsyncGenerator[UpstreamEvent, None], bool] | None:
         """The next attempt that started streaming: its target, its events, and whether it
         continues from a prefill (else it is a fresh answer). ``None`` when none did. The
@@ -482,8 +484,6 @@ class Resilience:
         the way, not in the model), last when it ``stalled`` past its idle limit (like one
         that missed its first-token limit, it would likely keep the caller waiting again)."""
         chain = self.targets(served.request)
-        *,
-        stalled: bool = False,
         after = chain[chain.index(broken) + 1 :] if broken in chain else []
         prefill = text.rstrip()
         for target in [*after, broken] if stalled else [broken, *after]:
