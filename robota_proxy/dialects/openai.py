@@ -399,12 +399,14 @@ class ChunkWriter:
     def start(self) -> bytes:
         return self._chunk({"role": "assistant", "content": ""})
 
-    def resume(self, chunk: dict[str, Any]) -> None:
+    def resume(self, chunk: dict[str, Any], model: str) -> None:
         """Write on in a stream already begun by someone else (a passed-through answer that
-        broke and is continued): its chunks' id, creation time and model carry on."""
-        for key in ("id", "created", "model", "system_fingerprint"):
+        broke and is continued): its chunks' id and creation time carry on; ``model`` is the
+        one that writes the rest."""
+        for key in ("id", "created", "system_fingerprint"):
             if key in chunk:
                 self._base[key] = chunk[key]
+        self._base["model"] = model
 
     def finish(self, reason: FinishReason) -> bytes:
         """The finish chunk, the usage chunk when asked for, ``[DONE]``."""

@@ -273,7 +273,10 @@ async def _forwarded(
                 more = await resume(broken, "".join(text)) if only_text and not finished else None
                 if more is None:
                     raise
-                writer.resume(last)
+                same = (record.provider, record.model) == (sent.provider, sent.model)
+                writer.resume(
+                    last, str(last.get("model")) if same else f"{record.provider}/{record.model}"
+                )
                 async for frame in _continued(sent, record, writer, more):
                     yield frame
                 return

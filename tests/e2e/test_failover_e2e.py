@@ -529,13 +529,16 @@ async def test_a_broken_passthrough_stream_is_continued_on_a_fallback_that_takes
 
     assert outcome.error is None, outcome.error
     assert "".join(outcome.deltas) == WORDS
+    assert outcome.model == FALLBACK  # the chunks after the seam name the model that wrote them
     assert len(seen(fake, text, PRIMARY)) == 1
     assert [request.prefill for request in seen(fake, text, FALLBACK)] == [FIRST_THREE.rstrip()]
     assert outcome.waited < (LIMIT if kind == "stall" else 0) + SLACK
 
     # One row: the broken attempt estimated and priced as OpenAI's, the continuation (the
-    # question and the prefill in, seven words out) as Anthropic's.
+    # question and the prefill in, seven words out) as Anthropic's; the usage chunk the
+    # caller got is the same sum.
     bound, guessed = prompt_bound(text), estimated_completion(FIRST_THREE)
+    assert (outcome.prompt_tokens, outcome.completion_tokens) == (bound + 4, guessed + 7)
     row = the_row(failover, outcome.request_id)
     assert (row["status"], row["provider"], row["model"]) == ("ok", *split(FALLBACK))
     assert (row["prompt_tokens"], row["completion_tokens"]) == (bound + 4, guessed + 7)
