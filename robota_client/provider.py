@@ -17,6 +17,7 @@ from urllib.parse import urlencode
 import httpx
 from pydantic import ValidationError
 
+from robota_client import tracing
 from robota_client.closing import AsyncClosing
 from robota_client.errors import ProtocolError, StreamRestarted
 from robota_client.messages import (
@@ -152,11 +153,15 @@ class RemoteAIProvider(AsyncClosing):
     ) -> AssistantMessage:
         request = self.build_request(messages, options, tools)
         request_id: str | None
-        if self._ws is not None:
-            data, request_id = await self._ws.chat(request.to_wire())
-        else:
-            data, headers = await self._transport.post_json("/ai/chat", request.to_wire())
-            request_id = headers.get("x-request-id")
+        wire = request.to_wire()
+        # A client span when OpenTelemetry is installed; HTTP sends it as traceparent.
+        with tracing.current(wire) as span:
+            if self._ws is not None:
+                data, request_id = await self._ws.chat(wire)
+            else:
+                data, headers = await self._transport.post_json("/ai/chat", wire)
+                request_id = headers.get("x-request-id")
+            tracing.answered(span, data)
         try:
             message = AssistantMessage.model_validate(data)
         except ValueError as exc:

@@ -54,6 +54,7 @@ from tenacity import (
     wait_random,
 )
 
+from robota_client import tracing
 from robota_client.closing import AsyncClosing
 from robota_client.errors import (
     ProtocolError,
@@ -207,9 +208,12 @@ class HTTPTransport(AsyncClosing):
     async def _json_once(
         self, method: str, path: str, body: Mapping[str, Any] | None
     ) -> tuple[dict[str, Any], httpx.Headers]:
-        request = self._client.build_request(
-            method, self._url(path), json=body, headers=self._headers
-        )
+        headers = self._headers
+        traced = tracing.headers()  # the application's current span, as traceparent
+        if traced:
+            headers = headers.copy()
+            headers.update(traced)
+        request = self._client.build_request(method, self._url(path), json=body, headers=headers)
         # Streamed so that a failure while reading the body (the server has answered and
         # may have acted) is told apart from one before the answer (safe to resend).
         response = await self._client.send(request, stream=True)
@@ -260,8 +264,12 @@ class HTTPTransport(AsyncClosing):
         """A server-sent event stream, opened on first iteration."""
         return EventStream(self, path, body)
 
-    async def _open_stream(self, path: str, body: Mapping[str, Any]) -> _OpenStream:
-        return await self._with_retries("POST", path, lambda: self._open_stream_once(path, body))
+    async def _open_stream(
+        self, path: str, body: Mapping[str, Any], headers: Mapping[str, str] | None = None
+    ) -> _OpenStream:
+        return await self._with_retries(
+            "POST", path, lambda: self._open_stream_once(path, body, headers=headers)
+        )
 
     async def _resume_stream(self, path: str, broken: _OpenStream) -> _OpenStream:
         """Re-attach to ``broken``'s stream after its last delivered event."""
@@ -518,10 +526,26 @@ class EventStream(ChatEventIterator):
         self.request_id: str | None = None
         #: How many times this stream was resumed after a dropped connection.
         self.resumes = 0
+        #: The call's client span (``robota_client.tracing``), from opening to the end.
+        self._span: Any = None
+        self._error: BaseException | None = None
 
     async def _next(self) -> ChatEvent:
+        try:
+            event = await self._next_event()
+        except BaseException as exc:
+            self._error = exc
+            raise
+        if isinstance(event, DoneEvent) and self._span is not None:
+            tracing.answered(self._span, event.message.to_wire())
+        return event
+
+    async def _next_event(self) -> ChatEvent:
         if self._open is None:
-            self._open = await self._transport._open_stream(self._path, self._body)
+            self._span = tracing.start(self._body)
+            self._open = await self._transport._open_stream(
+                self._path, self._body, tracing.headers(self._span) if self._span else None
+            )
             self.request_id = self._open.request_id
             if self._open.first is not None:
                 return self._open.first
@@ -553,6 +577,8 @@ class EventStream(ChatEventIterator):
 
     async def aclose(self) -> None:
         self._finished = True
+        span, self._span = self._span, None
+        tracing.end(span, self._error)
         if self._open is not None:
             await self._open.stack.aclose()
 

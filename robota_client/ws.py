@@ -48,6 +48,7 @@ from tenacity import (
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
+from robota_client import tracing
 from robota_client.closing import AsyncClosing
 from robota_client.errors import (
     ProtocolError,
@@ -316,7 +317,9 @@ class WSTransport(AsyncClosing):
                 with attempt:
                     return await connect(
                         self.url,
-                        additional_headers=list(self._headers.items()),
+                        # The span current when the socket opens, as traceparent (when
+                        # OpenTelemetry is installed): the socket's calls join that trace.
+                        additional_headers=[*self._headers.items(), *tracing.headers().items()],
                         open_timeout=self.open_timeout,
                         max_size=None,
                     )

@@ -41,6 +41,7 @@ from robota_proxy.middleware.metering import MeteringMiddleware
 from robota_proxy.middleware.paths import CHAT_PATHS
 from robota_proxy.middleware.ratelimit import RateLimitMiddleware
 from robota_proxy.middleware.request_context import RequestContextMiddleware
+from robota_proxy.observability import tracing
 from robota_proxy.observability.alerts import Alerts, Webhook
 from robota_proxy.observability.metrics import MetricsServer, ProxyMetrics
 from robota_proxy.observability.throttled_log import ThrottledLog
@@ -191,6 +192,7 @@ class ProxyApp(Starlette):
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        tracing.configure(settings)  # README: Operating it, Traces (off by default)
         database = Database(settings.database_url)
         #: What an unreachable Redis means for limits, cache and streams (README: Bad days).
         redis_failure = RedisFailurePolicy(settings.redis_failure)

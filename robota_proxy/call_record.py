@@ -47,6 +47,9 @@ class CallRecord:
     deployment: str | None = None
     #: True once a vendor was asked: only such calls (and cache hits) are ledger rows.
     upstream_called: bool = False
+    #: Vendor calls made for it (retries, fallbacks and continuations each count): the
+    #: access log's and the trace's ``attempts``.
+    attempts: int = 0
     cached: bool = False
     usage: Usage | None = None
     #: The route worked ``usage`` out itself because the vendor reported none (Gemini's

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import copy
 import os
 import sys
 from collections.abc import Sequence
@@ -37,26 +36,12 @@ Exit status: 0 done, 1 not found, 2 bad flag or setting, 141 output cut short.
 """
 
 
-def log_config(level: str) -> dict[str, Any]:
-    """uvicorn's logging config plus our loggers. Passed to uvicorn rather than applied here
-    because uvicorn applies it again inside every worker process it starts."""
-    import uvicorn.config  # here, not at the top: ``keys`` and ``usage`` start faster without
+def log_config(level: str, fmt: str = "text") -> dict[str, Any]:
+    """uvicorn's logging config plus our loggers, queued, in ``fmt`` (text or json): see
+    ``robota_proxy.observability.logging``."""
+    from robota_proxy.observability.logging import log_config as build
 
-    config: dict[str, Any] = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
-    config["formatters"]["robota"] = {
-        "format": "%(asctime)s %(levelname)s %(name)s: %(message)s",
-    }
-    config["handlers"]["robota"] = {
-        "class": "logging.StreamHandler",
-        "formatter": "robota",
-        "stream": "ext://sys.stderr",
-    }
-    config["loggers"]["robota_proxy"] = {
-        "handlers": ["robota"],
-        "level": level.upper(),
-        "propagate": False,
-    }
-    return config
+    return build(level, fmt)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -96,7 +81,7 @@ def _serve(args: argparse.Namespace) -> int:
         workers=args.workers,
         reload=args.reload,
         log_level=settings.log_level,
-        log_config=log_config(settings.log_level),
+        log_config=log_config(settings.log_level, settings.log_format),
         access_log=False,  # our RequestContextMiddleware logs one line per request
         # On SIGTERM: running calls and streams get this long to finish (README: Graceful
         # drain); what is left is cancelled and settled, then the process exits 0.

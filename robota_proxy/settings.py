@@ -7,6 +7,7 @@ settings, or an exception that carries them, never shows a key.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -148,6 +149,15 @@ class Settings(BaseSettings):
     max_connections: int | None = Field(default=None, ge=1)
     upstream_timeout: float = Field(default=60.0, gt=0)
     max_connections_per_vendor: int = Field(default=1000, gt=0)
+    #: ``text`` (a line per record) or ``json`` (an object per line; README: Operating it, Logs).
+    log_format: Literal["text", "json"] = "text"
+    #: OpenTelemetry traces (README: Operating it, Traces; the ``[otel]`` extra). The OTLP/HTTP
+    #: endpoint is the collector's base URL (``/v1/traces`` is added); unset: the standard
+    #: ``OTEL_EXPORTER_OTLP_*`` variables, else ``http://localhost:4318``.
+    otel_enabled: bool = False
+    otel_exporter_otlp_endpoint: str | None = Field(default=None, pattern=r"^https?://\S+$")
+    #: Prompt and completion text on the spans: off, since they are the users' data.
+    otel_capture_content: bool = False
     #: uvicorn's levels; any case is accepted (``INFO`` as well as ``info``).
     log_level: LogLevel = "info"
     #: On SIGTERM (README: Graceful drain): how long running calls and streams may go on
@@ -271,6 +281,14 @@ class Settings(BaseSettings):
         "forwarded_allow_ips",
         mode="before",
     )(_split_commas)
+
+    @field_validator("otel_enabled")
+    @classmethod
+    def _otel_installed(cls, value: bool) -> bool:
+        """Turned on without the extra: said at startup, not at the first request."""
+        if value and importlib.util.find_spec("opentelemetry.sdk") is None:
+            raise ValueError("needs the [otel] extra: pip install 'robota-remote[otel]'")
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -24,6 +24,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from robota_proxy import scope as keys
 from robota_proxy.call_record import CallRecord
 from robota_proxy.middleware.paths import route_path
+from robota_proxy.observability import tracing
+from robota_proxy.observability.logging import fields_wanted, request_fields
 
 if TYPE_CHECKING:
     from robota_proxy.observability.metrics import ProxyMetrics
@@ -80,9 +82,11 @@ class RequestContextMiddleware:
         token = keys.current_request_id.set(request_id)
         metrics = self.metrics
         streaming = False
+        span = tracing.start_request(scope)
+        first_body = 0.0  # when the answer's first bytes went out (a stream's TTFT)
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status, streaming
+            nonlocal status, streaming, first_body
             if message["type"] == "http.response.start":
                 status = message["status"]
                 record = scope.get(keys.CALL)
@@ -93,6 +97,8 @@ class RequestContextMiddleware:
                 headers.append(OVERHEAD_HEADER, f"{overhead:.2f}")
                 if metrics is not None:
                     streaming = metrics.stream_started(scope, status)
+            elif not first_body and message["type"] == "http.response.body":
+                first_body = time.perf_counter()
             await send(message)
 
         try:
@@ -107,11 +113,20 @@ class RequestContextMiddleware:
                 except Exception:  # a metrics bug must not turn an answer into an error
                     log.exception("metrics of %s not counted", request_id)
             if log.isEnabledFor(logging.INFO):
+                elapsed = time.perf_counter() - started
+                record = scope.get(keys.CALL)
+                streamed = isinstance(record, CallRecord) and record.streamed and first_body
+                ttft = first_body - started if streamed else None
                 log.info(
                     "%s %s %d %.1fms %s",
                     scope["method"],
                     route_path(scope),
                     status,
-                    (time.perf_counter() - started) * 1000,
+                    elapsed * 1000,
                     request_id,
+                    extra={"robota": request_fields(scope, status, elapsed, ttft)}
+                    if fields_wanted()
+                    else None,
                 )
+            if span is not None:
+                span.end(scope, status)

@@ -57,6 +57,7 @@ from robota_client.messages import (
     UsageEvent,
 )
 from robota_proxy.errors import ProxyError
+from robota_proxy.observability import tracing
 from robota_proxy.upstreams._convert import (
     JSONDict,
     arguments_json,
@@ -143,6 +144,7 @@ class AnthropicUpstream:
                 max_keepalive_connections=max_connections,
             ),
             timeout=httpx2.Timeout(timeout, connect=connect_timeout),
+            event_hooks=tracing.EVENT_HOOKS,  # traceparent to the vendor when tracing
         )
         self._client = anthropic.AsyncAnthropic(
             api_key=api_key,

@@ -57,6 +57,7 @@ from robota_client.messages import (
     UsageEvent,
 )
 from robota_proxy.errors import InvalidRequest, ProxyError, UpstreamError
+from robota_proxy.observability import tracing
 from robota_proxy.upstreams.base import (
     EmbeddingRequest,
     EmbeddingResult,
@@ -114,6 +115,7 @@ class GoogleUpstream:
             limits=httpx.Limits(
                 max_connections=max_connections, max_keepalive_connections=max_connections
             ),
+            event_hooks=tracing.EVENT_HOOKS,  # traceparent to the vendor when tracing
         )
 
     def models(self) -> list[str] | None:

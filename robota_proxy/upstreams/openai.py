@@ -61,6 +61,7 @@ from robota_client.messages import (
     UsageEvent,
 )
 from robota_proxy.errors import ProxyError
+from robota_proxy.observability import tracing
 from robota_proxy.upstreams._convert import (
     JSONDict,
     make_usage,
@@ -159,6 +160,7 @@ class OpenAIUpstream:
                 ),
                 timeout=httpx2.Timeout(timeout, connect=connect_timeout),
                 follow_redirects=True,
+                event_hooks=tracing.EVENT_HOOKS,  # traceparent to the vendor when tracing
             )
         )
         self._client = openai.AsyncOpenAI(

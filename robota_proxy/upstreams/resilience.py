@@ -61,6 +61,7 @@ from robota_proxy.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from robota_proxy.observability import tracing
 from robota_proxy.policy.principals import Feature, Principal
 from robota_proxy.upstreams.base import Upstream, UpstreamEvent
 from robota_proxy.upstreams.breakers import Breakers
@@ -304,7 +305,10 @@ class Resilience:
         a prefill continues the answer, and otherwise the original failure is raised)."""
         label = _label(record, served.request)
         head: list[UpstreamEvent] = [] if first is None else [first]
-        return self._continued(principal, record, served, _leading(head, events), label, restart)
+        continued = self._continued(
+            principal, record, served, _leading(head, events), label, restart
+        )
+        return tracing.watch_stream(continued)
 
     async def open_events(
         self,
@@ -518,9 +522,12 @@ class Resilience:
                 with anyio.fail_after(left):
                     deployment = await self.registry.pick(sent)
                     balancer.started(deployment)
-                    head, events = await _first_content(
-                        deployment.upstream.stream(sent), sent, limits, None
-                    )
+                    if record is not None:
+                        record.attempts += 1
+                    with tracing.upstream_attempt(sent, deployment.name):
+                        head, events = await _first_content(
+                            deployment.upstream.stream(sent), sent, limits, None
+                        )
                 outcome = "ok"
                 balancer.first_token(deployment, time.perf_counter() - started)
             except ProxyError as exc:
@@ -628,9 +635,12 @@ class Resilience:
                 deployment = await self.registry.pick(sent)
                 if record is not None:
                     record.deployment = deployment.name
+                    record.attempts += 1
                 balancer.started(deployment)
                 try:
-                    result = await call(deployment.upstream, sent, limits)
+                    with tracing.upstream_attempt(sent, deployment.name) as span:
+                        result = await call(deployment.upstream, sent, limits)
+                        tracing.attempt_result(span, result)
                     outcome = "ok"
                     balancer.first_token(deployment, time.perf_counter() - started)
                 except ProxyError as exc:
