@@ -38,7 +38,6 @@ from robota_proxy.errors import (
 from robota_proxy.middleware.auth import AuthMiddleware
 from robota_proxy.middleware.cache import CacheMiddleware
 from robota_proxy.middleware.metering import MeteringMiddleware
-from robota_proxy.middleware.paths import CHAT_PATHS
 from robota_proxy.middleware.ratelimit import RateLimitMiddleware
 from robota_proxy.middleware.request_context import RequestContextMiddleware
 from robota_proxy.observability import tracing
@@ -66,6 +65,7 @@ from robota_proxy.routes.embeddings import EmbeddingRoutes
 from robota_proxy.routes.metrics import MetricsRoutes
 from robota_proxy.routes.openai_compat import OpenAIRoutes
 from robota_proxy.routes.prometheus import PrometheusRoutes
+from robota_proxy.routes.resume import ResumeRoutes
 from robota_proxy.routes.ws import WebSocketRoutes
 from robota_proxy.settings import Settings
 from robota_proxy.storage.database import DATABASE_OUTAGE, Database
@@ -75,7 +75,6 @@ from robota_proxy.storage.response_cache import ResponseCache, response_cache
 from robota_proxy.storage.usage_store import LeaseReclaimer, UsageStore
 from robota_proxy.streams.buffer import StreamBuffer
 from robota_proxy.streams.factory import stream_buffer
-from robota_proxy.streams.route import ResumeRoutes
 from robota_proxy.upstreams.breakers import BreakerPolicy, Breakers, MemoryBreakers, OnChange
 from robota_proxy.upstreams.deployments import Balancer
 from robota_proxy.upstreams.registry import (
@@ -85,6 +84,7 @@ from robota_proxy.upstreams.registry import (
 )
 from robota_proxy.upstreams.resilience import AttemptCounter, Resilience, RetryPolicy
 from robota_proxy.upstreams.target_options import PhaseLimits, TargetTable
+from robota_proxy.wire.paths import CHAT_PATHS
 
 log = logging.getLogger("robota_proxy")
 

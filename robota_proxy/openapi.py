@@ -38,7 +38,6 @@ from robota_client.messages import (
 from robota_proxy.dialects import ANTHROPIC_MESSAGES_PATH, OPENAI_CHAT_PATH, OPENAI_EMBEDDINGS_PATH
 from robota_proxy.dialects.anthropic import COUNT_TOKENS_PATH, error_type
 from robota_proxy.dialects.openai_embeddings import MAX_INPUTS
-from robota_proxy.middleware.paths import CHAT_PATH, STREAM_PATH
 from robota_proxy.policy.principals import MAX_BUDGET_USD, MAX_COUNT, Feature
 from robota_proxy.routes.admin import MAX_ADMIN_BODY_BYTES
 from robota_proxy.routes.openai_compat import MODELS_PATH
@@ -46,6 +45,7 @@ from robota_proxy.routes.usage_report import FIRST_DAY, LAST_DAY
 from robota_proxy.routes.ws import PATH as WS_PATH
 from robota_proxy.storage.key_store import MAX_USER_LENGTH
 from robota_proxy.streams.response import STREAM_ID_HEADER
+from robota_proxy.wire.paths import CHAT_PATH, STREAM_PATH
 
 OPENAPI_PATH = "/openapi.json"
 RESUME_PATH = f"{STREAM_PATH}/{{stream_id}}"
@@ -53,7 +53,7 @@ RESUME_PATH = f"{STREAM_PATH}/{{stream_id}}"
 _REF = "#/components/schemas/{model}"
 # The longest ``name`` of a key that ``POST /admin/keys`` accepts (routes/admin.py).
 _MAX_KEY_NAME = 200
-# A resumable position: ``<stream id>:<seq>`` or a bare seq (streams/route.py, buffer.py).
+# A resumable position: ``<stream id>:<seq>`` or a bare seq (routes/resume.py, streams/buffer.py).
 _STREAM_ID = r"s_[0-9a-f]{32}"
 # ``[0-9]``, not ``\d``: Python's ``\d`` (a fuzzer's generator) also matches '²'-like digits.
 _LAST_EVENT_ID = rf"^\s*([0-9]{{1,9}}|{_STREAM_ID}:[0-9]{{1,9}})?\s*$"

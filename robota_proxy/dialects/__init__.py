@@ -145,7 +145,7 @@ OPENAI_CHAT_PATH = "/v1/chat/completions"
 ANTHROPIC_MESSAGES_PATH = "/v1/messages"
 OPENAI_EMBEDDINGS_PATH = "/v1/embeddings"
 #: Every chat route (below any mount point), its dialect and, when the path decides it, its
-#: feature. ``robota_proxy.middleware.paths.CHAT_PATHS`` is derived from it.
+#: feature. ``robota_proxy.wire.paths.CHAT_PATHS`` is derived from it.
 CHAT_SURFACES: Mapping[str, ChatSurface] = MappingProxyType(
     {
         "/ai/chat": ChatSurface(ROBOTA, "chat"),

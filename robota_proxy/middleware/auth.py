@@ -28,11 +28,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from robota_proxy import scope as keys
 from robota_proxy.chat_body import chat_request
 from robota_proxy.errors import ProxyError, RateLimited, Unauthenticated
-from robota_proxy.middleware.paths import CHAT_PATHS, call_feature, route_path
 from robota_proxy.policy.authenticators import AuthFailureLimiter
 from robota_proxy.policy.principals import Authenticator, Feature, Principal
 from robota_proxy.policy.refusals import AuthRefused, RefusalReason
 from robota_proxy.responses import refuse
+from robota_proxy.wire.bearer import authorization_header, client_address, parse_bearer
+from robota_proxy.wire.bearer import bearer_credential as bearer_credential  # re-exported
+from robota_proxy.wire.paths import CHAT_PATHS, call_feature, route_path
 
 log = logging.getLogger("robota_proxy.auth")
 
@@ -74,51 +76,6 @@ REFUSAL_MESSAGES: Mapping[RefusalReason, str] = {
 }
 
 
-def authorization_header(scope: Scope) -> str | None:
-    """The first ``Authorization`` header, as sent; without one, an ``x-api-key`` header as
-    ``Bearer <key>``: that is how Anthropic clients (Claude Code, older SDKs) send a key, and
-    the Anthropic-compatible surface must accept them unchanged."""
-    api_key: str | None = None
-    for name, value in scope.get("headers", ()):
-        if name == b"authorization":
-            header: str = value.decode("latin-1")
-            return header
-        if name == b"x-api-key" and api_key is None:
-            api_key = value.decode("latin-1")
-    return None if api_key is None else f"Bearer {api_key}"
-
-
-def parse_bearer(header: str | None) -> str:
-    """The credential of ``Bearer <credential>``, or ``AuthRefused`` saying what is wrong
-    with the header. A credential is visible ASCII without spaces: anything else is a paste
-    gone wrong, and saying so beats "unknown key". The refusal never quotes the header (with
-    no scheme, the first word may be the key itself)."""
-    if header is None:
-        raise AuthRefused("missing")
-    scheme, _, credential = header.strip().partition(" ")
-    if scheme.lower() != "bearer":
-        raise AuthRefused("malformed", None, "not the Bearer scheme")
-    credential = credential.strip()
-    if not credential:
-        raise AuthRefused("malformed", None, "empty credential")
-    if not all("!" <= char <= "~" for char in credential):
-        raise AuthRefused("malformed", None, "spaces or control characters in the credential")
-    return credential
-
-
-def bearer_credential(scope: Scope) -> str | None:
-    """The bearer credential, ``None`` when there is none or the header is malformed."""
-    try:
-        return parse_bearer(authorization_header(scope))
-    except AuthRefused:
-        return None
-
-
-def client_address(scope: Scope) -> str:
-    client = scope.get("client")
-    return str(client[0]) if client else "unknown"
-
-
 class AuthMiddleware:
     def __init__(
         self,
@@ -135,7 +92,7 @@ class AuthMiddleware:
         """``anonymous``: the principal for requests without credentials; leave it ``None``
         unless the operator turned authentication off on purpose. ``exempt_prefixes``: paths
         with their own guard (the admin API). ``chat_paths``: route path -> feature for POST
-        bodies to authorize (the proxy's own: ``robota_proxy.middleware.paths.CHAT_PATHS``)."""
+        bodies to authorize (the proxy's own: ``robota_proxy.wire.paths.CHAT_PATHS``)."""
         self.app = app
         self.authenticator = authenticator
         self.anonymous = anonymous

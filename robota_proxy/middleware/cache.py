@@ -64,11 +64,11 @@ from robota_proxy.middleware.cache_raw import (
     raw_cache_key,
     stream_complete,
 )
-from robota_proxy.middleware.paths import CHAT_PATHS, call_feature, route_path
 from robota_proxy.policy.principals import Principal
 from robota_proxy.responses import WireResponse, error_response
-from robota_proxy.routes import sse
 from robota_proxy.storage.response_cache import MemoryResponseCache, ResponseCache
+from robota_proxy.wire import sse
+from robota_proxy.wire.paths import CHAT_PATHS, call_feature, route_path
 
 log = logging.getLogger("robota_proxy.cache")
 

@@ -56,7 +56,6 @@ from robota_proxy.errors import (
     QuotaExceeded,
     UpstreamUnavailable,
 )
-from robota_proxy.middleware.paths import CHAT_PATHS, call_feature, route_path
 from robota_proxy.observability.throttled_log import ThrottledLog
 from robota_proxy.policy.pricing import (
     PriceBook,
@@ -77,6 +76,7 @@ from robota_proxy.storage.usage_store import (
     new_lease_owner,
     period_of,
 )
+from robota_proxy.wire.paths import CHAT_PATHS, call_feature, route_path
 
 if TYPE_CHECKING:
     from robota_proxy.observability.alerts import Alerts

@@ -35,7 +35,6 @@ from robota_client.messages import ChatRequest
 from robota_proxy import scope as keys
 from robota_proxy.call_record import CallRecord
 from robota_proxy.errors import ProxyError, RateLimited
-from robota_proxy.middleware.paths import route_path
 from robota_proxy.policy.pricing import estimate_completion_tokens
 from robota_proxy.policy.principals import Principal
 from robota_proxy.policy.ratelimits import (
@@ -47,6 +46,7 @@ from robota_proxy.policy.ratelimits import (
 )
 from robota_proxy.redis_failure import RedisFailurePolicy
 from robota_proxy.responses import refuse
+from robota_proxy.wire.paths import route_path
 
 
 class RateLimitMiddleware:

@@ -23,9 +23,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from robota_proxy import scope as keys
 from robota_proxy.call_record import CallRecord
-from robota_proxy.middleware.paths import route_path
 from robota_proxy.observability import tracing
 from robota_proxy.observability.logging import fields_wanted, request_fields
+from robota_proxy.wire.paths import route_path
 
 if TYPE_CHECKING:
     from robota_proxy.observability.metrics import ProxyMetrics

@@ -34,13 +34,13 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from robota_proxy.errors import UpstreamUnavailable
 from robota_proxy.policy.jwt import JwtAuthenticator, token_label, verification_key
+from robota_proxy.policy.key_directory import KeyDirectory, KeyLookup, UserRecord
 from robota_proxy.policy.keys import looks_like_key, parse_key_id, verify_key
 from robota_proxy.policy.principals import Authenticator, Principal, UserPermissions
 from robota_proxy.policy.refusals import AuthRefused
 from robota_proxy.policy.static_keys import StaticKeyAuthenticator
 from robota_proxy.redis_failure import RedisFailurePolicy
 from robota_proxy.settings import Settings
-from robota_proxy.storage.key_store import KeyLookup, KeyStore, UserRecord
 
 log = logging.getLogger("robota_proxy.auth")
 
@@ -68,7 +68,7 @@ def looks_like_jwt(credential: str) -> bool:
 
 
 class KeyStoreAuthenticator:
-    def __init__(self, store: KeyStore, *, cache_seconds: float = 1.0) -> None:
+    def __init__(self, store: KeyDirectory, *, cache_seconds: float = 1.0) -> None:
         self.store = store
         self.cache_seconds = cache_seconds
         self._cache: TTLCache[str, KeyLookup | None] | None = (
@@ -166,7 +166,7 @@ class StoredUsers:
     ``cache_seconds`` answers both their permissions and whether they are revoked, so a
     revoked user's tokens are refused by every process within that time."""
 
-    def __init__(self, store: KeyStore, *, cache_seconds: float = 1.0) -> None:
+    def __init__(self, store: KeyDirectory, *, cache_seconds: float = 1.0) -> None:
         self.store = store
         #: ``None`` cached too: a user without a record is unrestricted and not revoked.
         self._cache: TTLCache[str, UserRecord | None] | None = (
@@ -255,7 +255,7 @@ class CompositeAuthenticator:
         raise refused or AuthRefused("unknown_key", None, "no authenticator for this shape")
 
 
-def build_authenticator(settings: Settings, store: KeyStore) -> CompositeAuthenticator:
+def build_authenticator(settings: Settings, store: KeyDirectory) -> CompositeAuthenticator:
     """All the credential kinds the settings enable. Raises ``JwtConfigError`` on JWT settings
     that cannot work, so a misconfigured proxy fails at start rather than refusing everyone."""
     jwt: RevokedUserCheck | None = None

@@ -31,11 +31,11 @@ from robota_proxy.errors import (
     RateLimited,
     Unauthenticated,
 )
-from robota_proxy.middleware.auth import bearer_credential, client_address
 from robota_proxy.policy.authenticators import AuthFailureLimiter
 from robota_proxy.policy.keys import expiry_in, parse_expiry
 from robota_proxy.policy.principals import UserPermissions, storable
 from robota_proxy.storage.key_store import MAX_USER_LENGTH, KeyStore, check_user
+from robota_proxy.wire.bearer import bearer_credential, client_address
 
 MAX_ADMIN_BODY_BYTES = 64 * 1024
 NO_STORE = {"Cache-Control": "no-store"}

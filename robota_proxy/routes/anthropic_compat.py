@@ -52,7 +52,6 @@ from robota_proxy.dialects import ModelRouter, ParsedChat, syntactic_router
 from robota_proxy.dialects import anthropic as dialect
 from robota_proxy.errors import ProxyError, UpstreamError
 from robota_proxy.policy.pricing import prompt_token_bound
-from robota_proxy.routes import sse
 from robota_proxy.routes.chat import principal_of, wire_events
 from robota_proxy.routes.compat import (
     Item,
@@ -69,6 +68,7 @@ from robota_proxy.routes.compat import (
 from robota_proxy.upstreams.base import FinishEvent, Upstream, UpstreamEvent
 from robota_proxy.upstreams.registry import UpstreamRegistry
 from robota_proxy.upstreams.resilience import Resilience
+from robota_proxy.wire import sse
 
 log = logging.getLogger("robota_proxy.anthropic_compat")
 

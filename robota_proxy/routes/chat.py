@@ -27,7 +27,6 @@ from robota_proxy import scope as keys
 from robota_proxy.call_record import CallRecord, call_record
 from robota_proxy.chat_body import chat_request
 from robota_proxy.errors import ProxyError, UpstreamError
-from robota_proxy.middleware.paths import CHAT_PATH, STREAM_PATH
 from robota_proxy.policy.principals import Principal
 from robota_proxy.responses import WireResponse
 from robota_proxy.streams.buffer import StreamBuffer, new_stream_id
@@ -36,6 +35,7 @@ from robota_proxy.streams.response import DEFAULT_STREAM_MAX_BYTES, ProducingStr
 from robota_proxy.upstreams.base import FinishEvent, UpstreamEvent
 from robota_proxy.upstreams.registry import UpstreamRegistry
 from robota_proxy.upstreams.resilience import Resilience, StreamItem
+from robota_proxy.wire.paths import CHAT_PATH, STREAM_PATH
 
 log = logging.getLogger("robota_proxy.chat")
 

@@ -45,7 +45,6 @@ from robota_proxy.dialects import OPENAI_CHAT_PATH, ParsedChat
 from robota_proxy.dialects import openai as dialect
 from robota_proxy.errors import Forbidden, ProxyError, UpstreamError
 from robota_proxy.policy.principals import Principal
-from robota_proxy.routes import sse
 from robota_proxy.routes.chat import principal_of, wire_events
 from robota_proxy.routes.compat import (
     Item,
@@ -62,6 +61,7 @@ from robota_proxy.routes.compat import (
 from robota_proxy.upstreams.base import FinishEvent, Upstream, UpstreamEvent
 from robota_proxy.upstreams.registry import UpstreamRegistry
 from robota_proxy.upstreams.resilience import Resilience
+from robota_proxy.wire import sse
 
 log = logging.getLogger("robota_proxy.openai_compat")
 

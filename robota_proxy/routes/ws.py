@@ -57,9 +57,9 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from robota_proxy.chat_body import parse_json
 from robota_proxy.errors import ProxyError
-from robota_proxy.middleware.paths import CHAT_PATH, STREAM_PATH, route_path
 from robota_proxy.streams.buffer import is_stream_id, parse_event_id, parse_seq
 from robota_proxy.streams.response import CANCEL_KEY
+from robota_proxy.wire.paths import CHAT_PATH, STREAM_PATH, route_path
 
 log = logging.getLogger("robota_proxy.ws")
 

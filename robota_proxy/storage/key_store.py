@@ -7,7 +7,6 @@ key's secret: ``create_key`` hands the key string back once, and only its hash i
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,12 +14,15 @@ from sqlalchemy import RowMapping, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from robota_proxy.policy.key_directory import KeyLookup, KeyRecord, UserRecord
 from robota_proxy.policy.keys import generate_key, hash_key
 from robota_proxy.policy.principals import MAX_USER_LENGTH, UserPermissions
 from robota_proxy.storage.database import Database
 from robota_proxy.storage.tables import api_keys, users
 
-__all__ = ["MAX_USER_LENGTH", "KeyStore", "check_user"]
+#: ``KeyLookup``, ``KeyRecord`` and ``UserRecord`` are policy's data types
+#: (``robota_proxy.policy.key_directory``), re-exported here where they were first defined.
+__all__ = ["MAX_USER_LENGTH", "KeyLookup", "KeyRecord", "KeyStore", "UserRecord", "check_user"]
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -28,74 +30,6 @@ def _utc(value: datetime | None) -> datetime | None:
     if value is None or value.tzinfo is not None:
         return value
     return value.replace(tzinfo=UTC)
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
-
-
-@dataclass(frozen=True, slots=True)
-class UserRecord:
-    user: str
-    permissions: UserPermissions
-    created_at: datetime
-    #: When the user was revoked: all their keys and tokens are refused while it is set.
-    revoked_at: datetime | None = None
-
-    def to_wire(self) -> dict[str, Any]:
-        return {
-            "user": self.user,
-            "permissions": self.permissions.to_wire(),
-            "createdAt": _iso(self.created_at),
-            "revokedAt": _iso(self.revoked_at),
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class KeyRecord:
-    """A key as the store knows it: everything but the secret."""
-
-    key_id: str
-    user: str
-    name: str | None
-    #: This key's overrides of the user's permissions.
-    permissions: UserPermissions
-    created_at: datetime
-    expires_at: datetime | None
-    revoked_at: datetime | None
-    last_used_at: datetime | None
-
-    def status(self, now: datetime | None = None) -> str:
-        if self.revoked_at is not None:
-            return "revoked"
-        if self.expires_at is not None and self.expires_at <= (now or datetime.now(UTC)):
-            return "expired"
-        return "active"
-
-    def to_wire(self) -> dict[str, Any]:
-        return {
-            "id": self.key_id,
-            "user": self.user,
-            "name": self.name,
-            "permissions": self.permissions.to_wire(),
-            "status": self.status(),
-            "createdAt": _iso(self.created_at),
-            "expiresAt": _iso(self.expires_at),
-            "revokedAt": _iso(self.revoked_at),
-            "lastUsedAt": _iso(self.last_used_at),
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class KeyLookup:
-    """What authentication needs about one key id, read in one query."""
-
-    record: KeyRecord
-    secret_hash: str
-    #: The owner's permissions, before the key's overlay.
-    user_permissions: UserPermissions
-    #: Set when the owner was revoked: the key is refused whatever its own state.
-    user_revoked_at: datetime | None = None
 
 
 def _key_record(row: RowMapping) -> KeyRecord:
@@ -122,6 +56,9 @@ def check_user(user: str) -> str:
 
 
 class KeyStore:
+    """The SQL ``KeyDirectory`` (``robota_proxy.policy.key_directory``) and the operator's
+    user and key management."""
+
     def __init__(self, database: Database) -> None:
         self.database = database
 

@@ -33,7 +33,6 @@ from starlette.types import Message, Receive, Scope, Send
 
 from robota_client.messages import ErrorEvent, StreamEvent
 from robota_proxy.errors import UpstreamUnavailable
-from robota_proxy.routes import sse
 from robota_proxy.streams.buffer import (
     CANCELLED,
     ENTRY_OVERHEAD,
@@ -42,6 +41,7 @@ from robota_proxy.streams.buffer import (
     StreamBufferFull,
     event_id,
 )
+from robota_proxy.wire import sse
 
 #: Header announcing the stream id of a streamed answer.
 STREAM_ID_HEADER = "X-Robota-Stream-Id"
