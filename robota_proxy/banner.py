@@ -4,10 +4,15 @@ providers, which credentials it will accept.
 Most "the proxy answers 401 to everything" reports come down to one of these being other than
 the operator thought (a second ``robota.db`` in another directory, a key variable not
 exported). Saying them at start makes the mistake visible before the first request. Names and
-counts only: never a key, never a password.
+counts only: never a key, never a password. With ``ROBOTA_LOG_FORMAT=json`` each line is a
+JSON object like the rest of the output (``output_lines``), so that a log shipper parses all
+of it.
 """
 
 from __future__ import annotations
+
+import datetime
+import json
 
 from robota_proxy.config_errors import redact_url
 from robota_proxy.preflight import describe_database
@@ -74,3 +79,27 @@ def banner_lines(settings: Settings, jwt_algorithms: list[str], active_keys: int
             "directory) or set ROBOTA_API_KEYS"
         )
     return lines
+
+
+def output_lines(lines: list[str], fmt: str) -> list[str]:
+    """``lines`` as ``serve`` prints them: as they are in ``text`` mode; in ``json`` mode one
+    object per line with the keys of every JSON log line (``time``, ``level``, ``logger``,
+    ``message``, the prefix dropped) and ``"event": "startup"``."""
+    if fmt != "json":
+        return lines
+    now = datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
+    objects = []
+    for line in lines:
+        message = line.removeprefix(f"{PREFIX} ")
+        warning = message.lower().startswith("warning: ")
+        if warning:
+            message = message[len("warning: ") :]
+        entry = {
+            "time": now,
+            "level": "warning" if warning else "info",
+            "logger": "robota_proxy.banner",
+            "message": message,
+            "event": "startup",
+        }
+        objects.append(json.dumps(entry, ensure_ascii=False))
+    return objects

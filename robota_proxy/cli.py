@@ -50,23 +50,23 @@ def _serve(args: argparse.Namespace) -> int:
     checking here is what makes a bad database a one-line error and status 2 rather than
     uvicorn's traceback and status 3. Run by ``robota_proxy.serving``: uvicorn with a drain
     that exits 0 on SIGTERM."""
-    from robota_proxy.banner import banner_lines
+    from robota_proxy.banner import banner_lines, output_lines
     from robota_proxy.preflight import check_settings, probe_database
 
     settings = load_settings()
     jwt_algorithms = check_settings(settings)
     active_keys = asyncio.run(probe_database(settings.database_url))
-    for line in banner_lines(settings, jwt_algorithms, active_keys):
-        print(line, file=sys.stderr)
+    lines = banner_lines(settings, jwt_algorithms, active_keys)
     host = args.host or settings.host
     port = args.port or settings.port
     if args.workers > 1 and settings.redis_url is None:
-        print(
+        lines.append(
             f"robota-proxy: warning: {args.workers} workers without ROBOTA_REDIS_URL: each "
             "worker keeps its own rate limits, cache and resumable streams (each counts rpm "
-            "on its own); set ROBOTA_REDIS_URL to share them",
-            file=sys.stderr,
+            "on its own); set ROBOTA_REDIS_URL to share them"
         )
+    for line in output_lines(lines, settings.log_format):  # JSON objects in json mode
+        print(line, file=sys.stderr)
     from robota_proxy.observability.metrics import prepare_multiprocess
 
     # --workers N: the workers' metrics meet in PROMETHEUS_MULTIPROC_DIR (README: Metrics).

@@ -77,7 +77,7 @@ def start_proxy(
     full_env.update(env)
     if "ROBOTA_REDIS_URL" in full_env:
         full_env.setdefault("ROBOTA_REDIS_PREFIX", REDIS_TEST_PREFIX)
-    full_env["ROBOTA_LOG_LEVEL"] = "info"
+    full_env.setdefault("ROBOTA_LOG_LEVEL", "info")  # a test may ask for debug
     log_file = log_path.open("wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "robota_proxy", "serve", "--port", str(port)],

@@ -5,6 +5,7 @@ banner), and the warning about several workers without Redis."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -341,3 +342,36 @@ def test_a_missing_extra_is_named_with_its_install_command(
     assert done.returncode == 2
     assert done.stderr == f"robota-proxy: error: {line}\n"
     assert done.stdout == ""
+
+
+def test_in_json_mode_the_banner_lines_are_json_objects(
+    runs: list[dict[str, Any]], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ROBOTA_LOG_FORMAT", "json")
+    database = os.environ["ROBOTA_DATABASE_URL"].removeprefix("sqlite:///")
+    assert main(["serve", "--workers", "2"]) == 0
+    assert len(runs) == 1
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    for line in lines:
+        assert line.pop("time").endswith("+00:00")
+    no_credential = lines[4].pop("message")
+    assert no_credential.startswith("NO CREDENTIAL CAN BE ACCEPTED: no active key")
+    workers = lines[5].pop("message")
+    assert workers.startswith("2 workers without ROBOTA_REDIS_URL: each worker keeps")
+    common = {"logger": "robota_proxy.banner", "event": "startup"}
+    assert lines == [
+        {**common, "level": "info", "message": f"database: {database}"},
+        {
+            **common,
+            "level": "info",
+            "message": "rate limits, cache, resumable streams: memory (this process only)",
+        },
+        {**common, "level": "info", "message": "providers: mock"},
+        {
+            **common,
+            "level": "info",
+            "message": "auth: 0 active rk_ keys in the database; 0 static keys (ROBOTA_API_KEYS)",
+        },
+        {**common, "level": "warning"},
+        {**common, "level": "warning"},
+    ]
