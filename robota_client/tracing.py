@@ -13,19 +13,27 @@ tracing backend may hold its users' prompts.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-try:
-    from opentelemetry import propagate as _propagate
-    from opentelemetry import trace as _trace
-except ImportError:  # pragma: no cover - exercised by a test in a fresh interpreter
-    _trace = None  # type: ignore[assignment]
-    _propagate = None  # type: ignore[assignment]
 
-#: Whether OpenTelemetry's API was found.
-AVAILABLE = _trace is not None
+@functools.cache
+def _api() -> tuple[Any, Any]:
+    """OpenTelemetry's ``trace`` and ``propagate``, imported by the first call that needs
+    them, never at import: a process that only imports the client (the proxy reads its wire
+    contract) pays nothing for them. ``(None, None)`` when the API is not installed."""
+    try:
+        from opentelemetry import propagate, trace
+    except ImportError:
+        return None, None
+    return trace, propagate
+
+
+def available() -> bool:
+    """Whether OpenTelemetry's API is installed."""
+    return _api()[0] is not None
 
 
 def _attributes(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -45,11 +53,12 @@ def _attributes(body: Mapping[str, Any]) -> dict[str, Any]:
 def start(body: Mapping[str, Any]) -> Any:
     """A CLIENT span for the call whose wire body is ``body``, not made current (a stream
     outlives any one ``await`` of its reader); None without OpenTelemetry."""
-    if _trace is None:
+    trace, _ = _api()
+    if trace is None:
         return None
-    tracer = _trace.get_tracer("robota_client")
+    tracer = trace.get_tracer("robota_client")
     return tracer.start_span(
-        f"chat {body.get('model')}", kind=_trace.SpanKind.CLIENT, attributes=_attributes(body)
+        f"chat {body.get('model')}", kind=trace.SpanKind.CLIENT, attributes=_attributes(body)
     )
 
 
@@ -61,10 +70,10 @@ def current(body: Mapping[str, Any]) -> Iterator[Any]:
     if span is None:
         yield None
         return
-    assert _trace is not None
+    trace, _ = _api()
     error: BaseException | None = None
     try:
-        with _trace.use_span(span, end_on_exit=False, record_exception=False):
+        with trace.use_span(span, end_on_exit=False, record_exception=False):
             yield span
     except BaseException as exc:
         error = exc
@@ -77,11 +86,12 @@ def headers(span: Any = None) -> dict[str, str]:
     """``traceparent`` (and ``tracestate``) for ``span``, or for the current span when
     None: the headers to add to a request to the proxy. Empty without OpenTelemetry or
     outside any recording span."""
-    if _propagate is None or _trace is None:
+    trace, propagate = _api()
+    if trace is None:
         return {}
     carrier: dict[str, str] = {}
-    context = _trace.set_span_in_context(span) if span is not None else None
-    _propagate.inject(carrier, context=context)
+    context = trace.set_span_in_context(span) if span is not None else None
+    propagate.inject(carrier, context=context)
     return carrier
 
 
@@ -108,10 +118,11 @@ def answered(span: Any, message: Mapping[str, Any]) -> None:
 
 def end(span: Any, error: BaseException | None = None) -> None:
     """End ``span``; an error (its wire code when the proxy said one) marks it failed."""
-    if span is None or _trace is None:
+    trace, _ = _api()
+    if span is None or trace is None:
         return
     if error is not None:
         code = getattr(error, "code", None) or type(error).__name__
         span.set_attribute("error.type", str(code))
-        span.set_status(_trace.Status(_trace.StatusCode.ERROR))
+        span.set_status(trace.Status(trace.StatusCode.ERROR))
     span.end()

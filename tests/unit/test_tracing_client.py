@@ -137,7 +137,7 @@ def test_the_client_works_without_opentelemetry_and_sends_no_traceparent() -> No
         "    http = httpx.AsyncClient(transport=httpx.MockTransport(answer))\n"
         "    remote = RemoteAIProvider('http://proxy', 'k', 'mock', 'mock-1', http_client=http)\n"
         "    reply = await remote.chat([{'role': 'user', 'content': 'x'}])\n"
-        "    print(tracing.AVAILABLE, reply.content)\n"
+        "    print(tracing.available(), reply.content)\n"
         "asyncio.run(main())\n"
         "print('traceparent' in seen[0])\n"
     )
