@@ -124,9 +124,13 @@ class UpstreamAttempt(WireModel):
 
 
 class Metrics(WireModel):
-    """``GET /admin/metrics``: this process's upstream attempts by target and outcome."""
+    """``GET /admin/metrics``: this process's upstream attempts by target and outcome, and
+    the state of each circuit breaker it has used."""
 
     upstream_attempts: list[UpstreamAttempt]
+    circuit_breakers: dict[str, Literal["closed", "open", "half_open"]] = Field(
+        default_factory=dict
+    )
 
 
 class Permissions(WireModel):
@@ -1154,6 +1158,23 @@ def _paths() -> dict[str, Any]:
                 "responses": {
                     "200": _json("Readiness", "Ready to serve."),
                     "503": _json("Readiness", "Not ready: `failed` names the checks."),
+                    **_errors(*_ADMIN_ERRORS),
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "operationId": "prometheusMetrics",
+                "tags": ["operations"],
+                "summary": "Prometheus metrics in the text exposition format (README: Metrics).",
+                "description": "Behind the admin key; also served without a key on "
+                "`ROBOTA_METRICS_ADDR` when that is set.",
+                "security": admin,
+                "responses": {
+                    "200": {
+                        "description": "The metrics of every worker.",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
                     **_errors(*_ADMIN_ERRORS),
                 },
             }
