@@ -15,7 +15,7 @@ from decimal import Decimal
 from typing import Any
 
 from robota_client.messages import Usage
-from robota_proxy.scope import CALL
+from robota_proxy.scope import AUTHORIZED, CALL, Authorized
 
 #: ``(provider, model, usage) -> cost in USD``, or ``None`` when the model has no known price.
 Pricer = Callable[[str, str, Usage], Decimal | None]
@@ -73,6 +73,13 @@ class CallRecord:
     vendor_seconds: float = 0.0
     #: ``hit`` or ``miss`` once the response cache looked the call up (metrics).
     cache_result: str | None = None
+    #: The ``maxTokens`` a layer imposes on a request that set none (the metering's
+    #: reservation, ``reserve_max_tokens``): the parsed request stays as the caller sent it
+    #: (it is the cache's key), and the request sent to the vendor carries this bound.
+    max_tokens: int | None = None
+    #: What the auth middleware already authorized (``robota_proxy.scope.AUTHORIZED``, taken
+    #: over when the record is created): ``Resilience`` does not authorize it again.
+    authorized: Authorized | None = None
     _attempt: AttemptUsage | None = None
 
     def settle_usage(self, provider: str, model: str, usage: Usage) -> Decimal | None:
@@ -148,6 +155,10 @@ def call_record(scope: MutableMapping[str, Any], request_id: str) -> CallRecord:
     existing = scope.get(CALL)
     if isinstance(existing, CallRecord):
         return existing
-    created = CallRecord(request_id=request_id)
+    authorized = scope.get(AUTHORIZED)
+    created = CallRecord(
+        request_id=request_id,
+        authorized=authorized if isinstance(authorized, Authorized) else None,
+    )
     scope[CALL] = created
     return created

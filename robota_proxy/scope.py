@@ -9,6 +9,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping, MutableMapping
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 #: ``str``: the request id, set by ``RequestContextMiddleware`` (or generated on first use).
@@ -39,6 +40,36 @@ CALL = "robota.call"
 #: ``str``: the wire error code of the error answer sent (set by ``responses.error_response``),
 #: so that the outermost layer can count refusals by reason without parsing the body.
 ERROR_CODE = "robota.error_code"
+#: ``Authorized``: the chat request the auth middleware authorized, for whom and for which
+#: feature (``note_authorized``); ``Resilience`` then does not authorize the same target again.
+AUTHORIZED = "robota.authorized"
+#: ``(ChatRequest, int)``: the request's prompt-token bound (``policy.pricing.
+#: prompt_token_bound``), worked out once by the first layer that needs it
+#: (``robota_proxy.policy.prompts.prompt_bound``) for the rate limits and the metering alike.
+PROMPT_TOKEN_BOUND = "robota.prompt_token_bound"
+
+
+@dataclass(frozen=True, slots=True)
+class Authorized:
+    """``principal`` may call ``request`` (the very parsed object) as ``feature``."""
+
+    principal: object
+    request: object
+    feature: str
+
+    def covers(self, principal: object, request: object, feature: str) -> bool:
+        return self.principal is principal and self.request is request and self.feature == feature
+
+
+def note_authorized(scope: MutableMapping[str, Any], feature: str | None) -> None:
+    """Called by ``AuthMiddleware`` once it let a request through: a POST to one of its chat
+    paths (``feature`` is that path's) had its parsed chat request authorized for ``feature``
+    and the scope's principal, and the scope says so. Anything else is not noted."""
+    if feature is None or scope["type"] != "http" or scope["method"] != "POST":
+        return
+    request, principal = scope.get(CHAT_REQUEST), scope.get(PRINCIPAL)
+    if request is not None and principal is not None:
+        scope[AUTHORIZED] = Authorized(principal, request, feature)
 
 
 def request_id(scope: MutableMapping[str, Any]) -> str:

@@ -122,6 +122,7 @@ class AuthMiddleware:
         except ProxyError as error:
             await refuse(error, scope, receive, send)
             return
+        keys.note_authorized(scope, feature)
         await self.app(scope, receive, send)
 
     async def _principal(self, scope: Scope) -> Principal:

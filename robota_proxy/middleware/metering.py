@@ -7,9 +7,11 @@ token quota or budget, holds the request's worst case (an upper bound of its pro
 plus its ``maxTokens``, priced without any cache discount) atomically against the limits. A
 request that does not fit is refused with 429 ``quota_exceeded`` or 402 ``budget_exceeded``
 and never reaches a vendor. A budgeted request without ``maxTokens`` gets
-``settings.reserve_max_tokens`` written into it, so the vendor is bound by the same number
-the reservation assumed. If the row cannot be written (the database is down), the call is
-refused with 503 ``upstream_unavailable``: no vendor call without a ledger row.
+``settings.reserve_max_tokens`` on its call record (``CallRecord.max_tokens``; the parsed
+request itself is read-only), and the request sent to the vendor carries it, so the vendor is
+bound by the same number the reservation assumed. If the row cannot be written (the database
+is down), the call is refused with 503 ``upstream_unavailable``: no vendor call without a
+ledger row.
 
 After the call (whatever way it ended: answered, failed, the client gone, the task cancelled)
 one transaction completes the row, releases the hold and adds the real usage to the month's
@@ -60,11 +62,11 @@ from robota_proxy.observability.throttled_log import ThrottledLog
 from robota_proxy.policy.pricing import (
     PriceBook,
     estimate_completion_tokens,
-    prompt_token_bound,
     to_pico,
     usd_text,
 )
 from robota_proxy.policy.principals import Principal
+from robota_proxy.policy.prompts import prompt_bound
 from robota_proxy.responses import error_response
 from robota_proxy.storage.database import DATABASE_OUTAGE
 from robota_proxy.storage.usage_store import (
@@ -136,7 +138,7 @@ class MeteringMiddleware:
             receive = await self._readable(scope, receive, principal)
             # Shielded: once committed, the row must reach the settle below.
             with anyio.CancelScope(shield=True):
-                reservation = await self._open(scope, principal, started_at)
+                reservation = await self._open(scope, record, principal, started_at)
         except ProxyError as exc:
             await error_response(exc, record.request_id, scope=scope)(scope, receive, send)
             return
@@ -196,7 +198,9 @@ class MeteringMiddleware:
 
         return replay
 
-    async def _open(self, scope: Scope, principal: Principal, now: datetime) -> Reservation:
+    async def _open(
+        self, scope: Scope, record: CallRecord, principal: Principal, now: datetime
+    ) -> Reservation:
         """Write the in-flight row and hold the worst case; raise what the caller gets
         instead of a vendor call when that is not possible."""
         request = scope.get(keys.CHAT_REQUEST)
@@ -214,12 +218,15 @@ class MeteringMiddleware:
                 )
             # An embedding produces no tokens: its worst case is its input alone.
             produces = call_feature(scope) != "embeddings"
-            if produces and request.options.max_tokens is None and limits.has_money_limits:
-                request.options.max_tokens = self.reserve_max_tokens
-            prompt = prompt_token_bound(request)
+            max_tokens = request.options.max_tokens
+            if produces and max_tokens is None and limits.has_money_limits:
+                # On the record, not in the shared request (the cache's key): the request
+                # sent to the vendor carries it (``Resilience``).
+                max_tokens = record.max_tokens = self.reserve_max_tokens
+            prompt = prompt_bound(scope, request)
             # Without limits nothing is sent or held, but an interrupted call is still
             # charged an estimate: this many output tokens.
-            completion = (request.options.max_tokens or self.reserve_max_tokens) if produces else 0
+            completion = (max_tokens or self.reserve_max_tokens) if produces else 0
             worst = self.prices.cost(
                 request.provider,
                 request.model,
@@ -331,7 +338,7 @@ class MeteringMiddleware:
             record.end_attempt()
         usage, estimated = record.usage, record.usage_estimated
         if usage is None:
-            usage, estimated = _estimate(record, request), True
+            usage, estimated = _estimate(scope, record, request), True
             if usage.total_tokens == 0:
                 estimated = False
         cost: Decimal | None
@@ -366,21 +373,22 @@ class MeteringMiddleware:
         )
 
 
-def _estimate(record: CallRecord, request: ChatRequest | None) -> Usage:
+def _estimate(scope: Scope, record: CallRecord, request: ChatRequest | None) -> Usage:
     if record.status not in _MAY_HAVE_WORKED and record.streamed_chars == 0:
         return Usage()
-    return _usage_of(request, record.streamed_chars)
+    return _usage_of(scope, request, record.streamed_chars)
 
 
 def _estimated_usage(scope: Scope, streamed_chars: int) -> Usage:
     """The record's estimator: an attempt of a continued stream that broke before its usage
     report is charged like any stream cut short."""
     request = scope.get(keys.CHAT_REQUEST)
-    return _usage_of(request if isinstance(request, ChatRequest) else None, streamed_chars)
+    chat = request if isinstance(request, ChatRequest) else None
+    return _usage_of(scope, chat, streamed_chars)
 
 
-def _usage_of(request: ChatRequest | None, streamed_chars: int) -> Usage:
-    prompt = prompt_token_bound(request) if request is not None else 0
+def _usage_of(scope: Scope, request: ChatRequest | None, streamed_chars: int) -> Usage:
+    prompt = prompt_bound(scope, request) if request is not None else 0
     completion = estimate_completion_tokens(streamed_chars)
     return Usage(
         prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion

@@ -8,6 +8,8 @@ Pure ASGI, so it can sit in front of any app once something has put a
   ``daily_requests``, ``tpm``). No principal, or one without limits: not limited.
 * ``CHAT_REQUEST`` (optional): the parsed chat body, for the prompt-token estimate the ``tpm``
   check needs before the call. Without it the check only requires the minute not to be spent.
+  The estimate starts from the prompt's bound, kept under ``PROMPT_TOKEN_BOUND`` for the
+  metering (the prompt is walked once per request).
 * ``CALL`` (optional, read after the call): the call record the route fills; its usage is what
   ``tpm`` is charged. See ``robota_proxy.policy.ratelimits`` for the whole approach.
 
@@ -37,11 +39,12 @@ from robota_proxy.call_record import CallRecord
 from robota_proxy.errors import ProxyError, RateLimited
 from robota_proxy.policy.pricing import estimate_completion_tokens
 from robota_proxy.policy.principals import Principal
+from robota_proxy.policy.prompts import prompt_bound
 from robota_proxy.policy.ratelimits import (
     Admission,
     LimitStatus,
     RateLimiter,
-    estimate_prompt_tokens,
+    estimate_from_bound,
     has_rate_limits,
 )
 from robota_proxy.redis_failure import RedisFailurePolicy
@@ -77,7 +80,9 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         chat = scope.get(keys.CHAT_REQUEST)
-        prompt_tokens = estimate_prompt_tokens(chat) if isinstance(chat, ChatRequest) else 0
+        prompt_tokens = (
+            estimate_from_bound(prompt_bound(scope, chat)) if isinstance(chat, ChatRequest) else 0
+        )
         try:
             admission = await self.limiter.admit(principal, prompt_tokens)
         except Exception as exc:

@@ -47,6 +47,7 @@ from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from limits.util import WindowStats
 
 from robota_client.messages import ChatRequest
+from robota_proxy.policy.pricing import prompt_token_bound
 from robota_proxy.policy.principals import Principal, UserPermissions
 
 LimitName = Literal["rpm", "dailyRequestLimit", "tpm"]
@@ -103,24 +104,23 @@ UNLIMITED = Admission()
 
 
 def estimate_prompt_tokens(request: ChatRequest) -> int:
-    """UTF-8 bytes / 4 over the messages, tool calls and tool schemas, rounded up.
+    """The typical prompt tokens of ``request``: ``estimate_from_bound`` of its
+    ``robota_proxy.policy.pricing.prompt_token_bound``."""
+    return estimate_from_bound(prompt_token_bound(request))
 
-    Deliberately cheap (no tokenizer, no JSON dump of the whole request): it only decides
-    whether a request may start; the real count from the vendor is what gets charged. Not
-    ``robota_proxy.policy.pricing.prompt_token_bound``, on purpose: that is the worst case
-    (a token per byte) that money reservations must never undershoot, about four times this
-    typical count, and would refuse most requests a ``tpm`` limit ought to let through.
+
+def estimate_from_bound(bound: int) -> int:
+    """A quarter of the prompt-token bound (UTF-8 bytes of every text the vendor sees, plus
+    framing), rounded up: about four bytes make a token in practice.
+
+    Deliberately cheap (no tokenizer): it only decides whether a request may start; the real
+    count from the vendor is what gets charged. Not the bound itself, on purpose: that is the
+    worst case (a token per byte) that money reservations must never undershoot, about four
+    times this typical count, and would refuse most requests a ``tpm`` limit ought to let
+    through. Taken from the bound so that the prompt is walked once per request
+    (``robota_proxy.policy.prompts.prompt_bound`` shares it with the metering).
     """
-    size = 0
-    for message in request.messages:
-        if message.content:
-            size += len(message.content.encode())
-        for call in message.tool_calls or ():
-            size += len(call.function.name) + len(call.function.arguments.encode())
-    for tool in request.tools or ():
-        size += len(tool.name) + len((tool.description or "").encode())
-        size += len(str(tool.parameters).encode())
-    return math.ceil(size / 4)
+    return math.ceil(bound / 4)
 
 
 @lru_cache(maxsize=4096)

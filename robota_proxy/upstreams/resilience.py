@@ -572,10 +572,20 @@ class Resilience:
         failed: ProxyError | None = None
         circuit: ProxyError | None = None
         targets = self.targets(request)
+        base = _bounded(request, record)
+        # The auth middleware authorized the request's own target for this principal and
+        # feature already (``CallRecord.authorized``): only the other targets of a chain are.
+        own = (
+            Target(request.provider, request.model)
+            if record is not None
+            and record.authorized is not None
+            and record.authorized.covers(principal, request, feature)
+            else None
+        )
         for index, target in enumerate(targets):
-            sent = request.model_copy(update={"provider": target.provider, "model": target.model})
+            sent = base.model_copy(update={"provider": target.provider, "model": target.model})
             try:
-                if principal is not None:
+                if principal is not None and target != own:
                     principal.permissions.authorize(sent, feature)
                 self.registry.resolve(sent)
             except (Forbidden, NotFound) as exc:
@@ -621,6 +631,49 @@ class Resilience:
         deployment counted in flight for the caller to release."""
         limits = self.target_table.get(target.provider, target.model)
         balancer = self.registry.balancer
+
+        async def attempt() -> tuple[T, Deployment]:
+            started = time.perf_counter()
+            outcome = "cancelled"
+            deployment = await self.registry.pick(sent)
+            if record is not None:
+                record.deployment = deployment.name
+                record.attempts += 1
+            balancer.started(deployment)
+            try:
+                with tracing.upstream_attempt(sent, deployment.name) as span:
+                    result = await call(deployment.upstream, sent, limits)
+                    tracing.attempt_result(span, result)
+                outcome = "ok"
+                balancer.first_token(deployment, time.perf_counter() - started)
+            except ProxyError as exc:
+                outcome = exc.code
+                if isinstance(exc, RateLimited) and self._other_deployments(target):
+                    # The retry goes to another deployment at once, not after the wait.
+                    balancer.cool_down(deployment, exc.retry_after)
+                    _MOVED_ON.add(exc)
+                await self._report(target, exc)
+                raise
+            except TimeoutError:
+                outcome = "timeout"
+                raise
+            finally:
+                if outcome != "ok" or not holds:
+                    balancer.finished(deployment)
+                ms = round((time.perf_counter() - started) * 1000)
+                self._note(attempts, Attempt(target, outcome, ms), label)
+            await self._report(target, None)
+            return result, deployment
+
+        # The first try runs bare: most calls succeed at once, and tenacity's machinery is
+        # built only after a failure it would retry (what it would have done with any other
+        # outcome of this try is done here: return it, or raise it as it is).
+        try:
+            return await attempt()
+        except BaseException as exc:
+            if self.policy.retries < 1 or not self._retryable(exc):
+                raise
+            first: BaseException | None = exc
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.policy.retries + 1),
             wait=self._wait,
@@ -630,37 +683,13 @@ class Resilience:
         )
         async for try_ in retrying:
             with try_:
-                started = time.perf_counter()
-                outcome = "cancelled"
-                deployment = await self.registry.pick(sent)
-                if record is not None:
-                    record.deployment = deployment.name
-                    record.attempts += 1
-                balancer.started(deployment)
-                try:
-                    with tracing.upstream_attempt(sent, deployment.name) as span:
-                        result = await call(deployment.upstream, sent, limits)
-                        tracing.attempt_result(span, result)
-                    outcome = "ok"
-                    balancer.first_token(deployment, time.perf_counter() - started)
-                except ProxyError as exc:
-                    outcome = exc.code
-                    if isinstance(exc, RateLimited) and self._other_deployments(target):
-                        # The retry goes to another deployment at once, not after the wait.
-                        balancer.cool_down(deployment, exc.retry_after)
-                        _MOVED_ON.add(exc)
-                    await self._report(target, exc)
-                    raise
-                except TimeoutError:
-                    outcome = "timeout"
-                    raise
-                finally:
-                    if outcome != "ok" or not holds:
-                        balancer.finished(deployment)
-                    ms = round((time.perf_counter() - started) * 1000)
-                    self._note(attempts, Attempt(target, outcome, ms), label)
-                await self._report(target, None)
-                return result, deployment
+                if first is not None:
+                    # Tenacity's first attempt is the failed try, replayed: the same wait
+                    # (back-off or Retry-After), the same ``retry`` decision, and the same
+                    # attempt numbers for the tries after it as if tenacity had run it.
+                    failed, first = first, None
+                    raise failed
+                return await attempt()
         raise AssertionError("tenacity ended without a result or an error")  # pragma: no cover
 
     def _in_flight(
@@ -811,6 +840,17 @@ def _gap_timer(
             last = now
 
     return seen
+
+
+def _bounded(request: ChatRequest, record: CallRecord | None) -> ChatRequest:
+    """``request`` as sent to the vendors: with the ``maxTokens`` a layer imposed on a request
+    that set none (the metering's reservation, ``CallRecord.max_tokens``). The parsed request
+    itself stays as the caller sent it: the cache keys on it, and it is shared read-only."""
+    imposed = record.max_tokens if record is not None else None
+    if imposed is None or request.options.max_tokens is not None:
+        return request
+    options = request.options.model_copy(update={"max_tokens": imposed})
+    return request.model_copy(update={"options": options})
 
 
 def _label(record: CallRecord | None, request: ChatRequest) -> str:

@@ -25,7 +25,7 @@ from robota_proxy.policy.authenticators import AuthFailureLimiter
 from robota_proxy.policy.principals import Principal, UserPermissions
 from robota_proxy.policy.refusals import REFUSAL_REASONS, AuthRefused
 from robota_proxy.policy.static_keys import StaticKeyAuthenticator, key_id
-from robota_proxy.scope import CHAT_REQUEST, PRINCIPAL, REQUEST_ID
+from robota_proxy.scope import AUTHORIZED, CHAT_REQUEST, PRINCIPAL, REQUEST_ID
 
 
 async def whoami(request: Request) -> JSONResponse:
@@ -640,3 +640,45 @@ def test_chat_bodies_are_limited_to_4_mib_by_default() -> None:
         413,
         "request body is larger than the limit of 4194304 bytes",
     )
+
+
+def test_an_authorized_chat_call_is_noted_for_the_upstream_layer() -> None:
+    """What the middleware authorized (principal, the parsed request object, the feature) is
+    noted under ``AUTHORIZED``, so that ``Resilience`` does not authorize it again; nothing
+    is noted for calls it did not authorize."""
+    seen: dict[str, Any] = {}
+
+    async def note(request: Request) -> JSONResponse:
+        scope = request.scope
+        noted = scope.get(AUTHORIZED)
+        seen[request.url.path] = noted
+        if noted is not None:
+            assert noted.principal is scope[PRINCIPAL]
+            assert noted.request is scope[CHAT_REQUEST]
+        return JSONResponse({"feature": noted.feature if noted is not None else None})
+
+    app = Starlette(
+        routes=[
+            Route(path, note, methods=["GET", "POST"])
+            for path in ("/ai/chat", "/ai/chat/stream", "/v1/chat/completions", "/other")
+        ],
+        middleware=[
+            Middleware(
+                AuthMiddleware,
+                authenticator=OneUser("good", UserPermissions()),
+                chat_paths={**CHAT_PATHS, "/ai/chat": "chat", "/ai/chat/stream": "stream"},
+            )
+        ],
+    )
+    client = TestClient(app)
+    openai = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}
+    for method, path, body, feature in (
+        ("POST", "/ai/chat", BODY, "chat"),
+        ("POST", "/ai/chat/stream", BODY, "stream"),
+        ("POST", "/v1/chat/completions", {**openai, "stream": True}, "stream"),
+        ("POST", "/v1/chat/completions", openai, "chat"),
+        ("GET", "/ai/chat", None, None),
+        ("POST", "/other", BODY, None),
+    ):
+        response = client.request(method, path, json=body, headers=GOOD)
+        assert response.json() == {"feature": feature}, (method, path)

@@ -11,8 +11,13 @@ import pytest
 from limits.aio.storage import MemoryStorage
 
 from robota_client.messages import ChatRequest
+from robota_proxy.policy.pricing import prompt_token_bound
 from robota_proxy.policy.principals import Principal, UserPermissions
-from robota_proxy.policy.ratelimits import RateLimiter, estimate_prompt_tokens
+from robota_proxy.policy.ratelimits import (
+    RateLimiter,
+    estimate_from_bound,
+    estimate_prompt_tokens,
+)
 from robota_proxy.storage.limits_storage import LimitsStorage
 
 
@@ -210,7 +215,9 @@ async def test_redis_limits_hold_across_limiters_and_concurrent_requests(
         await pool.aclose()
 
 
-def test_prompt_estimate_is_utf8_bytes_over_four() -> None:
+def test_prompt_estimate_is_a_quarter_of_the_prompt_bound() -> None:
+    """The ``tpm`` estimate starts from the metering's bound (one walk over the prompt per
+    request): a token per four bytes of it, rounded up."""
     request = ChatRequest.model_validate(
         {
             "provider": "mock",
@@ -221,10 +228,12 @@ def test_prompt_estimate_is_utf8_bytes_over_four() -> None:
             ],
         }
     )
-    assert estimate_prompt_tokens(request) == 6  # ceil(24 / 4)
+    # 16 for the request, 8 per message, 24 bytes of text.
+    assert prompt_token_bound(request) == 56
+    assert estimate_prompt_tokens(request) == 14 == estimate_from_bound(56)
+    assert estimate_from_bound(57) == 15
     tool = {"name": "weather", "description": "in a city", "parameters": {"type": "object"}}
     with_tools = ChatRequest.model_validate({**request.model_dump(by_alias=True), "tools": [tool]})
-    # 7 + 9 bytes of name and description, the schema as text: more tokens than the messages.
-    assert estimate_prompt_tokens(with_tools) == math.ceil(
-        (24 + 16 + len(str(tool["parameters"]))) / 4
-    )
+    # The schema counts as the JSON the vendor sees: more tokens than without it.
+    assert estimate_prompt_tokens(with_tools) == math.ceil(prompt_token_bound(with_tools) / 4)
+    assert estimate_prompt_tokens(with_tools) > estimate_prompt_tokens(request) + 8

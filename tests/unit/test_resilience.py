@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncGenerator
+from typing import Any
 
 import anyio
 import pytest
+from tenacity import AsyncRetrying, RetryCallState
 
 from robota_client.errors import UpstreamUnavailableError, error_from_response
 from robota_client.messages import (
@@ -33,10 +35,11 @@ from robota_proxy.errors import (
 )
 from robota_proxy.policy.principals import Principal, UserPermissions
 from robota_proxy.responses import error_response
+from robota_proxy.scope import Authorized
 from robota_proxy.upstreams.base import FinishEvent, Upstream, UpstreamEvent
 from robota_proxy.upstreams.errors import VendorServerError, error_for_status
 from robota_proxy.upstreams.registry import UpstreamRegistry
-from robota_proxy.upstreams.resilience import Resilience, RetryPolicy, Target
+from robota_proxy.upstreams.resilience import AttemptCounter, Resilience, RetryPolicy, Target
 
 pytestmark = pytest.mark.anyio
 
@@ -333,3 +336,125 @@ async def test_the_count_reaches_the_client_in_the_body_and_the_header() -> None
     assert isinstance(seen, UpstreamUnavailableError)
     assert seen.upstream_attempts == 3
     assert "X-Robota-Upstream-Attempts" not in error_response(Forbidden("no"), "r").headers
+
+
+# --- the hot path: no retry machinery, no second authorization, the imposed maxTokens ---------
+
+
+class Sent(Scripted):
+    """Also keeps each request as the target received it."""
+
+    def __init__(self, name: str, script: list[ProxyError | str]) -> None:
+        super().__init__(name, script)
+        self.sent: list[ChatRequest] = []
+
+    def _next(self, request: ChatRequest) -> str:
+        self.sent.append(request)
+        return super()._next(request)
+
+
+class Decisions(AttemptCounter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.decisions: list[tuple[str, str]] = []
+
+    def decided(self, target: Target, what: str) -> None:
+        self.decisions.append((str(target), what))
+
+
+async def test_tenacity_is_built_only_after_a_failure_it_retries(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    built: list[int] = []
+    real = AsyncRetrying
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        built.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("robota_proxy.upstreams.resilience.AsyncRetrying", counted)
+    await resilience(Scripted("a", ["fine"])).chat(ask(), None, None)
+    with pytest.raises(InvalidRequest):
+        await resilience(Scripted("a", [InvalidRequest("bad")])).chat(ask(), None, None)
+    once = Scripted("a", [error_for_status("a", 500)])
+    with pytest.raises(UpstreamError):
+        await resilience(once, policy=RetryPolicy(retries=0)).chat(ask(), None, None)
+    assert once.calls == ["m1"]
+    assert built == []
+    await resilience(Scripted("a", [error_for_status("a", 500), "fine"])).chat(ask(), None, None)
+    assert built == [1]
+
+
+async def test_a_retried_target_waits_and_counts_as_tenacity_alone_did() -> None:
+    """The bare first try's failure is tenacity's first attempt: the waits see attempts 1 and
+    2 and the failure each followed, ``retry`` is decided before each wait, and every try
+    is noted once."""
+    failures = [error_for_status("a", 500), error_for_status("a", 500)]
+    vendor = Scripted("a", [*failures, "fine"])
+    counter = Decisions()
+    table: dict[str, Upstream] = {"a": vendor}
+    registry = UpstreamRegistry(lambda: table)
+    registry.open()
+    subject = Resilience(registry, policy=FAST, max_timeout=30, counter=counter)
+    waits: list[tuple[int, BaseException | None]] = []
+    real_wait = subject._wait
+
+    def wait(state: RetryCallState) -> float:
+        assert state.outcome is not None
+        waits.append((state.attempt_number, state.outcome.exception()))
+        return real_wait(state)
+
+    subject._wait = wait  # type: ignore[method-assign]
+    message, served = await subject.chat(ask(), None, None)
+    assert message.content == "fine"
+    assert waits == [(1, failures[0]), (2, failures[1])]
+    assert counter.decisions == [("a/m1", "retry"), ("a/m1", "retry")]
+    assert [a.outcome for a in served.attempts] == ["upstream_error", "upstream_error", "ok"]
+    assert counter.snapshot() == {"a/m1 ok": 1, "a/m1 upstream_error": 2}
+
+
+async def test_a_spent_first_try_raises_its_own_error_after_the_retries() -> None:
+    last = error_for_status("a", 500)
+    vendor = Scripted("a", [error_for_status("a", 500), error_for_status("a", 500), last])
+    with pytest.raises(UpstreamError) as raised:
+        await resilience(vendor).chat(ask(), None, None)
+    assert raised.value is last
+    assert vendor.calls == ["m1"] * 3
+
+
+async def test_the_target_the_auth_middleware_authorized_is_not_authorized_again() -> None:
+    """``CallRecord.authorized`` (the auth middleware's note) covers the request's own target
+    for that principal, request object and feature; a fallback target is still checked."""
+    request = ask()
+    nothing = Principal("u", permissions=UserPermissions(allowed_models=("none",)))
+    record = CallRecord("r", authorized=Authorized(nothing, request, "chat"))
+    vendor = Scripted("a", [error_for_status("a", 500)])
+    subject = resilience(vendor, fallbacks={"a/m1": ["a/m2"]})
+    with pytest.raises(UpstreamError):
+        await subject.chat(request, nothing, record)
+    assert vendor.calls == ["m1"] * 3  # m2 is not allowed: skipped, never called
+    # Another feature, another request object (even an equal one) or another principal: the
+    # note says nothing about them, and the target is authorized (and refused) here.
+    for note in (
+        Authorized(nothing, request, "stream"),
+        Authorized(nothing, ask(), "chat"),
+        Authorized(Principal("u", permissions=nothing.permissions), request, "chat"),
+    ):
+        vendor.calls.clear()
+        with pytest.raises(Forbidden):
+            await subject.chat(request, nothing, CallRecord("r", authorized=note))
+        assert vendor.calls == []
+
+
+async def test_the_vendor_gets_the_imposed_max_tokens_and_the_request_stays_as_sent() -> None:
+    vendor = Sent("a", [error_for_status("a", 500), "fine"])
+    request = ask()
+    record = CallRecord("r", max_tokens=4096)
+    _, served = await resilience(vendor).chat(request, None, record)
+    assert [sent.options.max_tokens for sent in vendor.sent] == [4096, 4096]
+    assert served.request.options.max_tokens == 4096
+    assert request.options.max_tokens is None
+    own = ChatRequest.model_validate({**request.model_dump(), "options": {"max_tokens": 7}})
+    vendor.sent.clear()
+    await resilience(vendor).chat(own, None, record)
+    assert [sent.options.max_tokens for sent in vendor.sent] == [7]
