@@ -25,6 +25,19 @@ from robota_proxy.storage.key_store import KeyStore
 JWT_SECRET = "jwt-shared-secret-value"
 
 
+@pytest.fixture(autouse=True)
+def _metrics_dir_restored() -> Any:
+    """``serve --workers N`` points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory in its
+    own process; run in this one, it must not leave later tests' metrics in multiprocess
+    mode."""
+    before = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    yield
+    if before is None:
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    else:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = before
+
+
 @pytest.fixture
 def runs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[dict[str, Any]]:
     calls: list[dict[str, Any]] = []
