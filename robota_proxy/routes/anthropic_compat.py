@@ -41,9 +41,7 @@ from starlette.routing import Route
 from robota_client.messages import (
     AssistantMessage,
     ChatRequest,
-    DeltaEvent,
     ErrorEvent,
-    UsageEvent,
 )
 from robota_proxy import scope as keys
 from robota_proxy.call_record import CallRecord, call_record
@@ -64,8 +62,9 @@ from robota_proxy.routes.compat import (
     open_items,
     rendered,
     shown_model,
+    written_on,
 )
-from robota_proxy.upstreams.base import FinishEvent, Upstream, UpstreamEvent
+from robota_proxy.upstreams.base import Upstream
 from robota_proxy.upstreams.registry import UpstreamRegistry
 from robota_proxy.upstreams.resilience import Resilience
 from robota_proxy.wire import sse
@@ -331,7 +330,9 @@ async def _forwarded(
                     more = await resume(broken, "".join(blocks.text))
                 if more is None:
                     raise
-                async for frame in _continued(sent, record, blocks, more):
+                writer = dialect.EventWriter(request_id=record.request_id, model=sent.model)
+                writer.resume(blocks.count, blocks.open)
+                async for frame in written_on(sent, record, writer, more):
                     yield frame
                 return
             if tracker.stopped:
@@ -349,31 +350,6 @@ async def _forwarded(
         except BaseException:
             record.status = "client_disconnected"
             raise
-
-
-async def _continued(
-    sent: ChatRequest,
-    record: CallRecord,
-    blocks: _Blocks,
-    events: AsyncGenerator[UpstreamEvent, None],
-) -> AsyncGenerator[bytes, None]:
-    """A continuation's events written on in the broken stream: the open text block goes
-    on (or a new one starts), and the closing ``message_delta`` carries the usage of every
-    attempt, which is what the caller is billed."""
-    writer = dialect.EventWriter(request_id=record.request_id, model=sent.model)
-    writer.resume(blocks.count, blocks.open)
-    async with aclosing(events):
-        async for event in events:
-            if isinstance(event, DeltaEvent):
-                record.streamed_chars += len(event.content)
-                yield writer.event(event)
-            elif isinstance(event, UsageEvent):
-                provider, model = record.provider or sent.provider, record.model or sent.model
-                record.settle_usage(provider, model, event.usage)
-                if record.usage is not None:
-                    writer.event(UsageEvent(usage=record.usage))
-            elif isinstance(event, FinishEvent):
-                yield writer.finish(event.finish_reason)
 
 
 def _error_frame(error: ProxyError, request_id: str) -> bytes:

@@ -16,12 +16,12 @@ from typing import Any, Protocol, TypeAlias
 import pydantic_core
 from starlette.responses import Response
 
-from robota_client.messages import ChatRequest
+from robota_client.messages import ChatRequest, DeltaEvent, FinishReason, UsageEvent
 from robota_proxy.call_record import CallRecord
 from robota_proxy.dialects import ParsedChat
 from robota_proxy.errors import ProxyError
 from robota_proxy.policy.principals import Principal
-from robota_proxy.upstreams.base import Upstream, UpstreamEvent
+from robota_proxy.upstreams.base import FinishEvent, Upstream, UpstreamEvent
 from robota_proxy.upstreams.resilience import Resilience, Served
 
 JSONDict: TypeAlias = dict[str, Any]
@@ -40,6 +40,14 @@ class FrameWriter(Protocol):
     def start(self) -> bytes: ...
 
     def event(self, event: Any) -> bytes | None: ...
+
+
+class ResumedWriter(Protocol):
+    """A dialect's renderer set to write on in a passed-through stream (``resume``d)."""
+
+    def event(self, event: Any) -> bytes: ...
+
+    def finish(self, reason: FinishReason) -> bytes: ...
 
 
 async def as_items(events: AsyncGenerator[Any, None]) -> AsyncGenerator[Item, None]:
@@ -113,3 +121,26 @@ def json_response(
         media_type="application/json",
         headers=headers,
     )
+
+
+async def written_on(
+    sent: ChatRequest,
+    record: CallRecord,
+    writer: ResumedWriter,
+    events: AsyncGenerator[UpstreamEvent, None],
+) -> AsyncGenerator[bytes, None]:
+    """A continuation's events (``Resume``) written on in a broken passed-through stream by
+    the dialect's ``writer``; its final usage is every attempt's, which is what the caller
+    is billed."""
+    async with aclosing(events):
+        async for event in events:
+            if isinstance(event, DeltaEvent):
+                record.streamed_chars += len(event.content)
+                yield writer.event(event)
+            elif isinstance(event, UsageEvent):
+                provider, model = record.provider or sent.provider, record.model or sent.model
+                record.settle_usage(provider, model, event.usage)
+                if record.usage is not None:
+                    writer.event(UsageEvent(usage=record.usage))
+            elif isinstance(event, FinishEvent):
+                yield writer.finish(event.finish_reason)

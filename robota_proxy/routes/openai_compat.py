@@ -33,10 +33,8 @@ from starlette.routing import Route
 from robota_client.messages import (
     AssistantMessage,
     ChatRequest,
-    DeltaEvent,
     ErrorEvent,
     Usage,
-    UsageEvent,
 )
 from robota_proxy import scope as keys
 from robota_proxy.call_record import CallRecord, call_record
@@ -57,8 +55,9 @@ from robota_proxy.routes.compat import (
     open_items,
     rendered,
     shown_model,
+    written_on,
 )
-from robota_proxy.upstreams.base import FinishEvent, Upstream, UpstreamEvent
+from robota_proxy.upstreams.base import Upstream
 from robota_proxy.upstreams.registry import UpstreamRegistry
 from robota_proxy.upstreams.resilience import Resilience
 from robota_proxy.wire import sse
@@ -277,7 +276,7 @@ async def _forwarded(
                 writer.resume(
                     last, str(last.get("model")) if same else f"{record.provider}/{record.model}"
                 )
-                async for frame in _continued(sent, record, writer, more):
+                async for frame in written_on(sent, record, writer, more):
                     yield frame
                 return
             if not finished:
@@ -293,28 +292,6 @@ async def _forwarded(
         except BaseException:
             record.status = "client_disconnected"
             raise
-
-
-async def _continued(
-    sent: ChatRequest,
-    record: CallRecord,
-    writer: dialect.ChunkWriter,
-    events: AsyncGenerator[UpstreamEvent, None],
-) -> AsyncGenerator[bytes, None]:
-    """A continuation's events written on as chunks of the broken stream; its usage chunk
-    carries every attempt's usage, which is what the caller is billed."""
-    async with aclosing(events):
-        async for event in events:
-            if isinstance(event, DeltaEvent):
-                record.streamed_chars += len(event.content)
-                yield writer.event(event)
-            elif isinstance(event, UsageEvent):
-                provider, model = record.provider or sent.provider, record.model or sent.model
-                record.settle_usage(provider, model, event.usage)
-                if record.usage is not None:
-                    writer.event(UsageEvent(usage=record.usage))
-            elif isinstance(event, FinishEvent):
-                yield writer.finish(event.finish_reason)
 
 
 def dialect_usage(chunk: JSONDict) -> Usage | None:
