@@ -335,6 +335,26 @@ async def test_two_settles_of_one_reclaimed_call_move_the_counters_once(
 
 
 @pytest.mark.anyio
+async def test_a_failed_write_tells_the_metrics_whether_the_database_refused_it(
+    store: UsageStore, database_url: str
+) -> None:
+    """The ledger-failure hook (robota_database_errors_total counts the True ones): asyncpg's
+    refusal of a value no BIGINT holds is the database's (a DBAPIError); sqlite3 refuses it
+    in its own bind, before the database sees it (an OverflowError). Queued writes are
+    counted up and down around each job."""
+    failures: list[bool] = []
+    pending: list[int] = []
+    store.on_failed, store.on_pending = failures.append, pending.append
+    user = unique("hooked")
+    when = datetime(2030, 9, 2, tzinfo=UTC)
+    held = await open_call(store, opening(user, when=when, request_id=f"hook_{user}"))
+    broken = entry(user, when=when, cost=5, prompt=2**70, request_id=f"hook_{user}")
+    with pytest.raises((OverflowError, DBAPIError)):
+        await store.settle(broken, held)
+    assert failures == [database_url.startswith("postgresql")]
+    assert pending == [1, -1, 1, -1]
+
+
 async def test_a_failed_settle_releases_the_reservation_and_records_the_failure(
     store: UsageStore,
 ) -> None:
