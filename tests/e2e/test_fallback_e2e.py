@@ -147,8 +147,9 @@ def test_an_alias_falls_back_to_the_next_pair_and_says_which_served(
     assert (metadata["provider"], metadata["model"]) == ("anthropic", "claude-3-5-haiku-latest")
     assert metadata["attempts"] == 4
     assert (calls(fake, text, "openai"), calls(fake, text, "anthropic")) == (3, 1)
-    # One log line per attempt: provider, model, outcome, time; never a key.
-    log = resilient.log()
+    # One log line per attempt: provider, model, outcome, time; never a key. The lines go
+    # through a queued handler, so they may trail the answer: wait for the last one.
+    log = resilient.log_once_it_has("anthropic/claude-3-5-haiku-latest ok")
     lines = [line for line in log.splitlines() if "upstream attempt" in line and "fast" in line]
     assert sum("openai/gpt-4o-mini upstream_unavailable" in line for line in lines) >= 3
     assert any("anthropic/claude-3-5-haiku-latest ok" in line for line in lines)
