@@ -7,12 +7,15 @@ flag or the ``ROBOTA_*`` variable, never with a traceback; 141 stdout was closed
 output was written (``robota-proxy usage --json | head -1``): the status a shell gives a
 command killed by SIGPIPE, so ``set -o pipefail`` scripts see the output was cut short, the
 same as with ``cat`` or ``yes``, but quietly.
+
+Importing this module and its ``cli_keys`` and ``cli_usage`` costs argparse and little else:
+each command imports its machinery (settings, database, the app) when it runs, so that
+``--help`` and a mistyped flag answer at once (tests/unit/test_keys_cli.py pins the list).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 from collections.abc import Sequence
@@ -20,7 +23,6 @@ from typing import Any
 
 from robota_proxy import cli_keys, cli_usage
 from robota_proxy.cli_database import MissingDatabase
-from robota_proxy.config_errors import ConfigError, load_settings
 
 CONFIG_ERROR = 2
 NOT_FOUND = 1
@@ -50,7 +52,11 @@ def _serve(args: argparse.Namespace) -> int:
     checking here is what makes a bad database a one-line error and status 2 rather than
     uvicorn's traceback and status 3. Run by ``robota_proxy.serving``: uvicorn with a drain
     that exits 0 on SIGTERM."""
+    # Imported here, when serving: see the module docstring (--help must stay light).
+    import asyncio
+
     from robota_proxy.banner import banner_lines, output_lines
+    from robota_proxy.config_errors import load_settings
     from robota_proxy.preflight import check_settings, probe_database
 
     settings = load_settings()
@@ -114,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Here, not at the top: --help and usage errors exit above, before any settings exist.
+    from robota_proxy.config_errors import ConfigError
+
     try:
         result: int = args.handler(args)
         sys.stdout.flush()  # here, where a closed pipe can still be caught

@@ -16,10 +16,10 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from robota_proxy.config_errors import load_settings
-from robota_proxy.preflight import check_database_url, describe_database, open_database, sqlite_file
-from robota_proxy.storage.database import Database, parse_url
+if TYPE_CHECKING:
+    from robota_proxy.storage.database import Database
 
 CREATE_FLAG = "--create-database"
 
@@ -32,6 +32,15 @@ class MissingDatabase(Exception):
 async def cli_database(*, create: bool = False) -> AsyncIterator[Database]:
     """The configured database, opened; ``ConfigError`` for a bad URL or one that cannot
     be opened, ``MissingDatabase`` for a SQLite file that does not exist."""
+    # Imported when a command opens the database: --help needs none of it (cli.py).
+    from robota_proxy.config_errors import load_settings
+    from robota_proxy.preflight import (
+        check_database_url,
+        describe_database,
+        open_database,
+        sqlite_file,
+    )
+
     url = load_settings().database_url
     check_database_url(url)
     print(f"database: {describe_database(url)}", file=sys.stderr)
@@ -46,6 +55,8 @@ async def cli_database(*, create: bool = False) -> AsyncIterator[Database]:
 
 
 def _missing(url: str, path: Path) -> str:
+    from robota_proxy.storage.database import parse_url  # when a command runs: see cli.py
+
     written = parse_url(url).database or ""
     relative = "" if Path(written).is_absolute() else ", relative to the current directory"
     return (

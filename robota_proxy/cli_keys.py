@@ -10,24 +10,24 @@ database is opened; an unknown id exits with 1.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 from robota_proxy.cli_database import CREATE_FLAG, cli_database
-from robota_proxy.errors import InvalidRequest
 from robota_proxy.policy.keys import parse_expiry
-from robota_proxy.policy.principals import UserPermissions
-from robota_proxy.storage.key_store import KeyRecord, KeyStore, UserRecord, check_user
+
+if TYPE_CHECKING:
+    from robota_proxy.policy.principals import UserPermissions
+    from robota_proxy.storage.key_store import KeyRecord, KeyStore, UserRecord
 
 USAGE_ERROR = 2
 NOT_FOUND = 1
 
-Command = Callable[[argparse.Namespace, KeyStore], Awaitable[int]]
+Command: TypeAlias = "Callable[[argparse.Namespace, KeyStore], Awaitable[int]]"
 R = TypeVar("R")
 
 
@@ -85,6 +85,10 @@ def _add_permission_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def permissions_from(args: argparse.Namespace) -> UserPermissions:
+    # Imported when a command runs: the command line's --help needs neither (cli.py).
+    from robota_proxy.errors import InvalidRequest
+    from robota_proxy.policy.principals import UserPermissions
+
     wire: dict[str, Any] = {
         "allowedProviders": args.providers,
         "allowedModels": args.models,
@@ -247,6 +251,8 @@ async def _users_restore(args: argparse.Namespace, store: KeyStore) -> int:
 
 
 async def _with_store(command: Command, args: argparse.Namespace) -> int:
+    from robota_proxy.storage.key_store import KeyStore  # when a command runs: see cli.py
+
     async with cli_database(create=getattr(args, "create_database", False)) as database:
         return await command(args, KeyStore(database))
 
@@ -258,6 +264,8 @@ def _runner(
     whatever state the database is in."""
 
     def run(args: argparse.Namespace) -> int:
+        import asyncio  # when the command runs: see cli.py (asyncio alone is 30 ms of --help)
+
         try:
             if check is not None:
                 with _typed_values():
@@ -274,6 +282,8 @@ def _runner(
 
 
 def _check_create(args: argparse.Namespace) -> None:
+    from robota_proxy.storage.key_store import check_user  # the store's rule, lazily: cli.py
+
     check_user(args.user)
     permissions_from(args)
     if args.expires:

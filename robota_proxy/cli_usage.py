@@ -9,20 +9,22 @@ count. Money is printed as exact decimal USD.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from robota_client.messages import UsageReport, UsageTotals
 from robota_proxy.cli_database import cli_database
-from robota_proxy.errors import InvalidRequest
-from robota_proxy.routes.usage_report import date_range, usage_report
-from robota_proxy.storage.usage_store import UsageStore
+
+if TYPE_CHECKING:
+    from robota_client.messages import UsageReport, UsageTotals
 
 USAGE_ERROR = 2
 
 
 async def _report(args: argparse.Namespace) -> UsageReport:
+    # Imported when the command runs: the command line's --help needs neither (cli.py).
+    from robota_proxy.routes.usage_report import date_range, usage_report
+    from robota_proxy.storage.usage_store import UsageStore
+
     first, last = date_range(args.since, args.until, names=("--since", "--until"))
     async with cli_database() as database:
         return await usage_report(
@@ -55,6 +57,11 @@ def render(report: UsageReport) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # Imported when the command runs: the command line's --help needs neither (cli.py).
+    import asyncio
+
+    from robota_proxy.errors import InvalidRequest
+
     try:
         report = asyncio.run(_report(args))
     except InvalidRequest as exc:

@@ -183,6 +183,45 @@ def test_the_command_line_does_not_import_the_app() -> None:
     subprocess.run([sys.executable, "-c", names], check=True)
 
 
+#: What ``robota-proxy --help`` must not import: each costs tens to hundreds of milliseconds
+#: (issue 13: --help under 0.25 s), and none is needed to print the usage.
+HELP_NEVER_IMPORTS = [
+    "asyncio",
+    "cryptography",
+    "httpx",
+    "jwt",
+    "pydantic",
+    "robota_client",
+    "robota_proxy.config_errors",
+    "robota_proxy.errors",
+    "robota_proxy.preflight",
+    "robota_proxy.settings",
+    "robota_proxy.storage",
+    "sqlalchemy",
+    "starlette",
+]
+
+HELP_PROBE = """
+import sys
+from robota_proxy.launcher import main
+try:
+    main(["--help"])
+except SystemExit as exc:
+    print("exit", exc.code, file=sys.stderr)
+print(",".join(m for m in {heavy!r} if m in sys.modules), file=sys.stderr)
+"""
+
+
+def test_help_imports_only_the_command_line() -> None:
+    # A fresh interpreter, entered the way the console script enters (launcher.main).
+    probe = HELP_PROBE.format(heavy=HELP_NEVER_IMPORTS)
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.startswith("usage: robota-proxy [-h] {serve,keys,users,usage} ...\n")
+    assert done.stderr == "exit 0\n\n"
+
+
 def test_every_command_names_its_database_on_stderr(
     capsys: pytest.CaptureFixture[str], existing_database: Path
 ) -> None:
