@@ -41,13 +41,13 @@ from robota_proxy.dialects.openai_embeddings import MAX_INPUTS
 from robota_proxy.policy.principals import MAX_BUDGET_USD, MAX_COUNT, Feature
 from robota_proxy.routes.admin import MAX_ADMIN_BODY_BYTES
 from robota_proxy.routes.openai_compat import MODELS_PATH
+from robota_proxy.routes.openapi import OPENAPI_PATH
 from robota_proxy.routes.usage_report import FIRST_DAY, LAST_DAY
 from robota_proxy.routes.ws import PATH as WS_PATH
 from robota_proxy.storage.key_store import MAX_USER_LENGTH
 from robota_proxy.streams.response import STREAM_ID_HEADER
 from robota_proxy.wire.paths import CHAT_PATH, STREAM_PATH
 
-OPENAPI_PATH = "/openapi.json"
 RESUME_PATH = f"{STREAM_PATH}/{{stream_id}}"
 
 _REF = "#/components/schemas/{model}"

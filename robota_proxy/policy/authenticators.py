@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import partial
+from typing import TYPE_CHECKING
 
 from cachetools import TTLCache
 from limits import RateLimitItemPerMinute
@@ -33,7 +34,6 @@ from limits.aio.strategies import MovingWindowRateLimiter
 from sqlalchemy.exc import SQLAlchemyError
 
 from robota_proxy.errors import UpstreamUnavailable
-from robota_proxy.policy.jwt import JwtAuthenticator, token_label, verification_key
 from robota_proxy.policy.key_directory import KeyDirectory, KeyLookup, UserRecord
 from robota_proxy.policy.keys import looks_like_key, parse_key_id, verify_key
 from robota_proxy.policy.principals import Authenticator, Principal, UserPermissions
@@ -41,6 +41,9 @@ from robota_proxy.policy.refusals import AuthRefused
 from robota_proxy.policy.static_keys import StaticKeyAuthenticator
 from robota_proxy.redis_failure import RedisFailurePolicy
 from robota_proxy.settings import Settings
+
+if TYPE_CHECKING:
+    from robota_proxy.policy.jwt import JwtAuthenticator
 
 log = logging.getLogger("robota_proxy.auth")
 
@@ -206,6 +209,8 @@ class RevokedUserCheck:
     async def authenticate(self, credential: str) -> Principal:
         principal = await self.verifier.authenticate(credential)
         if await self.users.revoked(principal.user):
+            from robota_proxy.policy.jwt import token_label  # loaded: the verifier is a JWT one
+
             raise AuthRefused(
                 "token_user_revoked", token_label(credential), f"user {principal.user!r}"
             )
@@ -261,6 +266,9 @@ def build_authenticator(settings: Settings, store: KeyDirectory) -> CompositeAut
     jwt: RevokedUserCheck | None = None
     secret = settings.jwt_secret.get_secret_value() if settings.jwt_secret else None
     if secret or settings.jwt_public_key_file:
+        # Only when JWT is configured: PyJWT and cryptography are ~80 ms of import.
+        from robota_proxy.policy.jwt import JwtAuthenticator, verification_key
+
         key, algorithms = verification_key(
             secret, settings.jwt_public_key_file, settings.jwt_algorithms
         )

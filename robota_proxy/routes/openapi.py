@@ -11,10 +11,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from robota_proxy.openapi import OPENAPI_PATH, openapi_document
+OPENAPI_PATH = "/openapi.json"
 
 
 async def openapi(request: Request) -> Response:
+    # On the first request, not at import: robota_proxy.openapi declares its pydantic models
+    # at import (~60 ms), which the app's start need not pay.
+    from robota_proxy.openapi import openapi_document
+
     document = openapi_document()
     root = str(request.scope.get("root_path", "")).rstrip("/")
     if root:
