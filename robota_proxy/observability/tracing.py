@@ -354,8 +354,19 @@ async def inject_traceparent(request: Any) -> None:
         tracing.propagator.inject(request.headers)
 
 
-#: ``event_hooks=`` for an adapter's ``httpx``/``httpx2`` client.
+#: ``event_hooks=`` for an ``httpx`` client that calls a vendor.
 EVENT_HOOKS: Mapping[str, list[Any]] = {"request": [inject_traceparent]}
+
+
+def with_traceparent(headers: Mapping[str, str]) -> Mapping[str, str]:
+    """An adapter's request headers with the current span (the attempt's) as the vendor's
+    ``traceparent``; ``headers`` itself, uncopied, when not tracing (the hot path)."""
+    tracing = _tracing
+    if tracing is None:
+        return headers
+    carrier = dict(headers)
+    tracing.propagator.inject(carrier)
+    return carrier
 
 
 def current_trace_id() -> str | None:

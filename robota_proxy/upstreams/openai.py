@@ -5,17 +5,11 @@ made between the official API and a custom ``base_url`` is the name of the outpu
 OpenAI's newer models accept only ``max_completion_tokens``, while most compatible servers
 know only ``max_tokens``.
 
-The connection pool is the SDK's ``DefaultAioHttpClient`` (``openai[aiohttp]``): the SDK's
-``httpx2`` client on an aiohttp transport. The default httpcore pool scans every pooled
-connection (a ``poll`` per idle socket) on each request, which made it most of the proxy's CPU
-under concurrency; aiohttp's connector does not (chat at c=50: 8.2 -> 2.4 ms CPU a request).
-Tests pass ``http_client`` (an ``httpx`` client that ``respx`` mocks).
-
-Calls go through the SDK client's ``request`` (its auth, error mapping and SSE decoding) with
-request options built once (``_POST``), rather than ``chat.completions.create``: the params
-built here are already the wire JSON, so the SDK's per-call transformation of them, and the
-pydantic models it builds of every answer and every stream chunk, were pure cost (a third of a
-stream's CPU). Answers are read as the JSON dicts.
+Spoken directly over one pooled aiohttp session (``vendor_http``): the params built here
+are already the wire JSON, and answers are read as the JSON dicts, so the SDK was only an
+expensive ``post()`` (see ``vendor_http``). The official ``openai`` SDK stays where it is the
+best judge: as a client of our OpenAI surface, and as the parser that proves our fake vendor
+speaks OpenAI's wire (the tests).
 
 Embeddings (``embed``) go to ``POST /embeddings`` the same way. The vendor is always asked
 for floats (``encoding_format: "float"``), which every compatible server understands; the
@@ -32,19 +26,10 @@ from __future__ import annotations
 import array
 import base64
 import binascii
-import functools
 import sys
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from typing import Any
-
-import aiohttp
-import httpx
-import httpx2
-import openai
-from httpx_sse import SSEError
-from openai._models import FinalRequestOptions  # the SDK's own options type (see _POST)
-from openai.types import CompletionUsage
 
 from robota_client.messages import (
     AssistantMessage,
@@ -60,13 +45,10 @@ from robota_client.messages import (
     Usage,
     UsageEvent,
 )
-from robota_proxy.errors import ProxyError
-from robota_proxy.observability import tracing
 from robota_proxy.upstreams._convert import (
     JSONDict,
     make_usage,
     malformed_response_error,
-    status_error,
 )
 from robota_proxy.upstreams.base import (
     EmbeddingRequest,
@@ -74,25 +56,12 @@ from robota_proxy.upstreams.base import (
     FinishEvent,
     UpstreamEvent,
 )
-from robota_proxy.upstreams.errors import (
-    broken_stream_error,
-    timeout_error,
-    unavailable_error,
-)
-from robota_proxy.upstreams.sse_json import response_objects
+from robota_proxy.upstreams.errors import broken_stream_error
+from robota_proxy.upstreams.vendor_http import VendorHTTP
 
 OFFICIAL_BASE_URL = "https://api.openai.com/v1"
 _PATH = "/chat/completions"
-#: The request options ``post()`` would construct on every call (what ``chat.completions.create``
-#: asks of the client: a POST with the bearer key), built once and copied with each call's
-#: body. Constructing them re-copies every field default (pydantic deep-copies mutable
-#: defaults): 10% of the proxy's CPU at chat c=50, for the same object every time.
-_POST = FinalRequestOptions.construct(
-    method="post", url=_PATH, json_data=None, security={"bearer_auth": True}
-)
-_EMBED_POST = FinalRequestOptions.construct(
-    method="post", url="/embeddings", json_data=None, security={"bearer_auth": True}
-)
+_EMBED_PATH = "/embeddings"
 
 _FINISH_REASONS: dict[str, FinishReason] = {
     "stop": "stop",
@@ -101,31 +70,6 @@ _FINISH_REASONS: dict[str, FinishReason] = {
     "function_call": "tool_calls",
     "content_filter": "content_filter",
 }
-
-#: Everything a call can raise that is the vendor's (or the network's) doing. ``ValueError``
-#: covers a body or stream chunk that is not JSON. The SDK wraps errors of the request itself;
-#: ones in the middle of a stream come unwrapped from the transport: ``httpx2`` (aiohttp's
-#: mapped), ``aiohttp`` (the few it leaves unmapped) or ``httpx`` (an injected client).
-_CALL_ERRORS = (
-    openai.OpenAIError,
-    httpx.HTTPError,
-    httpx2.HTTPError,
-    aiohttp.ClientError,
-    ValueError,
-)
-#: What reading a started stream can raise besides the call's own errors.
-_STREAM_ERRORS = (*_CALL_ERRORS, SSEError)
-_TIMEOUTS = (openai.APITimeoutError, httpx.TimeoutException, httpx2.TimeoutException)
-_UNREACHABLE = (
-    openai.APIConnectionError,
-    httpx.TransportError,
-    httpx2.TransportError,
-    aiohttp.ClientConnectionError,
-)
-
-
-def _options(body: JSONDict) -> FinalRequestOptions:
-    return _POST.model_copy(update={"json_data": body})
 
 
 class OpenAIUpstream:
@@ -144,50 +88,33 @@ class OpenAIUpstream:
         models: list[str] | None = None,
         name: str = "openai",
         max_connections: int = 1000,
-        http_client: httpx.AsyncClient | None = None,
     ) -> None:
         self.name = name
-        self._api_key = api_key
         self._models = list(models) if models is not None else None
         # No base URL means the official API (see the module doc for why it matters).
         self._max_tokens_field = "max_completion_tokens" if base_url is None else "max_tokens"
-        self._http: httpx.AsyncClient | httpx2.AsyncClient = (
-            http_client
-            or openai.DefaultAioHttpClient(
-                limits=httpx2.Limits(
-                    max_connections=max_connections,
-                    max_keepalive_connections=max_connections,
-                ),
-                timeout=httpx2.Timeout(timeout, connect=connect_timeout),
-                follow_redirects=True,
-                event_hooks=tracing.EVENT_HOOKS,  # traceparent to the vendor when tracing
-            )
-        )
-        self._client = openai.AsyncOpenAI(
-            api_key=api_key,
+        self._http = VendorHTTP(
+            vendor=name,
             # Explicit, so that an OPENAI_BASE_URL in the environment cannot redirect the
             # proxy's key somewhere else.
             base_url=base_url or OFFICIAL_BASE_URL,
+            headers={"authorization": f"Bearer {api_key}"},
+            secrets=[api_key],
             timeout=timeout,
-            max_retries=0,
-            http_client=self._http,  # type: ignore[arg-type]  # an injected httpx client
+            connect_timeout=connect_timeout,
+            max_connections=max_connections,
         )
 
     def models(self) -> list[str] | None:
         return list(self._models) if self._models is not None else None
 
     async def aclose(self) -> None:
-        await self._client.close()
+        await self._http.aclose()
 
     # --- calls -----------------------------------------------------------------------------
 
     async def chat(self, request: ChatRequest) -> AssistantMessage:
-        try:
-            completion = await self._client.request(object, _options(self._params(request)))
-        except _CALL_ERRORS as exc:
-            raise self._proxy_error(exc, streaming=False) from None
-        if not isinstance(completion, dict):
-            raise malformed_response_error(self.name)
+        completion = await self._http.post_json(_PATH, self._params(request))
         return self._message(request, completion)
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[UpstreamEvent, None]:
@@ -207,13 +134,7 @@ class OpenAIUpstream:
 
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
         """One ``POST /embeddings`` for every input (texts or token arrays, passed as given)."""
-        options = _EMBED_POST.model_copy(update={"json_data": embedding_params(request)})
-        try:
-            answer = await self._client.request(object, options)
-        except _CALL_ERRORS as exc:
-            raise self._proxy_error(exc, streaming=False) from None
-        if not isinstance(answer, dict):
-            raise malformed_response_error(self.name)
+        answer = await self._http.post_json(_EMBED_PATH, embedding_params(request))
         return embedding_result(answer, request, self.name)
 
     # --- passthrough (the OpenAI surface, robota_proxy.routes.openai_compat) ----------------
@@ -233,14 +154,9 @@ class OpenAIUpstream:
 
     async def chat_raw(self, body: JSONDict) -> tuple[JSONDict, Usage | None]:
         """One call with the caller's JSON: the vendor's answer as it came, and its usage."""
-        try:
-            completion = await self._client.request(object, _options(body))
-        except _CALL_ERRORS as exc:
-            raise self._proxy_error(exc, streaming=False) from None
-        if not isinstance(completion, dict):
-            raise malformed_response_error(self.name)
+        completion = await self._http.post_json(_PATH, body)
         usage = completion.get("usage")
-        return completion, _usage(_usage_model(usage)) if isinstance(usage, dict) else None
+        return completion, _usage(usage) if isinstance(usage, dict) else None
 
     async def stream_raw(self, body: JSONDict) -> AsyncGenerator[JSONDict, None]:
         """The vendor's ``chat.completion.chunk`` objects as they came; usage is always
@@ -253,21 +169,13 @@ class OpenAIUpstream:
 
     @asynccontextmanager
     async def _chunks(self, params: JSONDict) -> AsyncIterator[AsyncGenerator[JSONDict, None]]:
-        """The ``chat.completion.chunk`` objects of one streamed call, read by
-        ``sse_json`` (a malformed chunk is skipped, not fatal), with the vendor's failures
-        mapped to wire errors; the response is closed however the reading ends."""
-        try:
-            response = await self._client.request(httpx2.Response, _options(params), stream=True)
-        except _CALL_ERRORS as exc:
-            raise self._proxy_error(exc, streaming=False) from None
-        async with response_objects(
-            response,
-            self.name,
-            functools.partial(_chunk_objects, vendor=self.name),
-            done="[DONE]",
-            errors=_STREAM_ERRORS,
-            to_proxy_error=self._stream_error,
-        ) as chunks:
+        """The ``chat.completion.chunk`` objects of one streamed call (a malformed chunk is
+        skipped, not fatal), with the vendor's failures mapped to wire errors; the response
+        is closed however the reading ends."""
+        async with (
+            self._http.post_events(_PATH, params, done="[DONE]") as events,
+            aclosing(_chunk_objects(events, self.name)) as chunks,
+        ):
             yield chunks
 
     # --- request ---------------------------------------------------------------------------
@@ -311,44 +219,13 @@ class OpenAIUpstream:
         return AssistantMessage(
             content=text if text or not calls else None,
             tool_calls=calls,
-            usage=_usage(_usage_model(usage)) if usage else None,
+            usage=_usage(usage) if isinstance(usage, dict) else None,
             metadata=ResponseMetadata(
                 provider=self.name,
                 model=completion.get("model") or request.model,
                 finish_reason=_finish_reason(choice.get("finish_reason")),
             ),
         )
-
-    # --- errors ----------------------------------------------------------------------------
-
-    def _stream_error(self, exc: Exception) -> ProxyError:
-        return self._proxy_error(exc, streaming=True)
-
-    def _proxy_error(self, exc: Exception, *, streaming: bool) -> ProxyError:
-        """``streaming`` says the response had started, so a broken connection means a
-        truncated answer rather than an unreachable vendor."""
-        if isinstance(exc, openai.APIStatusError):
-            return status_error(
-                self.name,
-                exc.status_code,
-                body=exc.body,
-                headers=exc.response.headers,
-                secrets=[self._api_key],
-            )
-        network = _aiohttp_failure(exc)
-        if network is not None:
-            # The SDK's aiohttp transport names nearly every network failure a timeout (see
-            # ``_aiohttp_failure``): what really happened is in the aiohttp exception.
-            if isinstance(network, TimeoutError):
-                return timeout_error(self.name)
-            return broken_stream_error(self.name) if streaming else unavailable_error(self.name)
-        if isinstance(exc, _TIMEOUTS):
-            return timeout_error(self.name)
-        if isinstance(exc, _UNREACHABLE) and not streaming:
-            return unavailable_error(self.name)
-        if streaming:
-            return broken_stream_error(self.name)
-        return malformed_response_error(self.name)
 
 
 async def _chunk_objects(
@@ -361,28 +238,6 @@ async def _chunk_objects(
             if "error" in chunk:
                 raise broken_stream_error(vendor)
             yield chunk
-
-
-def _aiohttp_failure(exc: BaseException) -> aiohttp.ClientConnectionError | None:
-    """The aiohttp exception under the SDK's wrappers, if a network failure caused ``exc``.
-
-    The vendored ``httpx_aiohttp`` transport maps any ``aiohttp.ClientConnectionError`` to
-    ``httpx2.ConnectTimeout`` (its table picks the first base class that matches, so a
-    refused connection, a DNS failure and a reset all come out as "connect timeout"), and the
-    SDK turns that into ``APITimeoutError``: taken at its word, an OpenAI that is down would
-    be a 504 ``upstream_timeout`` rather than a 503 ``upstream_unavailable``. The chain of
-    causes (``raise ... from``) still holds the original; aiohttp's real timeouts
-    (``ServerTimeoutError``, ``ConnectionTimeoutError``, ``SocketTimeoutError``) are
-    ``TimeoutError`` subclasses, everything else is a failure to reach the vendor.
-    """
-    seen: BaseException | None = exc
-    for _ in range(8):  # a cause chain is a few links; never loop on a cycle
-        if seen is None:
-            return None
-        if isinstance(seen, aiohttp.ClientConnectionError):
-            return seen
-        seen = seen.__cause__
-    return None
 
 
 class _ChunkReader:
@@ -399,7 +254,7 @@ class _ChunkReader:
         if usage:
             # Kept, not yielded: a server reporting usage on every chunk must still
             # produce exactly one usage event, and the last report is the complete one.
-            self.usage = _usage(_usage_model(usage))
+            self.usage = _usage(usage)
         choices = chunk.get("choices")
         if not choices:
             return []
@@ -487,27 +342,26 @@ def _tool_calls(calls: list[Any] | None) -> list[ToolCall] | None:
     return result or None
 
 
-def _usage_model(usage: JSONDict) -> CompletionUsage:
-    """The SDK's usage model, built without validation (as the SDK builds it), for
-    ``_usage``; one per answer, unlike the chunk models this adapter no longer builds."""
-    return CompletionUsage.construct(**usage)
-
-
 def chunk_usage(chunk: JSONDict) -> Usage | None:
     """The usage a passed-through stream chunk reports, in the contract's shape."""
     usage = chunk.get("usage")
-    return _usage(_usage_model(usage)) if isinstance(usage, dict) else None
+    return _usage(usage) if isinstance(usage, dict) else None
 
 
-def _usage(usage: CompletionUsage) -> Usage:
-    prompt_details = usage.prompt_tokens_details
-    completion_details = usage.completion_tokens_details
+def _usage(usage: JSONDict) -> Usage:
+    """The contract's usage from OpenAI's ``usage`` object (its detail objects optional)."""
+    prompt_details = usage.get("prompt_tokens_details")
+    completion_details = usage.get("completion_tokens_details")
     return make_usage(
-        prompt=usage.prompt_tokens or 0,
-        completion=usage.completion_tokens or 0,
-        total=usage.total_tokens,
-        cached=prompt_details.cached_tokens if prompt_details else None,
-        reasoning=completion_details.reasoning_tokens if completion_details else None,
+        prompt=usage.get("prompt_tokens") or 0,
+        completion=usage.get("completion_tokens") or 0,
+        total=usage.get("total_tokens"),
+        cached=prompt_details.get("cached_tokens") if isinstance(prompt_details, dict) else None,
+        reasoning=(
+            completion_details.get("reasoning_tokens")
+            if isinstance(completion_details, dict)
+            else None
+        ),
     )
 
 

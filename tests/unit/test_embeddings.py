@@ -1,7 +1,7 @@
-"""Embeddings, one piece at a time: the OpenAI adapter's wire mapping against a mocked API
-(respx), the Gemini adapter against the fake Gemini on a real socket, the fakes against the
-official ``openai`` SDK and plain httpx (so they are known to speak the real wire), and the
-``/v1/embeddings`` body parser."""
+"""Embeddings, one piece at a time: the OpenAI adapter's wire mapping against a scripted
+server on a socket (``vendor_stub``), the Gemini adapter against the fake Gemini on a real
+socket, the fakes against the official ``openai`` SDK and plain httpx (so they are known to
+speak the real wire), and the ``/v1/embeddings`` body parser."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import respx
 
 from robota_client.messages import Usage
 from robota_proxy.dialects import openai_embeddings, syntactic_router
@@ -26,11 +25,12 @@ from robota_proxy.testing.embeddings import base64_vector, fake_vector
 from robota_proxy.upstreams.base import Embedder, EmbeddingRequest, EmbeddingResult
 from robota_proxy.upstreams.google import GoogleUpstream
 from robota_proxy.upstreams.openai import OpenAIUpstream
+from tests.unit.vendor_stub import VendorStub, vendor_stub
 
 pytestmark = pytest.mark.anyio
 
 KEY = "sk-test-embeddings-key-0123456789abcdef"
-BASE = "http://openai.test/v1"
+PATH = "/v1/embeddings"
 OPENAI_MODEL = "text-embedding-3-small"
 GEMINI_MODEL = "gemini-embedding-001"
 
@@ -53,20 +53,17 @@ def fake(server: FakeVendors) -> Iterator[FakeVendors]:
     server.reset()
 
 
-# --- the OpenAI adapter (respx) ---------------------------------------------------------------
+# --- the OpenAI adapter (a scripted server) ---------------------------------------------------
+
+
+api = pytest.fixture(vendor_stub)
 
 
 @pytest.fixture
-async def openai_upstream() -> AsyncIterator[OpenAIUpstream]:
-    adapter = OpenAIUpstream(api_key=KEY, base_url=BASE, http_client=httpx.AsyncClient())
+async def openai_upstream(api: VendorStub) -> AsyncIterator[OpenAIUpstream]:
+    adapter = OpenAIUpstream(api_key=KEY, base_url=f"{api.url}/v1")
     yield adapter
     await adapter.aclose()
-
-
-@pytest.fixture
-def api() -> Iterator[respx.MockRouter]:
-    with respx.mock(assert_all_mocked=True, assert_all_called=False) as router:
-        yield router
 
 
 def listed(*vectors: Any, prompt_tokens: int | None = 7, model: str = OPENAI_MODEL) -> Any:
@@ -98,9 +95,9 @@ async def test_adapters_are_embedders_and_the_mock_is_not(
 
 
 async def test_openai_one_text_is_sent_bare_with_every_field(
-    openai_upstream: OpenAIUpstream, api: respx.MockRouter
+    openai_upstream: OpenAIUpstream, api: VendorStub
 ) -> None:
-    route = api.post(f"{BASE}/embeddings").respond(json=listed([0.5, -0.25], prompt_tokens=3))
+    route = api.post(PATH).respond(json=listed([0.5, -0.25], prompt_tokens=3))
     result = await openai_upstream.embed(
         EmbeddingRequest("openai", OPENAI_MODEL, ("hello world",), dimensions=2, user="u-1")
     )
@@ -118,11 +115,11 @@ async def test_openai_one_text_is_sent_bare_with_every_field(
 
 
 async def test_openai_token_arrays_pass_as_lists_and_answers_are_put_in_input_order(
-    openai_upstream: OpenAIUpstream, api: respx.MockRouter
+    openai_upstream: OpenAIUpstream, api: VendorStub
 ) -> None:
     answer = listed([1.0], [2.0], prompt_tokens=5)
     answer["data"].reverse()  # a server may answer out of order: the index decides
-    route = api.post(f"{BASE}/embeddings").respond(json=answer)
+    route = api.post(PATH).respond(json=answer)
     result = await openai_upstream.embed(
         EmbeddingRequest("openai", OPENAI_MODEL, ((1, 2, 3), (4, 5)))
     )
@@ -135,10 +132,10 @@ async def test_openai_token_arrays_pass_as_lists_and_answers_are_put_in_input_or
 
 
 async def test_openai_base64_vector_is_decoded_and_missing_usage_is_none(
-    openai_upstream: OpenAIUpstream, api: respx.MockRouter
+    openai_upstream: OpenAIUpstream, api: VendorStub
 ) -> None:
     vector = [0.5, -1.25, 3.0]
-    api.post(f"{BASE}/embeddings").respond(
+    api.post(PATH).respond(
         json=listed(base64_vector(vector), prompt_tokens=None, model="served-name")
     )
     result = await openai_upstream.embed(EmbeddingRequest("openai", OPENAI_MODEL, ("x",)))
@@ -159,17 +156,17 @@ async def test_openai_base64_vector_is_decoded_and_missing_usage_is_none(
     ids=["no-data", "short", "not-numbers", "bad-base64", "duplicate-index"],
 )
 async def test_openai_malformed_answers_are_upstream_errors(
-    openai_upstream: OpenAIUpstream, api: respx.MockRouter, answer: Any
+    openai_upstream: OpenAIUpstream, api: VendorStub, answer: Any
 ) -> None:
-    api.post(f"{BASE}/embeddings").respond(json=answer)
+    api.post(PATH).respond(json=answer)
     with pytest.raises(UpstreamError, match="could not read"):
         await openai_upstream.embed(EmbeddingRequest("openai", OPENAI_MODEL, ("a", "b")))
 
 
 async def test_openai_vendor_errors_map_to_wire_errors(
-    openai_upstream: OpenAIUpstream, api: respx.MockRouter
+    openai_upstream: OpenAIUpstream, api: VendorStub
 ) -> None:
-    route = api.post(f"{BASE}/embeddings")
+    route = api.post(PATH)
     route.respond(429, json={"error": {"message": "slow down"}}, headers={"retry-after": "3"})
     with pytest.raises(RateLimited) as limited:
         await openai_upstream.embed(EmbeddingRequest("openai", OPENAI_MODEL, ("a",)))

@@ -1,16 +1,15 @@
-"""The OpenAI adapter against a mocked Chat Completions API: request translation, response
-normalisation, SSE streaming and every failure mapped to the wire errors."""
+"""The OpenAI adapter against a scripted Chat Completions server on a real socket
+(``vendor_stub``): request translation, response normalisation, SSE streaming and every
+failure mapped to the wire errors."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
-import httpx
 import pytest
-import respx
 
 from robota_client.messages import (
     ChatRequest,
@@ -30,15 +29,15 @@ from robota_proxy.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from robota_proxy.upstreams import openai as openai_adapter
 from robota_proxy.upstreams.base import FinishEvent, UpstreamEvent
 from robota_proxy.upstreams.openai import OpenAIUpstream
+from tests.unit.vendor_stub import CUT, STALL, Route, VendorStub, vendor_stub
 
 pytestmark = pytest.mark.anyio
 
 KEY = "sk-proj-TESTKEY0123456789abcdefghijklmnop"
-BASE = "https://openai.test/v1"
-URL = f"{BASE}/chat/completions"
-OFFICIAL_URL = "https://api.openai.com/v1/chat/completions"
+URL = "/v1/chat/completions"
 MODEL = "gpt-4o-mini"
 
 WEATHER = {
@@ -58,20 +57,15 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+api = pytest.fixture(vendor_stub)
+
+
 @pytest.fixture
-async def upstream() -> AsyncIterator[OpenAIUpstream]:
-    # An httpx client, which respx mocks (production uses the SDK's aiohttp client).
-    adapter = OpenAIUpstream(
-        api_key=KEY, base_url=BASE, name="local", http_client=httpx.AsyncClient()
-    )
+async def upstream(api: VendorStub) -> AsyncIterator[OpenAIUpstream]:
+    # A short socket-read limit, so that a vendor that stalls ends a test in a moment.
+    adapter = OpenAIUpstream(api_key=KEY, base_url=f"{api.url}/v1", name="local", timeout=0.5)
     yield adapter
     await adapter.aclose()
-
-
-@pytest.fixture
-def api() -> Iterator[respx.MockRouter]:
-    with respx.mock(assert_all_mocked=True, assert_all_called=False) as router:
-        yield router
 
 
 def chat_request(messages: list[dict[str, Any]] | None = None, **extra: Any) -> ChatRequest:
@@ -85,7 +79,7 @@ def chat_request(messages: list[dict[str, Any]] | None = None, **extra: Any) -> 
     )
 
 
-def sent_body(route: respx.Route) -> dict[str, Any]:
+def sent_body(route: Route) -> dict[str, Any]:
     body: dict[str, Any] = json.loads(route.calls.last.request.content)
     return body
 
@@ -144,26 +138,6 @@ def sse(*payloads: dict[str, Any], done: bool = True) -> bytes:
 SSE_HEADERS = {"content-type": "text/event-stream"}
 
 
-class ScriptedBody(httpx.AsyncByteStream):
-    """A response body that can fail or stall part-way, and tells whether it was closed."""
-
-    def __init__(self, *parts: bytes | Exception, stall: bool = False) -> None:
-        self._parts = parts
-        self._stall = stall
-        self.closed = False
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        for part in self._parts:
-            if isinstance(part, Exception):
-                raise part
-            yield part
-        if self._stall:
-            await anyio.sleep_forever()
-
-    async def aclose(self) -> None:
-        self.closed = True
-
-
 async def collect(stream: AsyncIterator[UpstreamEvent]) -> list[UpstreamEvent]:
     return [event async for event in stream]
 
@@ -181,7 +155,7 @@ async def events_until_error(
 # --- request translation -------------------------------------------------------------------
 
 
-async def test_request_translation(upstream: OpenAIUpstream, api: respx.MockRouter) -> None:
+async def test_request_translation(upstream: OpenAIUpstream, api: VendorStub) -> None:
     route = api.post(URL).respond(200, json=completion({"content": "ok"}))
     request = chat_request(
         [
@@ -241,9 +215,13 @@ async def test_request_translation(upstream: OpenAIUpstream, api: respx.MockRout
     assert route.calls.last.request.headers["authorization"] == f"Bearer {KEY}"
 
 
-async def test_official_api_gets_max_completion_tokens(api: respx.MockRouter) -> None:
-    route = api.post(OFFICIAL_URL).respond(200, json=completion({"content": "ok"}))
-    upstream = OpenAIUpstream(api_key=KEY, http_client=httpx.AsyncClient())
+async def test_official_api_gets_max_completion_tokens(
+    api: VendorStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    route = api.post(URL).respond(200, json=completion({"content": "ok"}))
+    # No base URL means OpenAI itself; its address is pointed at the stub.
+    monkeypatch.setattr(openai_adapter, "OFFICIAL_BASE_URL", f"{api.url}/v1")
+    upstream = OpenAIUpstream(api_key=KEY)
     try:
         await upstream.chat(chat_request(options={"maxTokens": 50}))
     finally:
@@ -256,7 +234,7 @@ async def test_official_api_gets_max_completion_tokens(api: respx.MockRouter) ->
 
 @pytest.mark.parametrize("choice", ["auto", "none", "required"])
 async def test_tool_choice_keywords_pass_through(
-    upstream: OpenAIUpstream, api: respx.MockRouter, choice: str
+    upstream: OpenAIUpstream, api: VendorStub, choice: str
 ) -> None:
     route = api.post(URL).respond(200, json=completion({"content": "ok"}))
 
@@ -265,9 +243,7 @@ async def test_tool_choice_keywords_pass_through(
     assert sent_body(route)["tool_choice"] == choice
 
 
-async def test_minimal_request_sends_no_options(
-    upstream: OpenAIUpstream, api: respx.MockRouter
-) -> None:
+async def test_minimal_request_sends_no_options(upstream: OpenAIUpstream, api: VendorStub) -> None:
     route = api.post(URL).respond(200, json=completion({"content": "ok"}))
 
     # A tool choice without tools would only earn a vendor 400, so it is not sent.
@@ -276,7 +252,7 @@ async def test_minimal_request_sends_no_options(
     assert sent_body(route) == {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
 
 
-async def test_stream_asks_for_usage(upstream: OpenAIUpstream, api: respx.MockRouter) -> None:
+async def test_stream_asks_for_usage(upstream: OpenAIUpstream, api: VendorStub) -> None:
     route = api.post(URL).respond(
         200, content=sse(chunk({"content": "x"}, "stop")), headers=SSE_HEADERS
     )
@@ -292,7 +268,7 @@ async def test_stream_asks_for_usage(upstream: OpenAIUpstream, api: respx.MockRo
 
 
 async def test_parallel_tool_calls_and_usage_details(
-    upstream: OpenAIUpstream, api: respx.MockRouter
+    upstream: OpenAIUpstream, api: VendorStub
 ) -> None:
     api.post(URL).respond(
         200,
@@ -347,7 +323,7 @@ async def test_parallel_tool_calls_and_usage_details(
     )
 
 
-async def test_text_answer(upstream: OpenAIUpstream, api: respx.MockRouter) -> None:
+async def test_text_answer(upstream: OpenAIUpstream, api: VendorStub) -> None:
     api.post(URL).respond(200, json=completion({"content": "Hello!"}))
 
     message = await upstream.chat(chat_request())
@@ -358,7 +334,7 @@ async def test_text_answer(upstream: OpenAIUpstream, api: respx.MockRouter) -> N
     assert message.metadata.finish_reason == "stop"
 
 
-async def test_refusal_becomes_the_text(upstream: OpenAIUpstream, api: respx.MockRouter) -> None:
+async def test_refusal_becomes_the_text(upstream: OpenAIUpstream, api: VendorStub) -> None:
     api.post(URL).respond(200, json=completion({"content": None, "refusal": "I can't help."}))
 
     message = await upstream.chat(chat_request())
@@ -367,7 +343,7 @@ async def test_refusal_becomes_the_text(upstream: OpenAIUpstream, api: respx.Moc
 
 
 async def test_requested_model_when_vendor_reports_none(
-    upstream: OpenAIUpstream, api: respx.MockRouter
+    upstream: OpenAIUpstream, api: VendorStub
 ) -> None:
     body = completion({"content": "ok"})
     body["model"] = ""
@@ -390,7 +366,7 @@ async def test_requested_model_when_vendor_reports_none(
     ],
 )
 async def test_finish_reason_mapping(
-    upstream: OpenAIUpstream, api: respx.MockRouter, vendor: str, wire: str
+    upstream: OpenAIUpstream, api: VendorStub, vendor: str, wire: str
 ) -> None:
     api.post(URL).respond(200, json=completion({"content": "ok"}, finish=vendor))
 
@@ -400,8 +376,8 @@ async def test_finish_reason_mapping(
 
 
 async def test_models() -> None:
-    listed = OpenAIUpstream(api_key=KEY, base_url=BASE, models=["a", "b"])
-    open_ended = OpenAIUpstream(api_key=KEY, base_url=BASE)
+    listed = OpenAIUpstream(api_key=KEY, base_url="http://127.0.0.1:9/v1", models=["a", "b"])
+    open_ended = OpenAIUpstream(api_key=KEY, base_url="http://127.0.0.1:9/v1")
     try:
         assert listed.models() == ["a", "b"]
         assert open_ended.models() is None
@@ -414,7 +390,7 @@ async def test_models() -> None:
 # --- streaming -----------------------------------------------------------------------------
 
 
-async def test_stream_event_order(upstream: OpenAIUpstream, api: respx.MockRouter) -> None:
+async def test_stream_event_order(upstream: OpenAIUpstream, api: VendorStub) -> None:
     body = sse(
         chunk({"role": "assistant", "content": ""}),
         chunk({"content": "Let me "}),
@@ -495,7 +471,7 @@ OPENAI_WIRE_USAGE = {
 
 
 async def test_chat_usage_cached_and_reasoning_tokens(
-    upstream: OpenAIUpstream, api: respx.MockRouter
+    upstream: OpenAIUpstream, api: VendorStub
 ) -> None:
     api.post(URL).respond(200, json=completion({"content": "ok"}, usage=OPENAI_USAGE))
 
@@ -507,7 +483,7 @@ async def test_chat_usage_cached_and_reasoning_tokens(
 
 
 async def test_stream_usage_cached_and_reasoning_tokens(
-    upstream: OpenAIUpstream, api: respx.MockRouter
+    upstream: OpenAIUpstream, api: VendorStub
 ) -> None:
     body = sse(
         chunk({"content": "ok"}),
@@ -525,7 +501,7 @@ async def test_stream_usage_cached_and_reasoning_tokens(
 
 
 async def test_stream_without_usage_ends_with_finish(
-    upstream: OpenAIUpstream, api: respx.MockRouter
+    upstream: OpenAIUpstream, api: VendorStub
 ) -> None:
     body = sse(chunk({"content": "Hi"}), chunk({}, "length"))
     api.post(URL).respond(200, content=body, headers=SSE_HEADERS)
@@ -535,9 +511,7 @@ async def test_stream_without_usage_ends_with_finish(
     assert events == [DeltaEvent(content="Hi"), FinishEvent("length")]
 
 
-async def test_stream_repeated_ids_are_sent_once(
-    upstream: OpenAIUpstream, api: respx.MockRouter
-) -> None:
+async def test_stream_repeated_ids_are_sent_once(upstream: OpenAIUpstream, api: VendorStub) -> None:
     # Some compatible servers repeat id and name on every piece of a call.
     piece = {"index": 0, "id": "call_a", "type": "function"}
     body = sse(
@@ -556,7 +530,7 @@ async def test_stream_repeated_ids_are_sent_once(
 
 
 async def test_stream_cut_before_finish_is_an_error(
-    upstream: OpenAIUpstream, api: respx.MockRouter
+    upstream: OpenAIUpstream, api: VendorStub
 ) -> None:
     body = sse(chunk({"content": "Hel"}), done=False)
     api.post(URL).respond(200, content=body, headers=SSE_HEADERS)
@@ -568,23 +542,25 @@ async def test_stream_cut_before_finish_is_an_error(
 
 
 async def test_closing_the_stream_early_closes_the_response(
-    upstream: OpenAIUpstream, api: respx.MockRouter
+    upstream: OpenAIUpstream, api: VendorStub
 ) -> None:
-    body = ScriptedBody(sse(chunk({"content": "a"}), done=False), stall=True)
-    api.post(URL).respond(200, stream=body, headers=SSE_HEADERS)
+    route = api.post(URL).respond(
+        200, parts=[sse(chunk({"content": "a"}), done=False), STALL], headers=SSE_HEADERS
+    )
 
     stream = upstream.stream(chat_request())
     assert await anext(stream) == DeltaEvent(content="a")
     await stream.aclose()
 
-    assert body.closed
+    await wait_closed(route)
 
 
 async def test_cancelling_the_consumer_closes_the_response(
-    upstream: OpenAIUpstream, api: respx.MockRouter
+    upstream: OpenAIUpstream, api: VendorStub
 ) -> None:
-    body = ScriptedBody(sse(chunk({"content": "a"}), done=False), stall=True)
-    api.post(URL).respond(200, stream=body, headers=SSE_HEADERS)
+    route = api.post(URL).respond(
+        200, parts=[sse(chunk({"content": "a"}), done=False), STALL], headers=SSE_HEADERS
+    )
     received: list[UpstreamEvent] = []
 
     async def consume() -> None:
@@ -595,7 +571,14 @@ async def test_cancelling_the_consumer_closes_the_response(
         await consume()
 
     assert received == [DeltaEvent(content="a")]
-    assert body.closed
+    await wait_closed(route)
+
+
+async def wait_closed(route: Route) -> None:
+    """Until the stub has seen the connection of its stalled answer closed; a test that
+    never closes it fails here after 5 s."""
+    with anyio.fail_after(5):
+        await route.closed.wait()
 
 
 # --- errors --------------------------------------------------------------------------------
@@ -605,9 +588,7 @@ def error_body(message: str, kind: str = "invalid_request_error") -> dict[str, A
     return {"error": {"message": message, "type": kind, "param": None, "code": None}}
 
 
-async def test_unauthorized_never_echoes_the_key(
-    upstream: OpenAIUpstream, api: respx.MockRouter
-) -> None:
+async def test_unauthorized_never_echoes_the_key(upstream: OpenAIUpstream, api: VendorStub) -> None:
     api.post(URL).respond(401, json=error_body(f"Incorrect API key provided: {KEY}."))
 
     with pytest.raises(UpstreamError) as caught:
@@ -619,7 +600,7 @@ async def test_unauthorized_never_echoes_the_key(
 
 
 async def test_bad_request_passes_the_reason_on_redacted(
-    upstream: OpenAIUpstream, api: respx.MockRouter
+    upstream: OpenAIUpstream, api: VendorStub
 ) -> None:
     api.post(URL).respond(400, json=error_body(f"Unsupported value 'temperature' for {KEY}"))
 
@@ -630,9 +611,7 @@ async def test_bad_request_passes_the_reason_on_redacted(
     assert KEY not in caught.value.message
 
 
-async def test_rate_limit_carries_retry_after(
-    upstream: OpenAIUpstream, api: respx.MockRouter
-) -> None:
+async def test_rate_limit_carries_retry_after(upstream: OpenAIUpstream, api: VendorStub) -> None:
     api.post(URL).respond(429, json=error_body("slow down"), headers={"retry-after": "7"})
 
     with pytest.raises(RateLimited) as caught:
@@ -646,7 +625,7 @@ async def test_rate_limit_carries_retry_after(
     [(404, NotFound), (500, UpstreamError), (503, UpstreamUnavailable), (502, UpstreamUnavailable)],
 )
 async def test_status_mapping(
-    upstream: OpenAIUpstream, api: respx.MockRouter, status: int, error: type[ProxyError]
+    upstream: OpenAIUpstream, api: VendorStub, status: int, error: type[ProxyError]
 ) -> None:
     api.post(URL).respond(status, json=error_body("nope", "server_error"))
 
@@ -654,9 +633,7 @@ async def test_status_mapping(
         await upstream.chat(chat_request())
 
 
-async def test_status_error_before_a_stream(
-    upstream: OpenAIUpstream, api: respx.MockRouter
-) -> None:
+async def test_status_error_before_a_stream(upstream: OpenAIUpstream, api: VendorStub) -> None:
     api.post(URL).respond(429, json=error_body("slow down"), headers={"retry-after-ms": "1500"})
 
     with pytest.raises(RateLimited) as caught:
@@ -665,30 +642,34 @@ async def test_status_error_before_a_stream(
     assert caught.value.retry_after == 1.5
 
 
-async def test_timeout(upstream: OpenAIUpstream, api: respx.MockRouter) -> None:
-    api.post(URL).mock(side_effect=httpx.ReadTimeout("timed out"))
+async def test_timeout(upstream: OpenAIUpstream, api: VendorStub) -> None:
+    # The vendor takes the request and answers after the adapter's 0.5 s read limit.
+    api.post(URL).respond(200, json=completion({"content": "late"}), delay=2)
 
     with pytest.raises(UpstreamTimeout):
         await upstream.chat(chat_request())
 
 
-async def test_connect_error(upstream: OpenAIUpstream, api: respx.MockRouter) -> None:
-    api.post(URL).mock(side_effect=httpx.ConnectError("refused"))
+async def test_connect_error(api: VendorStub) -> None:
+    await api.stop()  # nothing listens on its port any more: the connection is refused
+    upstream = OpenAIUpstream(api_key=KEY, base_url=f"{api.url}/v1")
+    try:
+        with pytest.raises(UpstreamUnavailable):
+            await upstream.chat(chat_request())
+        with pytest.raises(UpstreamUnavailable):
+            await collect(upstream.stream(chat_request()))
+    finally:
+        await upstream.aclose()
 
-    with pytest.raises(UpstreamUnavailable):
-        await upstream.chat(chat_request())
-    with pytest.raises(UpstreamUnavailable):
-        await collect(upstream.stream(chat_request()))
 
-
-async def test_malformed_body(upstream: OpenAIUpstream, api: respx.MockRouter) -> None:
+async def test_malformed_body(upstream: OpenAIUpstream, api: VendorStub) -> None:
     api.post(URL).respond(200, json={"id": "x", "object": "chat.completion", "choices": []})
 
     with pytest.raises(UpstreamError):
         await upstream.chat(chat_request())
 
 
-async def test_malformed_chunk_mid_stream(upstream: OpenAIUpstream, api: respx.MockRouter) -> None:
+async def test_malformed_chunk_mid_stream(upstream: OpenAIUpstream, api: VendorStub) -> None:
     body = sse(chunk({"content": "Hel"}), done=False) + b'data: {"choices": [\n\n'
     api.post(URL).respond(200, content=body, headers=SSE_HEADERS)
 
@@ -698,7 +679,7 @@ async def test_malformed_chunk_mid_stream(upstream: OpenAIUpstream, api: respx.M
     assert type(error) is UpstreamError
 
 
-async def test_error_payload_mid_stream(upstream: OpenAIUpstream, api: respx.MockRouter) -> None:
+async def test_error_payload_mid_stream(upstream: OpenAIUpstream, api: VendorStub) -> None:
     body = sse(chunk({"content": "Hel"}), error_body(f"server exploded {KEY}"), done=False)
     api.post(URL).respond(200, content=body, headers=SSE_HEADERS)
 
@@ -711,23 +692,20 @@ async def test_error_payload_mid_stream(upstream: OpenAIUpstream, api: respx.Moc
 
 @pytest.mark.parametrize(
     ("failure", "error"),
-    [
-        (httpx.RemoteProtocolError("peer closed connection"), UpstreamError),
-        (httpx.ReadError("connection reset"), UpstreamError),
-        (httpx.ReadTimeout("read timed out"), UpstreamTimeout),
-    ],
+    [(CUT, UpstreamError), (STALL, UpstreamTimeout)],
+    ids=["connection cut", "read timed out"],
 )
 async def test_connection_failure_mid_stream(
     upstream: OpenAIUpstream,
-    api: respx.MockRouter,
-    failure: Exception,
+    api: VendorStub,
+    failure: object,
     error: type[ProxyError],
 ) -> None:
-    body = ScriptedBody(sse(chunk({"content": "Hel"}), done=False), failure)
-    api.post(URL).respond(200, stream=body, headers=SSE_HEADERS)
+    api.post(URL).respond(
+        200, parts=[sse(chunk({"content": "Hel"}), done=False), failure], headers=SSE_HEADERS
+    )
 
     events, raised = await events_until_error(upstream.stream(chat_request()))
 
     assert events == [DeltaEvent(content="Hel")]
     assert type(raised) is error
-    assert body.closed
