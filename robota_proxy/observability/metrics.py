@@ -31,16 +31,9 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
 from starlette.routing import BaseRoute, Mount, Route
 
 from robota_proxy import scope as keys
@@ -48,6 +41,9 @@ from robota_proxy.call_record import CallRecord
 from robota_proxy.dialects import CHAT_SURFACES, scope_feature
 from robota_proxy.policy.principals import Principal
 from robota_proxy.upstreams.resilience import Attempt, AttemptCounter, Target
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 log = logging.getLogger("robota_proxy.metrics")
 
@@ -188,6 +184,9 @@ class ProxyMetrics:
         max_models: int = 500,
         registry: CollectorRegistry | None = None,
     ) -> None:
+        # Imported when metrics are built, not with the app: prometheus-client is ~30 ms.
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self.per_user = per_user
         self.models = ModelLabels(max_models)
@@ -414,6 +413,8 @@ class ProxyMetrics:
     def exposition(self) -> bytes:
         """The text format of every metric: this process's registry, or, in multiprocess
         mode, the sum of all workers' files."""
+        from prometheus_client import CollectorRegistry, generate_latest  # loaded by __init__
+
         if not multiprocess_enabled():
             return generate_latest(self.registry)
         from prometheus_client import multiprocess

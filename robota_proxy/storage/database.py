@@ -16,18 +16,21 @@ import importlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeAlias
 
 from sqlalchemy import Column, Integer, MetaData, Table, event, inspect, select, text
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool, StaticPool
 
 from robota_proxy.storage import tables
 
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
 log = logging.getLogger("robota_proxy.storage")
 
-Migration = Callable[[AsyncConnection], Awaitable[None]]
+Migration: TypeAlias = "Callable[[AsyncConnection], Awaitable[None]]"
 
 _version_meta = MetaData()
 schema_version = Table("schema_version", _version_meta, Column("version", Integer, nullable=False))
@@ -215,6 +218,9 @@ class Database:
     """Owns the engine; ``open`` applies migrations, ``aclose`` disposes the pool."""
 
     def __init__(self, url: str, *, pool_size: int = 10) -> None:
+        # Here, not at import: SQLAlchemy's asyncio extension imports its ORM (~100 ms).
+        from sqlalchemy.ext.asyncio import create_async_engine
+
         self.url = url
         self.is_sqlite = parse_url(url).get_backend_name() == "sqlite"
         if self.is_sqlite:

@@ -8,17 +8,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import RowMapping, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from robota_proxy.policy.key_directory import KeyLookup, KeyRecord, UserRecord
 from robota_proxy.policy.keys import generate_key, hash_key
 from robota_proxy.policy.principals import MAX_USER_LENGTH, UserPermissions
 from robota_proxy.storage.database import Database
 from robota_proxy.storage.tables import api_keys, users
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncConnection
 
 #: ``KeyLookup``, ``KeyRecord`` and ``UserRecord`` are policy's data types
 #: (``robota_proxy.policy.key_directory``), re-exported here where they were first defined.

@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import importlib
 import logging
 import os
 import socket
@@ -41,7 +42,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from sqlalchemy import (
@@ -59,11 +60,12 @@ from sqlalchemy import (
     true,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from robota_proxy.storage import tables
 from robota_proxy.storage.database import DATABASE_OUTAGE, Database
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncConnection
 
 log = logging.getLogger("robota_proxy.usage")
 
@@ -704,11 +706,18 @@ _ZERO = {
     "requests": 0,
 }
 
-#: The two engines' ``INSERT``: their ``ON CONFLICT`` constructs differ.
-_INSERTS: dict[str, Any] = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
+
+def _insert_of(engine: str) -> Any:
+    """The engine's ``INSERT``: the two engines' ``ON CONFLICT`` constructs differ. Its
+    dialect module is imported here, on first use: PostgreSQL's is ~40 ms of import that a
+    SQLite proxy never needs."""
+    return importlib.import_module(f"sqlalchemy.dialects.{engine}").insert
+
 
 #: A user's zeroed counters row for a month, per engine.
-_insert_counters_stmt = functools.cache(lambda engine: _insert_counters_statement(_INSERTS[engine]))
+_insert_counters_stmt = functools.cache(
+    lambda engine: _insert_counters_statement(_insert_of(engine))
+)
 
 
 # The hot path's statements are built once per process, on first use, with bound parameters
@@ -748,7 +757,7 @@ def _add_usage_statement(insert: Any) -> Any:
 
 
 #: The counters upsert, per engine.
-_add_usage_stmt = functools.cache(lambda engine: _add_usage_statement(_INSERTS[engine]))
+_add_usage_stmt = functools.cache(lambda engine: _add_usage_statement(_insert_of(engine)))
 
 _INSERT_LEDGER = ledger.insert()
 
