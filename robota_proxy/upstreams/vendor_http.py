@@ -46,6 +46,10 @@ from robota_proxy.upstreams.sse_json import json_events
 
 #: What reading a started stream can raise that is the vendor's or the network's doing:
 #: aiohttp's errors (a cut connection, a truncated chunk), a socket read that timed out,
+#: Parsed URLs kept per adapter: a Gemini path names the caller's model, so an open-ended
+#: adapter must not keep one for every name a caller ever sent.
+_MAX_CACHED_URLS = 256
+
 #: and an event stream httpx-sse cannot frame (a wrong content type).
 _STREAM_ERRORS = (aiohttp.ClientError, TimeoutError, SSEError)
 
@@ -106,7 +110,9 @@ class VendorHTTP:
     def _url(self, path: str) -> URL:
         url = self._urls.get(path)
         if url is None:
-            url = self._urls[path] = URL(self._base + path)
+            url = URL(self._base + path)
+            if len(self._urls) < _MAX_CACHED_URLS:
+                self._urls[path] = url
         return url
 
     async def aclose(self) -> None:
