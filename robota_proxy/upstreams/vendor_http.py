@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import codecs
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -55,6 +55,10 @@ _STREAM_ERRORS = (aiohttp.ClientError, TimeoutError, SSEError)
 
 
 class VendorHTTP:
+#: An adapter's own mapping of a vendor HTTP error: (status, body parsed as JSON or else the
+#: text, response headers) to the wire error.
+StatusError = Callable[[int, Any, Mapping[str, str]], ProxyError]
+
     """One vendor endpoint (base URL and credentials) behind one aiohttp connection pool.
 
     The session is opened on the first call, inside the running event loop (aiohttp ties a
