@@ -1,9 +1,10 @@
 """Google Gemini through its REST API (``generateContent`` / ``streamGenerateContent``).
 
-Plain httpx instead of Google's SDK: the REST shape is small and stable, and owning the
-client means owning the connection pool, the timeouts and every exception that can escape.
-The key travels in the ``x-goog-api-key`` header, never in the URL, so that it cannot end
-up in an access log or in an exception message that quotes the URL.
+Spoken directly over one pooled aiohttp session (``vendor_http``, shared with the other
+adapters) instead of Google's SDK: the REST shape is small and stable, and owning the client
+means owning the connection pool, the timeouts and every exception that can escape. The key
+travels in the ``x-goog-api-key`` header, never in the URL, so that it cannot end up in an
+access log or in an exception message that quotes the URL.
 
 Gemini specifics the translation has to absorb:
 
@@ -17,7 +18,11 @@ Gemini specifics the translation has to absorb:
   and falls back to Google's documented ``skip_thought_signature_validator`` sentinel for
   calls it never saw (another replica, a restart, or a call made by another vendor);
 * an invalid key is answered with HTTP 400 ``API_KEY_INVALID``, which is treated as the
-  credentials failure it is rather than as the caller's bad request;
+  credentials failure it is rather than as the caller's bad request, and a 429 names its
+  delay in a ``RetryInfo`` detail: so Gemini's HTTP errors are mapped here
+  (``status_error``), not by ``vendor_http``'s generic mapping;
+* a failure can also arrive inside a 200 body or a stream chunk (``{"error": ...}``),
+  mapped the same way (``raise_embedded_error``);
 * embeddings (``embed``): one input is an ``embedContent`` call, several one
   ``batchEmbedContents`` call (each of its requests naming the model again, as Google
   requires). Gemini embeds text only, so token-id inputs are refused before any call;
@@ -38,9 +43,6 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-import httpx
-from httpx_sse import SSEError, aconnect_sse
-
 from robota_client.messages import (
     AssistantMessage,
     ChatOptions,
@@ -57,7 +59,6 @@ from robota_client.messages import (
     UsageEvent,
 )
 from robota_proxy.errors import InvalidRequest, ProxyError, UpstreamError
-from robota_proxy.observability import tracing
 from robota_proxy.upstreams.base import (
     EmbeddingRequest,
     EmbeddingResult,
@@ -68,10 +69,8 @@ from robota_proxy.upstreams.errors import (
     broken_stream_error,
     error_for_status,
     retry_after_seconds,
-    timeout_error,
-    unavailable_error,
 )
-from robota_proxy.upstreams.sse_json import json_events
+from robota_proxy.upstreams.vendor_http import VendorHTTP
 
 VENDOR = "google"
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
@@ -86,6 +85,8 @@ _CONTENT_FILTER = frozenset(
 _MODES = {"auto": "AUTO", "none": "NONE", "required": "ANY"}
 #: JSON Schema keys that only describe the document itself; Gemini has no use for them.
 _SCHEMA_META_KEYS = ("$schema", "$id")
+#: ``streamGenerateContent`` answers with an event stream only when asked for one.
+_SSE_PARAMS = {"alt": "sse"}
 
 Json = dict[str, Any]
 
@@ -108,84 +109,54 @@ class GoogleUpstream:
         self._api_key = api_key
         self._models = list(models) if models is not None else None
         self._signatures = SignatureMemory(SIGNATURE_MEMORY)
-        self._client = httpx.AsyncClient(
-            base_url=base_url.rstrip("/"),
+        self._http = VendorHTTP(
+            vendor=VENDOR,
+            base_url=base_url,
             headers={"x-goog-api-key": api_key},
-            timeout=httpx.Timeout(timeout, connect=connect_timeout),
-            limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
-            ),
-            event_hooks=tracing.EVENT_HOOKS,  # traceparent to the vendor when tracing
+            secrets=[api_key],
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+            max_connections=max_connections,
+            status_error=self._status_error,
         )
 
     def models(self) -> list[str] | None:
         return list(self._models) if self._models is not None else None
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await self._http.aclose()
 
     async def chat(self, request: ChatRequest) -> AssistantMessage:
         body = build_body(request, self._signatures)
-        try:
-            response = await self._client.post(_path(request.model, "generateContent"), json=body)
-        except httpx.TimeoutException:
-            raise timeout_error(VENDOR) from None
-        except httpx.HTTPError:
-            raise unavailable_error(VENDOR) from None
-        if response.status_code >= 400:
-            raise status_error(response, self._api_key)
-        try:
-            payload = response.json()
-        except ValueError:
-            raise UpstreamError(f"{VENDOR} sent a malformed response") from None
+        payload = await self._http.post_json(_path(request.model, "generateContent"), body)
         raise_embedded_error(payload, self._api_key)
-        return parse_response(_as_dict(payload), request.model, self.name, self._signatures)
+        return parse_response(payload, request.model, self.name, self._signatures)
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[UpstreamEvent, None]:
         body = build_body(request, self._signatures)
         state = StreamState(self._signatures)
-        started = False
-        try:
-            async with aconnect_sse(
-                self._client,
-                "POST",
-                _path(request.model, "streamGenerateContent"),
-                params={"alt": "sse"},
-                json=body,
-            ) as source:
-                if source.response.status_code >= 400:
-                    await source.response.aread()
-                    raise status_error(source.response, self._api_key)
-                started = True
-                async with aclosing(json_events(source.aiter_sse(), VENDOR)) as chunks:
-                    async for _, chunk in chunks:
-                        raise_embedded_error(chunk, self._api_key)
-                        for event in state.feed(chunk):
-                            yield event
-        except httpx.TimeoutException:
-            raise timeout_error(VENDOR) from None
-        except (httpx.HTTPError, SSEError):
-            raise (broken_stream_error(VENDOR) if started else unavailable_error(VENDOR)) from None
+        async with (
+            self._http.post_events(
+                _path(request.model, "streamGenerateContent"), body, params=_SSE_PARAMS
+            ) as events,
+            aclosing(events),
+        ):
+            async for _, chunk in events:
+                raise_embedded_error(chunk, self._api_key)
+                for event in state.feed(chunk):
+                    yield event
         for event in state.finish():
             yield event
 
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
         """``embedContent`` for one input, ``batchEmbedContents`` for several: one call."""
         method, body = embedding_call(request)
-        try:
-            response = await self._client.post(_path(request.model, method), json=body)
-        except httpx.TimeoutException:
-            raise timeout_error(VENDOR) from None
-        except httpx.HTTPError:
-            raise unavailable_error(VENDOR) from None
-        if response.status_code >= 400:
-            raise status_error(response, self._api_key)
-        try:
-            payload = response.json()
-        except ValueError:
-            raise UpstreamError(f"{VENDOR} sent a malformed response") from None
+        payload = await self._http.post_json(_path(request.model, method), body)
         raise_embedded_error(payload, self._api_key)
-        return embedding_result(_as_dict(payload), request)
+        return embedding_result(payload, request)
+
+    def _status_error(self, status: int, body: Any, headers: Mapping[str, str]) -> ProxyError:
+        return status_error(status, body, headers, self._api_key)
 
 
 class SignatureMemory:
@@ -581,13 +552,11 @@ class StreamState:
 # --- errors --------------------------------------------------------------------------------
 
 
-def status_error(response: httpx.Response, api_key: str) -> ProxyError:
-    """The wire error for a Gemini error response (its body already read)."""
-    try:
-        error = _as_dict(_as_dict(response.json()).get("error"))
-    except ValueError:
-        error = {}
-    return google_error(error, response.status_code, response.headers, api_key)
+def status_error(status: int, body: Any, headers: Mapping[str, str], api_key: str) -> ProxyError:
+    """The wire error for a Gemini HTTP error (``body``: parsed JSON, or the text when it is
+    none); only Google's ``{"error": {...}}`` envelope is read, a proxy's page is not."""
+    error = _as_dict(_as_dict(body).get("error"))
+    return google_error(error, status, headers, api_key)
 
 
 def raise_embedded_error(payload: Any, api_key: str) -> None:

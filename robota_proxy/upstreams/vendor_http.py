@@ -8,8 +8,10 @@ here, once for all three vendors:
 
 * **errors by status and body**: an HTTP error becomes the wire error ``status_error`` picks
   from the status, the vendor's message and code, and ``Retry-After`` (the key cut out of
-  anything echoed); a network failure is ``upstream_unavailable`` before the answer started
-  and a broken stream after; a timeout is ``upstream_timeout``;
+  anything echoed), or the one the adapter's own ``status_error`` function picks where the
+  vendor says more in its body (Gemini: a bad key as a 400, the retry delay in a detail);
+  a network failure is ``upstream_unavailable`` before the answer started and a broken
+  stream after; a timeout is ``upstream_timeout``;
 * **event streams**: framed by ``httpx-sse`` (its ``EventSource`` reads any response that has
   ``headers`` and ``aiter_text()``, which ``_SSEText`` gives an aiohttp response), then read
   as JSON objects by ``sse_json.json_events`` (a malformed chunk is skipped, not fatal).
@@ -44,21 +46,21 @@ from robota_proxy.upstreams.errors import (
 )
 from robota_proxy.upstreams.sse_json import json_events
 
-#: What reading a started stream can raise that is the vendor's or the network's doing:
-#: aiohttp's errors (a cut connection, a truncated chunk), a socket read that timed out,
 #: Parsed URLs kept per adapter: a Gemini path names the caller's model, so an open-ended
 #: adapter must not keep one for every name a caller ever sent.
 _MAX_CACHED_URLS = 256
 
+#: What reading a started stream can raise that is the vendor's or the network's doing:
+#: aiohttp's errors (a cut connection, a truncated chunk), a socket read that timed out,
 #: and an event stream httpx-sse cannot frame (a wrong content type).
 _STREAM_ERRORS = (aiohttp.ClientError, TimeoutError, SSEError)
 
-
-class VendorHTTP:
 #: An adapter's own mapping of a vendor HTTP error: (status, body parsed as JSON or else the
 #: text, response headers) to the wire error.
 StatusError = Callable[[int, Any, Mapping[str, str]], ProxyError]
 
+
+class VendorHTTP:
     """One vendor endpoint (base URL and credentials) behind one aiohttp connection pool.
 
     The session is opened on the first call, inside the running event loop (aiohttp ties a
@@ -75,8 +77,10 @@ StatusError = Callable[[int, Any, Mapping[str, str]], ProxyError]
         timeout: float,
         connect_timeout: float,
         max_connections: int,
+        status_error: StatusError | None = None,
     ) -> None:
         self.vendor = vendor
+        self._status_error_of = status_error
         self._base = base_url.rstrip("/")
         #: Sent on every call: the credentials, and JSON in both directions.
         self._headers = {
@@ -236,6 +240,8 @@ StatusError = Callable[[int, Any, Mapping[str, str]], ProxyError]
             body = json.loads(raw)
         except ValueError:
             body = raw.decode("utf-8", errors="replace")
+        if self._status_error_of is not None:
+            return self._status_error_of(response.status, body, response.headers)
         return status_error(
             self.vendor, response.status, body=body, headers=response.headers, secrets=self._secrets
         )

@@ -1,15 +1,15 @@
-"""The Gemini adapter against a mocked REST API: request translation, response
-normalisation, SSE streaming and every failure mapped to the wire errors."""
+"""The Gemini adapter against a scripted Gemini REST server on a real socket
+(``vendor_stub``): request translation, response normalisation, SSE streaming and every
+failure mapped to the wire errors."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
+import anyio
 import pytest
-import respx
 
 from robota_client.messages import (
     ChatRequest,
@@ -30,14 +30,14 @@ from robota_proxy.errors import (
 from robota_proxy.upstreams.base import FinishEvent, UpstreamEvent
 from robota_proxy.upstreams.errors import VendorServerError
 from robota_proxy.upstreams.google import SKIP_SIGNATURE, GoogleUpstream
+from tests.unit.vendor_stub import CUT, STALL, Route, VendorStub, vendor_stub
 
 pytestmark = pytest.mark.anyio
 
 KEY = "test-google-key-not-real-0123456789"
-BASE = "https://gemini.test"
 MODEL = "gemini-2.5-flash"
-CHAT_URL = f"{BASE}/v1beta/models/{MODEL}:generateContent"
-STREAM_URL = f"{BASE}/v1beta/models/{MODEL}:streamGenerateContent"
+CHAT_URL = f"/v1beta/models/{MODEL}:generateContent"
+STREAM_URL = f"/v1beta/models/{MODEL}:streamGenerateContent"
 
 WEATHER = {
     "name": "get_weather",
@@ -61,17 +61,15 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+api = pytest.fixture(vendor_stub)
+
+
 @pytest.fixture
-async def google() -> AsyncIterator[GoogleUpstream]:
-    upstream = GoogleUpstream(api_key=KEY, base_url=BASE, models=[MODEL])
+async def google(api: VendorStub) -> AsyncIterator[GoogleUpstream]:
+    # A short socket-read limit, so that a vendor that stalls ends a test in a moment.
+    upstream = GoogleUpstream(api_key=KEY, base_url=api.url, models=[MODEL], timeout=0.5)
     yield upstream
     await upstream.aclose()
-
-
-@pytest.fixture
-def api() -> Iterator[respx.MockRouter]:
-    with respx.mock(assert_all_mocked=True, assert_all_called=False) as router:
-        yield router
 
 
 def chat_request(messages: list[dict[str, Any]], **extra: Any) -> ChatRequest:
@@ -107,25 +105,26 @@ def sse_body(*chunks: dict[str, Any] | str) -> bytes:
     return "".join(f"data: {frame}\r\n\r\n" for frame in frames).encode()
 
 
-def sse_response(body: bytes | httpx.AsyncByteStream) -> httpx.Response:
-    headers = {"content-type": "text/event-stream"}
-    if isinstance(body, bytes):
-        return httpx.Response(200, headers=headers, content=body)
-    return httpx.Response(200, headers=headers, stream=body)
+SSE_HEADERS = {"content-type": "text/event-stream"}
+
+
+def sse_reply(route: Route, *parts: bytes | object) -> Route:
+    """An event stream of ``parts`` (bytes, with ``CUT`` or ``STALL`` among them)."""
+    return route.respond(200, parts=parts, headers=SSE_HEADERS)
 
 
 async def collect(google: GoogleUpstream, request: ChatRequest) -> list[UpstreamEvent]:
     return [event async for event in google.stream(request)]
 
 
-def sent_body(route: respx.Route) -> Any:
+def sent_body(route: Route) -> Any:
     return json.loads(route.calls.last.request.content)
 
 
 # --- request translation -------------------------------------------------------------------
 
 
-async def test_request_translation(google: GoogleUpstream, api: respx.MockRouter) -> None:
+async def test_request_translation(google: GoogleUpstream, api: VendorStub) -> None:
     route = api.post(CHAT_URL).respond(json=gemini_reply([{"text": "done"}]))
     request = chat_request(
         [
@@ -160,7 +159,7 @@ async def test_request_translation(google: GoogleUpstream, api: respx.MockRouter
 
     sent = route.calls.last.request
     assert sent.headers["x-goog-api-key"] == KEY
-    assert KEY not in str(sent.url)
+    assert KEY not in sent.path and KEY not in str(sent.query)
     body = json.loads(sent.content)
     assert body["systemInstruction"] == {"parts": [{"text": "Be brief."}]}
     assert body["contents"] == [
@@ -224,7 +223,7 @@ async def test_request_translation(google: GoogleUpstream, api: respx.MockRouter
     ("choice", "mode"), [("auto", "AUTO"), ("none", "NONE"), ("required", "ANY")]
 )
 async def test_tool_choice_modes(
-    google: GoogleUpstream, api: respx.MockRouter, choice: str, mode: str
+    google: GoogleUpstream, api: VendorStub, choice: str, mode: str
 ) -> None:
     route = api.post(CHAT_URL).respond(json=gemini_reply([{"text": "ok"}]))
     await google.chat(
@@ -235,15 +234,13 @@ async def test_tool_choice_modes(
     assert sent_body(route)["toolConfig"] == {"functionCallingConfig": {"mode": mode}}
 
 
-async def test_plain_request_sends_only_contents(
-    google: GoogleUpstream, api: respx.MockRouter
-) -> None:
+async def test_plain_request_sends_only_contents(google: GoogleUpstream, api: VendorStub) -> None:
     route = api.post(CHAT_URL).respond(json=gemini_reply([{"text": "ok"}]))
     await google.chat(hello())
     assert sent_body(route) == {"contents": [{"role": "user", "parts": [{"text": "hello"}]}]}
 
 
-async def test_resource_style_model_name(google: GoogleUpstream, api: respx.MockRouter) -> None:
+async def test_resource_style_model_name(google: GoogleUpstream, api: VendorStub) -> None:
     route = api.post(CHAT_URL).respond(json=gemini_reply([{"text": "ok"}]))
     request = hello()
     request.model = f"models/{MODEL}"
@@ -251,9 +248,7 @@ async def test_resource_style_model_name(google: GoogleUpstream, api: respx.Mock
     assert route.called
 
 
-async def test_unknown_tool_call_id_is_invalid(
-    google: GoogleUpstream, api: respx.MockRouter
-) -> None:
+async def test_unknown_tool_call_id_is_invalid(google: GoogleUpstream, api: VendorStub) -> None:
     route = api.post(CHAT_URL).respond(json=gemini_reply([{"text": "ok"}]))
     request = chat_request(
         [
@@ -268,9 +263,7 @@ async def test_unknown_tool_call_id_is_invalid(
     assert not route.called
 
 
-async def test_invalid_tool_arguments_are_invalid(
-    google: GoogleUpstream, api: respx.MockRouter
-) -> None:
+async def test_invalid_tool_arguments_are_invalid(google: GoogleUpstream, api: VendorStub) -> None:
     route = api.post(CHAT_URL).respond(json=gemini_reply([{"text": "ok"}]))
     request = chat_request(
         [
@@ -290,9 +283,7 @@ async def test_invalid_tool_arguments_are_invalid(
 # --- response normalisation ----------------------------------------------------------------
 
 
-async def test_parallel_function_calls_and_usage(
-    google: GoogleUpstream, api: respx.MockRouter
-) -> None:
+async def test_parallel_function_calls_and_usage(google: GoogleUpstream, api: VendorStub) -> None:
     api.post(CHAT_URL).respond(
         json=gemini_reply(
             [
@@ -325,9 +316,7 @@ async def test_parallel_function_calls_and_usage(
     assert answer.usage.total_tokens == 49
 
 
-async def test_generated_ids_differ_between_calls(
-    google: GoogleUpstream, api: respx.MockRouter
-) -> None:
+async def test_generated_ids_differ_between_calls(google: GoogleUpstream, api: VendorStub) -> None:
     api.post(CHAT_URL).respond(json=gemini_reply([{"functionCall": {"name": "f", "args": {}}}] * 2))
     answer = await google.chat(hello())
     assert answer.tool_calls is not None
@@ -351,16 +340,14 @@ async def test_generated_ids_differ_between_calls(
     ],
 )
 async def test_finish_reasons(
-    google: GoogleUpstream, api: respx.MockRouter, raw: str, expected: str
+    google: GoogleUpstream, api: VendorStub, raw: str, expected: str
 ) -> None:
     api.post(CHAT_URL).respond(json=gemini_reply([{"text": "x"}], finish=raw))
     answer = await google.chat(hello())
     assert answer.metadata.finish_reason == expected
 
 
-async def test_blocked_prompt_is_content_filter(
-    google: GoogleUpstream, api: respx.MockRouter
-) -> None:
+async def test_blocked_prompt_is_content_filter(google: GoogleUpstream, api: VendorStub) -> None:
     api.post(CHAT_URL).respond(
         json={
             "promptFeedback": {"blockReason": "SAFETY"},
@@ -375,21 +362,17 @@ async def test_blocked_prompt_is_content_filter(
     assert answer.usage is not None and answer.usage.total_tokens == 5
 
 
-async def test_thought_signature_is_replayed(google: GoogleUpstream, api: respx.MockRouter) -> None:
-    route = api.post(CHAT_URL)
-    route.side_effect = [
-        httpx.Response(
-            200,
-            json=gemini_reply(
-                [
-                    {"functionCall": {"name": "get_time", "args": {}}, "thoughtSignature": "c2ln"},
-                    {"functionCall": {"name": "get_weather", "args": {"city": "A"}}},
-                ]
-            ),
-        ),
-        httpx.Response(200, json=gemini_reply([{"text": "ok"}])),
-    ]
+async def test_thought_signature_is_replayed(google: GoogleUpstream, api: VendorStub) -> None:
+    route = api.post(CHAT_URL).respond(
+        json=gemini_reply(
+            [
+                {"functionCall": {"name": "get_time", "args": {}}, "thoughtSignature": "c2ln"},
+                {"functionCall": {"name": "get_weather", "args": {"city": "A"}}},
+            ]
+        )
+    )
     first = await google.chat(hello())
+    route.respond(json=gemini_reply([{"text": "ok"}]))
     assert first.tool_calls is not None
     history = [
         {"role": "user", "content": "hello"},
@@ -402,12 +385,15 @@ async def test_thought_signature_is_replayed(google: GoogleUpstream, api: respx.
     assert "thoughtSignature" not in model_turn["parts"][1]
 
 
-async def test_non_json_success_body_is_an_upstream_error(
-    google: GoogleUpstream, api: respx.MockRouter
+@pytest.mark.parametrize("body", ["<html>proxy page</html>", "[1, 2]"], ids=["html", "array"])
+async def test_non_object_success_body_is_an_upstream_error(
+    google: GoogleUpstream, api: VendorStub, body: str
 ) -> None:
-    api.post(CHAT_URL).respond(200, text="<html>proxy page</html>")
-    with pytest.raises(UpstreamError):
+    api.post(CHAT_URL).respond(200, content=body)
+    with pytest.raises(UpstreamError) as raised:
         await google.chat(hello())
+    assert type(raised.value) is UpstreamError
+    assert raised.value.message == "google sent a response the proxy could not read"
 
 
 # --- streaming -----------------------------------------------------------------------------
@@ -458,13 +444,14 @@ STREAM_CHUNKS: list[dict[str, Any]] = [
 ]
 
 
-async def test_stream_events_in_order(google: GoogleUpstream, api: respx.MockRouter) -> None:
-    route = api.post(STREAM_URL, params={"alt": "sse"}).mock(
-        return_value=sse_response(sse_body(*STREAM_CHUNKS))
-    )
+async def test_stream_events_in_order(google: GoogleUpstream, api: VendorStub) -> None:
+    route = sse_reply(api.post(STREAM_URL), sse_body(*STREAM_CHUNKS))
     events = await collect(google, hello())
 
-    assert route.calls.last.request.headers["x-goog-api-key"] == KEY
+    sent = route.calls.last.request
+    assert sent.query == {"alt": "sse"}
+    assert sent.headers["x-goog-api-key"] == KEY
+    assert sent.headers["accept"] == "text/event-stream"
     assert [type(event) for event in events] == [
         DeltaEvent,
         DeltaEvent,
@@ -487,8 +474,8 @@ async def test_stream_events_in_order(google: GoogleUpstream, api: respx.MockRou
     assert isinstance(finish, FinishEvent) and finish.finish_reason == "tool_calls"
 
 
-async def test_stream_assembles_like_chat(google: GoogleUpstream, api: respx.MockRouter) -> None:
-    api.post(STREAM_URL).mock(return_value=sse_response(sse_body(*STREAM_CHUNKS)))
+async def test_stream_assembles_like_chat(google: GoogleUpstream, api: VendorStub) -> None:
+    sse_reply(api.post(STREAM_URL), sse_body(*STREAM_CHUNKS))
     assembler = StreamAssembler()
     for event in await collect(google, hello()):
         if not isinstance(event, FinishEvent):
@@ -518,7 +505,7 @@ GEMINI_WIRE_USAGE = {
 
 
 async def test_chat_usage_cached_and_thought_tokens(
-    google: GoogleUpstream, api: respx.MockRouter
+    google: GoogleUpstream, api: VendorStub
 ) -> None:
     reply = gemini_reply([{"text": "ok"}])
     api.post(CHAT_URL).respond(json={**reply, "usageMetadata": GEMINI_USAGE})
@@ -531,7 +518,7 @@ async def test_chat_usage_cached_and_thought_tokens(
 
 
 async def test_stream_usage_is_the_last_cumulative_report(
-    google: GoogleUpstream, api: respx.MockRouter
+    google: GoogleUpstream, api: VendorStub
 ) -> None:
     early = {"promptTokenCount": 3000, "cachedContentTokenCount": 2048, "totalTokenCount": 3000}
     chunks = [
@@ -546,7 +533,7 @@ async def test_stream_usage_is_the_last_cumulative_report(
             "usageMetadata": GEMINI_USAGE,
         },
     ]
-    api.post(STREAM_URL).mock(return_value=sse_response(sse_body(*chunks)))
+    sse_reply(api.post(STREAM_URL), sse_body(*chunks))
 
     events = await collect(google, hello())
 
@@ -556,20 +543,13 @@ async def test_stream_usage_is_the_last_cumulative_report(
     assert events[-1] == FinishEvent("stop")
 
 
-async def test_stream_text_only_finishes_stop(
-    google: GoogleUpstream, api: respx.MockRouter
-) -> None:
-    api.post(STREAM_URL).mock(
-        return_value=sse_response(
-            sse_body(
-                {"candidates": [{"content": {"parts": [{"text": "a"}]}}]},
-                {
-                    "candidates": [
-                        {"content": {"parts": [{"text": "b"}]}, "finishReason": "MAX_TOKENS"}
-                    ]
-                },
-            )
-        )
+async def test_stream_text_only_finishes_stop(google: GoogleUpstream, api: VendorStub) -> None:
+    sse_reply(
+        api.post(STREAM_URL),
+        sse_body(
+            {"candidates": [{"content": {"parts": [{"text": "a"}]}}]},
+            {"candidates": [{"content": {"parts": [{"text": "b"}]}, "finishReason": "MAX_TOKENS"}]},
+        ),
     )
     events = await collect(google, hello())
     assert [type(e) for e in events] == [DeltaEvent, DeltaEvent, FinishEvent]
@@ -577,16 +557,15 @@ async def test_stream_text_only_finishes_stop(
     assert isinstance(finish, FinishEvent) and finish.finish_reason == "length"
 
 
-async def test_stream_blocked_prompt(google: GoogleUpstream, api: respx.MockRouter) -> None:
-    api.post(STREAM_URL).mock(
-        return_value=sse_response(
-            sse_body(
-                {
-                    "promptFeedback": {"blockReason": "PROHIBITED_CONTENT"},
-                    "usageMetadata": {"promptTokenCount": 3, "totalTokenCount": 3},
-                }
-            )
-        )
+async def test_stream_blocked_prompt(google: GoogleUpstream, api: VendorStub) -> None:
+    sse_reply(
+        api.post(STREAM_URL),
+        sse_body(
+            {
+                "promptFeedback": {"blockReason": "PROHIBITED_CONTENT"},
+                "usageMetadata": {"promptTokenCount": 3, "totalTokenCount": 3},
+            }
+        ),
     )
     events = await collect(google, hello())
     assert [type(e) for e in events] == [UsageEvent, FinishEvent]
@@ -594,40 +573,44 @@ async def test_stream_blocked_prompt(google: GoogleUpstream, api: respx.MockRout
     assert isinstance(finish, FinishEvent) and finish.finish_reason == "content_filter"
 
 
-class TrackedStream(httpx.AsyncByteStream):
-    """A response body that records whether the adapter closed it."""
-
-    def __init__(self, chunks: list[bytes], fail_with: Exception | None = None) -> None:
-        self.chunks = chunks
-        self.fail_with = fail_with
-        self.closed = False
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        for chunk in self.chunks:
-            yield chunk
-        if self.fail_with is not None:
-            raise self.fail_with
-
-    async def aclose(self) -> None:
-        self.closed = True
+async def wait_closed(route: Route) -> None:
+    """Until the stub has seen the connection of its stalled answer closed; a test that
+    never closes it fails here after 5 s."""
+    with anyio.fail_after(5):
+        await route.closed.wait()
 
 
-async def test_stopping_early_closes_the_response(
-    google: GoogleUpstream, api: respx.MockRouter
-) -> None:
-    body = TrackedStream([sse_body(chunk) for chunk in STREAM_CHUNKS])
-    api.post(STREAM_URL).mock(return_value=sse_response(body))
+async def test_stopping_early_closes_the_response(google: GoogleUpstream, api: VendorStub) -> None:
+    route = sse_reply(api.post(STREAM_URL), sse_body(*STREAM_CHUNKS[:2]), STALL)
     events = google.stream(hello())
     first = await anext(events)
-    assert isinstance(first, DeltaEvent)
+    assert first == DeltaEvent(content="Hello")
     await events.aclose()
-    assert body.closed
+    await wait_closed(route)
+
+
+async def test_cancelling_the_consumer_closes_the_response(
+    google: GoogleUpstream, api: VendorStub
+) -> None:
+    route = sse_reply(api.post(STREAM_URL), sse_body(*STREAM_CHUNKS[:2]), STALL)
+    received: list[UpstreamEvent] = []
+
+    async def consume() -> None:
+        async for event in google.stream(hello()):
+            received.append(event)
+            scope.cancel()
+
+    with anyio.CancelScope() as scope:
+        await consume()
+
+    assert received == [DeltaEvent(content="Hello")]
+    await wait_closed(route)
 
 
 async def test_stream_cut_without_finish_reason_is_broken(
-    google: GoogleUpstream, api: respx.MockRouter
+    google: GoogleUpstream, api: VendorStub
 ) -> None:
-    api.post(STREAM_URL).mock(return_value=sse_response(sse_body(*STREAM_CHUNKS[:2])))
+    sse_reply(api.post(STREAM_URL), sse_body(*STREAM_CHUNKS[:2]))
     received: list[UpstreamEvent] = []
     with pytest.raises(UpstreamError, match="malformed or truncated"):
         async for event in google.stream(hello()):
@@ -635,26 +618,38 @@ async def test_stream_cut_without_finish_reason_is_broken(
     assert [type(e) for e in received] == [DeltaEvent]
 
 
-async def test_transport_error_mid_stream_is_broken(
-    google: GoogleUpstream, api: respx.MockRouter
+@pytest.mark.parametrize(
+    ("failure", "error", "message"),
+    [
+        (CUT, UpstreamError, "google sent a malformed or truncated stream"),
+        (STALL, UpstreamTimeout, "google did not answer in time"),
+    ],
+    ids=["connection cut", "read timed out"],
+)
+async def test_transport_failure_mid_stream(
+    google: GoogleUpstream,
+    api: VendorStub,
+    failure: object,
+    error: type[ProxyError],
+    message: str,
 ) -> None:
-    body = TrackedStream([sse_body(STREAM_CHUNKS[1])], fail_with=httpx.ReadError("reset"))
-    api.post(STREAM_URL).mock(return_value=sse_response(body))
+    route = sse_reply(api.post(STREAM_URL), sse_body(STREAM_CHUNKS[1]), failure)
     received: list[UpstreamEvent] = []
-    with pytest.raises(UpstreamError, match="malformed or truncated"):
+    with pytest.raises(ProxyError) as raised:
         async for event in google.stream(hello()):
             received.append(event)
     assert received == [DeltaEvent(content="Hello")]
-    assert body.closed
+    assert type(raised.value) is error
+    assert raised.value.message == message
+    if failure is STALL:
+        await wait_closed(route)  # the adapter hung up on the silent vendor
 
 
 async def test_malformed_sse_data_is_skipped_and_logged_once(
-    google: GoogleUpstream, api: respx.MockRouter, caplog: pytest.LogCaptureFixture
+    google: GoogleUpstream, api: VendorStub, caplog: pytest.LogCaptureFixture
 ) -> None:
-    api.post(STREAM_URL).mock(
-        return_value=sse_response(
-            sse_body(STREAM_CHUNKS[1], "{not json", "[1, 2]", STREAM_CHUNKS[3])
-        )
+    sse_reply(
+        api.post(STREAM_URL), sse_body(STREAM_CHUNKS[1], "{not json", "[1, 2]", STREAM_CHUNKS[3])
     )
     received = await collect(google, hello())
     assert received[0] == DeltaEvent(content="Hello")
@@ -664,20 +659,19 @@ async def test_malformed_sse_data_is_skipped_and_logged_once(
     assert skipped == ["request -: skipped 2 malformed chunks in a stream from google"]
 
 
-async def test_wrong_content_type_is_broken(google: GoogleUpstream, api: respx.MockRouter) -> None:
+async def test_wrong_content_type_is_broken(google: GoogleUpstream, api: VendorStub) -> None:
     api.post(STREAM_URL).respond(200, json=gemini_reply([{"text": "x"}]))
     with pytest.raises(UpstreamError, match="malformed or truncated"):
         await collect(google, hello())
 
 
-async def test_error_frame_mid_stream(google: GoogleUpstream, api: respx.MockRouter) -> None:
-    api.post(STREAM_URL).mock(
-        return_value=sse_response(
-            sse_body(
-                STREAM_CHUNKS[1],
-                {"error": {"code": 503, "message": "overloaded", "status": "UNAVAILABLE"}},
-            )
-        )
+async def test_error_frame_mid_stream(google: GoogleUpstream, api: VendorStub) -> None:
+    sse_reply(
+        api.post(STREAM_URL),
+        sse_body(
+            STREAM_CHUNKS[1],
+            {"error": {"code": 503, "message": "overloaded", "status": "UNAVAILABLE"}},
+        ),
     )
     with pytest.raises(UpstreamUnavailable):
         await collect(google, hello())
@@ -702,7 +696,7 @@ async def fail(google: GoogleUpstream, streaming: bool) -> ProxyError:
     return raised.value
 
 
-def route_for(api: respx.MockRouter, streaming: bool) -> respx.Route:
+def route_for(api: VendorStub, streaming: bool) -> Route:
     return api.post(STREAM_URL if streaming else CHAT_URL)
 
 
@@ -711,7 +705,7 @@ STREAMING = pytest.mark.parametrize("streaming", [False, True], ids=["chat", "st
 
 @STREAMING
 async def test_401_never_echoes_the_key(
-    google: GoogleUpstream, api: respx.MockRouter, streaming: bool
+    google: GoogleUpstream, api: VendorStub, streaming: bool
 ) -> None:
     route_for(api, streaming).respond(401, json=google_error(401, f"bad key {KEY}"))
     error = await fail(google, streaming)
@@ -723,7 +717,7 @@ async def test_401_never_echoes_the_key(
 
 @STREAMING
 async def test_invalid_key_400_is_a_credentials_failure(
-    google: GoogleUpstream, api: respx.MockRouter, streaming: bool
+    google: GoogleUpstream, api: VendorStub, streaming: bool
 ) -> None:
     body = google_error(400, f"API key not valid: {KEY}", reason="API_KEY_INVALID")
     route_for(api, streaming).respond(400, json=body)
@@ -735,7 +729,7 @@ async def test_invalid_key_400_is_a_credentials_failure(
 
 @STREAMING
 async def test_400_passes_the_vendor_message_redacted(
-    google: GoogleUpstream, api: respx.MockRouter, streaming: bool
+    google: GoogleUpstream, api: VendorStub, streaming: bool
 ) -> None:
     body = google_error(400, f"Invalid JSON payload near {KEY}", reason="BAD_FIELD")
     route_for(api, streaming).respond(400, json=body)
@@ -745,7 +739,7 @@ async def test_400_passes_the_vendor_message_redacted(
     assert KEY not in error.message
 
 
-async def test_404_is_not_found(google: GoogleUpstream, api: respx.MockRouter) -> None:
+async def test_404_is_not_found(google: GoogleUpstream, api: VendorStub) -> None:
     api.post(CHAT_URL).respond(404, json=google_error(404, "models/x is not found"))
     error = await fail(google, streaming=False)
     assert type(error) is NotFound
@@ -753,7 +747,7 @@ async def test_404_is_not_found(google: GoogleUpstream, api: respx.MockRouter) -
 
 @STREAMING
 async def test_429_with_retry_after(
-    google: GoogleUpstream, api: respx.MockRouter, streaming: bool
+    google: GoogleUpstream, api: VendorStub, streaming: bool
 ) -> None:
     route_for(api, streaming).respond(
         429, json=google_error(429, "quota"), headers={"retry-after": "17"}
@@ -765,7 +759,7 @@ async def test_429_with_retry_after(
 
 @STREAMING
 async def test_429_with_retry_info_in_the_body(
-    google: GoogleUpstream, api: respx.MockRouter, streaming: bool
+    google: GoogleUpstream, api: VendorStub, streaming: bool
 ) -> None:
     body = google_error(429, "Resource has been exhausted")
     body["error"]["details"] = [
@@ -777,10 +771,10 @@ async def test_429_with_retry_info_in_the_body(
     assert error.retry_after == 37
 
 
-async def test_429_frame_mid_stream(google: GoogleUpstream, api: respx.MockRouter) -> None:
+async def test_429_frame_mid_stream(google: GoogleUpstream, api: VendorStub) -> None:
     frame = google_error(429, "slow down")
     frame["error"]["details"] = [{"retryDelay": "1.5s"}]
-    api.post(STREAM_URL).mock(return_value=sse_response(sse_body(STREAM_CHUNKS[1], frame)))
+    sse_reply(api.post(STREAM_URL), sse_body(STREAM_CHUNKS[1], frame))
     error = await fail(google, streaming=True)
     assert type(error) is RateLimited
     assert error.retry_after == 1.5
@@ -790,29 +784,32 @@ async def test_429_frame_mid_stream(google: GoogleUpstream, api: respx.MockRoute
 @pytest.mark.parametrize(("status", "kind"), [(500, VendorServerError), (503, UpstreamUnavailable)])
 async def test_server_errors(
     google: GoogleUpstream,
-    api: respx.MockRouter,
+    api: VendorStub,
     streaming: bool,
     status: int,
     kind: type[ProxyError],
 ) -> None:
-    route_for(api, streaming).respond(status, text="<html>oops</html>")
+    route_for(api, streaming).respond(status, content="<html>oops</html>")
     error = await fail(google, streaming)
     assert type(error) is kind
 
 
 @STREAMING
-async def test_timeout(google: GoogleUpstream, api: respx.MockRouter, streaming: bool) -> None:
-    route_for(api, streaming).mock(side_effect=httpx.ReadTimeout("slow"))
+async def test_timeout(google: GoogleUpstream, api: VendorStub, streaming: bool) -> None:
+    # The vendor takes the request and answers after the adapter's 0.5 s read limit.
+    route_for(api, streaming).respond(200, json=gemini_reply([{"text": "late"}]), delay=2)
     error = await fail(google, streaming)
     assert type(error) is UpstreamTimeout
 
 
 @STREAMING
-async def test_connect_error(
-    google: GoogleUpstream, api: respx.MockRouter, streaming: bool
-) -> None:
-    route_for(api, streaming).mock(side_effect=httpx.ConnectError("refused"))
-    error = await fail(google, streaming)
+async def test_connect_error(api: VendorStub, streaming: bool) -> None:
+    await api.stop()  # nothing listens on its port any more: the connection is refused
+    google = GoogleUpstream(api_key=KEY, base_url=api.url)
+    try:
+        error = await fail(google, streaming)
+    finally:
+        await google.aclose()
     assert type(error) is UpstreamUnavailable
 
 
