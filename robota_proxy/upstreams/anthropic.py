@@ -7,40 +7,26 @@ to alternate.
 
 ``responseFormat: json`` is not mapped: the Messages API has no schema-less JSON mode (its
 structured outputs need a JSON Schema), so the option is ignored and the prompt has to ask
-for JSON. ``temperature`` and ``top_p`` are sent through ``extra_body`` because this SDK
-generation no longer declares them; they go out only when the caller sets them.
+for JSON. ``temperature`` and ``top_p`` go out only when the caller sets them.
 
 Not mapped either: extended thinking (thinking blocks are dropped from answers), server
 tools and their result blocks, citations, prompt-cache breakpoints and ``top_k``.
 
-The connection pool is an ``httpx2`` client (the SDK's ``DefaultAsyncHttpxClient``): this
-SDK generation refuses ``httpx`` objects.
+Spoken directly over one pooled aiohttp session (``vendor_http``), not through the
+``anthropic`` SDK: the request built here is already the wire JSON and answers are read as
+the JSON dicts, so the SDK was only an expensive ``post()`` and a pydantic model per stream
+event (see ``vendor_http``). What it added on the wire is sent here: the key, as the
+``x-api-key`` header Anthropic documents, and the ``anthropic-version`` the SDK pins
+(``API_VERSION``); a passthrough caller's own ``anthropic-version`` / ``anthropic-beta``
+replace the defaults. The official SDK stays where it is the best judge: as a client of our
+Anthropic surface, and as the parser that proves our fake vendor speaks Anthropic's wire (the
+tests).
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
 from contextlib import aclosing, asynccontextmanager
-
-import anthropic
-import httpx2
-import pydantic
-from anthropic.types import (
-    InputJSONDelta,
-    Message,
-    RawContentBlockDeltaEvent,
-    RawContentBlockStartEvent,
-    RawContentBlockStopEvent,
-    RawMessageDeltaEvent,
-    RawMessageStartEvent,
-    RawMessageStopEvent,
-    RawMessageStreamEvent,
-    TextBlock,
-    TextDelta,
-    ToolUseBlock,
-)
-from httpx_sse import SSEError
 
 from robota_client.messages import (
     AssistantMessage,
@@ -57,7 +43,6 @@ from robota_client.messages import (
     UsageEvent,
 )
 from robota_proxy.errors import ProxyError
-from robota_proxy.observability import tracing
 from robota_proxy.upstreams._convert import (
     JSONDict,
     arguments_json,
@@ -66,14 +51,15 @@ from robota_proxy.upstreams._convert import (
     tool_arguments,
 )
 from robota_proxy.upstreams.base import FinishEvent, UpstreamEvent
-from robota_proxy.upstreams.errors import (
-    broken_stream_error,
-    timeout_error,
-    unavailable_error,
-)
-from robota_proxy.upstreams.sse_json import response_objects
+from robota_proxy.upstreams.errors import broken_stream_error
+from robota_proxy.upstreams.vendor_http import VendorHTTP
 
 OFFICIAL_BASE_URL = "https://api.anthropic.com"
+#: The API version sent unless a passthrough caller names its own: the one the official SDK
+#: (2.14) sends, so that leaving the SDK changed nothing Anthropic sees. Stream usage depends
+#: on it: input and cache counts in ``message_delta`` come only on newer versions.
+API_VERSION = "2026-10-21"
+_PATH = "/v1/messages"
 
 _FINISH_REASONS: dict[str, FinishReason] = {
     "end_turn": "stop",
@@ -105,17 +91,6 @@ _TOOL_CHOICES: dict[str, JSONDict] = {
     "none": {"type": "none"},
 }
 
-#: Everything a call can raise that is the vendor's (or the network's) doing. The SDK
-#: leaves transport errors in the middle of a stream unwrapped, hence ``httpx2``;
-#: ``ValueError`` covers a stream event that is not JSON.
-_CALL_ERRORS = (anthropic.AnthropicError, httpx2.HTTPError, ValueError)
-#: What reading a started stream can raise besides the call's own errors.
-_STREAM_ERRORS = (*_CALL_ERRORS, SSEError)
-#: The SDK's own union of stream event types, to read an event object as the SDK would.
-_STREAM_EVENT: pydantic.TypeAdapter[RawMessageStreamEvent] = pydantic.TypeAdapter(
-    RawMessageStreamEvent
-)
-
 
 class AnthropicUpstream:
     """The Anthropic API behind one connection pool."""
@@ -135,53 +110,37 @@ class AnthropicUpstream:
         max_connections: int = 1000,
     ) -> None:
         self.name = "anthropic"
-        self._api_key = api_key
+        self._secrets = [api_key]
         self._models = list(models) if models is not None else None
         self._default_max_tokens = default_max_tokens
-        self._http = anthropic.DefaultAsyncHttpxClient(
-            limits=httpx2.Limits(
-                max_connections=max_connections,
-                max_keepalive_connections=max_connections,
-            ),
-            timeout=httpx2.Timeout(timeout, connect=connect_timeout),
-            event_hooks=tracing.EVENT_HOOKS,  # traceparent to the vendor when tracing
-        )
-        self._client = anthropic.AsyncAnthropic(
-            api_key=api_key,
+        self._http = VendorHTTP(
+            vendor=self.name,
             # Explicit, so that an ANTHROPIC_BASE_URL in the environment cannot redirect
             # the proxy's key somewhere else.
             base_url=base_url or OFFICIAL_BASE_URL,
+            headers={"x-api-key": api_key, "anthropic-version": API_VERSION},
+            secrets=self._secrets,
             timeout=timeout,
-            max_retries=0,
-            http_client=self._http,
+            connect_timeout=connect_timeout,
+            max_connections=max_connections,
         )
 
     def models(self) -> list[str] | None:
         return list(self._models) if self._models is not None else None
 
     async def aclose(self) -> None:
-        await self._client.close()
+        await self._http.aclose()
 
     # --- calls -----------------------------------------------------------------------------
 
     async def chat(self, request: ChatRequest) -> AssistantMessage:
-        params = self._params(request)
-        try:
-            message = await self._client.messages.create(**params)
-        except _CALL_ERRORS as exc:
-            raise self._proxy_error(exc, streaming=False) from None
+        message = await self._http.post_json(_PATH, self._params(request))
         return self._message(request, message)
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[UpstreamEvent, None]:
-        params = self._params(request)
-        body = {**params, **params.pop("extra_body", {})}
         reader = _EventReader()
-        async with self._events(body, None) as vendor_events:
-            async for raw in vendor_events:
-                try:
-                    event = _STREAM_EVENT.validate_python(raw)
-                except pydantic.ValidationError:
-                    continue  # an event type this SDK does not know yet: nothing to read
+        async with self._events(self._params(request), None) as vendor_events:
+            async for event in vendor_events:
                 for item in reader.events(event):
                     yield item
         # ``message_delta`` carries the stop reason and the final usage: a stream that ends
@@ -197,21 +156,14 @@ class AnthropicUpstream:
     # --- passthrough (the Anthropic surface, robota_proxy.routes.anthropic_compat) ------------
 
     async def passthrough(
-        self, body: JSONDict, headers: Mapping[str, str], *, path: str = "/v1/messages"
+        self, body: JSONDict, headers: Mapping[str, str], *, path: str = _PATH
     ) -> JSONDict:
         """POST the caller's own JSON (its model already rewritten) to ``path`` and return
         Anthropic's JSON answer untouched: thinking blocks, signatures and ``cache_control``
         survive because nothing is translated. ``headers``: the caller's
-        ``anthropic-version`` / ``anthropic-beta``, which replace the SDK's defaults."""
-        try:
-            answer = await self._client.post(
-                path, cast_to=object, body=body, options={"headers": dict(headers)}
-            )
-        except _CALL_ERRORS as exc:
-            raise self._proxy_error(exc, streaming=False) from None
-        if not isinstance(answer, dict):
-            raise malformed_response_error(self.name)
-        return answer
+        ``anthropic-version`` / ``anthropic-beta`` (lower-case names), which replace the
+        defaults."""
+        return await self._http.post_json(path, body, headers=headers)
 
     async def passthrough_stream(
         self, body: JSONDict, headers: Mapping[str, str]
@@ -227,29 +179,15 @@ class AnthropicUpstream:
     async def _events(
         self, body: JSONDict, headers: Mapping[str, str] | None
     ) -> AsyncIterator[AsyncGenerator[JSONDict, None]]:
-        """The event objects of one streamed ``/v1/messages`` call, read by ``sse_json`` (a
-        malformed event is skipped, not fatal; ``ping`` is left out), with the vendor's
-        failures mapped to wire errors and the response closed however the reading ends.
-        ``headers``: the caller's ``anthropic-version`` / ``anthropic-beta`` on a passthrough."""
-        try:
-            response = await self._client.post(
-                "/v1/messages",
-                cast_to=httpx2.Response,
-                body={**body, "stream": True},
-                options={"headers": dict(headers)} if headers else {},
-                stream=True,
-            )
-        except _CALL_ERRORS as exc:
-            raise self._proxy_error(exc, streaming=False) from None
-        async with response_objects(
-            response,
-            self.name,
-            functools.partial(_event_objects, response=response),
-            done=None,
-            errors=_STREAM_ERRORS,
-            to_proxy_error=self._stream_error,
-        ) as events:
-            yield events
+        """The event objects of one streamed ``/v1/messages`` call (a malformed event is
+        skipped, not fatal; ``ping`` is left out), with the vendor's failures mapped to wire
+        errors and the response closed however the reading ends. ``headers``: the caller's
+        ``anthropic-version`` / ``anthropic-beta`` on a passthrough."""
+        async with (
+            self._http.post_events(_PATH, {**body, "stream": True}, headers=headers) as events,
+            aclosing(_event_objects(events, self.name, self._secrets)) as objects,
+        ):
+            yield objects
 
     # --- request ---------------------------------------------------------------------------
 
@@ -271,97 +209,78 @@ class AnthropicUpstream:
                 )
         if options.stop:
             params["stop_sequences"] = options.stop
-        sampling = {
-            key: value
-            for key, value in (("temperature", options.temperature), ("top_p", options.top_p))
-            if value is not None
-        }
-        if sampling:
-            params["extra_body"] = sampling
+        if options.temperature is not None:
+            params["temperature"] = options.temperature
+        if options.top_p is not None:
+            params["top_p"] = options.top_p
         return params
 
     # --- response --------------------------------------------------------------------------
 
-    def _message(self, request: ChatRequest, message: Message) -> AssistantMessage:
-        text = "".join(block.text for block in message.content if isinstance(block, TextBlock))
+    def _message(self, request: ChatRequest, message: JSONDict) -> AssistantMessage:
+        """A ``message`` object: its text and ``tool_use`` blocks (anything else, thinking
+        included, is dropped), usage and stop reason."""
+        content = message.get("content")
+        if not isinstance(content, list):
+            raise malformed_response_error(self.name)
+        blocks = [block for block in content if isinstance(block, dict)]
+        text = "".join(
+            block["text"]
+            for block in blocks
+            if block.get("type") == "text" and isinstance(block.get("text"), str)
+        )
         calls = [
             ToolCall(
-                id=block.id,
-                function=FunctionCall(name=block.name, arguments=arguments_json(block.input)),
+                id=block["id"],
+                function=FunctionCall(
+                    name=block["name"], arguments=arguments_json(block.get("input") or {})
+                ),
             )
-            for block in message.content
-            if isinstance(block, ToolUseBlock)
+            for block in blocks
+            if _is_tool_use(block)
         ]
-        usage = message.usage
-        details = usage.output_tokens_details
+        usage = message.get("usage")
+        model = message.get("model")
         return AssistantMessage(
             content=text if text or not calls else None,
             tool_calls=calls or None,
-            usage=_usage(
-                input_tokens=usage.input_tokens,
-                output_tokens=usage.output_tokens,
-                cache_read=usage.cache_read_input_tokens,
-                cache_creation=usage.cache_creation_input_tokens,
-                thinking=details.thinking_tokens if details else None,
-            ),
+            usage=_usage(_counts(usage)) if isinstance(usage, dict) else None,
             metadata=ResponseMetadata(
                 provider=self.name,
-                model=message.model or request.model,
-                finish_reason=_finish_reason(message.stop_reason),
+                model=model if isinstance(model, str) and model else request.model,
+                finish_reason=_finish_reason(_str(message.get("stop_reason"))),
             ),
         )
 
-    # --- errors ----------------------------------------------------------------------------
-
-    def _stream_error(self, exc: Exception) -> ProxyError:
-        return self._proxy_error(exc, streaming=True)
-
-    def _proxy_error(self, exc: Exception, *, streaming: bool) -> ProxyError:
-        """``streaming`` says the response had started, so a broken connection means a
-        truncated answer rather than an unreachable vendor."""
-        if isinstance(exc, anthropic.APIStatusError):
-            status = exc.status_code
-            if status < 400:
-                # An ``event: error`` inside a 200 stream; its type says what went wrong.
-                status = _STATUS_BY_ERROR_TYPE.get(_error_type(exc.body), 0)
-                if not status:
-                    return broken_stream_error(self.name)
-            return status_error(
-                self.name,
-                status,
-                body=exc.body,
-                headers=exc.response.headers,
-                secrets=[self._api_key],
-            )
-        if isinstance(exc, anthropic.APITimeoutError | httpx2.TimeoutException):
-            return timeout_error(self.name)
-        if isinstance(exc, anthropic.APIConnectionError | httpx2.TransportError) and not streaming:
-            return unavailable_error(self.name)
-        if streaming:
-            return broken_stream_error(self.name)
-        return malformed_response_error(self.name)
-
 
 async def _event_objects(
-    events: AsyncGenerator[tuple[str, JSONDict], None], response: httpx2.Response
+    events: AsyncGenerator[tuple[str, JSONDict], None], vendor: str, secrets: list[str]
 ) -> AsyncGenerator[JSONDict, None]:
-    """The events but ``ping``; an ``error`` event midway raises as the SDK's reader did (its
-    error type then decides the wire error, see ``_proxy_error``)."""
+    """The events but ``ping``; an ``error`` event midway raises the wire error its type
+    stands for (an unknown type: a broken stream), the key cut out of its message."""
     async with aclosing(events):
         async for name, event in events:
             kind = event.get("type", name)
             if kind == "ping":
                 continue
             if kind == "error":
-                raise anthropic.APIStatusError(
-                    "an error event in the stream", response=response, body=event
-                )
+                raise _error_event(event, vendor, secrets)
             yield event
 
 
+def _error_event(event: JSONDict, vendor: str, secrets: list[str]) -> ProxyError:
+    """The wire error for an ``event: error`` inside a stream whose HTTP status was 200."""
+    status = _STATUS_BY_ERROR_TYPE.get(_error_type(event), 0)
+    if not status:
+        return broken_stream_error(vendor)
+    return status_error(vendor, status, body=event, headers=None, secrets=secrets)
+
+
 class _EventReader:
-    """Turns stream events into wire events and keeps what is only complete at the end:
-    the stop reason and the usage, whose input half comes first and output half last."""
+    """Turns stream events (the JSON objects as Anthropic sent them) into wire events and
+    keeps what is only complete at the end: the stop reason and the usage, whose input half
+    comes first and output half last. An event of a type not read here, or one missing what
+    is read from it, gives nothing."""
 
     def __init__(self) -> None:
         #: Content block index -> position among the tool calls (the wire ``index``).
@@ -372,83 +291,79 @@ class _EventReader:
         self.stop_reason: str | None = None
         self.stopped = False
 
-    def events(self, event: RawMessageStreamEvent) -> list[UpstreamEvent]:
-        if isinstance(event, RawMessageStartEvent):
-            self._start(event)
-        elif isinstance(event, RawContentBlockStartEvent):
+    def events(self, event: JSONDict) -> list[UpstreamEvent]:
+        kind = event.get("type")
+        if kind == "message_start":
+            message = event.get("message")
+            usage = message.get("usage") if isinstance(message, dict) else None
+            if isinstance(usage, dict):
+                self._count(_counts(usage))
+        elif kind == "content_block_start":
             return self._block_start(event)
-        elif isinstance(event, RawContentBlockDeltaEvent):
+        elif kind == "content_block_delta":
             return self._block_delta(event)
-        elif isinstance(event, RawContentBlockStopEvent):
-            return self._block_stop(event.index)
-        elif isinstance(event, RawMessageDeltaEvent):
+        elif kind == "content_block_stop":
+            index = _int(event.get("index"))
+            return self._block_stop(index) if index is not None else []
+        elif kind == "message_delta":
             self._delta(event)
-        elif isinstance(event, RawMessageStopEvent):
+        elif kind == "message_stop":
             self.stopped = True
         return []
 
     def usage(self) -> Usage | None:
         if not self._tokens:
             return None
-        return _usage(
-            input_tokens=self._tokens.get("input") or 0,
-            output_tokens=self._tokens.get("output") or 0,
-            cache_read=self._tokens.get("cache_read"),
-            cache_creation=self._tokens.get("cache_creation"),
-            thinking=self._tokens.get("thinking"),
-        )
+        return _usage(self._tokens)
 
-    def _start(self, event: RawMessageStartEvent) -> None:
-        usage = event.message.usage
-        details = usage.output_tokens_details
-        self._count(
-            input=usage.input_tokens,
-            output=usage.output_tokens,
-            cache_read=usage.cache_read_input_tokens,
-            cache_creation=usage.cache_creation_input_tokens,
-            thinking=details.thinking_tokens if details else None,
-        )
-
-    def _delta(self, event: RawMessageDeltaEvent) -> None:
-        if event.delta.stop_reason is not None:
-            self.stop_reason = event.delta.stop_reason
-        usage = event.usage
-        details = usage.output_tokens_details
+    def _delta(self, event: JSONDict) -> None:
+        delta = event.get("delta")
+        reason = _str(delta.get("stop_reason")) if isinstance(delta, dict) else None
+        if reason is not None:
+            self.stop_reason = reason
+        usage = event.get("usage")
         # The delta's counts are cumulative; input counts appear here only on newer API
         # versions, so the ones from message_start stay when they are absent.
-        self._count(
-            input=usage.input_tokens,
-            output=usage.output_tokens,
-            cache_read=usage.cache_read_input_tokens,
-            cache_creation=usage.cache_creation_input_tokens,
-            thinking=details.thinking_tokens if details else None,
-        )
+        if isinstance(usage, dict):
+            self._count(_counts(usage))
 
-    def _count(self, **counts: int | None) -> None:
+    def _count(self, counts: dict[str, int | None]) -> None:
         for key, value in counts.items():
             if value is not None or key not in self._tokens:
                 self._tokens[key] = value
 
-    def _block_start(self, event: RawContentBlockStartEvent) -> list[UpstreamEvent]:
-        block = event.content_block
-        if isinstance(block, TextBlock):
-            return [DeltaEvent(content=block.text)] if block.text else []
-        if not isinstance(block, ToolUseBlock):
+    def _block_start(self, event: JSONDict) -> list[UpstreamEvent]:
+        block = event.get("content_block")
+        block_index = _int(event.get("index"))
+        if not isinstance(block, dict) or block_index is None:
+            return []
+        if block.get("type") == "text":
+            text = block.get("text")
+            return [DeltaEvent(content=text)] if isinstance(text, str) and text else []
+        if not _is_tool_use(block):
             return []
         index = len(self._tool_index)
-        self._tool_index[event.index] = index
-        self._pending_input[event.index] = block.input
-        return [ToolCallEvent(index=index, id=block.id, name=block.name)]
+        self._tool_index[block_index] = index
+        self._pending_input[block_index] = block.get("input")
+        return [ToolCallEvent(index=index, id=block["id"], name=block["name"])]
 
-    def _block_delta(self, event: RawContentBlockDeltaEvent) -> list[UpstreamEvent]:
-        delta = event.delta
-        if isinstance(delta, TextDelta):
-            return [DeltaEvent(content=delta.text)] if delta.text else []
-        index = self._tool_index.get(event.index)
-        if not isinstance(delta, InputJSONDelta) or index is None or not delta.partial_json:
+    def _block_delta(self, event: JSONDict) -> list[UpstreamEvent]:
+        delta = event.get("delta")
+        block_index = _int(event.get("index"))
+        if not isinstance(delta, dict) or block_index is None:
             return []
-        self._pending_input.pop(event.index, None)
-        return [ToolCallEvent(index=index, arguments_delta=delta.partial_json)]
+        kind = delta.get("type")
+        if kind == "text_delta":
+            text = delta.get("text")
+            return [DeltaEvent(content=text)] if isinstance(text, str) and text else []
+        index = self._tool_index.get(block_index)
+        fragment = delta.get("partial_json")
+        if kind != "input_json_delta" or index is None or not isinstance(fragment, str):
+            return []
+        if not fragment:
+            return []
+        self._pending_input.pop(block_index, None)
+        return [ToolCallEvent(index=index, arguments_delta=fragment)]
 
     def _block_stop(self, block_index: int) -> list[UpstreamEvent]:
         """A tool block that got no fragments (a call without arguments) still gets its
@@ -512,26 +427,50 @@ def _tool_param(tool: ToolSchema) -> JSONDict:
     return param
 
 
-def _usage(
-    *,
-    input_tokens: int,
-    output_tokens: int,
-    cache_read: int | None,
-    cache_creation: int | None,
-    thinking: int | None,
-) -> Usage:
+def _is_tool_use(block: JSONDict) -> bool:
+    return (
+        block.get("type") == "tool_use"
+        and isinstance(block.get("id"), str)
+        and isinstance(block.get("name"), str)
+    )
+
+
+def _int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _str(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _counts(usage: JSONDict) -> dict[str, int | None]:
+    """The token counts of a ``usage`` object, ``None`` where it has none."""
+    details = usage.get("output_tokens_details")
+    return {
+        "input": _int(usage.get("input_tokens")),
+        "output": _int(usage.get("output_tokens")),
+        "cache_read": _int(usage.get("cache_read_input_tokens")),
+        "cache_creation": _int(usage.get("cache_creation_input_tokens")),
+        "thinking": _int(details.get("thinking_tokens")) if isinstance(details, dict) else None,
+    }
+
+
+def _usage(counts: Mapping[str, int | None]) -> Usage:
     """Anthropic counts cached input apart from ``input_tokens`` (which is only the input
     that neither read nor wrote the cache); the contract's prompt tokens are all of the input,
     as with OpenAI, with the cache reads and writes named inside them because each is billed
     at its own price. ``output_tokens`` already includes the thinking tokens."""
-    prompt = input_tokens + (cache_read or 0) + (cache_creation or 0)
+    cache_read = counts.get("cache_read")
+    cache_creation = counts.get("cache_creation")
+    output = counts.get("output") or 0
+    prompt = (counts.get("input") or 0) + (cache_read or 0) + (cache_creation or 0)
     return Usage(
         prompt_tokens=prompt,
-        completion_tokens=output_tokens,
-        total_tokens=prompt + output_tokens,
+        completion_tokens=output,
+        total_tokens=prompt + output,
         cached_prompt_tokens=cache_read,
         cache_write_tokens=cache_creation,
-        reasoning_tokens=thinking,
+        reasoning_tokens=counts.get("thinking"),
     )
 
 

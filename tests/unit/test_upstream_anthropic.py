@@ -1,22 +1,15 @@
-"""The Anthropic adapter against a mocked Messages API: request translation, response
-normalisation, SSE streaming and every failure mapped to the wire errors.
-
-The Anthropic SDK speaks ``httpx2``, which respx does not patch, so the ``api`` fixture
-routes the SDK's transport into a respx router (see ``_bridge``); the tests themselves are
-ordinary respx tests.
-"""
+"""The Anthropic adapter against a scripted Messages API server on a real socket
+(``vendor_stub``): request translation, response normalisation, SSE streaming, the
+passthrough's headers and every failure mapped to the wire errors."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
-import httpx
-import httpx2
 import pytest
-import respx
 
 from robota_client.messages import (
     ChatRequest,
@@ -39,12 +32,12 @@ from robota_proxy.errors import (
 from robota_proxy.upstreams.anthropic import AnthropicUpstream
 from robota_proxy.upstreams.base import FinishEvent, UpstreamEvent
 from robota_proxy.upstreams.errors import VendorServerError
+from tests.unit.vendor_stub import CUT, STALL, Route, VendorStub, vendor_stub
 
 pytestmark = pytest.mark.anyio
 
 KEY = "test-anthropic-key-not-real-0123456789"
-BASE = "https://anthropic.test"
-URL = f"{BASE}/v1/messages"
+URL = "/v1/messages"
 MODEL = "claude-sonnet-5"
 
 WEATHER = {
@@ -59,66 +52,6 @@ WEATHER = {
 CLOCK = {"name": "get_time", "parameters": {"type": "object", "properties": {}}}
 
 
-# --- respx behind the SDK's httpx2 transport -----------------------------------------------
-
-
-def _httpx2_error(error: httpx.TransportError, request: httpx2.Request) -> httpx2.TransportError:
-    """The ``httpx2`` twin of an ``httpx`` transport error (same class names)."""
-    kind = getattr(httpx2, type(error).__name__, httpx2.TransportError)
-    return kind(str(error), request=request)
-
-
-class _BridgedBody(httpx2.AsyncByteStream):
-    def __init__(self, response: httpx.Response, request: httpx2.Request) -> None:
-        self._response = response
-        self._request = request
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        try:
-            # Decoded bytes: respx has often read the body already, and then only the
-            # decoded content is left.
-            async for part in self._response.aiter_bytes():
-                yield part
-        except httpx.TransportError as error:
-            raise _httpx2_error(error, self._request) from error
-
-    async def aclose(self) -> None:
-        await self._response.aclose()
-
-
-async def _bridge(router: respx.Router, request: httpx2.Request) -> httpx2.Response:
-    legacy = httpx.Request(
-        request.method,
-        str(request.url),
-        headers=request.headers.multi_items(),
-        content=await request.aread(),
-    )
-    try:
-        response = await router.async_handler(legacy)
-    except httpx.TransportError as error:
-        raise _httpx2_error(error, request) from error
-    # The body is handed over decoded, so the headers describing its encoding must go.
-    stale = ("content-encoding", "content-length")
-    headers = [(k, v) for k, v in response.headers.multi_items() if k.lower() not in stale]
-    return httpx2.Response(
-        response.status_code,
-        headers=headers,
-        stream=_BridgedBody(response, request),
-        request=request,
-    )
-
-
-@pytest.fixture
-def api(monkeypatch: pytest.MonkeyPatch) -> Iterator[respx.Router]:
-    router = respx.Router(assert_all_mocked=True, assert_all_called=False)
-
-    async def handle(_: httpx2.AsyncHTTPTransport, request: httpx2.Request) -> httpx2.Response:
-        return await _bridge(router, request)
-
-    monkeypatch.setattr(httpx2.AsyncHTTPTransport, "handle_async_request", handle)
-    yield router
-
-
 # --- helpers -------------------------------------------------------------------------------
 
 
@@ -127,9 +60,13 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+api = pytest.fixture(vendor_stub)
+
+
 @pytest.fixture
-async def upstream() -> AsyncIterator[AnthropicUpstream]:
-    adapter = AnthropicUpstream(api_key=KEY, base_url=BASE)
+async def upstream(api: VendorStub) -> AsyncIterator[AnthropicUpstream]:
+    # A short socket-read limit, so that a vendor that stalls ends a test in a moment.
+    adapter = AnthropicUpstream(api_key=KEY, base_url=api.url, timeout=0.5)
     yield adapter
     await adapter.aclose()
 
@@ -145,7 +82,7 @@ def chat_request(messages: list[dict[str, Any]] | None = None, **extra: Any) -> 
     )
 
 
-def sent_body(route: respx.Route) -> dict[str, Any]:
+def sent_body(route: Route) -> dict[str, Any]:
     body: dict[str, Any] = json.loads(route.calls.last.request.content)
     return body
 
@@ -213,26 +150,8 @@ def message_delta(stop: str, output_tokens: int, **usage: Any) -> tuple[str, dic
 MESSAGE_STOP: tuple[str, dict[str, Any]] = ("message_stop", {})
 PING: tuple[str, dict[str, Any]] = ("ping", {})
 SSE_HEADERS = {"content-type": "text/event-stream"}
-
-
-class ScriptedBody(httpx.AsyncByteStream):
-    """A response body that can fail or stall part-way, and tells whether it was closed."""
-
-    def __init__(self, *parts: bytes | Exception, stall: bool = False) -> None:
-        self._parts = parts
-        self._stall = stall
-        self.closed = False
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        for part in self._parts:
-            if isinstance(part, Exception):
-                raise part
-            yield part
-        if self._stall:
-            await anyio.sleep_forever()
-
-    async def aclose(self) -> None:
-        self.closed = True
+#: A stream that has started and sent the text "a" (and not ended).
+STARTED_A = sse(message_start(), block_start(0, text_block("")), text_delta(0, "a"))
 
 
 async def collect(stream: AsyncIterator[UpstreamEvent]) -> list[UpstreamEvent]:
@@ -252,7 +171,7 @@ async def events_until_error(
 # --- request translation -------------------------------------------------------------------
 
 
-async def test_request_translation(upstream: AnthropicUpstream, api: respx.Router) -> None:
+async def test_request_translation(upstream: AnthropicUpstream, api: VendorStub) -> None:
     route = api.post(URL).respond(200, json=message([text_block("ok")]))
     request = chat_request(
         [
@@ -326,11 +245,15 @@ async def test_request_translation(upstream: AnthropicUpstream, api: respx.Route
         "top_p": 0.9,
     }
     headers = route.calls.last.request.headers
-    assert headers["authorization"] == f"Bearer {KEY}"
-    assert "anthropic-version" in headers
+    assert headers["x-api-key"] == KEY
+    assert "authorization" not in headers
+    # The version the official SDK (2.14) sends: leaving the SDK changed nothing here.
+    assert headers["anthropic-version"] == "2026-10-21"
+    assert "anthropic-beta" not in headers
+    assert headers["content-type"] == "application/json"
 
 
-async def test_minimal_request(upstream: AnthropicUpstream, api: respx.Router) -> None:
+async def test_minimal_request(upstream: AnthropicUpstream, api: VendorStub) -> None:
     route = api.post(URL).respond(200, json=message([text_block("ok")]))
 
     # JSON mode has no Anthropic equivalent and a tool choice needs tools: neither is sent.
@@ -345,9 +268,9 @@ async def test_minimal_request(upstream: AnthropicUpstream, api: respx.Router) -
     }
 
 
-async def test_default_max_tokens_is_configurable(api: respx.Router) -> None:
+async def test_default_max_tokens_is_configurable(api: VendorStub) -> None:
     route = api.post(URL).respond(200, json=message([text_block("ok")]))
-    upstream = AnthropicUpstream(api_key=KEY, base_url=BASE, default_max_tokens=1000)
+    upstream = AnthropicUpstream(api_key=KEY, base_url=api.url, default_max_tokens=1000)
     try:
         await upstream.chat(chat_request())
     finally:
@@ -365,7 +288,7 @@ async def test_default_max_tokens_is_configurable(api: respx.Router) -> None:
     ],
 )
 async def test_tool_choice_mapping(
-    upstream: AnthropicUpstream, api: respx.Router, choice: str, sent: dict[str, Any]
+    upstream: AnthropicUpstream, api: VendorStub, choice: str, sent: dict[str, Any]
 ) -> None:
     route = api.post(URL).respond(200, json=message([text_block("ok")]))
 
@@ -376,7 +299,7 @@ async def test_tool_choice_mapping(
 
 @pytest.mark.parametrize("arguments", ['{"city": "Par', "[1, 2]"])
 async def test_tool_arguments_must_be_a_json_object(
-    upstream: AnthropicUpstream, api: respx.Router, arguments: str
+    upstream: AnthropicUpstream, api: VendorStub, arguments: str
 ) -> None:
     route = api.post(URL).respond(200, json=message([text_block("ok")]))
     request = chat_request(
@@ -402,7 +325,7 @@ async def test_tool_arguments_must_be_a_json_object(
     assert not route.called
 
 
-async def test_stream_request_body(upstream: AnthropicUpstream, api: respx.Router) -> None:
+async def test_stream_request_body(upstream: AnthropicUpstream, api: VendorStub) -> None:
     body = sse(message_start(), message_delta("end_turn", 1), MESSAGE_STOP)
     route = api.post(URL).respond(200, content=body, headers=SSE_HEADERS)
 
@@ -414,9 +337,7 @@ async def test_stream_request_body(upstream: AnthropicUpstream, api: respx.Route
 # --- response normalisation ----------------------------------------------------------------
 
 
-async def test_parallel_tool_calls_and_usage(
-    upstream: AnthropicUpstream, api: respx.Router
-) -> None:
+async def test_parallel_tool_calls_and_usage(upstream: AnthropicUpstream, api: VendorStub) -> None:
     api.post(URL).respond(
         200,
         json=message(
@@ -457,7 +378,7 @@ async def test_parallel_tool_calls_and_usage(
     )
 
 
-async def test_text_answer(upstream: AnthropicUpstream, api: respx.Router) -> None:
+async def test_text_answer(upstream: AnthropicUpstream, api: VendorStub) -> None:
     api.post(URL).respond(200, json=message([text_block("Hello "), text_block("there")]))
 
     answer = await upstream.chat(chat_request())
@@ -480,7 +401,7 @@ async def test_text_answer(upstream: AnthropicUpstream, api: respx.Router) -> No
     ],
 )
 async def test_finish_reason_mapping(
-    upstream: AnthropicUpstream, api: respx.Router, vendor: str, wire: str
+    upstream: AnthropicUpstream, api: VendorStub, vendor: str, wire: str
 ) -> None:
     api.post(URL).respond(200, json=message([text_block("ok")], stop=vendor))
 
@@ -490,7 +411,7 @@ async def test_finish_reason_mapping(
 
 
 async def test_models() -> None:
-    listed = AnthropicUpstream(api_key=KEY, base_url=BASE, models=["claude-a"])
+    listed = AnthropicUpstream(api_key=KEY, base_url="http://127.0.0.1:9", models=["claude-a"])
     open_ended = AnthropicUpstream(api_key=KEY)
     try:
         assert listed.models() == ["claude-a"]
@@ -504,7 +425,7 @@ async def test_models() -> None:
 # --- streaming -----------------------------------------------------------------------------
 
 
-async def test_stream_event_order(upstream: AnthropicUpstream, api: respx.Router) -> None:
+async def test_stream_event_order(upstream: AnthropicUpstream, api: VendorStub) -> None:
     body = sse(
         message_start(input_tokens=25, output_tokens=1, cache_read_input_tokens=100),
         PING,
@@ -556,7 +477,7 @@ async def test_stream_event_order(upstream: AnthropicUpstream, api: respx.Router
     ]
 
 
-async def test_stream_text_only(upstream: AnthropicUpstream, api: respx.Router) -> None:
+async def test_stream_text_only(upstream: AnthropicUpstream, api: VendorStub) -> None:
     body = sse(
         message_start(input_tokens=5, output_tokens=1),
         block_start(0, text_block("")),
@@ -577,7 +498,7 @@ async def test_stream_text_only(upstream: AnthropicUpstream, api: respx.Router) 
 
 
 async def test_stream_cut_before_message_stop_is_an_error(
-    upstream: AnthropicUpstream, api: respx.Router
+    upstream: AnthropicUpstream, api: VendorStub
 ) -> None:
     body = sse(message_start(), block_start(0, text_block("")), text_delta(0, "Hel"))
     api.post(URL).respond(200, content=body, headers=SSE_HEADERS)
@@ -589,27 +510,21 @@ async def test_stream_cut_before_message_stop_is_an_error(
 
 
 async def test_closing_the_stream_early_closes_the_response(
-    upstream: AnthropicUpstream, api: respx.Router
+    upstream: AnthropicUpstream, api: VendorStub
 ) -> None:
-    body = ScriptedBody(
-        sse(message_start(), block_start(0, text_block("")), text_delta(0, "a")), stall=True
-    )
-    api.post(URL).respond(200, stream=body, headers=SSE_HEADERS)
+    route = api.post(URL).respond(200, parts=[STARTED_A, STALL], headers=SSE_HEADERS)
 
     stream = upstream.stream(chat_request())
     assert await anext(stream) == DeltaEvent(content="a")
     await stream.aclose()
 
-    assert body.closed
+    await wait_closed(route)
 
 
 async def test_cancelling_the_consumer_closes_the_response(
-    upstream: AnthropicUpstream, api: respx.Router
+    upstream: AnthropicUpstream, api: VendorStub
 ) -> None:
-    body = ScriptedBody(
-        sse(message_start(), block_start(0, text_block("")), text_delta(0, "a")), stall=True
-    )
-    api.post(URL).respond(200, stream=body, headers=SSE_HEADERS)
+    route = api.post(URL).respond(200, parts=[STARTED_A, STALL], headers=SSE_HEADERS)
     received: list[UpstreamEvent] = []
 
     async def consume() -> None:
@@ -620,7 +535,14 @@ async def test_cancelling_the_consumer_closes_the_response(
         await consume()
 
     assert received == [DeltaEvent(content="a")]
-    assert body.closed
+    await wait_closed(route)
+
+
+async def wait_closed(route: Route) -> None:
+    """Until the stub has seen the connection of its stalled answer closed; a test that
+    never closes it fails here after 5 s."""
+    with anyio.fail_after(5):
+        await route.closed.wait()
 
 
 # --- usage: every token kind, chat and stream ----------------------------------------------
@@ -644,7 +566,7 @@ CACHED_WIRE_USAGE = Usage(
 
 
 async def test_chat_usage_names_cache_reads_writes_and_thinking(
-    upstream: AnthropicUpstream, api: respx.Router
+    upstream: AnthropicUpstream, api: VendorStub
 ) -> None:
     api.post(URL).respond(
         200,
@@ -671,7 +593,7 @@ async def test_chat_usage_names_cache_reads_writes_and_thinking(
 
 
 async def test_chat_usage_without_cache_fields_has_no_cache_counts(
-    upstream: AnthropicUpstream, api: respx.Router
+    upstream: AnthropicUpstream, api: VendorStub
 ) -> None:
     api.post(URL).respond(200, json=message([text_block("ok")], input_tokens=40))
 
@@ -682,7 +604,7 @@ async def test_chat_usage_without_cache_fields_has_no_cache_counts(
 
 
 async def test_stream_usage_input_from_message_start_output_from_message_delta(
-    upstream: AnthropicUpstream, api: respx.Router
+    upstream: AnthropicUpstream, api: VendorStub
 ) -> None:
     """The older stream shape: the cache counts only in ``message_start``, whose output
     count is a placeholder that ``message_delta`` replaces."""
@@ -702,7 +624,7 @@ async def test_stream_usage_input_from_message_start_output_from_message_delta(
 
 
 async def test_stream_usage_cumulative_counts_in_message_delta_win(
-    upstream: AnthropicUpstream, api: respx.Router
+    upstream: AnthropicUpstream, api: VendorStub
 ) -> None:
     """The current stream shape: ``message_delta`` repeats every count, cumulatively; its
     numbers are the final ones even where they differ from ``message_start``'s."""
@@ -741,7 +663,7 @@ def error_body(message: str, kind: str = "invalid_request_error") -> dict[str, A
 
 
 async def test_unauthorized_never_echoes_the_key(
-    upstream: AnthropicUpstream, api: respx.Router
+    upstream: AnthropicUpstream, api: VendorStub
 ) -> None:
     api.post(URL).respond(401, json=error_body(f"invalid x-api-key {KEY}", "authentication_error"))
 
@@ -753,7 +675,7 @@ async def test_unauthorized_never_echoes_the_key(
 
 
 async def test_bad_request_passes_the_reason_on_redacted(
-    upstream: AnthropicUpstream, api: respx.Router
+    upstream: AnthropicUpstream, api: VendorStub
 ) -> None:
     api.post(URL).respond(400, json=error_body(f"max_tokens: too large (key {KEY})"))
 
@@ -764,9 +686,7 @@ async def test_bad_request_passes_the_reason_on_redacted(
     assert KEY not in caught.value.message
 
 
-async def test_rate_limit_carries_retry_after(
-    upstream: AnthropicUpstream, api: respx.Router
-) -> None:
+async def test_rate_limit_carries_retry_after(upstream: AnthropicUpstream, api: VendorStub) -> None:
     api.post(URL).respond(
         429, json=error_body("slow down", "rate_limit_error"), headers={"retry-after": "12"}
     )
@@ -788,7 +708,7 @@ async def test_rate_limit_carries_retry_after(
 )
 async def test_status_mapping(
     upstream: AnthropicUpstream,
-    api: respx.Router,
+    api: VendorStub,
     status: int,
     kind: str,
     error: type[ProxyError],
@@ -801,8 +721,9 @@ async def test_status_mapping(
         await collect(upstream.stream(chat_request()))
 
 
-async def test_timeout(upstream: AnthropicUpstream, api: respx.Router) -> None:
-    api.post(URL).mock(side_effect=httpx.ReadTimeout("timed out"))
+async def test_timeout(upstream: AnthropicUpstream, api: VendorStub) -> None:
+    # The vendor takes the request and answers after the adapter's 0.5 s read limit.
+    api.post(URL).respond(200, json=message([text_block("late")]), delay=2)
 
     with pytest.raises(UpstreamTimeout):
         await upstream.chat(chat_request())
@@ -810,13 +731,16 @@ async def test_timeout(upstream: AnthropicUpstream, api: respx.Router) -> None:
         await collect(upstream.stream(chat_request()))
 
 
-async def test_connect_error(upstream: AnthropicUpstream, api: respx.Router) -> None:
-    api.post(URL).mock(side_effect=httpx.ConnectError("refused"))
-
-    with pytest.raises(UpstreamUnavailable):
-        await upstream.chat(chat_request())
-    with pytest.raises(UpstreamUnavailable):
-        await collect(upstream.stream(chat_request()))
+async def test_connect_error(api: VendorStub) -> None:
+    await api.stop()  # nothing listens on its port any more: the connection is refused
+    upstream = AnthropicUpstream(api_key=KEY, base_url=api.url)
+    try:
+        with pytest.raises(UpstreamUnavailable):
+            await upstream.chat(chat_request())
+        with pytest.raises(UpstreamUnavailable):
+            await collect(upstream.stream(chat_request()))
+    finally:
+        await upstream.aclose()
 
 
 @pytest.mark.parametrize(
@@ -829,7 +753,7 @@ async def test_connect_error(upstream: AnthropicUpstream, api: respx.Router) -> 
     ],
 )
 async def test_error_event_mid_stream(
-    upstream: AnthropicUpstream, api: respx.Router, kind: str, error: type[ProxyError]
+    upstream: AnthropicUpstream, api: VendorStub, kind: str, error: type[ProxyError]
 ) -> None:
     body = sse(
         message_start(),
@@ -846,7 +770,7 @@ async def test_error_event_mid_stream(
     assert KEY not in raised.message
 
 
-async def test_malformed_event_mid_stream(upstream: AnthropicUpstream, api: respx.Router) -> None:
+async def test_malformed_event_mid_stream(upstream: AnthropicUpstream, api: VendorStub) -> None:
     body = sse(message_start(), block_start(0, text_block("")), text_delta(0, "Hel"))
     body += b'event: content_block_delta\ndata: {"type": "content_block_delta", \n\n'
     api.post(URL).respond(200, content=body, headers=SSE_HEADERS)
@@ -859,25 +783,110 @@ async def test_malformed_event_mid_stream(upstream: AnthropicUpstream, api: resp
 
 @pytest.mark.parametrize(
     ("failure", "error"),
-    [
-        (httpx.RemoteProtocolError("peer closed connection"), UpstreamError),
-        (httpx.ReadError("connection reset"), UpstreamError),
-        (httpx.ReadTimeout("read timed out"), UpstreamTimeout),
-    ],
+    [(CUT, UpstreamError), (STALL, UpstreamTimeout)],
+    ids=["connection cut", "read timed out"],
 )
 async def test_connection_failure_mid_stream(
     upstream: AnthropicUpstream,
-    api: respx.Router,
-    failure: Exception,
+    api: VendorStub,
+    failure: object,
     error: type[ProxyError],
 ) -> None:
-    body = ScriptedBody(
-        sse(message_start(), block_start(0, text_block("")), text_delta(0, "Hel")), failure
+    route = api.post(URL).respond(
+        200,
+        parts=[sse(message_start(), block_start(0, text_block("")), text_delta(0, "Hel")), failure],
+        headers=SSE_HEADERS,
     )
-    api.post(URL).respond(200, stream=body, headers=SSE_HEADERS)
 
     events, raised = await events_until_error(upstream.stream(chat_request()))
 
     assert events == [DeltaEvent(content="Hel")]
     assert type(raised) is error
-    assert body.closed
+    if failure is STALL:
+        await wait_closed(route)  # the stalled response is closed, not left to the pool
+
+
+# --- passthrough (the Anthropic surface) ---------------------------------------------------
+
+
+async def test_passthrough_sends_the_callers_json_and_headers(
+    upstream: AnthropicUpstream, api: VendorStub
+) -> None:
+    answer = message(
+        [{"type": "thinking", "thinking": "hmm", "signature": "sig"}, text_block("ok")]
+    )
+    route = api.post("/v1/messages/count_tokens").respond(200, json={"input_tokens": 12})
+    messages_route = api.post(URL).respond(200, json=answer)
+    body = {
+        "model": MODEL,
+        "max_tokens": 10,
+        "messages": [{"role": "user", "content": "hi"}],
+        "system": [{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}],
+    }
+    caller = {"anthropic-version": "2023-06-01", "anthropic-beta": "interleaved-thinking"}
+
+    # The answer comes back as Anthropic sent it: thinking block and signature included.
+    assert await upstream.passthrough(body, caller) == answer
+    counted = await upstream.passthrough(body, {}, path="/v1/messages/count_tokens")
+
+    assert counted == {"input_tokens": 12}
+    assert sent_body(messages_route) == body
+    sent = messages_route.calls.last.request.headers
+    # The caller's version and beta replace the defaults, once each; the key is the proxy's.
+    assert sent.getall("anthropic-version") == ["2023-06-01"]
+    assert sent.getall("anthropic-beta") == ["interleaved-thinking"]
+    assert sent["x-api-key"] == KEY
+    assert route.calls.last.request.headers["anthropic-version"] == "2026-10-21"
+    assert sent_body(route) == body
+
+
+async def test_passthrough_stream_leaves_out_pings_and_passes_the_rest_as_sent(
+    upstream: AnthropicUpstream, api: VendorStub
+) -> None:
+    events = (
+        message_start(),
+        PING,
+        block_start(0, {"type": "thinking", "thinking": "", "signature": ""}),
+        (
+            "content_block_delta",
+            {"index": 0, "delta": {"type": "signature_delta", "signature": "s"}},
+        ),
+        block_stop(0),
+        message_delta("end_turn", 3),
+        MESSAGE_STOP,
+    )
+    route = api.post(URL).respond(200, content=sse(*events), headers=SSE_HEADERS)
+    body = {"model": MODEL, "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
+
+    received = [
+        event async for event in upstream.passthrough_stream(body, {"anthropic-beta": "b1,b2"})
+    ]
+
+    assert received == [{"type": name, **data} for name, data in events if name != "ping"]
+    assert sent_body(route) == {**body, "stream": True}
+    headers = route.calls.last.request.headers
+    assert headers["anthropic-beta"] == "b1,b2"
+    assert headers["anthropic-version"] == "2026-10-21"
+    assert headers["accept"] == "text/event-stream"
+
+
+async def test_unknown_event_type_is_skipped(upstream: AnthropicUpstream, api: VendorStub) -> None:
+    body = sse(
+        message_start(input_tokens=5, output_tokens=1),
+        ("something_new", {"index": 0, "delta": {"type": "text_delta", "text": "ignored"}}),
+        block_start(0, text_block("")),
+        ("content_block_delta", {"index": 0, "delta": {"type": "new_delta", "text": "no"}}),
+        text_delta(0, "Hi"),
+        block_stop(0),
+        message_delta("end_turn", 3),
+        MESSAGE_STOP,
+    )
+    api.post(URL).respond(200, content=body, headers=SSE_HEADERS)
+
+    events = await collect(upstream.stream(chat_request()))
+
+    assert events == [
+        DeltaEvent(content="Hi"),
+        UsageEvent(usage=Usage(prompt_tokens=5, completion_tokens=3, total_tokens=8)),
+        FinishEvent("stop"),
+    ]
