@@ -5,6 +5,8 @@ nothing is closed under something that may still write through it: the database 
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -81,3 +83,36 @@ async def test_resources_close_background_writers_first_and_the_database_last() 
         "limits",
         "database",
     ]
+
+
+def test_the_server_freezes_what_start_up_made_out_of_the_collectors_view() -> None:
+    """What exists once the app has started (modules, settings, pools) lives as long as the
+    process; frozen, a full collection scans only the requests' objects. In a process of its
+    own: freezing is process-wide."""
+    script = """
+import asyncio, gc
+import uvicorn
+from robota_proxy.serving import DrainingServer
+
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+
+async def main():
+    server = DrainingServer(uvicorn.Config(app, port=0, log_level="error", lifespan="on"))
+    before = gc.get_freeze_count()
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    print(before, gc.get_freeze_count() > 1000)
+    server.should_exit = True
+    await task
+
+asyncio.run(main())
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.split() == ["0", "True"]
