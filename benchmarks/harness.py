@@ -1,8 +1,9 @@
-"""Run the benchmark: fake upstream directly, through robota-proxy, and through LiteLLM's proxy.
+"""Run the benchmark: fake upstream directly, through the floor, robota-proxy, LiteLLM's proxy.
 
-    python -m benchmarks.harness --quick                 # ~1 minute smoke run
-    python -m benchmarks.harness                         # full run, ~15 minutes
+    python -m benchmarks.harness --quick                 # smoke run, a few minutes
+    python -m benchmarks.harness                         # full run
     python -m benchmarks.harness --litellm PATH/litellm  # add LiteLLM's proxy as a peer
+    python -m benchmarks.harness --baseline PATH_OR_REF  # add robota@base from another checkout
 
 Every server is a real process on 127.0.0.1; the load generator is a process of its own. Each
 measurement step runs its targets in turn (direct first: it is the baseline every "added"
@@ -13,31 +14,39 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import io
 import json
 import os
 import platform
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from benchmarks import processes, profiling, report
+from benchmarks import cold_start, processes, profiling, report
 from benchmarks.loadgen import Spec
 from benchmarks.processes import Sampler, Server
 from benchmarks.stats import merge, summarize
 
 RESULTS = Path(__file__).parent / "results"
-MANY_STREAMS_LABEL = report.MANY_STREAMS.removeprefix("3 1000 streams ")
 LITELLM_MASTER_KEY = "sk-bench-master"
+#: Suffixes of system names: ``@base`` runs the baseline checkout's code, ``/v1`` is the same
+#: process driven through its OpenAI-compatible surface (``POST /v1/chat/completions``).
+BASE, V1 = report.BASE, report.V1
 
-#: The realistic chain: key auth against the database, rate limit, metering. Each profile is
-#: extra environment for the proxy; "" unsets one of the defaults (ROBOTA_API_KEYS). Values
-#: may use {workdir}. Override one with --chain-env PROFILE:NAME=VALUE.
+#: The realistic chain (issue 13): an ``rk_`` key looked up in the database, with rpm/tpm limits
+#: and a monthly USD budget (so every call reserves its worst case and settles it in the
+#: ledger; see ``create_chain_key``), the access log (ROBOTA_LOG_LEVEL's default, info) and
+#: Prometheus metrics (ROBOTA_METRICS_ENABLED's default, on). Each profile is extra environment
+#: for the proxy; "" unsets one of the defaults (ROBOTA_API_KEYS). Values may use {workdir} (a
+#: folder of the profile's own). Override one with --chain-env PROFILE:NAME=VALUE.
 CHAIN_PROFILES: dict[str, dict[str, Any]] = {
     "chain-sqlite": {
         "workers": 1,
@@ -114,6 +123,9 @@ class Durations:
 
 
 QUICK = Durations(warmup_s=0.5, step_s=2.0, many_streams_s=30.0, profile_s=4.0)
+#: Concurrent streams of scenario 3 (``--streams``): issue 13's 5,000 in a full run; a smoke
+#: run opens fewer unless told.
+STREAMS_FULL, STREAMS_QUICK = 5000, 1000
 FULL = Durations(warmup_s=2.0, step_s=10.0, many_streams_s=30.0, profile_s=12.0)
 
 
@@ -125,14 +137,37 @@ def log(message: str) -> None:
 
 
 def plan(
-    d: Durations, peers: bool, variants: list[str], chains: list[str], chunks: int
+    d: Durations,
+    available: Collection[str],
+    variants: list[str],
+    chains: list[str],
+    chunks: int,
+    streams: int,
 ) -> list[Step]:
-    peer = ["litellm"] if peers else []
-    base = ["direct", "robota"]
+    """Every step and the systems it measures, in turns (direct first: the baseline of every
+    "added" figure). Systems not in ``available`` (no --baseline, no --litellm, a chain not
+    asked for) are left out of the steps."""
+    peer = "litellm"
+    one_worker = [c for c in chains if CHAIN_PROFILES[c]["workers"] == 1]
+    several = [c for c in chains if c not in one_worker]
+    chain1 = [x for c in one_worker for x in (c, c + BASE)]
+    mine = ["robota", "robota" + BASE]
+    front = ["direct", "floor"]
     steps = [
-        Step("1 chat", "c=1", False, 1, d.step_s, d.warmup_s, [*base, *peer]),
-        Step("1 chat", "c=50", False, 50, d.step_s, d.warmup_s, [*base, *variants, *peer]),
-        Step("1 chat", "c=200", False, 200, d.step_s, d.warmup_s, [*base, *variants, *peer]),
+        # Issue 13's table: direct, the floor, the static key, the realistic chain, LiteLLM.
+        Step("1 chat", "c=1", False, 1, d.step_s, d.warmup_s, [*front, *mine, *chain1, peer]),
+        Step(
+            "1 chat",
+            "c=50",
+            False,
+            50,
+            d.step_s,
+            d.warmup_s,
+            [*front, *mine, *variants, *chain1, peer],
+        ),
+        Step(
+            "1 chat", "c=200", False, 200, d.step_s, d.warmup_s, [*front, "robota", *variants, peer]
+        ),
         Step(
             "2 stream",
             "c=1",
@@ -140,7 +175,7 @@ def plan(
             1,
             d.step_s,
             d.warmup_s,
-            [*base, *peer],
+            [*front, *mine, *one_worker, peer],
             expect_tokens=chunks,
         ),
         Step(
@@ -150,19 +185,19 @@ def plan(
             50,
             d.step_s,
             d.warmup_s,
-            [*base, *variants[:1], *peer],
+            [*front, "robota", *variants[:1], peer],
             expect_tokens=chunks,
         ),
-        # 1000 streams opened at once, one per connection, each lasting about 20 s (20 tokens,
+        # N streams opened at once, one per connection, each lasting about 20 s (20 tokens,
         # a second apart, a slow model), so that all of them are open together.
         Step(
-            "3 1000 streams",
-            MANY_STREAMS_LABEL,
+            report.many_streams_scenario(streams),
+            report.MANY_STREAMS_LABEL.format(n=streams),
             True,
-            report.MANY_STREAMS_COUNT,
+            streams,
             d.many_streams_s,
             0.0,
-            [*base, *peer],
+            [*front, "robota", peer],
             content="hi bench:20x1000",
             expect_tokens=20,
             timeout_s=90.0,
@@ -171,7 +206,7 @@ def plan(
     ]
     if chains:
         steps += [
-            Step("4 chain", "chat c=50", False, 50, d.step_s, d.warmup_s, [*base, *chains]),
+            Step("4 chain", "chat c=50", False, 50, d.step_s, d.warmup_s, ["direct", *several]),
             Step(
                 "4 chain",
                 "stream c=50",
@@ -179,12 +214,21 @@ def plan(
                 50,
                 d.step_s,
                 d.warmup_s,
-                [*base, *chains],
+                ["direct", "floor", *chains],
                 expect_tokens=chunks,
             ),
-            Step("4 chain", "chat c=200", False, 200, d.step_s, d.warmup_s, [*base, *chains]),
+            Step("4 chain", "chat c=200", False, 200, d.step_s, d.warmup_s, ["direct", *chains]),
         ]
-    return steps
+    # The OpenAI-compatible surface: the caller's JSON passed through to the OpenAI-wire
+    # upstream. LiteLLM's figures for this request are scenario 1's (it is the same request).
+    v1 = ["robota" + V1, *[c + suffix for c in one_worker for suffix in (V1, BASE + V1)]]
+    steps += [
+        Step("5 passthrough", "c=1", False, 1, d.step_s, d.warmup_s, [*front, *v1]),
+        Step("5 passthrough", "c=50", False, 50, d.step_s, d.warmup_s, [*front, *v1]),
+    ]
+    for step in steps:
+        step.targets = [name for name in dict.fromkeys(step.targets) if name in available]
+    return [step for step in steps if any(name != "direct" for name in step.targets)]
 
 
 # --- targets -----------------------------------------------------------------------------------
@@ -225,7 +269,10 @@ def preflight(target: Target, chunks: int) -> None:
 
 
 def create_chain_key(name: str, server: Server) -> tuple[str | None, str]:
-    """``robota-proxy keys create ... --json`` against the profile's database."""
+    """``robota-proxy keys create ... --json`` against the profile's database: limits and a
+    budget no benchmark reaches, but that every request is checked and metered against (the
+    budget makes each call reserve its worst case before the vendor call and settle it
+    after, in the ledger)."""
     command = [
         sys.executable,
         "-m",
@@ -233,8 +280,12 @@ def create_chain_key(name: str, server: Server) -> tuple[str | None, str]:
         "keys",
         "create",
         "--user",
-        f"bench-{name}-{int(time.time())}",
+        f"bench-{name.replace('@', '-')}-{int(time.time())}",
         "--rpm",
+        "1000000",
+        "--tpm",
+        "10000000000",
+        "--monthly-budget-usd",
         "1000000",
         "--json",
         "--create-database",  # the key is made before the proxy's first start
@@ -262,30 +313,54 @@ def create_chain_key(name: str, server: Server) -> tuple[str | None, str]:
     return str(key), ""
 
 
-def build_targets(args: argparse.Namespace, workdir: Path, upstream: Server) -> dict[str, Target]:
+def build_targets(
+    args: argparse.Namespace, workdir: Path, upstream: Server, baseline: Path | None
+) -> dict[str, Target]:
     upstream_url = processes.base_url(upstream)
     targets = {"direct": Target("direct", "openai", upstream_url, "sk-bench")}
+    floor = processes.floor_forwarder(workdir, upstream_url)
+    targets["floor"] = Target("floor", "openai", processes.base_url(floor), "sk-bench", floor)
 
-    def ours(name: str, workers: int, env: dict[str, str]) -> Target:
-        server = processes.robota_proxy(name, workdir, upstream_url, env, workers)
+    def ours(name: str, workers: int, env: dict[str, str], checkout: Path | None = None) -> Target:
+        server = processes.robota_proxy(name, workdir, upstream_url, env, workers, checkout)
         return Target(name, "robota", processes.base_url(server), "bench-key", server)
 
-    targets["robota"] = ours("robota", args.workers, dict(args.proxy_env))
+    def surface(target: Target) -> Target:
+        """The same process (started once) through its OpenAI-compatible surface."""
+        return Target(target.name + V1, "openai", target.base_url, target.api_key, target.server)
+
+    checkouts: dict[str, Path | None] = {"": None}
+    if baseline is not None:
+        checkouts[BASE] = baseline
+    for suffix, checkout in checkouts.items():
+        targets["robota" + suffix] = ours(
+            "robota" + suffix, args.workers, dict(args.proxy_env), checkout
+        )
+    targets["robota" + V1] = surface(targets["robota"])
     for name in args.variants:
         spec = VARIANTS[name]
         targets[name] = ours(name, spec["workers"], {**args.proxy_env, **spec["env"]})
     for name in args.chains:
         spec = CHAIN_PROFILES[name]
-        env = {k: v.format(workdir=workdir) for k, v in spec["env"].items()}
-        env.update(args.chain_env.get(name, {}))
-        target = ours(name, spec["workers"], {**args.proxy_env, **env})
-        assert target.server is not None
-        key, reason = create_chain_key(name, target.server)
-        if key is None:
-            target.available, target.reason = False, reason
-        else:
-            target.api_key = key
-        targets[name] = target
+        for suffix, checkout in checkouts.items():
+            if suffix and spec["workers"] != 1:
+                continue  # the baseline runs the one-worker chains (SQLite, a file of its own)
+            folder = workdir / (name + suffix).replace("@", "-")
+            env = {k: v.format(workdir=folder) for k, v in spec["env"].items()}
+            env.update(args.chain_env.get(name, {}))
+            target = ours(name + suffix, spec["workers"], {**args.proxy_env, **env}, checkout)
+            assert target.server is not None
+            folder.mkdir(parents=True, exist_ok=True)
+            key, reason = create_chain_key(name + suffix, target.server)
+            if key is None:
+                target.available, target.reason = False, reason
+            else:
+                target.api_key = key
+            targets[target.name] = target
+            if spec["workers"] == 1:
+                targets[target.name + V1] = surface(target)
+                targets[target.name + V1].available = target.available
+                targets[target.name + V1].reason = target.reason
     if args.litellm:
         server = processes.litellm_proxy(
             workdir, args.litellm, upstream_url, args.litellm_workers, LITELLM_MASTER_KEY
@@ -294,6 +369,52 @@ def build_targets(args: argparse.Namespace, workdir: Path, upstream: Server) -> 
             "litellm", "openai", processes.base_url(server), LITELLM_MASTER_KEY, server
         )
     return targets
+
+
+def prepare_baseline(spec: str, workdir: Path) -> tuple[Path, dict[str, str]]:
+    """``--baseline``: a folder holding another checkout of this repository, used as it is;
+    or a git revision of this one, exported with ``git archive`` (no worktree, no change to
+    the repository) into the work folder. What it is, for the report."""
+    root = Path(__file__).resolve().parent.parent
+    folder = Path(spec).expanduser()
+    if folder.is_dir():
+        if not (folder / "robota_proxy" / "__init__.py").is_file():
+            raise SystemExit(f"--baseline {spec}: no robota_proxy package in that folder")
+        done = subprocess.run(
+            ["git", "-C", str(folder), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(folder), "status", "--porcelain", "--", "robota_proxy"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        return folder.resolve(), {
+            "path": str(folder.resolve()),
+            "commit": done.stdout.strip() or "not a git checkout",
+            "proxy_code": "modified in that tree" if dirty.stdout.strip() else "as committed",
+        }
+    archived = subprocess.run(
+        ["git", "-C", str(root), "archive", "--format=tar", spec, "robota_proxy", "robota_client"],
+        capture_output=True,
+        check=False,
+    )
+    if archived.returncode != 0:
+        message = archived.stderr.decode(errors="replace").strip()
+        raise SystemExit(f"--baseline {spec}: neither a folder nor a revision ({message})")
+    target = workdir / "baseline-src"
+    with tarfile.open(fileobj=io.BytesIO(archived.stdout)) as archive:
+        archive.extractall(target, filter="data")
+    commit = subprocess.run(
+        ["git", "-C", str(root), "rev-parse", "--short", spec],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    return target, {"path": str(target), "commit": commit, "revision": spec}
 
 
 # --- running a step ----------------------------------------------------------------------------
@@ -340,6 +461,7 @@ def _failed_raw(reason: str) -> dict[str, Any]:
         "gap_ms": [],
         "ok": 0,
         "ok_in_window": 0,
+        "ok_all": 0,
         "errors": {reason: 1},
         "window_s": 0.0,
         "peak_open_streams": 0,
@@ -350,7 +472,7 @@ def _failed_raw(reason: str) -> dict[str, Any]:
 def settle(target: Target, limit_s: float = 30.0) -> None:
     """Wait until the server is idle (below 5% of a core), so that work left over from the
     previous step (streams whose clients went away) does not count against this one."""
-    if target.server is None or not target.available:
+    if target.server is None or target.server.process is None or not target.available:
         return
     deadline = time.monotonic() + limit_s
     before = target.server.cpu_seconds()
@@ -482,6 +604,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=1, help="repeat each step's turns N times")
     parser.add_argument("--litellm", help="path of LiteLLM's `litellm` executable (a peer)")
     parser.add_argument("--litellm-workers", type=int, default=1)
+    parser.add_argument(
+        "--baseline",
+        metavar="PATH_OR_REF",
+        help="also run robota@base (and chain-sqlite@base) from another checkout of this "
+        "repository (a folder), or from a git revision exported into the work folder",
+    )
+    parser.add_argument(
+        "--streams",
+        type=int,
+        help=f"concurrent streams of scenario 3 (default {STREAMS_FULL}, --quick {STREAMS_QUICK})",
+    )
+    parser.add_argument(
+        "--cold-start-runs", type=int, default=5, help="runs of each cold-start command"
+    )
     parser.add_argument("--workers", type=int, default=1, help="workers of our plain proxy")
     parser.add_argument(
         "--proxy-env",
@@ -520,7 +656,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="SCENARIO",
-        help="run only steps whose scenario starts with this ('1', '2 stream', ...); repeatable",
+        help="run only steps whose scenario starts with this ('1', '2 stream', '6 cold', ...); "
+        "repeatable",
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     parser.add_argument("--name", help="results file stem (default: date and time)")
@@ -547,36 +684,71 @@ def main(argv: list[str] | None = None) -> int:
         if name not in CHAIN_PROFILES:
             raise SystemExit(f"unknown chain profile {name!r}; known: {list(CHAIN_PROFILES)}")
     profile = args.profile == "on" or (args.profile == "auto" and not args.quick)
+    streams = args.streams or (STREAMS_QUICK if args.quick else STREAMS_FULL)
+    open_files = processes.raise_open_files_limit()
+    if open_files < streams * 2 + 1000:
+        log(
+            f"warning: {open_files} open files allowed; {streams} streams need about "
+            f"{streams * 2 + 1000} in a proxy (ulimit -n)"
+        )
 
     now = dt.datetime.now()
     stem = args.name or now.strftime("%Y-%m-%d_%H%M%S") + ("_quick" if args.quick else "")
     args.out.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="robota-bench-"))
     log(f"work folder (server logs): {workdir}")
+    baseline, baseline_info = (
+        prepare_baseline(args.baseline, workdir) if args.baseline else (None, {})
+    )
+    if baseline is not None:
+        log(f"baseline: {baseline_info}")
+
+    def selected(scenario: str) -> bool:
+        return not args.only or any(scenario.startswith(o) for o in args.only)
+
+    cold: list[dict[str, Any]] = []
+    if selected(report.COLD_START):  # first, while no server of ours is running
+        log(f"scenario {report.COLD_START}: {args.cold_start_runs} runs of each command")
+        cold = cold_start.measure(args.cold_start_runs, baseline)
+        for row in cold:
+            log("    " + report.describe_cold(row))
 
     upstream = processes.fake_upstream(workdir, args.chunks, args.interval_ms)
     upstream.start()
     targets: dict[str, Target] = {}
+    results: list[dict[str, Any]] = []
+    samples: dict[str, dict[str, list[float]]] = {}
+    profiles: list[dict[str, Any]] = []
     try:
-        targets = build_targets(args, workdir, upstream)
-        for target in targets.values():
-            if target.available and target.server is not None:
-                log(f"starting {target.name}")
-                start_target(target)
-            preflight(target, args.chunks)
+        targets = build_targets(args, workdir, upstream, baseline)
         steps = plan(
             durations,
-            peers="litellm" in targets,
+            available=list(targets),
             variants=args.variants,
             chains=args.chains,
             chunks=args.chunks,
+            streams=streams,
         )
-        if args.only:
-            steps = [s for s in steps if any(s.scenario.startswith(o) for o in args.only)]
+        steps = [s for s in steps if selected(s.scenario)]
+        measured = {name for step in steps for name in step.targets}
+        started: set[int] = set()
+        for target in targets.values():
+            if target.name not in measured:
+                continue
+            server = target.server
+            if target.available and server is not None and id(server) not in started:
+                log(f"starting {target.name}")
+                start_target(target)
+                started.add(id(server))
+                if not target.available:  # its other surfaces too
+                    for other in targets.values():
+                        if other.server is server:
+                            other.available, other.reason = False, target.reason
+            preflight(target, args.chunks)
         results, samples = run_steps(steps, targets, args.rounds, workdir)
-        profiles: list[dict[str, Any]] = []
         robota = targets["robota"]
-        if profile and robota.available and robota.server is not None:
+        running = robota.server is not None and robota.server.process is not None
+        if profile and robota.available and running:
             profiles = profiling.profile_proxy(
                 robota, durations, workdir, args.out / "profiles" / stem, run_load, Step
             )
@@ -595,6 +767,9 @@ def main(argv: list[str] | None = None) -> int:
             "platform": platform.platform(),
         },
         "upstream": {"chunks": args.chunks, "interval_ms": args.interval_ms},
+        "streams": streams,
+        "open_files_limit": open_files,
+        "baseline": baseline_info,
         "durations": asdict(durations),
         "rounds": args.rounds,
         "versions": report.versions(args.litellm),
@@ -608,10 +783,11 @@ def main(argv: list[str] | None = None) -> int:
                 "env": _shown_env(t),
             }
             for name, t in targets.items()
+            if t.server is None or t.server.process is not None  # started, or direct
         },
         "workdir": str(workdir),
     }
-    document = report.build(meta, results, profiles)
+    document = report.build(meta, results, profiles, cold)
     json_path = args.out / f"{stem}.json"
     json_path.write_text(json.dumps(document, indent=1), encoding="utf-8")
     md_path = args.out / f"{stem}.md"
@@ -638,7 +814,8 @@ def _shown_env(target: Target) -> dict[str, str]:
         return {}
     shown = {}
     for name, value in target.server.env.items():
-        if name.startswith(("ROBOTA_", "LITELLM_")):
+        baseline_path = name == "PYTHONPATH" and BASE in target.name
+        if name.startswith(("ROBOTA_", "LITELLM_")) or baseline_path:
             shown[name] = "***" if "KEY" in name and name != "ROBOTA_API_KEYS" else value
     return shown
 

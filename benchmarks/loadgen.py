@@ -56,6 +56,9 @@ class Result:
     gap_ms: list[float] = field(default_factory=list)
     ok: int = 0
     ok_in_window: int = 0
+    #: Successful requests warm-up included: the server's CPU time is read over the whole
+    #: run, so CPU per request divides by this.
+    ok_all: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     window_s: float = 0.0
     peak_open_streams: int = 0
@@ -149,6 +152,8 @@ class Load:
             finally:
                 self.in_flight -= 1
             finished = time.perf_counter()
+            if error is None:
+                result.ok_all += 1
             # Recorded: every request that ends after the warm-up (a slow proxy may take longer
             # than the warm-up for a single request); throughput counts those ending in time.
             if finished < self.measure_from:

@@ -1,4 +1,4 @@
-"""The servers a benchmark run starts: fake upstream, robota-proxy, LiteLLM's proxy.
+"""The servers a benchmark run starts: fake upstream, the floor, robota-proxy, LiteLLM's proxy.
 
 Each runs as a real process in a session (process group) of its own, so that stopping it stops
 its uvicorn workers too, and its resident memory and CPU time are read with psutil over the
@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -32,6 +33,18 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def raise_open_files_limit() -> int:
+    """Lift this process's soft limit of open files to the hard one, for the children it
+    starts to inherit: thousands of concurrent streams are a socket each in the load
+    generator, two in a proxy (client and upstream side) and one in the fake upstream."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def clean_env(extra: dict[str, str]) -> dict[str, str]:
@@ -210,9 +223,38 @@ def fake_upstream(workdir: Path, chunks: int, interval_ms: float) -> Server:
     )
 
 
+def floor_forwarder(workdir: Path, upstream_url: str) -> Server:
+    """The floor (``benchmarks.floor_forwarder``): uvicorn and one aiohttp session, no more."""
+    port = free_port()
+    return Server(
+        name="floor",
+        command=[
+            sys.executable,
+            "-m",
+            "benchmarks.floor_forwarder",
+            "--port",
+            str(port),
+            "--upstream",
+            upstream_url,
+        ],
+        env=clean_env({}),
+        cwd=Path.cwd(),
+        log_path=workdir / "floor.log",
+        ready_url=f"http://127.0.0.1:{port}/health",
+    )
+
+
 def robota_proxy(
-    name: str, workdir: Path, upstream_url: str, extra_env: dict[str, str], workers: int = 1
+    name: str,
+    workdir: Path,
+    upstream_url: str,
+    extra_env: dict[str, str],
+    workers: int = 1,
+    checkout: Path | None = None,
 ) -> Server:
+    """``robota-proxy serve``; with ``checkout``, the code of that checkout of this repository
+    (first on ``PYTHONPATH``, ahead of the editable install's finder) under the same
+    interpreter and dependencies: the baseline measured side by side with the work tree."""
     port = free_port()
     env = {
         "ROBOTA_OPENAI_BASE_URL": upstream_url + "/v1",
@@ -221,6 +263,8 @@ def robota_proxy(
         **extra_env,
     }
     env = {k: v for k, v in env.items() if v != ""}  # "" in a profile unsets a default
+    if checkout is not None:
+        env["PYTHONPATH"] = str(checkout)
     return Server(
         name=name,
         command=[

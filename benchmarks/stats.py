@@ -50,8 +50,9 @@ def summarize(raw: dict[str, Any], peak_rss: int, cpu_s: float | None) -> dict[s
             summary[key] = raw[key]
     if peak_rss:
         summary["peak_rss_mb"] = round(peak_rss / 2**20, 1)
-    if cpu_s is not None and ok:
-        summary["cpu_ms_per_request"] = round(cpu_s * 1000 / ok, 3)
+    served = raw.get("ok_all") or ok  # the CPU time covers the warm-up's requests too
+    if cpu_s is not None and served:
+        summary["cpu_ms_per_request"] = round(cpu_s * 1000 / served, 3)
     return summary
 
 
@@ -63,6 +64,7 @@ def merge(raws: list[dict[str, Any]]) -> dict[str, Any]:
         "gap_ms": [],
         "ok": 0,
         "ok_in_window": 0,
+        "ok_all": 0,
         "errors": {},
         "window_s": 0.0,
         "peak_open_streams": 0,
@@ -73,6 +75,7 @@ def merge(raws: list[dict[str, Any]]) -> dict[str, Any]:
             merged[key].extend(raw[key])
         merged["ok"] += raw["ok"]
         merged["ok_in_window"] += raw["ok_in_window"]
+        merged["ok_all"] += raw.get("ok_all", raw["ok"])
         merged["window_s"] += raw["window_s"]
         for kind, count in raw["errors"].items():
             merged["errors"][kind] = merged["errors"].get(kind, 0) + count
