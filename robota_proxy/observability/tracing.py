@@ -15,7 +15,7 @@ What is traced:
   answered, tokens, finish reasons) and our own ``robota.*`` attributes;
 * one CLIENT span per upstream attempt (``Resilience``): each retry, fallback and mid-stream
   continuation is a span of its own, and the vendor gets that span as its ``traceparent``
-  (the adapters' HTTP clients call ``inject_traceparent`` on every request they send).
+  (``vendor_http`` sends every request with ``with_traceparent``'s headers).
 
 No prompt or completion text is put on a span unless ``ROBOTA_OTEL_CAPTURE_CONTENT=true``:
 prompts are the users' data, and a tracing backend is rarely guarded like the ledger.
@@ -344,18 +344,6 @@ async def _watched(
 
 
 # --- propagation ------------------------------------------------------------------------------
-
-
-async def inject_traceparent(request: Any) -> None:
-    """An ``httpx`` request hook of the adapters' clients: the current span (the attempt's)
-    as the vendor's ``traceparent``. Nothing when not tracing or outside a span."""
-    tracing = _tracing
-    if tracing is not None:
-        tracing.propagator.inject(request.headers)
-
-
-#: ``event_hooks=`` for an ``httpx`` client that calls a vendor.
-EVENT_HOOKS: Mapping[str, list[Any]] = {"request": [inject_traceparent]}
 
 
 def with_traceparent(headers: Mapping[str, str]) -> Mapping[str, str]:

@@ -1,17 +1,16 @@
-"""Pieces both SDK adapters need, kept vendor-neutral so the two stay in step."""
+"""Pieces the vendor adapters share, kept vendor-neutral so that they stay in step."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
-from typing import Any, TypeAlias, TypeVar
+from collections.abc import Iterable, Mapping
+from typing import Any, TypeAlias
 
 from robota_client.messages import ToolCall, Usage
 from robota_proxy.errors import InvalidRequest, ProxyError, UpstreamError
 from robota_proxy.upstreams.errors import error_for_status, retry_after_seconds
 
 JSONDict: TypeAlias = dict[str, Any]
-T = TypeVar("T")
 
 #: Longest vendor error text passed on; a proxy answering with a whole HTML error page helps
 #: nobody.
@@ -40,10 +39,10 @@ def tool_arguments(call: ToolCall, vendor: str) -> JSONDict:
 
 
 def vendor_message(body: object) -> str | None:
-    """The human-readable text of a vendor error body, in any of the shapes SDKs hand over.
+    """The human-readable text of a vendor error body, in any of the shapes vendors send.
 
-    OpenAI's SDK gives the inner ``error`` object, Anthropic's the whole envelope, and a
-    compatible server may answer with plain text.
+    OpenAI and Anthropic wrap it in an ``error`` object (the envelope is passed here whole),
+    and a compatible server may answer with plain text.
     """
     if isinstance(body, Mapping):
         inner = body.get("error")
@@ -112,23 +111,3 @@ def make_usage(
         cached_prompt_tokens=cached,
         reasoning_tokens=reasoning,
     )
-
-
-async def mapped_errors(
-    items: AsyncIterator[T],
-    errors: tuple[type[Exception], ...],
-    to_proxy_error: Callable[[Exception], ProxyError],
-) -> AsyncGenerator[T, None]:
-    """The vendor's stream items with its failures mapped to wire errors.
-
-    Kept apart from the adapter's own generator so that nothing the consumer throws into
-    that generator (cancellation, ``aclose``) is mistaken for a vendor error.
-    """
-    while True:
-        try:
-            item = await anext(items)
-        except StopAsyncIteration:
-            return
-        except errors as exc:
-            raise to_proxy_error(exc) from None
-        yield item

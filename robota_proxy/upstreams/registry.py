@@ -117,7 +117,7 @@ def _adapter(
     models: list[str] | None,
 ) -> Upstream:
     """One vendor adapter with its own connection pool. Imported here, so that a proxy
-    without, say, Anthropic configured never imports its SDK."""
+    without, say, Anthropic configured never imports its adapter."""
     common: dict[str, Any] = {
         "api_key": key.get_secret_value() if key else "none",
         "models": models,

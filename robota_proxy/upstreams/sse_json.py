@@ -1,26 +1,22 @@
 """A vendor's event stream of JSON objects, read so that one bad chunk does not end it.
 
 A vendor (or a proxy in front of it) now and then sends an event whose data is not JSON: a
-cut line, a debugging print, a keep-alive in the wrong place. The SDKs' readers raise on it
-and the whole answer is lost. Here such a chunk is skipped and counted, the stream goes on,
-and the count is logged once, at the end of the stream, with the request id. The events are
-framed by ``httpx-sse`` (never by hand); each vendor module reads the objects as before.
+cut line, a debugging print, a keep-alive in the wrong place. The vendor SDKs' readers raise
+on it and the whole answer is lost. Here such a chunk is skipped and counted, the stream goes
+on, and the count is logged once, at the end of the stream, with the request id. The events
+are framed by ``httpx-sse`` (never by hand, see ``vendor_http``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from contextlib import aclosing, asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
-import httpx2
-from httpx_sse import EventSource, ServerSentEvent
+from httpx_sse import ServerSentEvent
 
-from robota_proxy.errors import ProxyError
 from robota_proxy.scope import current_request_id
-from robota_proxy.upstreams._convert import mapped_errors
 
 log = logging.getLogger("robota_proxy.upstream")
 
@@ -57,26 +53,3 @@ async def json_events(
                 "" if skipped == 1 else "s",
                 vendor,
             )
-
-
-@asynccontextmanager
-async def response_objects(
-    response: httpx2.Response,
-    vendor: str,
-    read: Callable[[AsyncGenerator[tuple[str, JSONDict], None]], AsyncGenerator[JSONDict, None]],
-    *,
-    done: str | None,
-    errors: tuple[type[Exception], ...],
-    to_proxy_error: Callable[[Exception], ProxyError],
-) -> AsyncIterator[AsyncGenerator[JSONDict, None]]:
-    """The objects of a vendor's streamed response (``read`` turns the events into the
-    vendor's objects, raising on its in-band errors), its failures mapped to wire errors,
-    and the response closed however the reading ends. httpx-sse reads any response through
-    httpx's streaming API, which the vendor SDKs' httpx2 responses have."""
-    source = EventSource(response)  # type: ignore[arg-type]
-    objects = read(json_events(source.aiter_sse(), vendor, done=done))
-    try:
-        async with aclosing(mapped_errors(objects, errors, to_proxy_error)) as mapped:
-            yield mapped
-    finally:
-        await response.aclose()
