@@ -1,8 +1,10 @@
-"""Retries, fallback chains, phase limits and the per-request deadline around upstream calls.
+"""Retries, fallback chains, phase limits, mid-stream continuation and the per-request
+deadline around upstream calls.
 
-Everything here happens before the caller has seen a byte: a non-streamed call is retried as a
-whole, a stream only until its first upstream event (after that, text has gone out and a retry
-would repeat it, so a failure midway ends the stream with an error event as before).
+A non-streamed call is retried as a whole, a stream until its first content. A stream that
+breaks after content went out is continued (``_continued``): from a target that takes a
+prefill the answer goes on where it broke, otherwise it starts again after a ``restart``
+event (on the Robota wire only). The stream limits themselves are ``stream_phases``.
 
 Each attempt has limits by phase (``target_options``): a non-streamed answer must come within
 the headers limit, a stream's first text or tool-call piece within the first-token limit, and
@@ -63,6 +65,7 @@ from robota_proxy.errors import (
 )
 from robota_proxy.observability import tracing
 from robota_proxy.policy.principals import Feature, Principal
+from robota_proxy.upstreams import stream_phases as phases
 from robota_proxy.upstreams.base import Upstream, UpstreamEvent
 from robota_proxy.upstreams.breakers import Breakers
 from robota_proxy.upstreams.deployments import Deployment
@@ -266,13 +269,13 @@ class Resilience:
             with anyio.move_on_after(limit) as scope:
                 return await call(upstream, sent)
             assert scope.cancelled_caught
-            raise _phase_timeout(sent, "answer", limit)
+            raise phases.phase_timeout(sent, "answer", limit)
 
         try:
             with anyio.fail_after(seconds):
                 return await self._run(request, principal, feature, record, answered, attempts)
         except TimeoutError:
-            raise _counted(_deadline_error(seconds), attempts) from None
+            raise _counted(phases.deadline_error(seconds), attempts) from None
         finally:
             if record is not None:  # for X-Robota-Overhead-Ms: the vendors' share
                 record.vendor_seconds += time.perf_counter() - started
@@ -306,7 +309,7 @@ class Resilience:
         label = _label(record, served.request)
         head: list[UpstreamEvent] = [] if first is None else [first]
         continued = self._continued(
-            principal, record, served, _leading(head, events), label, restart
+            principal, record, served, phases.leading(head, events), label, restart
         )
         return tracing.watch_stream(continued)
 
@@ -330,7 +333,9 @@ class Resilience:
         async def call(
             upstream: Upstream, sent: ChatRequest, limits: TargetLimits
         ) -> tuple[list[E], AsyncGenerator[E, None], float]:
-            head, events = await _first_content(start(upstream, sent), sent, limits, is_content)
+            head, events = await phases.first_content(
+                start(upstream, sent), sent, limits, is_content
+            )
             return head, events, limits.limits.idle
 
         attempts: list[Attempt] = []
@@ -340,7 +345,7 @@ class Resilience:
                     request, principal, "stream", record, call, attempts, holds=True
                 )
         except TimeoutError:
-            raise _counted(_deadline_error(seconds), attempts) from None
+            raise _counted(phases.deadline_error(seconds), attempts) from None
         finally:
             if record is not None:  # for X-Robota-Overhead-Ms: the vendors' share
                 record.vendor_seconds += time.perf_counter() - started
@@ -350,10 +355,14 @@ class Resilience:
             now = time.perf_counter()
             since = record.started if record is not None else started
             self.counter.first_token(served.target, now - since)
-            timer = _gap_timer(self.counter, served.target, is_content or _is_wire_content, now)
-        rest = _until(ends_at, seconds, idle, served.target, events, timer)
+            timer = phases.gap_timer(
+                functools.partial(self.counter.token_gap, served.target),
+                is_content or phases.is_wire_content,
+                now,
+            )
+        rest = phases.until(ends_at, seconds, idle, str(served.target), events, timer)
         if len(head) > 1:
-            rest = _leading(head[1:], rest)
+            rest = phases.leading(head[1:], rest)
         if served.deployment is not None:
             rest = self._in_flight(served.deployment, rest)
         return (head[0] if head else None), rest, served
@@ -525,7 +534,7 @@ class Resilience:
                     if record is not None:
                         record.attempts += 1
                     with tracing.upstream_attempt(sent, deployment.name):
-                        head, events = await _first_content(
+                        head, events = await phases.first_content(
                             deployment.upstream.stream(sent), sent, limits, None
                         )
                 outcome = "ok"
@@ -547,11 +556,11 @@ class Resilience:
                 record.provider, record.model = target.provider, target.model
                 record.deployment = deployment.name
             seconds = self.deadline(served.request)
-            rest: AsyncGenerator[UpstreamEvent, None] = _leading(
-                head, _until(served.ends_at, seconds, limits.limits.idle, target, events)
+            rest: AsyncGenerator[UpstreamEvent, None] = phases.leading(
+                head, phases.until(served.ends_at, seconds, limits.limits.idle, str(target), events)
             )
             if continues:
-                rest = _after_seam(rest, len(text) - len(prefill))
+                rest = phases.after_seam(rest, len(text) - len(prefill))
             return target, self._in_flight(deployment, rest), continues
         return None
 
@@ -697,8 +706,8 @@ class Resilience:
     ) -> AsyncGenerator[E, None]:
         """A stream that counts as in flight on its deployment until it ends: when it is
         closed, or, if it is dropped without ever being read, when it is collected."""
-        release = _once(functools.partial(self.registry.balancer.finished, deployment))
-        held = _released_at_end(events, release)
+        release = phases.once(functools.partial(self.registry.balancer.finished, deployment))
+        held = phases.released_at_end(events, release)
         weakref.finalize(held, release)
         return held
 
@@ -750,98 +759,6 @@ class Resilience:
         )
 
 
-async def _until(
-    ends_at: float,
-    seconds: float,
-    idle: float,
-    target: Target,
-    events: AsyncGenerator[E, None],
-    seen: Callable[[E], None] | None = None,
-) -> AsyncGenerator[E, None]:
-    """The rest of a stream, ended by ``UpstreamTimeout`` when the deadline passes, or by a
-    ``PhaseTimeout`` when the target goes quiet for longer than the idle limit. ``seen`` is
-    told of each event as it arrives (the metrics' gaps between tokens)."""
-    async with aclosing(events):
-        while True:
-            left = ends_at - anyio.current_time()
-            with anyio.move_on_after(min(left, idle)) as scope:
-                try:
-                    event = await anext(events)
-                except StopAsyncIteration:
-                    return
-            if scope.cancelled_caught:
-                if left <= idle:
-                    raise _deadline_error(seconds)
-                raise PhaseTimeout(f"{target} sent nothing for {idle:g} s: the stream stalled")
-            if seen is not None:
-                seen(event)
-            yield event
-
-
-async def _first_content(
-    events: AsyncGenerator[E, None],
-    sent: ChatRequest,
-    limits: TargetLimits,
-    is_content: Callable[[E], bool] | None,
-) -> tuple[list[E], AsyncGenerator[E, None]]:
-    """The items of a new stream up to its first content (any item when ``is_content`` is
-    None), within the target's first-token limit; the stream is closed on any failure."""
-    head: list[E] = []
-    limit = limits.limits.first_token
-    try:
-        with anyio.move_on_after(limit) as scope:
-            async for item in events:
-                head.append(item)
-                if is_content is None or is_content(item):
-                    break
-    except BaseException:
-        await events.aclose()
-        raise
-    if scope.cancelled_caught:
-        await events.aclose()
-        raise _phase_timeout(sent, "first token", limit)
-    return head, events
-
-
-async def _after_seam(
-    events: AsyncGenerator[UpstreamEvent, None], spaces: int
-) -> AsyncGenerator[UpstreamEvent, None]:
-    """A continuation without the whitespace the caller already has: a prefill may not end
-    in whitespace (Anthropic refuses it), so it was cut off and the model writes it again."""
-    async with aclosing(events):
-        async for event in events:
-            if spaces and isinstance(event, DeltaEvent):
-                content = event.content
-                stripped = content.lstrip()
-                drop = min(spaces, len(content) - len(stripped))
-                spaces = 0 if stripped else spaces - drop
-                if not content[drop:]:
-                    continue
-                event = DeltaEvent(content=content[drop:])
-            yield event
-
-
-def _is_wire_content(event: object) -> bool:
-    return isinstance(event, DeltaEvent | ToolCallEvent)
-
-
-def _gap_timer(
-    counter: AttemptCounter, target: Target, is_content: Callable[[E], bool], first: float
-) -> Callable[[E], None]:
-    """Tells ``counter`` the time between consecutive content events, from ``first`` (the
-    first content's arrival) on; framing and usage events are not tokens."""
-    last = first
-
-    def seen(event: E) -> None:
-        nonlocal last
-        if is_content(event):
-            now = time.perf_counter()
-            counter.token_gap(target, now - last)
-            last = now
-
-    return seen
-
-
 def _bounded(request: ChatRequest, record: CallRecord | None) -> ChatRequest:
     """``request`` as sent to the vendors: with the ``maxTokens`` a layer imposed on a request
     that set none (the metering's reservation, ``CallRecord.max_tokens``). The parsed request
@@ -856,44 +773,6 @@ def _bounded(request: ChatRequest, record: CallRecord | None) -> ChatRequest:
 def _label(record: CallRecord | None, request: ChatRequest) -> str:
     """What the log lines name: the request and what the caller asked for."""
     return f"{record.request_id if record else '-'} {request.provider}/{request.model}"
-
-
-def _once(action: Callable[[], None]) -> Callable[[], None]:
-    done = False
-
-    def run() -> None:
-        nonlocal done
-        if not done:
-            done = True
-            action()
-
-    return run
-
-
-async def _released_at_end(
-    events: AsyncGenerator[E, None], release: Callable[[], None]
-) -> AsyncGenerator[E, None]:
-    try:
-        async with aclosing(events):
-            async for event in events:
-                yield event
-    finally:
-        release()
-
-
-async def _leading(head: list[E], rest: AsyncGenerator[E, None]) -> AsyncGenerator[E, None]:
-    """The items read while waiting for the first content, then the rest of the stream."""
-    async with aclosing(rest):
-        for item in head:
-            yield item
-        async for item in rest:
-            yield item
-
-
-def _phase_timeout(sent: ChatRequest, phase: str, limit: float) -> PhaseTimeout:
-    return PhaseTimeout(
-        f"{sent.provider}/{sent.model} sent no {phase} within {limit:g} s",
-    )
 
 
 def _counted(error: ProxyError, attempts: Sequence[Attempt]) -> ProxyError:
@@ -923,7 +802,3 @@ def _circuit_open(target: Target) -> UpstreamUnavailable:
     return UpstreamUnavailable(
         f"{target} is failing and was not called (its circuit breaker is open)"
     )
-
-
-def _deadline_error(seconds: float) -> UpstreamTimeout:
-    return UpstreamTimeout(f"the request did not complete within its deadline of {seconds:g} s")
