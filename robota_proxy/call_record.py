@@ -14,13 +14,15 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from robota_client.messages import Usage
+from robota_client.messages import AssistantMessage, Usage
 from robota_proxy.scope import AUTHORIZED, CALL, Authorized
 
 #: ``(provider, model, usage) -> cost in USD``, or ``None`` when the model has no known price.
 Pricer = Callable[[str, str, Usage], Decimal | None]
 #: Usage of a stream attempt the vendor never reported, from the characters it produced.
 Estimator = Callable[[int], Usage]
+#: The events of a stream that make up its answer before ``done`` (what a cache replays).
+_KEPT_EVENTS = frozenset({"delta", "tool_call", "usage"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +82,33 @@ class CallRecord:
     #: What the auth middleware already authorized (``robota_proxy.scope.AUTHORIZED``, taken
     #: over when the record is created): ``Resilience`` does not authorize it again.
     authorized: Authorized | None = None
+    #: The final message of a call that answered (``/ai/chat``'s answer, a stream's ``done``),
+    #: the route's own object: the response cache stores it as it is instead of parsing the
+    #: bytes that were sent. Set before the answer's last byte goes out.
+    answer: AssistantMessage | None = None
+    #: Set by a route that fills ``answer`` (and collects ``answer_events`` when asked), before
+    #: its response starts: the response cache then reads this record instead of the bytes.
+    #: Someone else's endpoint behind the cache leaves it False and is cached from its bytes.
+    keeps_answer: bool = False
+    #: ``[]`` once the response cache means to store this stream (a cacheable miss; the flag
+    #: that makes the producer collect, so an uncached stream keeps nothing): the ``(event
+    #: name, data JSON)`` of its events before ``done``, the very strings the producer put on
+    #: the wire, as ``CachedAnswer.events`` holds them. ``None``: nobody wants them.
+    answer_events: list[tuple[str, str]] | None = None
     _attempt: AttemptUsage | None = None
+
+    def keep_event(self, name: str, data: str) -> None:
+        """Called by a stream's producer for every event it sends, before it sends it: kept in
+        ``answer_events`` when someone asked for them. A ``restart`` voids what came before
+        (``StreamAssembler`` forgets it too), so only the fresh answer's events are kept and a
+        replay never shows the abandoned text; ``done`` and ``error`` are not kept."""
+        events = self.answer_events
+        if events is None:
+            return
+        if name in _KEPT_EVENTS:
+            events.append((name, data))
+        elif name == "restart":
+            events.clear()
 
     def settle_usage(self, provider: str, model: str, usage: Usage) -> Decimal | None:
         """Record the vendor's usage of the current attempt and price it; a cached answer

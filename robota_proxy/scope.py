@@ -43,6 +43,11 @@ ERROR_CODE = "robota.error_code"
 #: ``Authorized``: the chat request the auth middleware authorized, for whom and for which
 #: feature (``note_authorized``); ``Resilience`` then does not authorize the same target again.
 AUTHORIZED = "robota.authorized"
+#: ``async (event name, event id, data JSON) -> None``: put in an internal call's scope by a
+#: caller that wants a stream's events as they are rather than as SSE bytes to parse back
+#: (``/ai/ws``); the stream responses (``robota_proxy.streams.response.deliver``) and the
+#: cache's replay hand each event to it instead of writing a frame. Never set from outside.
+EVENT_SINK = "robota.event_sink"
 #: ``(ChatRequest, int)``: the request's prompt-token bound (``policy.pricing.
 #: prompt_token_bound``), worked out once by the first layer that needs it
 #: (``robota_proxy.policy.prompts.prompt_bound``) for the rate limits and the metering alike.

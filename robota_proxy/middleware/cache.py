@@ -19,6 +19,14 @@ final ``AssistantMessage`` and, for a stream, its event list, so a streamed requ
 the same events (delta, tool_call, usage, done) and a plain request is answered from a stored
 stream and the other way round (the events are rebuilt from the message).
 
+Nothing the proxy's own chat routes sent is parsed back: they leave their final message on
+the call record (``CallRecord.answer``, with ``keeps_answer`` set) and, on a miss this
+middleware means to store, the stream's producer collects the events' JSON as it writes them
+(``CallRecord.answer_events``, asked for by setting it; an uncached stream collects nothing).
+The entry is built from those when the response's last body message passes, before it goes
+on. Someone else's endpoint behind this middleware, which knows nothing of the record, is
+cached from a copy of the bytes it sent, parsed back (httpx-sse for a stream).
+
 ``/v1/chat/completions`` and ``/v1/messages`` are cached by the same rules (the tenant scope,
 ``temperature: 0``, the directives, only complete successes, the ``X-Robota-Cache`` header),
 but keep the exact bytes their route sent and are keyed on the caller's own JSON: see
@@ -35,8 +43,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
-import httpx
-from httpx_sse import EventSource
 from pydantic import ValidationError
 from starlette.datastructures import Headers
 from starlette.requests import Request
@@ -199,16 +205,28 @@ def _events_of(message: AssistantMessage) -> list[StreamEvent]:
 
 class _Capture:
     """Passes the route's response on, adding the MISS header, and keeps a copy of the body
-    (up to a bound). ``on_complete`` runs when the last body message arrives, *before* it is
-    passed on: a client that asks again as soon as it has the whole answer finds it stored
-    (a stream's producer may still be winding down well after the last byte went out)."""
+    (up to a bound) when it is what will be stored: always on the raw surfaces (``raw``),
+    which store the bytes as sent, and for an endpoint that does not leave its answer on the
+    call record (``CallRecord.keeps_answer``, known when the response starts). ``on_complete``
+    runs when the last body message arrives, *before* it is passed on: a client that asks
+    again as soon as it has the whole answer finds it stored (a stream's producer may still
+    be winding down well after the last byte went out)."""
 
     def __init__(
-        self, send: Send, max_bytes: int, on_complete: Callable[[_Capture], Awaitable[None]]
+        self,
+        send: Send,
+        max_bytes: int,
+        on_complete: Callable[[_Capture], Awaitable[None]],
+        *,
+        scope: Scope,
+        raw: bool,
     ) -> None:
         self._send = send
         self._max_bytes = max_bytes
         self._on_complete = on_complete
+        self._scope = scope
+        self._raw = raw
+        self.keep_body = raw
         self.status = 0
         self.content_type = "application/json"
         self.chunks: list[bytes] = []
@@ -219,6 +237,9 @@ class _Capture:
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.status = message["status"]
+            if not self._raw:
+                record = self._scope.get(keys.CALL)
+                self.keep_body = not (isinstance(record, CallRecord) and record.keeps_answer)
             for name, value in message.get("headers", []):
                 if name.lower() == b"content-type":
                     self.content_type = value.decode("latin-1")
@@ -228,12 +249,13 @@ class _Capture:
             }
         elif message["type"] == "http.response.body":
             body: bytes = message.get("body", b"")
-            self.size += len(body)
-            if self.size > self._max_bytes:
-                self.too_big = True
-                self.chunks.clear()
-            elif body:
-                self.chunks.append(body)
+            if self.keep_body:
+                self.size += len(body)
+                if self.size > self._max_bytes:
+                    self.too_big = True
+                    self.chunks.clear()
+                elif body:
+                    self.chunks.append(body)
             if not message.get("more_body", False):
                 self.complete = True
                 await self._on_complete(self)
@@ -319,6 +341,9 @@ class CacheMiddleware:
                     await self._hit(answer, streamed, scope, receive, send)
                     return
             call_record(scope, request_id).cache_result = "miss"
+        if raw_surface is None and streamed and "no-store" not in directives:
+            # The flag that makes the producer collect the events this entry will hold.
+            call_record(scope, request_id).answer_events = []
 
         async def store(capture: _Capture) -> None:
             if "no-store" in directives:
@@ -328,12 +353,13 @@ class CacheMiddleware:
                 raw_answer = self._raw_answer(capture, raw_surface, streamed, scope, body)
                 entry = raw_answer.to_bytes() if raw_answer is not None else None
             else:
-                answer = self._answer(capture, streamed, scope)
-                entry = answer.to_bytes() if answer is not None else None
+                entry = self._entry(capture, streamed, scope)
             if entry is not None:
                 await self.cache.set(key, entry)
 
-        await self.app(scope, receive, _Capture(send, self.max_entry_bytes, store).send)
+        raw = raw_surface is not None
+        capture = _Capture(send, self.max_entry_bytes, store, scope=scope, raw=raw)
+        await self.app(scope, receive, capture.send)
 
     def _scope_name(self, scope: Scope) -> str:
         if self.scope == "shared":
@@ -365,23 +391,40 @@ class CacheMiddleware:
                 "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
             }
         )
+        sink = scope.get(keys.EVENT_SINK)
+        if callable(sink):  # an internal caller that takes the events as they are (/ai/ws)
+            for number, event in enumerate(events, 1):
+                await sink(event.type, str(number), event.to_json())
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
         frames = b"".join(sse.frame(number, event) for number, event in enumerate(events, 1))
         await send({"type": "http.response.body", "body": frames, "more_body": False})
 
-    def _answer(self, capture: _Capture, streamed: bool, scope: Scope) -> CachedAnswer | None:
-        """What to store of the route's response, or None when it is not a complete success."""
+    def _entry(self, capture: _Capture, streamed: bool, scope: Scope) -> bytes | None:
+        """The entry to store for the route's answer, or None when it is not a complete
+        success or is too big. From what the route left on the call record: a 200 whose
+        record says ``ok`` and holds the final message (for a stream, one that ended
+        ``done``, which is when the message is set), at most ``max_entry_bytes`` stored."""
         record = scope.get(keys.CALL)
         if not isinstance(record, CallRecord) or record.status != "ok":
             return None
-        if capture.status != 200 or not capture.complete or capture.too_big:
+        if capture.status != 200 or not capture.complete:
             return None
-        try:
-            if not streamed:
-                return CachedAnswer(AssistantMessage.model_validate_json(capture.body))
-            return _stream_answer(capture.body)
-        except (ValueError, ValidationError):
-            log.warning("cache: could not read the route's own answer; not stored")
+        if capture.keep_body:
+            return _entry_from_bytes(capture, streamed)
+        if record.answer is None:
             return None
+        events: list[tuple[str, str]] | None = None
+        if streamed:
+            if record.answer_events is None:
+                return None
+            events = list(record.answer_events)
+            # The entry holds each event's JSON (escaped, so no shorter): a stream whose
+            # events alone are over the bound is refused before it is serialised.
+            if sum(len(data) for _, data in events) > self.max_entry_bytes:
+                return None
+        entry = CachedAnswer(record.answer, events).to_bytes()
+        return entry if len(entry) <= self.max_entry_bytes else None
 
     async def _raw_hit(
         self, answer: RawAnswer, dialect: Dialect, streamed: bool, scope: Scope, send: Send
@@ -425,8 +468,31 @@ class CacheMiddleware:
         )
 
 
+def _entry_from_bytes(capture: _Capture, streamed: bool) -> bytes | None:
+    """The entry of someone else's endpoint, parsed back from the bytes it sent (at most
+    ``max_entry_bytes`` of them)."""
+    if capture.too_big:
+        return None
+    try:
+        if not streamed:
+            answer = CachedAnswer(AssistantMessage.model_validate_json(capture.body))
+        else:
+            parsed = _stream_answer(capture.body)
+            if parsed is None:
+                return None
+            answer = parsed
+    except (ValueError, ValidationError):
+        log.warning("cache: could not read the endpoint's answer; not stored")
+        return None
+    return answer.to_bytes()
+
+
 def _stream_answer(body: bytes) -> CachedAnswer | None:
-    """The events of a finished stream, parsed with httpx-sse; None unless it ended ``done``."""
+    """The events of a finished stream, parsed with httpx-sse; None unless it ended ``done``.
+    Imported here: only an endpoint that does not fill the call record needs them."""
+    import httpx
+    from httpx_sse import EventSource
+
     response = httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body)
     events: list[tuple[str, str]] = []
     done: DoneEvent | None = None

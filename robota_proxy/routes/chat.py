@@ -70,6 +70,7 @@ class ChatRoutes:
         body = await chat_request(request, self.max_body_bytes)
         request_id = keys.request_id(request.scope)
         record = call_record(request.scope, request_id)
+        record.keeps_answer = True
         try:
             message, served = await self.resilience.chat(body, principal_of(request), record)
         except ProxyError as exc:
@@ -81,13 +82,14 @@ class ChatRoutes:
         message.metadata.request_id = request_id
         if served.vendor_calls > 1:
             message.metadata.attempts = served.vendor_calls  # type: ignore[attr-defined]
+        record.answer = message  # for the response cache: the object, not its bytes
         return WireResponse(message)
 
     async def chat_stream(self, request: Request) -> Response:
         body = await chat_request(request, self.max_body_bytes)
         request_id = keys.request_id(request.scope)
         record = call_record(request.scope, request_id)
-        record.streamed = True
+        record.streamed = record.keeps_answer = True
         # Wait for the first upstream event before answering 200: a vendor that refuses the
         # call outright (429, 401, unreachable) then gets a plain error status the client can
         # retry on, instead of a 200 stream that only says "error". Until then the call may be
@@ -109,6 +111,7 @@ class ChatRoutes:
             wire_events(body, record, first, events),
             grace=self.resume_grace,
             max_bytes=self.stream_max_bytes,
+            record=record,
         )
 
 
@@ -121,8 +124,9 @@ async def wire_events(
     """The upstream's events as wire events: its finish becomes ``done`` with the assembled
     message, and a failure midway becomes a closing ``error`` event. The call record learns
     the usage (priced) and, until then, how much text was produced, so a stream cut short by
-    the client is still settled. A stream continued on another target (``restart`` or a
-    prefill) reports the usage and cost of all its attempts, and the target that finished."""
+    the client is still settled, and the final message (``answer``, for the cache). A stream
+    continued on another target (``restart`` or a prefill) reports the usage and cost of all
+    its attempts, and the target that finished."""
     assembler = StreamAssembler()
     request_id = record.request_id
     async with aclosing(events):
@@ -147,9 +151,8 @@ async def wire_events(
                         finish_reason=event.finish_reason,
                         request_id=request_id,
                     )
-                    yield DoneEvent(
-                        finish_reason=event.finish_reason, message=assembler.message(metadata)
-                    )
+                    record.answer = assembler.message(metadata)
+                    yield DoneEvent(finish_reason=event.finish_reason, message=record.answer)
                 else:
                     assembler.add(event)
                     yield event

@@ -4,8 +4,11 @@ Every ``request`` (or ``resume``) frame is run through the app's own HTTP stack 
 internal ASGI call (``POST /ai/chat/stream``, ``POST /ai/chat`` or
 ``GET /ai/chat/stream/{id}``) carrying the socket's handshake headers (its
 ``Authorization``), so authentication, permissions, rate limits, metering and the cache
-apply per request with no policy code here. The internal call's SSE answer is decoded
-(httpx-sse) and forwarded as WS frames.
+apply per request with no policy code here: the re-entry is what keeps this surface from
+growing a second, drifting copy of the HTTP chain. What it does not need is the SSE framing:
+the internal call's scope carries a sink (``robota_proxy.scope.EVENT_SINK``) that the stream
+responses hand each event to, ``(name, event id, data JSON)`` as the resume buffer keeps it,
+and each becomes one WS frame (one ``json.loads``/``json.dumps``, nothing parsed twice).
 
 Frames, client -> server::
 
@@ -43,18 +46,16 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
-import httpx
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from httpx_sse import EventSource
 from starlette.routing import WebSocketRoute
 from starlette.types import ASGIApp, Message, Scope
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from robota_proxy import scope as keys
 from robota_proxy.chat_body import parse_json
 from robota_proxy.errors import ProxyError
 from robota_proxy.streams.buffer import is_stream_id, parse_event_id, parse_seq
@@ -325,38 +326,64 @@ class Session:
     # --- one call ---------------------------------------------------------------------------
 
     async def _run(self, call: _Call, scope: Scope) -> None:
-        chunks, chunk_reader = anyio.create_memory_object_stream[bytes](0)
-        started: list[Message] = []
-        ready = anyio.Event()
+        answer = _Answer()
+
+        async def sink(name: str, event_id: str, data: str) -> None:
+            """One event of the streamed answer as one frame. An ``OSError`` (socket gone)
+            stops the stream's writer the way a dead TCP connection stops an HTTP one: its
+            stream waits for a resume."""
+            frame = {"id": call.id, "event": name, "eventId": event_id, "data": json.loads(data)}
+            try:
+                await self.emit(frame)
+            except OSError:
+                call.leave(cancel=False)
+                raise
+            if name in ("done", "error"):
+                call.terminal = True
+                self._done(call)
 
         async def send(message: Message) -> None:
             if message["type"] == "http.response.start":
-                started.append(message)
-                ready.set()
+                answer.start(message)
             elif message["type"] == "http.response.body":
-                try:
-                    if message.get("body"):
-                        await chunks.send(message["body"])
-                except (anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
-                    # The forwarder stopped: the socket is gone, like a dead TCP peer.
-                    raise OSError("the WebSocket is closed") from exc
+                body = message.get("body", b"")
+                if body:
+                    answer.add(body)
                 if not message.get("more_body", False):
-                    await chunks.aclose()
+                    await self._finish(call, answer)
 
+        scope[keys.EVENT_SINK] = sink
         try:
-            async with anyio.create_task_group() as group:
-                group.start_soon(self._forward, call, started, ready, chunk_reader)
-                try:
-                    await self.app(scope, call.receive, send)
-                except Exception:
-                    log.exception("internal call %s over the WebSocket failed", call.id)
-                finally:
-                    ready.set()
-                    await chunks.aclose()
-        except OSError:
-            pass
+            await self.app(scope, call.receive, send)
+        except Exception:
+            log.exception("internal call %s over the WebSocket failed", call.id)
         finally:
+            await self._finish(call, answer)  # the app failed before its last message
             self._done(call)
+
+    async def _finish(self, call: _Call, answer: _Answer) -> None:
+        """The internal call's answer is complete (or the call failed): a whole answer (a
+        plain ``/ai/chat``, an error status) becomes its one frame; a stream that ended
+        without ``done`` or ``error`` gets an ``error`` frame unless it was cancelled or the
+        socket is gone."""
+        if answer.finished:
+            return
+        answer.finished = True
+        if answer.streamed:
+            if answer.body:
+                # Only the sink carries a stream's events here; SSE bytes mean a producer
+                # that does not know it, and are not parsed back.
+                log.error("internal call %s answered SSE bytes, not events", call.id)
+            if not call.terminal and not call.cancelled and not self.closed:
+                await self._refuse(call.id, "upstream_error", "the stream ended early")
+            return
+        try:
+            await self.emit(_whole_answer(call.id, answer.status, b"".join(answer.body)))
+        except OSError:
+            call.leave(cancel=False)
+            return
+        call.terminal = True
+        self._done(call)
 
     def _done(self, call: _Call) -> None:
         """Out of the in-flight count once its answer is complete (the internal call may
@@ -364,66 +391,31 @@ class Session:
         if self.calls.get(call.id) is call:
             del self.calls[call.id]
 
-    async def _forward(
-        self,
-        call: _Call,
-        started: list[Message],
-        ready: anyio.Event,
-        chunks: MemoryObjectReceiveStream[bytes],
-    ) -> None:
-        """The internal call's answer as WS frames. An ``OSError`` (socket gone) stops the
-        call's writer the way a dead TCP connection stops an HTTP one."""
-        try:
-            await self._forward_answer(call, started, ready, chunks)
-        except OSError:
-            # Socket gone: the call sees a disconnect and its stream waits for a resume.
-            call.leave(cancel=False)
-            return
-        if not call.terminal and not call.cancelled and not self.closed:
-            await self._refuse(call.id, "upstream_error", "the stream ended early")
 
-    async def _forward_answer(
-        self,
-        call: _Call,
-        started: list[Message],
-        ready: anyio.Event,
-        chunks: MemoryObjectReceiveStream[bytes],
-    ) -> None:
-        async with chunks:
-            await ready.wait()
-            status = started[0]["status"] if started else 500
-            headers = httpx.Headers([(k.decode(), v.decode()) for k, v in _headers(started)])
-            if status == 200 and headers.get("content-type", "").startswith("text/event-stream"):
-                response = httpx.Response(200, headers=headers, stream=_Chunks(chunks))
-                async for sse in EventSource(response).aiter_sse():
-                    data = json.loads(sse.data)
-                    frame = {"id": call.id, "event": sse.event, "eventId": sse.id, "data": data}
-                    await self.emit(frame)
-                    if sse.event in ("done", "error"):
-                        call.terminal = True
-                        self._done(call)
-            else:
-                content = b"".join([chunk async for chunk in chunks])
-                await self.emit(_whole_answer(call.id, status, content))
-                call.terminal = True
-                self._done(call)
+class _Answer:
+    """What the internal call answered: its status, whether it is a stream (whose events
+    come through the sink) and, for a whole answer, its body."""
+
+    def __init__(self) -> None:
+        #: A call that failed before it started answering is an internal error.
+        self.status = 500
+        self.streamed = False
+        self.body: list[bytes] = []
+        self.finished = False
+
+    def start(self, message: Message) -> None:
+        self.status = message["status"]
+        for name, value in message.get("headers", ()):
+            if name.lower() == b"content-type":
+                media = value.decode("latin-1")
+                self.streamed = self.status == 200 and media.startswith("text/event-stream")
+
+    def add(self, body: bytes) -> None:
+        self.body.append(body)
 
 
 def _is_position(last_event_id: str) -> bool:
     return parse_event_id(last_event_id) is not None or parse_seq(last_event_id) is not None
-
-
-class _Chunks(httpx.AsyncByteStream):
-    def __init__(self, chunks: MemoryObjectReceiveStream[bytes]) -> None:
-        self._chunks = chunks
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for chunk in self._chunks:
-            yield chunk
-
-
-def _headers(started: list[Message]) -> list[tuple[bytes, bytes]]:
-    return list(started[0].get("headers", ())) if started else []
 
 
 def _whole_answer(request_id: str, status: int, content: bytes) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from contextlib import aclosing
 from typing import Literal
 
@@ -32,6 +32,8 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from robota_client.messages import ErrorEvent, StreamEvent
+from robota_proxy import scope as keys
+from robota_proxy.call_record import CallRecord
 from robota_proxy.errors import UpstreamUnavailable
 from robota_proxy.streams.buffer import (
     CANCELLED,
@@ -51,6 +53,8 @@ CANCEL_KEY = "robota.cancel"
 _POLL = 0.05
 
 Outcome = Literal["finished", "left", "cancelled"]
+#: ``robota_proxy.scope.EVENT_SINK``'s value: takes ``(event name, event id, data JSON)``.
+EventSink = Callable[[str, str, str], Awaitable[None]]
 
 log = logging.getLogger("robota_proxy.streams")
 
@@ -74,6 +78,12 @@ def stream_headers(stream_id: str) -> list[tuple[bytes, bytes]]:
     return [(name.lower().encode(), value.encode()) for name, value in headers.items()]
 
 
+def event_sink(scope: Scope) -> EventSink | None:
+    """The sink an internal caller (``/ai/ws``) put in the scope, if any."""
+    sink = scope.get(keys.EVENT_SINK)
+    return sink if callable(sink) else None
+
+
 async def deliver(
     buffer: StreamBuffer,
     stream_id: str,
@@ -81,10 +91,18 @@ async def deliver(
     receive: Receive,
     send: Send,
     extra_headers: Mapping[str, str] | None = None,
+    sink: EventSink | None = None,
 ) -> Outcome:
     """Write the stream from ``after`` to this connection until it ends or the client
     leaves; how it ended. Attached to the stream the whole time, so the producer knows a
-    client is still there."""
+    client is still there.
+
+    With a ``sink`` (``robota_proxy.scope.EVENT_SINK``) the events go to it as they are
+    kept, not as SSE frames: the caller wants them one by one and would only parse the
+    frames back. The response messages still go out around them (the start, one empty body
+    message before the first event, which marks the first byte for the access log's TTFT,
+    and the last one), so every layer sees the same call as over HTTP. The sink waiting is
+    the back-pressure; its ``OSError`` is the client gone."""
     outcome: Outcome = "finished"
     headers = stream_headers(stream_id)
     headers += [(k.lower().encode(), v.encode()) for k, v in (extra_headers or {}).items()]
@@ -102,11 +120,18 @@ async def deliver(
         group.start_soon(watch)
         try:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
+            first = True
             async for entry in buffer.read(stream_id, after):
                 if entry.event == CANCELLED:
                     break
-                frame = sse.encode(event_id(stream_id, entry.seq), entry.event, entry.data)
-                await send({"type": "http.response.body", "body": frame, "more_body": True})
+                if sink is None:
+                    frame = sse.encode(event_id(stream_id, entry.seq), entry.event, entry.data)
+                    await send({"type": "http.response.body", "body": frame, "more_body": True})
+                    continue
+                if first:
+                    first = False
+                    await send({"type": "http.response.body", "body": b"", "more_body": True})
+                await sink(entry.event, event_id(stream_id, entry.seq), entry.data)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:
             # A server that reports writes to a closed connection (uvicorn's
@@ -139,7 +164,10 @@ class ProducingStream(_StreamResponse):
         *,
         grace: float,
         max_bytes: int = DEFAULT_STREAM_MAX_BYTES,
+        record: CallRecord | None = None,
     ) -> None:
+        """``record``: the call's record, told every event produced (``keep_event``) for the
+        response cache when it asked for them."""
         super().__init__()
         self.buffer = buffer
         self.stream_id = stream_id
@@ -147,6 +175,7 @@ class ProducingStream(_StreamResponse):
         self.events = events
         self.grace = grace
         self.max_bytes = max_bytes
+        self.record = record
         #: Seconds from the client leaving to the producer being cancelled (None: it was
         #: not), for the log line and tests.
         self.cancel_delay: float | None = None
@@ -167,7 +196,8 @@ class ProducingStream(_StreamResponse):
         producer = anyio.CancelScope()
         async with anyio.create_task_group() as group:
             group.start_soon(self._produce, producer, produced)
-            outcome = await deliver(self.buffer, self.stream_id, 0, receive, send)
+            sink = event_sink(scope)
+            outcome = await deliver(self.buffer, self.stream_id, 0, receive, send, sink=sink)
             if outcome == "cancelled":
                 producer.cancel()
             elif outcome == "left":
@@ -176,6 +206,7 @@ class ProducingStream(_StreamResponse):
     async def _produce(self, scope: anyio.CancelScope, produced: anyio.Event) -> None:
         seq = size = 0
         finished = False
+        record = self.record
         try:
             with scope:
                 async with aclosing(self.events) as events:
@@ -193,6 +224,10 @@ class ProducingStream(_StreamResponse):
                                 self.max_bytes,
                             )
                             break
+                        if record is not None:
+                            # Before the append: a reader may end the answer (and the cache
+                            # store it) as soon as the entry is in.
+                            record.keep_event(entry.event, entry.data)
                         await self.buffer.append(self.stream_id, entry)
                 finished = True
         finally:
@@ -229,4 +264,5 @@ class ResumedStream(_StreamResponse):
         self.after = after
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await deliver(self.buffer, self.stream_id, self.after, receive, send)
+        sink = event_sink(scope)
+        await deliver(self.buffer, self.stream_id, self.after, receive, send, sink=sink)
