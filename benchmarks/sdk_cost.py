@@ -1,10 +1,11 @@
-"""CPU per upstream call: our OpenAI adapter (the vendor SDK on aiohttp) against the same
-request made on raw aiohttp, in one process, against the fake upstream.
+"""CPU per upstream call: our OpenAI adapter (whatever the code under test has: the vendor SDK
+on aiohttp until 598d899, its own aiohttp pool since) against the same request made on raw
+aiohttp, in one process, against the fake upstream.
 
     python -m benchmarks.sdk_cost [--calls 1500] [--rounds 6]
 
 It isolates what the profile of the proxy can only attribute: how much of a request's CPU is
-the SDK's own request path (options, URL and header building, response handling) rather than
+the adapter's own request path (options, URL and header building, response handling) rather than
 the HTTP exchange itself. Rounds alternate the two, so a machine whose speed drifts (other
 people's work) moves both alike; medians are printed.
 """
@@ -46,7 +47,7 @@ async def measure(base_url: str, calls: int, rounds: int) -> dict[str, list[floa
             await upstream.chat(request)
 
         ways: dict[str, Callable[[], Awaitable[None]]] = {
-            "adapter (openai SDK on aiohttp)": sdk,
+            "our OpenAI adapter": sdk,
             "raw aiohttp": raw,
         }
         results: dict[str, list[float]] = {name: [] for name in ways}
