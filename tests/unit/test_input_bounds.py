@@ -35,9 +35,29 @@ INT64_MAX = 2**63 - 1
 CHAT = {"provider": "mock", "model": "mock-1", "messages": [{"role": "user", "content": "hi"}]}
 
 
+#: The apps below live for the whole module (in TestClient's thread), also while the parser
+#: tests of its end run for seconds: their lease reclaimer does one round at start and no
+#: more, so mutation testing does not take those tests for tests of reclaiming (a round in
+#: the background during a test counts as that test reaching the code) and run them for
+#: every mutant of it. Nothing here is about leases.
+NO_RECLAIM_ROUNDS = 3600.0
+
+
 @pytest.fixture(scope="module")
-def client() -> Iterator[TestClient]:
-    app = create_app(Settings(api_keys=[USER], admin_key=ADMIN, cache_enabled=False))
+def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    # A database of its own: the autouse ROBOTA_DATABASE_URL of conftest is set per test, after
+    # this module's fixture is built, so the default would be ./robota.db, shared by every run
+    # in that directory (mutation testing runs two at once in mutants/).
+    database = tmp_path_factory.mktemp("bounds") / "robota.db"
+    app = create_app(
+        Settings(
+            api_keys=[USER],
+            admin_key=ADMIN,
+            cache_enabled=False,
+            database_url=f"sqlite:///{database}",
+            lease_reclaim_seconds=NO_RECLAIM_ROUNDS,
+        )
+    )
     with TestClient(app, raise_server_exceptions=False) as test_client:
         yield test_client
 
@@ -46,7 +66,11 @@ def client() -> Iterator[TestClient]:
 def pg_client(postgres_url: str) -> Iterator[TestClient]:
     """On PostgreSQL, which refuses NUL in text: where a name nobody can have was a 5xx."""
     settings = Settings(
-        api_keys=[USER], admin_key=ADMIN, cache_enabled=False, database_url=postgres_url
+        api_keys=[USER],
+        admin_key=ADMIN,
+        cache_enabled=False,
+        database_url=postgres_url,
+        lease_reclaim_seconds=NO_RECLAIM_ROUNDS,
     )
     with TestClient(create_app(settings), raise_server_exceptions=False) as test_client:
         yield test_client
