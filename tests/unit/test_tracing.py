@@ -169,7 +169,9 @@ async def test_a_retried_call_is_one_client_span_per_attempt(
 ) -> None:
     vendors.reset()
     vendors.script(Fault(status=503), times=1, vendor="openai")
-    app = create_app(_settings(tmp_path, vendors).model_copy(update={"upstream_retries": 1}))
+    # No back-off before the retry: the spans are the point, not the wait (0.5 s or more).
+    retried = {"upstream_retries": 1, "retry_backoff_base": 0.0}
+    app = create_app(_settings(tmp_path, vendors).model_copy(update=retried))
     async with app.lifespan():
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://proxy") as client:
