@@ -45,14 +45,16 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
-import httpx
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from robota_proxy.observability.throttled_log import ThrottledLog
 from robota_proxy.policy.pricing import usd_text
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger("robota_proxy.alerts")
 
@@ -138,6 +140,9 @@ class Webhook:
 
     async def open(self) -> None:
         if self._client is None:
+            # Here, not at import: most proxies have no webhook, and httpx is 90 ms of start-up.
+            import httpx
+
             self._client = httpx.AsyncClient(
                 timeout=self._timeout, transport=self._transport, follow_redirects=False
             )
@@ -183,6 +188,8 @@ class Webhook:
         return True
 
     async def _post(self, body: bytes) -> None:
+        import httpx  # loaded by ``open`` already
+
         await self.open()
         assert self._client is not None
         headers = {"Content-Type": "application/json", "User-Agent": "robota-proxy-alerts"}

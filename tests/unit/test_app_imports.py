@@ -4,7 +4,9 @@ Each module below is imported where it is first needed, not with the app: PyJWT 
 cryptography when JWT auth is configured, SQLAlchemy's asyncio extension (and the ORM it
 imports) when an engine is made, a dialect's ``INSERT`` when a statement is built for it,
 prometheus-client when metrics are built, the OpenAPI document's models on the first
-``GET /openapi.json``. Together they were a few hundred milliseconds of every start; this
+``GET /openapi.json``, the client's HTTP and WebSocket machinery (httpx, websockets) never
+(the proxy uses ``robota_client`` for its wire contract only; the alerts' webhook client
+imports httpx when it opens). Together they were a few hundred milliseconds of every start; this
 keeps a top-level import from bringing one back unnoticed. The probe runs in a fresh
 interpreter: the test process may have imported any of them already.
 """
@@ -16,10 +18,14 @@ import sys
 
 APP_NEVER_IMPORTS = [
     "cryptography",
+    "httpx",
     "jwt",
     "prometheus_client",
     "robota_proxy.openapi",
     "robota_proxy.policy.jwt",
+    "robota_client.provider",
+    "robota_client.transport",
+    "websockets",
     "sqlalchemy.dialects.postgresql",
     "sqlalchemy.dialects.sqlite",
     "sqlalchemy.ext.asyncio",
