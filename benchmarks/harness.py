@@ -112,6 +112,7 @@ class Step:
     expect_tokens: int | None = None
     timeout_s: float = 30.0
     requests_per_worker: int | None = None
+    ramp_s: float = 0.0
 
 
 @dataclass
@@ -143,6 +144,7 @@ def plan(
     chains: list[str],
     chunks: int,
     streams: int,
+    ramp_s: float = 0.0,
 ) -> list[Step]:
     """Every step and the systems it measures, in turns (direct first: the baseline of every
     "added" figure). Systems not in ``available`` (no --baseline, no --litellm, a chain not
@@ -188,20 +190,21 @@ def plan(
             [*front, "robota", *variants[:1], peer],
             expect_tokens=chunks,
         ),
-        # N streams opened at once, one per connection, each lasting about 20 s (20 tokens,
-        # a second apart, a slow model), so that all of them are open together.
+        # N streams opened over ramp_s, one per connection, each lasting about 20 s (20
+        # tokens, a second apart, a slow model), so that all of them are open together.
         Step(
             report.many_streams_scenario(streams),
-            report.MANY_STREAMS_LABEL.format(n=streams),
+            report.MANY_STREAMS_LABEL.format(n=streams, ramp=f"{ramp_s:g}"),
             True,
             streams,
-            d.many_streams_s,
+            max(d.many_streams_s, ramp_s + 10),  # every worker starts inside the window
             0.0,
             [*front, "robota", peer],
             content="hi bench:20x1000",
             expect_tokens=20,
             timeout_s=90.0,
             requests_per_worker=1,
+            ramp_s=ramp_s,
         ),
     ]
     if chains:
@@ -434,12 +437,13 @@ def run_load(step: Step, target: Target, workdir: Path) -> dict[str, Any]:
         timeout_s=step.timeout_s,
         requests_per_worker=step.requests_per_worker,
         grace_s=max(10.0, step.timeout_s if step.requests_per_worker else 10.0),
+        ramp_s=step.ramp_s,
     )
     spec_path = workdir / "spec.json"
     out_path = workdir / "result.json"
     spec_path.write_text(json.dumps(asdict(spec)), encoding="utf-8")
     out_path.unlink(missing_ok=True)
-    limit = step.warmup_s + step.duration_s + spec.grace_s + 30
+    limit = step.ramp_s + step.warmup_s + step.duration_s + spec.grace_s + 30
     try:
         subprocess.run(
             [sys.executable, "-m", "benchmarks.loadgen", str(spec_path), str(out_path)],
@@ -616,6 +620,14 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"concurrent streams of scenario 3 (default {STREAMS_FULL}, --quick {STREAMS_QUICK})",
     )
     parser.add_argument(
+        "--streams-ramp",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="scenario 3 opens its streams evenly over this long (0: all at once; each "
+        "stream lasts about 20 s, so all are open together)",
+    )
+    parser.add_argument(
         "--cold-start-runs", type=int, default=5, help="runs of each cold-start command"
     )
     parser.add_argument("--workers", type=int, default=1, help="workers of our plain proxy")
@@ -728,6 +740,7 @@ def main(argv: list[str] | None = None) -> int:
             chains=args.chains,
             chunks=args.chunks,
             streams=streams,
+            ramp_s=args.streams_ramp,
         )
         steps = [s for s in steps if selected(s.scenario)]
         measured = {name for step in steps for name in step.targets}
@@ -768,6 +781,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "upstream": {"chunks": args.chunks, "interval_ms": args.interval_ms},
         "streams": streams,
+        "streams_ramp_s": args.streams_ramp,
         "open_files_limit": open_files,
         "baseline": baseline_info,
         "durations": asdict(durations),

@@ -10,7 +10,9 @@ token chunks (all in milliseconds). It speaks two dialects:
 - ``robota``: ``POST /ai/chat`` and ``POST /ai/chat/stream`` (robota-proxy).
 
 With ``requests_per_worker`` set, each worker stops after that many requests: with one, and
-no warm-up, ``concurrency`` streams are opened at once and held open together.
+no warm-up, ``concurrency`` streams are opened at once and held open together. ``ramp_s``
+spreads the workers' starts evenly over that many seconds (thousands of connections opened
+in the same instant test a listen queue more than holding them).
 
     python -m benchmarks.loadgen spec.json result.json
 """
@@ -47,6 +49,8 @@ class Spec:
     expect_tokens: int | None = None
     #: Each worker stops after this many requests (None: until the time is up).
     requests_per_worker: int | None = None
+    #: Worker i starts at i / concurrency * ramp_s (0: all at once).
+    ramp_s: float = 0.0
 
 
 @dataclass
@@ -108,9 +112,13 @@ class Load:
         async with aiohttp.ClientSession(
             connector=connector, timeout=timeout, auto_decompress=False
         ) as session:
-            workers = [asyncio.create_task(self._worker(session)) for _ in range(spec.concurrency)]
+            step = spec.ramp_s / spec.concurrency
+            workers = [
+                asyncio.create_task(self._worker(session, i * step))
+                for i in range(spec.concurrency)
+            ]
             done, pending = await asyncio.wait(
-                workers, timeout=spec.warmup_s + spec.duration_s + spec.grace_s
+                workers, timeout=spec.ramp_s + spec.warmup_s + spec.duration_s + spec.grace_s
             )
             for task in pending:
                 task.cancel()
@@ -128,7 +136,9 @@ class Load:
             self.result.ok_in_window = self.result.ok
         return self.result
 
-    async def _worker(self, session: aiohttp.ClientSession) -> None:
+    async def _worker(self, session: aiohttp.ClientSession, delay: float = 0.0) -> None:
+        if delay:
+            await asyncio.sleep(delay)
         result = self.result
         sent = 0
         while True:

@@ -21,7 +21,7 @@ V1 = "/v1"
 #: last of thousands to open before the first ends even on a slow machine (5 s streams did
 #: not overlap 1000 of them), at a token rate (N a second in all) that leaves the proxy room
 #: to open them: this scenario is about holding connections; scenario 2 is about token rates.
-MANY_STREAMS_LABEL = "c={n}, 20 tok x 1000 ms"
+MANY_STREAMS_LABEL = "c={n}, 20 tok x 1000 ms, opened over {ramp} s"
 #: Issue 13's count of concurrent streams on one worker.
 MANY_STREAMS_TARGET = 5000
 PASSTHROUGH = "5 passthrough"

@@ -179,6 +179,22 @@ def report(run: Run, slow_ms: float, show: int) -> None:
             kinds[f"{kind} with main-thread CPU >= half"] += cpu >= took / 2
     longest = max((took for _, took, text in run.events if text.startswith("fdatasync")), default=0)
     print(f"   proxy-side events: {dict(kinds)}; longest fdatasync {longest:.1f} ms")
+    # Attribution that noise does not fake: how slow are the requests an event overlapped,
+    # against all requests? (A machine's noise slows requests whatever overlapped them.)
+    for kind in sorted({text.split(" ", 1)[0] for _, _, text in run.events}):
+        hit = [
+            ms
+            for wall, ms in run.requests
+            if any(
+                text.startswith(kind) and wall <= at + took / 1000 and at <= wall + ms / 1000
+                for at, took, text in run.events
+            )
+        ]
+        if hit:
+            print(
+                f"   requests overlapping {kind}: {len(hit)} ({100 * len(hit) / n:.1f}%), "
+                f"median {statistics.median(hit):.2f} ms, max {max(hit):.1f} ms"
+            )
     slow = [(wall, ms) for wall, ms in run.requests if ms > slow_ms]
     for wall, ms in slow[:show]:
         print(f"   request at +{wall - run.requests[0][0]:.3f} s: {ms:.1f} ms")
