@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         http="httptools",
         lifespan="on",
         access_log=False,
+        proxy_headers=False,  # serve's default (no ROBOTA_FORWARDED_ALLOW_IPS)
         log_level="warning",
         timeout_graceful_shutdown=5,
     )

@@ -206,20 +206,17 @@ def check_targets(
         entry, floor = _entry(results, step, system), _entry(results, step, FLOOR)
         cpu, floor_cpu = _get(entry, "cpu_ms_per_request"), _get(floor, "cpu_ms_per_request")
         ratio = _div(cpu, floor_cpu)
-        checks.append(
-            _ratio_check(
-                f"{prefix}_cpu",
-                ratio,
-                4,
-                True,
-                f"{system} {cpu} ms, floor {floor_cpu} ms: {ratio}x",
-            )
-        )
+        detail = f"{system} {cpu} ms, floor {floor_cpu} ms: {ratio}x"
+        if ratio is None:
+            detail = f"not measured ({step}: {system} {cpu} ms, floor {floor_cpu} ms)"
+        checks.append(_ratio_check(f"{prefix}_cpu", ratio, 4, True, detail))
         rps = _get(entry, "throughput_rps")
         peer_rps = _get(_peer(results, step), "throughput_rps")
         ratio = _div(rps, peer_rps)
         detail = f"{system} {rps} req/s, LiteLLM {peer_rps} req/s: {ratio}x"
-        if peer_rps is None:
+        if rps is None:
+            detail = f"{system} not measured ({step})"
+        elif peer_rps is None:
             detail = f"{system} {rps} req/s; LiteLLM not run (nox -s bench_peers)"
         checks.append(_ratio_check(f"{prefix}_rps", ratio, 25, False, detail))
 
