@@ -70,6 +70,39 @@ LITELLM_SPECS = (
 
 def _bench_install(session: nox.Session) -> None:
     session.install("-e", ".[bench,redis,postgres]")
+    baseline = _bench_baseline_requirements(session.posargs)
+    if baseline:
+        session.install(*baseline)
+
+
+def _bench_baseline_requirements(posargs: list[str]) -> list[str]:
+    """``--baseline``'s own requirements (its proxy extra): robota@base runs in this venv, and
+    the work tree's extras may have dropped what an older checkout imports (the vendor SDKs
+    before 598d899). Read from the folder's pyproject.toml, or the revision's (git show)."""
+    import subprocess
+    import tomllib
+    from pathlib import Path
+
+    spec = None
+    for index, arg in enumerate(posargs):
+        if arg == "--baseline" and index + 1 < len(posargs):
+            spec = posargs[index + 1]
+        elif arg.startswith("--baseline="):
+            spec = arg.split("=", 1)[1]
+    if spec is None:
+        return []
+    if os.path.isdir(spec):
+        path = Path(spec, "pyproject.toml")
+        text = path.read_text(encoding="utf-8") if path.exists() else ""
+    else:
+        shown = ["git", "show", f"{spec}:pyproject.toml"]
+        text = subprocess.run(shown, capture_output=True, text=True, check=False).stdout
+    project = tomllib.loads(text).get("project", {}) if text else {}
+    wanted = [
+        *project.get("dependencies", []),
+        *project.get("optional-dependencies", {}).get("proxy", []),
+    ]
+    return [req for req in wanted if not req.startswith(project.get("name", "robota-remote"))]
 
 
 @nox.session(python="3.11")

@@ -244,7 +244,14 @@ def start_target(target: Target) -> None:
         target.server.start()
     except RuntimeError as exc:
         target.available = False
-        target.reason = str(exc).splitlines()[0]
+        lines = str(exc).splitlines()
+        # The first line says what happened, the last exception line why (an ImportError of a
+        # baseline whose dependencies this venv lacks, say).
+        errors = [line.strip() for line in lines if "Error" in line and ":" in line]
+        errors = [line for line in errors if not line.startswith("ERROR:")]
+        target.reason = lines[0].removesuffix("; last log lines:") + (
+            f" ({errors[-1]})" if errors else ""
+        )
         log(f"  {target.name}: NOT AVAILABLE: {exc}")
 
 
