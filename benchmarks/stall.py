@@ -3,6 +3,8 @@
     python -m benchmarks.stall                                  # static key, /ai/chat, 10 s
     python -m benchmarks.stall --config "" --config ROBOTA_METRICS_ENABLED=false --rounds 2
     python -m benchmarks.stall --chain --strace --checkout /path/to/other/clone
+    python -m benchmarks.stall --strace --rounds 3 --config "" \
+        --config STALL_PROBE_SQLITE_PRAGMA=wal_autocheckpoint=0    # no checkpoint in a commit
 
 Each configuration (``--config NAME=VALUE[,NAME=VALUE...]``, ``""`` for the defaults) gets a
 fresh proxy (``robota-proxy serve``, one worker, in front of the fake upstream), run in turns
@@ -106,8 +108,9 @@ def measure(args: argparse.Namespace, config: str, workdir: Path, upstream_url: 
         env = {**profile, **env}
     paths = [str(args.checkout)] if args.checkout else []
     if not args.no_probe:
-        paths.append(str(PROBE))
         env["STALL_PROBE_OUT"] = str(folder / "probe")
+    if not args.no_probe or any(name.startswith("STALL_PROBE_") for name in env):
+        paths.append(str(PROBE))
     if paths:
         env["PYTHONPATH"] = ":".join(paths)
     server = processes.robota_proxy("robota", folder, upstream_url, env, 1)

@@ -15,6 +15,12 @@ With ``STALL_PROBE_OUT`` set it writes one line per event, with its wall time, t
 
 Sampling the main thread's stack every millisecond costs the proxy some CPU; the figures it
 prints are for finding a stall, not for the benchmark.
+
+Two knobs for experiments no ``ROBOTA_*`` setting offers, each on its own (without
+``STALL_PROBE_OUT`` too): ``STALL_PROBE_SQLITE_PRAGMA="wal_autocheckpoint=0"`` runs that
+PRAGMA on every new SQLite connection (no WAL checkpoint inside a commit: the ledger's
+``fdatasync`` calls leave the request path), ``STALL_PROBE_SWITCH_INTERVAL=0.0005`` sets
+``sys.setswitchinterval`` (how long a thread waits for the GIL before asking for it).
 """
 
 from __future__ import annotations
@@ -106,6 +112,25 @@ def _install(out: TextIO) -> None:
     threading.Thread(target=watch, daemon=True, name="stall-probe").start()
 
 
+def _knobs() -> None:
+    interval = os.environ.get("STALL_PROBE_SWITCH_INTERVAL")
+    if interval:
+        sys.setswitchinterval(float(interval))
+    pragma = os.environ.get("STALL_PROBE_SQLITE_PRAGMA")
+    if pragma:
+        import sqlite3
+
+        connect = sqlite3.connect
+
+        def connect_with_pragma(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+            connection: sqlite3.Connection = connect(*args, **kwargs)
+            connection.execute(f"PRAGMA {pragma}")
+            return connection
+
+        sqlite3.connect = connect_with_pragma  # type: ignore[assignment]
+
+
+_knobs()
 _OUT = os.environ.get("STALL_PROBE_OUT")
 if _OUT:
     _install(open(f"{_OUT}.{os.getpid()}", "a", buffering=1, encoding="utf-8"))  # noqa: SIM115
