@@ -148,7 +148,10 @@ class Settings(BaseSettings):
     #: Open connections per process; unset: the descriptor limit less a reserve.
     max_connections: int | None = Field(default=None, ge=1)
     upstream_timeout: float = Field(default=60.0, gt=0)
-    max_connections_per_vendor: int = Field(default=1000, gt=0)
+    #: Connections each vendor adapter keeps open at most; unset: no cap of its own (each is
+    #: a call in flight, so ``max_connections`` bounds them). A cap of 1000 held a stream
+    #: past the thousandth waiting for a connection until its deadline.
+    max_connections_per_vendor: int | None = Field(default=None, gt=0)
     #: ``text`` (a line per record) or ``json`` (an object per line; README: Operating it, Logs).
     log_format: Literal["text", "json"] = "text"
     #: OpenTelemetry traces (README: Operating it, Traces; the ``[otel]`` extra). The OTLP/HTTP

@@ -107,7 +107,7 @@ class AnthropicUpstream:
         connect_timeout: float = 5.0,
         models: list[str] | None = None,
         default_max_tokens: int = 4096,
-        max_connections: int = 1000,
+        max_connections: int = 0,
     ) -> None:
         self.name = "anthropic"
         self._secrets = [api_key]

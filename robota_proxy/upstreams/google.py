@@ -103,7 +103,7 @@ class GoogleUpstream:
         connect_timeout: float = 5.0,
         models: list[str] | None = None,
         name: str = "google",
-        max_connections: int = 1000,
+        max_connections: int = 0,
     ) -> None:
         self.name = name
         self._api_key = api_key

@@ -87,7 +87,7 @@ class OpenAIUpstream:
         connect_timeout: float = 5.0,
         models: list[str] | None = None,
         name: str = "openai",
-        max_connections: int = 1000,
+        max_connections: int = 0,
     ) -> None:
         self.name = name
         self._models = list(models) if models is not None else None

@@ -123,7 +123,7 @@ def _adapter(
         "models": models,
         "timeout": settings.upstream_timeout,
         "connect_timeout": settings.upstream_connect_timeout,
-        "max_connections": settings.max_connections_per_vendor,
+        "max_connections": settings.max_connections_per_vendor or 0,  # 0: no cap
     }
     if vendor == "openai":
         from robota_proxy.upstreams.openai import OpenAIUpstream

@@ -65,6 +65,7 @@ class VendorHTTP:
 
     The session is opened on the first call, inside the running event loop (aiohttp ties a
     session to the loop that made it; adapters are built before the server's loop runs).
+    ``max_connections``: the pool's cap, 0 for none (each connection is a call in flight).
     """
 
     def __init__(
