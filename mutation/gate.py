@@ -232,7 +232,8 @@ def _recheck(
     failures: dict[str, list[str]],
 ) -> str:
     """The verdict on a listed mutant the run counted as ``status`` (a detection)."""
-    killer = "; ".join(failures.get(name, [])) or "no failing test recorded"
+    # pytest-timeout's thread method ends a hung run's process before pytest reports it.
+    killer = "; ".join(failures.get(name, [])) or "no failing test recorded (a timeout?)"
     if rechecker is None:
         result.stale.append(f"{name} (now {status} by {killer}; not re-run)")
         return status
