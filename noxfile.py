@@ -39,10 +39,9 @@ def mutation(session: nox.Session) -> None:
     re-used for code and tests that did not change; ``nox -s mutation -- --fresh`` starts over.
     The gate re-runs a listed equivalent that the run counted as killed, in a fresh process,
     before calling its listing stale; ``mutants/failures.jsonl`` names the test that failed
-    for each mutant. From a clean clone: 47 minutes on 2 cores shared with other work
-    (2026-11-26, load 3-7), 12 of them both workers waiting on mutants that hang a test, which
-    pytest-timeout's thread method now ends in 20 s; about 35 minutes expected (issue 14 asks
-    for about 15)."""
+    for each mutant. From a clean clone on 2 cores with nothing else running: 27 minutes
+    (2026-11-26; issue 14 asks for about 15: the workers used 1.2 of the 2 cores, waiting on
+    PostgreSQL and SQLite, which is where the next minutes are)."""
     # pytest-timeout: a mutant that makes a test wait forever (a batch writer that never
     # answers) fails that test in 20 s, instead of holding a worker until mutmut's CPU-time
     # limit (which a waiting process never reaches) — 6 such mutants cost 10 minutes.
