@@ -8,6 +8,7 @@ cleanly (a status line, then close) while honest clients go on being served.
 
 from __future__ import annotations
 
+import gc
 import socket
 import statistics
 import time
@@ -166,13 +167,21 @@ def test_slow_clients_past_the_connection_cap_do_not_lock_out_honest_ones(
             sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # and never the end
             slow.append(sock)
         latencies = []
-        with httpx.Client(base_url=hardened.url, timeout=5) as client:
-            for _ in range(100):
-                started = time.perf_counter()
-                # a new connection each time, as a new client would
-                response = client.get("/health", headers={"Connection": "close"})
-                latencies.append(time.perf_counter() - started)
-                assert response.status_code == 200
+        # The server's latency is measured, not this process's: late in the suite the test
+        # process holds a large heap, and one of its own full collections (0.4 s once in CI)
+        # landed inside a timed request.
+        gc.collect()
+        gc.disable()
+        try:
+            with httpx.Client(base_url=hardened.url, timeout=5) as client:
+                for _ in range(100):
+                    started = time.perf_counter()
+                    # a new connection each time, as a new client would
+                    response = client.get("/health", headers={"Connection": "close"})
+                    latencies.append(time.perf_counter() - started)
+                    assert response.status_code == 200
+        finally:
+            gc.enable()
         p99 = statistics.quantiles(latencies, n=100)[98]
         print(f"/health under 300 slow connections: p99 {p99 * 1000:.1f} ms")
         assert p99 < 0.25
