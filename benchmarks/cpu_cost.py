@@ -3,6 +3,7 @@
     python -m benchmarks.cpu_cost              # the proxy (/ai/chat and /v1) and the SQLite chain
     python -m benchmarks.cpu_cost --seconds 3 --only chat
     python -m benchmarks.cpu_cost --metrics-off --no-chain   # Prometheus metrics on vs off
+    python -m benchmarks.cpu_cost --metrics-ab --rounds 6 --seconds 10   # the chain: on vs off
 
 Starts the fake upstream and real proxy processes (as the harness does), drives each with the
 load generator, and reads the proxy's CPU seconds (psutil, whole process tree) per request:
@@ -10,6 +11,14 @@ unlike latency, that figure hardly moves when other work shares the cores. Laten
 are printed as well, proxy minus direct. ``--metrics-off`` adds the same proxy with
 ``ROBOTA_METRICS_ENABLED=false``, measured in turns with it in the same run, and prints what
 the metrics cost per request (the budget: at most 5%).
+
+``--metrics-ab`` is issue 12's check: the realistic chain (``chain-sqlite``: an ``rk_`` key
+with limits and a budget, the SQLite ledger) twice, metrics on and metrics off, each process
+with its own database and key, driven with the same load in alternating turns (on/off, then
+off/on, ... for ``--rounds``) so that whatever else the machine does lands on both. Per step
+it sums each side's CPU seconds and requests over the rounds and prints CPU ms per request,
+the ratio on/off, the spread of the per-round ratios, and the verdict against the budget
+(metrics on costs at most 5%), as a "Targets" table like the harness report's.
 """
 
 from __future__ import annotations
@@ -25,9 +34,12 @@ from typing import Any
 from benchmarks import processes
 from benchmarks.harness import CHAIN_PROFILES, Step, Target, create_chain_key, run_load
 from benchmarks.processes import Sampler
-from benchmarks.stats import summarize
+from benchmarks.stats import merge, summarize
 
 STEPS = [("chat", False, 1), ("chat", False, 50), ("stream", True, 1), ("stream", True, 50)]
+#: Issue 12: "metrics on costs at most 5%" of the chain's CPU per request.
+METRICS_BUDGET = 0.05
+METRICS_TARGET = "metrics on cost the chain at most 5% more CPU per request (on / off)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,9 +51,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--metrics-off", action="store_true", help="also the proxy with metrics off; the ratio"
     )
+    parser.add_argument(
+        "--metrics-ab",
+        action="store_true",
+        help="only the chain, metrics on and off in alternating turns; the 5%% budget's verdict",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=4, help="--metrics-ab: turns per step and side"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     extra = dict(pair.split("=", 1) for pair in args.env)
+    if args.metrics_ab:
+        return metrics_ab(args, extra)
     workdir = Path(tempfile.mkdtemp(prefix="robota-cpu-"))
     upstream = processes.fake_upstream(workdir, 20, 1.0)
     upstream.start()
@@ -110,6 +132,141 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1), encoding="utf-8")
     return 0
+
+
+def metrics_ab(args: argparse.Namespace, extra: dict[str, str]) -> int:
+    """The chain with metrics on and off, in alternating turns on the same load (module
+    docstring). Exit status 0 whatever the verdict: a measurement, not a gate."""
+    workdir = Path(tempfile.mkdtemp(prefix="robota-cpu-ab-"))
+    upstream = processes.fake_upstream(workdir, 20, 1.0)
+    upstream.start()
+    upstream_url = processes.base_url(upstream)
+    sides: list[Target] = []
+    results: list[dict[str, Any]] = []
+    try:
+        for name, metrics in (("chain-metrics-on", "true"), ("chain-metrics-off", "false")):
+            env = {
+                **{
+                    k: v.format(workdir=workdir)
+                    for k, v in CHAIN_PROFILES["chain-sqlite"]["env"].items()
+                },
+                **extra,
+                # Each its own ledger: two writers on one SQLite file would wait on each other.
+                "ROBOTA_DATABASE_URL": f"sqlite:///{workdir / name}.db",
+                "ROBOTA_METRICS_ENABLED": metrics,
+            }
+            server = processes.robota_proxy(name, workdir, upstream_url, env)
+            key, reason = create_chain_key(name, server)
+            if key is None:
+                sys.exit(reason)
+            sides.append(Target(name, "robota", processes.base_url(server), key, server))
+        for server in _servers(sides):
+            server.start()
+        for kind, stream, concurrency in STEPS:
+            if args.only and kind != args.only:
+                continue
+            step = Step(kind, f"c={concurrency}", stream, concurrency, args.seconds, 0.5, [])
+            step.expect_tokens = 20 if stream else None
+            runs: dict[str, list[tuple[dict[str, Any], float]]] = {t.name: [] for t in sides}
+            for turn in range(args.rounds):
+                for target in sides if turn % 2 == 0 else sides[::-1]:
+                    time.sleep(0.3)
+                    with Sampler(target.server) as sampler:
+                        raw = run_load(step, target, workdir)
+                    runs[target.name].append((raw, sampler.cpu_s))
+            result = _ab_result(f"{kind} c={concurrency}", runs)
+            results.append(result)
+            print(_ab_line(result), flush=True)
+    finally:
+        for server in _servers(sides):
+            server.stop()
+        upstream.stop()
+    checks = _ab_targets(results)
+    print("\n## Targets\n\n| target | status | measured |\n|---|---|---|")
+    for check in checks:
+        print(f"| {check['target']} | **{check['status']}** | {check['value']} |")
+    if args.json:
+        document = {"rounds": args.rounds, "seconds": args.seconds, "steps": results}
+        document["targets"] = checks
+        args.json.write_text(json.dumps(document, indent=1), encoding="utf-8")
+    return 0
+
+
+def _ab_result(step: str, runs: dict[str, list[tuple[dict[str, Any], float]]]) -> dict[str, Any]:
+    """One step of ``--metrics-ab``: each side's rounds pooled (CPU seconds over every request
+    answered, warm-up included), and the on/off ratio of each round for the spread."""
+    (on_name, on_runs), (off_name, off_runs) = runs.items()
+    pooled = {}
+    for name, side in ((on_name, on_runs), (off_name, off_runs)):
+        s = summarize(merge([raw for raw, _ in side]), 0, sum(cpu for _, cpu in side))
+        pooled[name] = {
+            "cpu_ms": s.get("cpu_ms_per_request"),
+            "rps": round(
+                sum(raw["ok_in_window"] for raw, _ in side)
+                / sum(raw["window_s"] for raw, _ in side),
+                1,
+            ),
+            "p50": s["latency_ms"]["p50"],
+            "p99": s["latency_ms"]["p99"],
+            "errors": s["errors"],
+        }
+    per_round = [
+        _cpu_ms(on) / _cpu_ms(off)
+        for on, off in zip(on_runs, off_runs, strict=True)
+        if _cpu_ms(on) and _cpu_ms(off)
+    ]
+    on_ms, off_ms = pooled[on_name]["cpu_ms"], pooled[off_name]["cpu_ms"]
+    return {
+        "step": step,
+        "on": pooled[on_name],
+        "off": pooled[off_name],
+        "ratio": round(on_ms / off_ms, 4) if on_ms and off_ms else None,
+        "round_ratios": [round(r, 4) for r in per_round],
+    }
+
+
+def _cpu_ms(run: tuple[dict[str, Any], float]) -> float:
+    raw, cpu_s = run
+    served = raw.get("ok_all") or raw["ok"]
+    return cpu_s * 1000 / served if served else 0.0
+
+
+def _ab_line(result: dict[str, Any]) -> str:
+    on, off, ratio = result["on"], result["off"], result["ratio"]
+    spread = result["round_ratios"]
+    text = (
+        f"{result['step']:<12} cpu on {on['cpu_ms'] or 0:6.3f} off {off['cpu_ms'] or 0:6.3f}"
+        f" ms/req  on/off {_percent(ratio)}"
+    )
+    if spread:
+        text += f" (rounds {_percent(min(spread))} .. {_percent(max(spread))})"
+    return text + (
+        f"  req/s on {on['rps'] or 0:.1f} off {off['rps'] or 0:.1f}"
+        f"  errors {on['errors']}/{off['errors']}"
+    )
+
+
+def _percent(ratio: float | None) -> str:
+    return "n/a" if ratio is None else f"{(ratio - 1) * 100:+.1f}%"
+
+
+def _ab_targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The budget, judged per step on the pooled rounds (the report's wording: met, missed,
+    not available); every step must be within it."""
+    ratios = [r["ratio"] for r in results]
+    errors = sum(r["on"]["errors"] + r["off"]["errors"] for r in results)
+    if not results or None in ratios or errors:
+        status = "not available"
+    else:
+        status = "met" if all(ratio <= 1 + METRICS_BUDGET for ratio in ratios) else "missed"
+    value = ", ".join(
+        f"{r['step']}: {r['on']['cpu_ms'] or 0:.3f} vs {r['off']['cpu_ms'] or 0:.3f} ms "
+        f"({_percent(r['ratio'])})"
+        for r in results
+    )
+    if errors:
+        value += f"; {errors} failed requests"
+    return [{"target": METRICS_TARGET, "status": status, "value": value}]
 
 
 def _metrics_cost(rows: list[dict[str, Any]]) -> list[str]:
