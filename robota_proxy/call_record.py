@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, MutableMapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
 
@@ -27,13 +27,19 @@ _KEPT_EVENTS = frozenset({"delta", "tool_call", "usage"})
 
 @dataclass(frozen=True, slots=True)
 class AttemptUsage:
-    """What one ended attempt of a continued stream consumed, priced at its own target."""
+    """What one vendor call of a chat call consumed, priced at its own target: the attempt of a
+    continued stream, or one that failed before it produced anything (usage nil, cost 0)."""
 
     provider: str
     model: str
     usage: Usage
     cost: Decimal | None
     estimated: bool
+    #: How it ended (``ok`` while it runs or once it answered, else the wire error code of its
+    #: failure), on which deployment, and how long it took: its own ledger row says so.
+    status: str = "ok"
+    deployment: str | None = None
+    latency_ms: int = 0
 
 
 @dataclass(slots=True)
@@ -67,6 +73,11 @@ class CallRecord:
     #: Attempts of a stream that broke midway and was continued (``usage`` and ``cost`` are
     #: then the sums, each attempt priced at its own target).
     earlier: list[AttemptUsage] = field(default_factory=list)
+    #: Every vendor call of this call that is over, in order: the failed ones (retries and
+    #: fallbacks) and those of ``earlier``. Each is a ledger row of its own besides the call's.
+    ended: list[AttemptUsage] = field(default_factory=list)
+    #: When the current vendor call started (``begin_attempt``).
+    attempt_started: float = 0.0
     #: ``ok``, a wire error code, or ``client_disconnected``.
     status: str = "ok"
     started: float = field(default_factory=time.perf_counter)
@@ -123,15 +134,34 @@ class CallRecord:
             self._add_up()
         return self.cost
 
+    def begin_attempt(self, deployment: str) -> None:
+        """A vendor call starts (a try, a fallback or a continuation) on ``deployment``."""
+        self.attempts += 1
+        self.deployment = deployment
+        self.attempt_started = time.perf_counter()
+
+    def attempt_failed(self, provider: str, model: str, deployment: str, status: str) -> None:
+        """The current vendor call failed before it produced anything: it costs nothing, and
+        its ledger row says where and why."""
+        ms = self._attempt_ms()
+        self.ended.append(
+            AttemptUsage(provider, model, Usage(), Decimal(0), False, status, deployment, ms)
+        )
+
+    @property
+    def attempt_running(self) -> bool:
+        """A vendor call started and has not ended (answering, or still streaming)."""
+        return self.attempts > len(self.ended)
+
     @property
     def attempt_unsettled(self) -> bool:
         """A continued stream whose current attempt has not reported its usage."""
-        return bool(self.earlier) and self._attempt is None
+        return bool(self.earlier) and self._attempt is None and self.attempt_running
 
-    def end_attempt(self) -> AttemptUsage:
-        """The current attempt of a stream is over (it broke and another one continues the
-        answer): keep what it consumed, estimated from its text when the vendor never said,
-        and start counting the next one from nothing."""
+    def end_attempt(self, status: str = "ok") -> AttemptUsage:
+        """The current attempt of a stream is over (it broke with ``status`` and another one
+        continues the answer, or the call ended): keep what it consumed, estimated from its
+        text when the vendor never said, and start counting the next one from nothing."""
         ended = self._attempt
         if ended is None:
             usage = self.estimator(self.streamed_chars) if self.estimator else Usage()
@@ -139,7 +169,11 @@ class CallRecord:
             ended = AttemptUsage(
                 provider, model, usage, self._price(provider, model, usage), usage.total_tokens > 0
             )
+        ended = replace(
+            ended, status=status, deployment=self.deployment, latency_ms=self._attempt_ms()
+        )
         self.earlier.append(ended)
+        self.ended.append(ended)
         self._attempt = None
         self.streamed_chars = 0
         self._add_up()
@@ -159,6 +193,9 @@ class CallRecord:
         costs = [one.cost for one in attempts if one.cost is not None]
         self.cost = sum(costs, Decimal(0)) if len(costs) == len(attempts) else None
         self.usage_estimated = self.usage_estimated or any(one.estimated for one in attempts)
+
+    def _attempt_ms(self) -> int:
+        return round((time.perf_counter() - (self.attempt_started or self.started)) * 1000)
 
     @property
     def latency_ms(self) -> int:

@@ -58,6 +58,7 @@ from robota_proxy.errors import (
     QuotaExceeded,
     UpstreamUnavailable,
 )
+from robota_proxy.middleware.attempt_rows import split_attempts
 from robota_proxy.observability.throttled_log import ThrottledLog
 from robota_proxy.policy.pricing import (
     PriceBook,
@@ -294,7 +295,8 @@ class MeteringMiddleware:
                 await self.store.abandon(reservation)
                 return
             entry = self._entry(scope, record, principal, started_at, reservation.request_id)
-            await self.store.settle(entry, reservation)
+            own, attempts = split_attempts(entry, record)
+            await self.store.settle(own, reservation, attempts)
             if self.alerts is not None and principal.permissions.has_money_limits:
                 budget = principal.permissions.monthly_budget_usd
                 self.alerts.usage_settled(
@@ -370,6 +372,7 @@ class MeteringMiddleware:
             priced=cost is not None,
             estimated=estimated,
             deployment=record.deployment,
+            surface=surface_of(scope),
         )
 
 

@@ -136,6 +136,17 @@ async def _ledger_deployment(conn: AsyncConnection) -> None:
         await conn.execute(text("ALTER TABLE usage_ledger ADD COLUMN deployment VARCHAR(60)"))
 
 
+async def _ledger_attempts(conn: AsyncConnection) -> None:
+    """7: a call's earlier vendor calls are rows of their own, linked to the call's row
+    (``usage_ledger.attempt_of``, null for a call's own row and for rows written before it).
+    Idempotent for the same reason as step 2."""
+    existing = await conn.run_sync(
+        lambda sync: {column["name"] for column in inspect(sync).get_columns("usage_ledger")}
+    )
+    if "attempt_of" not in existing:
+        await conn.execute(text("ALTER TABLE usage_ledger ADD COLUMN attempt_of VARCHAR(100)"))
+
+
 async def _alert_marks(conn: AsyncConnection) -> None:
     """6: ``alert_marks``, the alerts sent once per user and month (a budget's 80% and 100%),
     so that processes sharing the database send each of them once. Idempotent for the same
@@ -156,6 +167,7 @@ MIGRATIONS: Sequence[Migration] = (
     _ledger_surface,
     _ledger_deployment,
     _alert_marks,
+    _ledger_attempts,
 )
 
 # Any fixed number: the advisory lock that serialises migrations across PostgreSQL clients.

@@ -69,7 +69,8 @@ usage_counters = Table(
 )
 
 #: One row per call that may have reached a vendor, written *before* the vendor is asked
-#: (status ``in_flight``, with the call's lease) and completed by the settle; see
+#: (status ``in_flight``, with the call's lease) and completed by the settle; plus, written
+#: by the settle, one row per earlier vendor call of that call (``attempt_of``); see
 #: ``robota_proxy.storage.usage_store``.
 usage_ledger = Table(
     "usage_ledger",
@@ -125,6 +126,11 @@ usage_ledger = Table(
     #: The deployment of the provider that answered (``ROBOTA_DEPLOYMENTS``; the provider's
     #: own name for its default one); written by the settle.
     Column("deployment", String(60), nullable=True),
+    #: Set on the row of a vendor call that ended before its call did (a failed try, a
+    #: fallback's failed target, a stream that broke and was continued): the ``request_id``
+    #: of the call's own row, which is its last attempt. Such a row is billed (its tokens
+    #: and cost are the call's) but is no request of its own in reports and counters.
+    Column("attempt_of", String(100), nullable=True),
     Index("ix_usage_ledger_user_time", "user_id", "created_at"),
     Index("ux_usage_ledger_request_id", "request_id", unique=True),
     Index("ix_usage_ledger_lease", "status", "lease_expires_at"),

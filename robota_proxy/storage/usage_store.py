@@ -169,6 +169,10 @@ class LedgerEntry:
     correlation_id: str | None = None
     #: The deployment of the provider that answered (its name, never its key).
     deployment: str | None = None
+    #: The surface the call came in on; written by the open, so only read for a new row.
+    surface: str = "robota"
+    #: The ``request_id`` of the call whose earlier vendor call this row is.
+    attempt_of: str | None = None
 
     @property
     def quota_tokens(self) -> int:
@@ -228,16 +232,22 @@ class UsageStore:
         assert job.result is not None
         return job.result
 
-    async def settle(self, entry: LedgerEntry, reservation: Reservation | None) -> None:
-        """Complete the call's row with ``entry`` (its final status and real usage), release
-        the reservation and count the usage, atomically; returns once committed.
-        ``reservation`` is ``None`` only for a call that was never opened: its row is
-        inserted.
+    async def settle(
+        self,
+        entry: LedgerEntry,
+        reservation: Reservation | None,
+        attempts: Sequence[LedgerEntry] = (),
+    ) -> None:
+        """Complete the call's row with ``entry`` (its final status and real usage), write a
+        row for each of its earlier vendor calls (``attempts``, whose usage is the call's
+        too), release the reservation and count the usage, atomically; returns once
+        committed. ``reservation`` is ``None`` only for a call that was never opened: its row
+        is inserted.
 
         When the write fails, the row is closed as ``settle_failed`` with its worst case and
         the hold released (another transaction), so a failed settle never leaves a budget
         held; the error is raised for the caller to report."""
-        await self._submit(_Settle(entry, reservation))
+        await self._submit(_Settle(entry, reservation, attempts))
 
     async def abandon(self, reservation: Reservation) -> None:
         """The call never reached a vendor: delete its row and release what it held."""
@@ -401,7 +411,7 @@ class UsageStore:
             func.coalesce(func.sum(case((flying, ledger.c.reserved_tokens), else_=0)), 0),
             func.coalesce(func.sum(case((settled, ledger.c.cost_pico), else_=0)), 0),
             func.coalesce(func.sum(case((flying, ledger.c.reserved_cost_pico), else_=0)), 0),
-            func.coalesce(func.sum(case((settled, 1), else_=0)), 0),
+            func.coalesce(func.sum(case((settled & ledger.c.attempt_of.is_(None), 1), else_=0)), 0),
         ).where(ledger.c.user_id == user, ledger.c.created_at >= start, ledger.c.created_at < end)
         async with self._engine.connect() as conn:
             row = (await conn.execute(statement)).one()
@@ -479,10 +489,16 @@ class _Open(_Job):
 
 
 class _Settle(_Job):
-    def __init__(self, entry: LedgerEntry | None, reservation: Reservation | None) -> None:
+    def __init__(
+        self,
+        entry: LedgerEntry | None,
+        reservation: Reservation | None,
+        attempts: Sequence[LedgerEntry] = (),
+    ) -> None:
         super().__init__()
         self.entry = entry
         self.reservation = reservation
+        self.attempts = attempts
 
 
 @dataclass(slots=True)
@@ -563,6 +579,10 @@ async def _write_settles(conn: AsyncConnection, batch: Sequence[_Settle]) -> Non
 
     for job in batch:
         entry, reservation = job.entry, job.reservation
+        if job.attempts:  # the call's earlier vendor calls: billed, not requests
+            await conn.execute(_INSERT_LEDGER, [_ledger_values(one) for one in job.attempts])
+            for one in job.attempts:
+                add(one.user, period_of(one.created_at), one.quota_tokens, one.cost_pico, 0)
         if reservation is not None:
             if entry is None:
                 result = await conn.execute(_DELETE_IN_FLIGHT, {"fin_id": reservation.request_id})
@@ -912,6 +932,8 @@ def _ledger_values(entry: LedgerEntry) -> dict[str, Any]:
         "estimate_completion_tokens": 0,
         "estimate_cost_pico": None,
         "deployment": _clip("deployment", entry.deployment),
+        "surface": entry.surface,
+        "attempt_of": _clip("request_id", entry.attempt_of),
     }
 
 
@@ -977,7 +999,8 @@ async def _grouped(
     labelled = [key.label(f"k{index}") for index, key in enumerate(keys)]
     statement = select(
         *labelled,
-        func.count().label("requests"),
+        # A call's earlier vendor calls are billed, but are no requests of their own.
+        (func.count() - func.count(ledger.c.attempt_of)).label("requests"),
         *(func.coalesce(func.sum(ledger.c[name]), 0).label(name) for name in _SUMMED),
         func.max(ledger.c.created_at).label("last_used"),
     ).where(*where)

@@ -475,7 +475,7 @@ class Resilience:
         )
         await self._report(target, broken)
         if record is not None:
-            record.end_attempt()
+            record.end_attempt(broken.code)
 
     async def _resume(
         self,
@@ -532,7 +532,7 @@ class Resilience:
                     deployment = await self.registry.pick(sent)
                     balancer.started(deployment)
                     if record is not None:
-                        record.attempts += 1
+                        record.begin_attempt(deployment.name)
                     with tracing.upstream_attempt(sent, deployment.name):
                         head, events = await phases.first_content(
                             deployment.upstream.stream(sent), sent, limits, None
@@ -549,6 +549,10 @@ class Resilience:
             finally:
                 if deployment is not None and outcome != "ok":
                     balancer.finished(deployment)
+                    if record is not None:
+                        record.attempt_failed(
+                            target.provider, target.model, deployment.name, _status(outcome)
+                        )
                 ms = round((time.perf_counter() - started) * 1000)
                 self._note(served.attempts, Attempt(target, outcome, ms), label, "continuation")
             await self._report(target, None)
@@ -646,8 +650,7 @@ class Resilience:
             outcome = "cancelled"
             deployment = await self.registry.pick(sent)
             if record is not None:
-                record.deployment = deployment.name
-                record.attempts += 1
+                record.begin_attempt(deployment.name)
             balancer.started(deployment)
             try:
                 with tracing.upstream_attempt(sent, deployment.name) as span:
@@ -669,6 +672,10 @@ class Resilience:
             finally:
                 if outcome != "ok" or not holds:
                     balancer.finished(deployment)
+                if outcome != "ok" and record is not None:
+                    record.attempt_failed(
+                        target.provider, target.model, deployment.name, _status(outcome)
+                    )
                 ms = round((time.perf_counter() - started) * 1000)
                 self._note(attempts, Attempt(target, outcome, ms), label)
             await self._report(target, None)
@@ -768,6 +775,12 @@ def _bounded(request: ChatRequest, record: CallRecord | None) -> ChatRequest:
         return request
     options = request.options.model_copy(update={"max_tokens": imposed})
     return request.model_copy(update={"options": options})
+
+
+def _status(outcome: str) -> str:
+    """An attempt's outcome as a ledger status: a wire error code, or how it was stopped (the
+    call's deadline, or its caller gone)."""
+    return "upstream_timeout" if outcome == "timeout" else outcome
 
 
 def _label(record: CallRecord | None, request: ChatRequest) -> str:

@@ -323,6 +323,7 @@ def assert_spaced(fake: FakeVendors) -> None:
 
 
 def the_row(proxy: Proxy, request_id: str) -> dict[str, Any]:
+    """The call's own row: its last vendor call, under the call's request id."""
     rows = ledger_rows(proxy.database, request_id)
     assert len(rows) == 1, rows
     with sqlite3.connect(proxy.database) as conn:
@@ -331,6 +332,34 @@ def the_row(proxy: Proxy, request_id: str) -> dict[str, Any]:
         ).fetchone()
     assert count == 1
     return rows[0]
+
+
+def attempt_rows(proxy: Proxy, request_id: str) -> list[tuple[Any, ...]]:
+    """The rows of the call's earlier vendor calls, in order: ``(request id, status,
+    provider/model, prompt tokens, completion tokens, cost, estimated)``. Written in the
+    settle's transaction, so they are there once the call's own row is settled."""
+    the_row(proxy, request_id)
+    with sqlite3.connect(proxy.database) as conn:
+        return [
+            (row[0], row[1], f"{row[2]}/{row[3]}", *row[4:])
+            for row in conn.execute(
+                "SELECT request_id, status, provider, model, prompt_tokens, completion_tokens,"
+                " cost_pico, estimated FROM usage_ledger WHERE attempt_of = ? ORDER BY id",
+                (request_id,),
+            )
+        ]
+
+
+def failed(request_id: str, number: int, status: str, target: str) -> tuple[Any, ...]:
+    """A failed vendor call's row: where and why, no tokens, no cost."""
+    return (f"{request_id}/{number}", status, target, 0, 0, 0, 0)
+
+
+def broken(request_id: str, status: str, target: str, text: str) -> tuple[Any, ...]:
+    """The row of a stream attempt that broke after ``text`` (usage never reported):
+    estimated as the prompt's bound and the text's tokens, priced at its own target."""
+    bound, guessed = prompt_bound(text), estimated_completion(FIRST_THREE)
+    return (f"{request_id}/1", status, target, bound, guessed, cost_pico(target, bound, guessed), 1)
 
 
 def cost_pico(target: str, prompt: int, completion: int) -> int:
@@ -410,9 +439,13 @@ async def test_the_fallback_answers_after_one_attempt_at_the_failing_target(
 
     row = the_row(failover, outcome.request_id)
     assert (row["status"], row["provider"], row["model"]) == ("ok", *split(FALLBACK))
-    # The failed attempt produced nothing: the row is the fallback's usage alone.
     assert (row["prompt_tokens"], row["completion_tokens"], row["estimated"]) == (1, 10, 0)
     assert row["cost_pico"] == cost_pico(FALLBACK, 1, 10)
+    # The failed attempt is a row of its own that produced nothing and costs nothing.
+    status = "upstream_timeout" if slow else "invalid_request"
+    assert attempt_rows(failover, outcome.request_id) == [
+        failed(outcome.request_id, 1, status, PRIMARY)
+    ]
     await assert_healthy(failover, fake, surface)
 
 
@@ -442,10 +475,16 @@ async def test_a_stalled_openai_stream_is_continued_on_the_fallback_without_a_se
     assert [request.prefill for request in seen(fake, text, FALLBACK)] == [FIRST_THREE.rstrip()]
     assert outcome.waited < LIMIT + SLACK
     bound, guessed = prompt_bound(text), estimated_completion(FIRST_THREE)
+    assert (outcome.prompt_tokens, outcome.completion_tokens) == (bound + 4, guessed + 7)
+    # One row per vendor call: the stalled one estimated and priced as OpenAI's, the call's
+    # own row the continuation's reported usage, priced as Anthropic's.
     row = the_row(failover, outcome.request_id)
     assert (row["status"], row["provider"], row["model"]) == ("ok", *split(FALLBACK))
-    assert (row["prompt_tokens"], row["completion_tokens"]) == (bound + 4, guessed + 7)
-    assert row["cost_pico"] == cost_pico(PRIMARY, bound, guessed) + cost_pico(FALLBACK, 4, 7)
+    assert (row["prompt_tokens"], row["completion_tokens"], row["estimated"]) == (4, 7, 0)
+    assert row["cost_pico"] == cost_pico(FALLBACK, 4, 7)
+    assert attempt_rows(failover, outcome.request_id) == [
+        broken(outcome.request_id, "upstream_timeout", PRIMARY, text)
+    ]
     await assert_healthy(failover, fake, surface)
 
 
@@ -472,15 +511,18 @@ async def test_a_broken_openai_stream_restarts_and_the_answer_arrives_once(
     assert outcome.waited < (LIMIT if kind == "stall" else 0) + SLACK
     assert_spaced(fake)
 
-    # One row: the broken attempt estimated from its text, plus the fresh answer's usage.
+    # The caller's usage is the sum: the broken attempt estimated from its text, plus the
+    # fresh answer's; each is a row of its own.
     prompt = prompt_bound(text) + 1
     completion = estimated_completion(FIRST_THREE) + 10
     assert (outcome.prompt_tokens, outcome.completion_tokens) == (prompt, completion)
     row = the_row(failover, outcome.request_id)
     assert (row["status"], row["provider"], row["model"]) == ("ok", *split(PRIMARY))
-    assert (row["prompt_tokens"], row["completion_tokens"]) == (prompt, completion)
-    assert row["estimated"] == 1
-    assert row["cost_pico"] == cost_pico(PRIMARY, prompt, completion)
+    assert (row["prompt_tokens"], row["completion_tokens"], row["estimated"]) == (1, 10, 0)
+    assert row["cost_pico"] == cost_pico(PRIMARY, 1, 10)
+    assert attempt_rows(failover, outcome.request_id) == [
+        broken(outcome.request_id, "upstream_error", PRIMARY, text)
+    ]
     await assert_healthy(failover, fake, surface)
 
 
@@ -509,9 +551,12 @@ async def test_a_broken_anthropic_stream_is_continued_from_a_prefill_without_a_s
     assert (outcome.prompt_tokens, outcome.completion_tokens) == (prompt, completion)
     row = the_row(failover, outcome.request_id)
     assert (row["status"], row["provider"], row["model"]) == ("ok", *split(FALLBACK))
-    assert (row["prompt_tokens"], row["completion_tokens"]) == (prompt, completion)
-    assert row["estimated"] == 1
-    assert row["cost_pico"] == cost_pico(FALLBACK, prompt, completion)
+    assert (row["prompt_tokens"], row["completion_tokens"], row["estimated"]) == (4, 7, 0)
+    assert row["cost_pico"] == cost_pico(FALLBACK, 4, 7)
+    status = "upstream_timeout" if kind == "stall" else "upstream_error"
+    assert attempt_rows(failover, outcome.request_id) == [
+        broken(outcome.request_id, status, FALLBACK, text)
+    ]
     await assert_healthy(failover, fake, "stream")
 
 
@@ -534,16 +579,19 @@ async def test_a_broken_passthrough_stream_is_continued_on_a_fallback_that_takes
     assert [request.prefill for request in seen(fake, text, FALLBACK)] == [FIRST_THREE.rstrip()]
     assert outcome.waited < (LIMIT if kind == "stall" else 0) + SLACK
 
-    # One row: the broken attempt estimated and priced as OpenAI's, the continuation (the
+    # Two rows: the broken attempt estimated and priced as OpenAI's, the continuation (the
     # question and the prefill in, seven words out) as Anthropic's; the usage chunk the
-    # caller got is the same sum.
+    # caller got is their sum.
     bound, guessed = prompt_bound(text), estimated_completion(FIRST_THREE)
     assert (outcome.prompt_tokens, outcome.completion_tokens) == (bound + 4, guessed + 7)
     row = the_row(failover, outcome.request_id)
     assert (row["status"], row["provider"], row["model"]) == ("ok", *split(FALLBACK))
-    assert (row["prompt_tokens"], row["completion_tokens"]) == (bound + 4, guessed + 7)
-    assert row["estimated"] == 1
-    assert row["cost_pico"] == cost_pico(PRIMARY, bound, guessed) + cost_pico(FALLBACK, 4, 7)
+    assert (row["prompt_tokens"], row["completion_tokens"], row["estimated"]) == (4, 7, 0)
+    assert row["cost_pico"] == cost_pico(FALLBACK, 4, 7)
+    status = "upstream_timeout" if kind == "stall" else "upstream_error"
+    assert attempt_rows(failover, outcome.request_id) == [
+        broken(outcome.request_id, status, PRIMARY, text)
+    ]
     await assert_healthy(failover, fake, "sdk_stream")
 
 
@@ -566,8 +614,12 @@ async def test_a_broken_stream_on_v1_to_a_prefill_target_is_continued_without_a_
     completion = estimated_completion(FIRST_THREE) + 7
     assert (outcome.prompt_tokens, outcome.completion_tokens) == (prompt, completion)
     row = the_row(failover, outcome.request_id)
-    assert (row["status"], row["estimated"]) == ("ok", 1)
-    assert (row["prompt_tokens"], row["completion_tokens"]) == (prompt, completion)
+    assert (row["status"], row["estimated"]) == ("ok", 0)
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (4, 7)
+    status = "upstream_timeout" if kind == "stall" else "upstream_error"
+    assert attempt_rows(failover, outcome.request_id) == [
+        broken(outcome.request_id, status, FALLBACK, text)
+    ]
     await assert_healthy(failover, fake, "sdk_stream")
 
 
@@ -596,6 +648,7 @@ async def test_a_malformed_chunk_is_skipped_and_the_stream_goes_on(
     # The vendor's usage still arrives (it counts the garbled chunk too): nothing estimated.
     assert (row["status"], row["estimated"]) == ("ok", 0)
     assert (row["prompt_tokens"], row["completion_tokens"]) == (1, 10)
+    assert attempt_rows(failover, outcome.request_id) == []
     line = f"request {outcome.request_id}: skipped 1 malformed chunk in a stream from openai"
     assert failover.process.log_once_it_has(line).count(line) == 1
     await assert_healthy(failover, fake, surface)
@@ -626,6 +679,7 @@ async def test_a_stream_without_its_terminal_marker_is_finished_at_once(
     assert (row["status"], row["provider"], row["model"]) == ("ok", *split(target))
     assert (row["prompt_tokens"], row["completion_tokens"], row["estimated"]) == (1, 10, 0)
     assert row["cost_pico"] == cost_pico(target, 1, 10)
+    assert attempt_rows(failover, outcome.request_id) == []
     await assert_healthy(failover, fake, surface)
 
 
@@ -661,6 +715,7 @@ async def test_a_content_policy_refusal_is_returned_and_never_routed_around(
         0,
     )
     assert row["cost_pico"] == 0
+    assert attempt_rows(failover, outcome.request_id) == []
     await assert_healthy(failover, fake, surface)
 
 
@@ -710,6 +765,12 @@ async def test_a_flapping_target_is_skipped_while_its_breaker_is_open(
         row = the_row(breakers, outcome.request_id)
         assert (row["status"], row["provider"], row["model"]) == ("ok", *split(FALLBACK))
         assert (row["prompt_tokens"], row["completion_tokens"]) == (2, 3)
+    # The first call's three tries are rows of their own; a skipped target is no vendor call.
+    first = outcomes[0].request_id
+    assert attempt_rows(breakers, first) == [
+        failed(first, number, "upstream_unavailable", FLAPPING) for number in (1, 2, 3)
+    ]
+    assert all(attempt_rows(breakers, outcome.request_id) == [] for outcome in outcomes[1:])
 
     # Outage over and cool-down spent: the next call probes the target and it serves again.
     ready = max(outage_until, opened_at + BREAKER_COOLDOWN)
@@ -769,11 +830,14 @@ async def test_a_passed_through_anthropic_stream_that_breaks_is_continued_from_a
     requests = seen(fake, text, FALLBACK)
     assert [request.prefill for request in requests] == [None, "one two three"]
     row = the_row(failover, request_id)
-    # The cut attempt is estimated (prompt bound + its text), the continuation reported.
-    assert (row["status"], row["estimated"], row["deployment"]) == ("ok", 1, "anthropic")
+    # The cut attempt is a row of its own, estimated (prompt bound + its text); the call's
+    # row is the continuation's reported usage; the caller's usage is their sum.
+    assert (row["status"], row["estimated"], row["deployment"]) == ("ok", 0, "anthropic")
+    [cut] = attempt_rows(failover, request_id)
+    assert (cut[1], cut[2], cut[6]) == ("upstream_error", FALLBACK, 1)
     assert (message.usage.input_tokens, message.usage.output_tokens) == (
-        row["prompt_tokens"],
-        row["completion_tokens"],
+        row["prompt_tokens"] + cut[3],
+        row["completion_tokens"] + cut[4],
     )
 
 

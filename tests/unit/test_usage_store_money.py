@@ -362,6 +362,8 @@ async def test_an_opened_row_holds_the_calls_details_and_its_lease(store: UsageS
         "estimate_cost_pico": 7_000,
         # Known only once a deployment answered: written by the settle.
         "deployment": None,
+        # A call's own row; only the rows of its earlier vendor calls name it.
+        "attempt_of": None,
     }
     assert rows == [
         in_flight,
@@ -406,6 +408,7 @@ async def test_every_column_a_settle_writes_is_read_back(store: UsageStore) -> N
         "estimate_prompt_tokens": 40,
         "estimate_completion_tokens": 60,
         "estimate_cost_pico": 7_000,
+        "attempt_of": None,
     }
     never_opened = {
         **opened,
@@ -448,6 +451,83 @@ async def test_a_second_settle_of_a_call_replaces_the_first(store: UsageStore) -
     [row] = await rows_of(store, user)
     assert (row["prompt_tokens"], row["cost_pico"], row["cached"]) == (10, 0, True)
     await assert_adds_up(store, user, "2030-11")
+
+
+async def test_a_calls_earlier_attempts_are_rows_of_their_own_billed_but_no_requests(
+    store: UsageStore,
+) -> None:
+    """A call settled with two earlier vendor calls (one failed, one a stream that broke
+    after 7 tokens): three rows, the attempts written whole (surface, status, deployment and
+    the call they belong to); the counters take every row's tokens and cost and one request;
+    reports count one request and sum all three rows; the ledger still adds up to the
+    counters. It holds whether the call's row was in flight, reclaimed or never opened."""
+    user = unique("attempts")
+    when = datetime(2030, 11, 10, 8, 0, tzinfo=UTC)
+    reclaim_at = when + timedelta(minutes=1)
+    await flush_older_leases(store, reclaim_at)
+    flying = await open_call(
+        store, opening(user, when=when, request_id=f"fly_{user}", lease=timedelta(hours=1))
+    )
+    late = await open_call(store, opening(user, when=when, request_id=f"late_{user}"))
+    assert await store.reclaim(reclaim_at) == 1  # ``late``: corrected by its settle
+    for call_id, reservation in (
+        (f"fly_{user}", flying),
+        (f"late_{user}", late),
+        (f"new_{user}", None),
+    ):
+        own = entry(user, when=when, cost=900, prompt=30, completion=20, request_id=call_id)
+        failed = replace(
+            entry(user, when=when, cost=0, prompt=0, completion=0, status="upstream_unavailable"),
+            request_id=f"{call_id}/1",
+            attempt_of=call_id,
+            deployment="openai-east",
+            surface="openai",
+        )
+        broke = replace(
+            entry(user, when=when, cost=70, prompt=30, completion=7, status="upstream_error"),
+            request_id=f"{call_id}/2",
+            attempt_of=call_id,
+            provider="anthropic",
+            estimated=True,
+            streamed=True,
+            surface="openai",
+        )
+        await store.settle(own, reservation, [failed, broke])
+        rows = {str(row["request_id"]): row for row in await rows_of(store, user)}
+        assert rows[f"{call_id}/1"]["status"] == "upstream_unavailable"
+        for attempt in (failed, broke):
+            row = rows[attempt.request_id]
+            assert {
+                name: row[name]
+                for name in ("attempt_of", "surface", "provider", "deployment", "status")
+            } == {
+                "attempt_of": call_id,
+                "surface": "openai",
+                "provider": attempt.provider,
+                "deployment": attempt.deployment,
+                "status": attempt.status,
+            }
+            assert (row["prompt_tokens"], row["completion_tokens"], row["cost_pico"]) == (
+                attempt.prompt_tokens,
+                attempt.completion_tokens,
+                attempt.cost_pico,
+            )
+            assert (row["estimated"], row["streamed"]) == (attempt.estimated, attempt.streamed)
+            assert (row["lease_owner"], row["reserved_tokens"]) == (None, 0)
+        assert (rows[call_id]["attempt_of"], rows[call_id]["cost_pico"]) == (None, 900)
+    # Three calls, each 50 + 0 + 37 tokens and 900 + 0 + 70 picodollars, three requests.
+    assert await store.counters(user, "2030-11") == Counters(87 * 3, 0, 970 * 3, 0, 3)
+    await assert_adds_up(store, user, "2030-11")
+    report = await store.report(when.date(), when.date(), user=user)
+    assert (report.total.requests, report.total.prompt_tokens, report.total.cost_pico) == (
+        3,
+        60 * 3,
+        970 * 3,
+    )
+    assert [(row.key, row.requests, row.cost_pico) for row in report.models] == [
+        (("anthropic", "m1"), 0, 70 * 3),
+        (("openai", "m1"), 3, 900 * 3),
+    ]
 
 
 # --- failures and cancellation -------------------------------------------------------------------
