@@ -3,6 +3,7 @@ uvicorn, started with the same CLI a user runs (``python -m robota_proxy serve``
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sqlite3
@@ -19,9 +20,10 @@ import pytest
 
 from robota_proxy.testing import FakeVendors
 from tests.conftest import REDIS_TEST_PREFIX
+from tests.e2e import log_scan
 
-VENDOR_KEY = "sk-test-vendor-key-0123456789abcdef"
-USER_KEY = "user-key-for-tests-0123456789"
+VENDOR_KEY = log_scan.register("the shared vendor key", "sk-test-vendor-key-0123456789abcdef")
+USER_KEY = log_scan.register("the shared user key", "user-key-for-tests-0123456789")
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -78,6 +80,8 @@ def start_proxy(
     if "ROBOTA_REDIS_URL" in full_env:
         full_env.setdefault("ROBOTA_REDIS_PREFIX", REDIS_TEST_PREFIX)
     full_env.setdefault("ROBOTA_LOG_LEVEL", "info")  # a test may ask for debug
+    log_scan.register_env(full_env)
+    log_scan.keep(log_path)  # a restart on the same file keeps the earlier output too
     log_file = log_path.open("wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "robota_proxy", "serve", "--port", str(port)],
@@ -118,6 +122,27 @@ def vendor_env(fake: FakeVendors, key: str = VENDOR_KEY) -> dict[str, str]:
         "ROBOTA_GOOGLE_API_KEY": key,
         "ROBOTA_GOOGLE_BASE_URL": fake.google_base_url,
     }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def scan_every_log_line(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """At the end of the session, every log line the e2e tests kept (each proxy's output,
+    whoever started it, and the in-process apps' records) is scanned for the secrets they
+    used (tests/e2e/log_scan.py): a line with one fails the session, naming file and line."""
+    root = tmp_path_factory.getbasetemp()
+    log_scan.start_session(root / "e2e-logs")
+    in_process = log_scan.InProcessLog(root / "e2e-logs" / "in-process.log")
+    logging.getLogger().addHandler(in_process)
+    yield
+    logging.getLogger().removeHandler(in_process)
+    in_process.close()
+    from tests.e2e import auth_support  # here: it imports this module
+
+    log_scan.register("the admin key", auth_support.ADMIN_KEY)
+    log_scan.register("the JWT secret", auth_support.JWT_SECRET)
+    findings = log_scan.scan(log_scan.session_logs(root), log_scan.registered())
+    if findings:
+        pytest.fail(log_scan.report(findings), pytrace=False)
 
 
 @pytest.fixture(scope="session")

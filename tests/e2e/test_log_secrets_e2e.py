@@ -23,6 +23,7 @@ import pytest
 
 from robota_proxy.policy.static_keys import key_id
 from robota_proxy.testing import FakeVendors, Reply
+from tests.e2e import log_scan
 from tests.e2e.auth_support import ADMIN_KEY, JWT_SECRET, admin
 from tests.e2e.conftest import VENDOR_KEY, ProxyProcess, start_proxy, stop_proxy, vendor_env
 
@@ -31,8 +32,11 @@ pytestmark = pytest.mark.e2e
 STATIC_KEY = "static-key-for-log-scan-7f3a9c2e51d84b60"
 BAD_KEY = "refused-key-for-log-scan-c41d9e8a7b2f"
 WRONG_VENDOR_KEY = "sk-wrong-vendor-key-for-log-scan-5e6f7a8b"
-MESSAGE = "my passport number is walrus-ember-93127"
-ANSWER = "noted: orchid-tundra-55810"
+# Marked for the session's scan of every e2e log line too (tests/e2e/log_scan.py).
+MESSAGE = log_scan.register("a marked message", "my passport number is walrus-ember-93127")
+ANSWER = log_scan.register("a marked answer", "noted: orchid-tundra-55810")
+log_scan.register("a marked message's word", MESSAGE.split()[-1])
+log_scan.register("a marked answer's word", ANSWER.split()[-1])
 MODEL = "gpt-4o-mini"
 PROMPT_TOKENS, COMPLETION_TOKENS = 1000, 500
 COST = 0.00045  # 1000 x 0.15 + 500 x 0.60 USD per million tokens (the prices file)
@@ -99,13 +103,15 @@ def traffic(
     try:
         made = admin("POST", good.url, "/admin/keys", json={"user": "lena"})
         assert made.status_code == 201, made.text
-        rk_key = made.json()["key"]
+        rk_key = log_scan.register("a minted rk_ key", made.json()["key"])
+        log_scan.register("a minted rk_ key's secret", rk_key.rsplit("_", 1)[1])
         now = int(time.time())
         token = jwt.encode(
             {"sub": "ivy", "iss": ISSUER, "aud": AUDIENCE, "iat": now, "exp": now + 300},
             JWT_SECRET,
             algorithm="HS256",
         )
+        log_scan.register("a signed JWT", token)
         known = call(good.url, STATIC_KEY)
         assert known.status_code == 200, known.text
         assert known.json()["content"] == ANSWER
@@ -249,3 +255,19 @@ def test_refusals_are_logged_with_their_codes_and_no_credential(traffic: Traffic
         MODEL,
         1,
     )
+
+
+def test_the_session_scan_reads_these_proxies_output_and_knows_their_secrets(
+    traffic: Traffic, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The end-of-session scan (tests/e2e/log_scan.py) covers these proxies: their files are
+    among those it reads, it finds a known line in them, and their secrets are registered."""
+    logs = log_scan.session_logs(tmp_path_factory.getbasetemp())
+    probe = {traffic.known_request_id: "the known request id"}
+    found = log_scan.scan(logs, probe)
+    assert found and all(finding.path.name == "proxy.log" for finding in found)
+    registered = log_scan.registered()
+    for name in ("static key", "rk_ key", "JWT", "admin key", "JWT secret", "message"):
+        assert traffic.secrets[name] in registered, name
+    assert WRONG_VENDOR_KEY in registered  # the second proxy's, from its environment
+    assert BAD_KEY not in registered  # a caller's wrong string is no one's secret
