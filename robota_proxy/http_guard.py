@@ -17,6 +17,13 @@ took a proxy from 165 to 784 MB; 1,100 slowloris connections locked every new cl
 
 Each refusal is logged (throttled: one line per kind per interval, with a count). The limits
 come from ``ROBOTA_*`` settings; this module is the only place that knows uvicorn internals.
+
+Like every answer of the proxy, a refusal carries ``X-Robota-Overhead-Ms``
+(``robota_proxy.middleware.request_context``): here there is no vendor time, and none of the
+client's either, so it is the time the proxy itself spent on the refused request: parsing what
+had arrived of its head (summed over the reads) plus the step that decided to refuse (the
+connection cap's look for an idle connection to evict, the deadline's callback). Measuring it
+costs one ``perf_counter()`` per read of a request head, one per request for most requests.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import asyncio
 import json
 import logging
 import resource
+import time
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -82,12 +90,14 @@ def current_limits() -> ServerLimits:
     )
 
 
-def _plain_response(status: int, reason: str, message: str) -> bytes:
+def _plain_response(status: int, reason: str, message: str, spent: float) -> bytes:
+    """A refusal, ``spent`` being the proxy's own seconds on it (``X-Robota-Overhead-Ms``)."""
     code = "invalid_request" if status < 500 else "upstream_unavailable"
     body = json.dumps({"error": {"code": code, "message": message}}).encode()
     head = (
         f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
-        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+        f"content-length: {len(body)}\r\nx-robota-overhead-ms: {max(0.0, spent) * 1000:.2f}\r\n"
+        "connection: close\r\n\r\n"
     ).encode()
     return head + body
 
@@ -109,17 +119,23 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         #: and none of it may reach the app.
         self._refused = False
         self._opened_at = 0.0
+        #: The proxy's seconds on the current request head so far (its reads' parsing), and
+        #: when the callback being handled began (0.0 outside one): X-Robota-Overhead-Ms.
+        self._spent = 0.0
+        self._step = 0.0
 
     # --- connection --------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        started = time.perf_counter()
         if len(self.connections) >= self._limits.max_connections and not self._evict_idlest():
             _throttled.warn(
                 "connection-cap",
                 "connection refused: %d connections open, the cap (ROBOTA_MAX_CONNECTIONS)",
                 len(self.connections),
             )
+            spent = time.perf_counter() - started
             transport.write(
-                _plain_response(503, "Service Unavailable", "too many open connections")
+                _plain_response(503, "Service Unavailable", "too many open connections", spent)
             )
             transport.close()
             self.transport = transport
@@ -139,15 +155,22 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.parser is None or self._refused:
             return
         was_in_head = self._in_head
+        if was_in_head:
+            self._step = time.perf_counter()
         super().data_received(data)
+        if not was_in_head:
+            return
         # Counted after parsing, and only a read that began and ended inside a head: one read
         # can hold the end of a head and the start of a large body (or the end of a body and
         # the start of the next head), and body bytes are not head bytes. httptools keeps the
         # unfinished head, so at most one read's worth lies past the bound.
-        if was_in_head and self._in_head and not self._refused and self.parser is not None:
+        if self._in_head and not self._refused and self.parser is not None:
             self._head_bytes += len(data)
             if self._head_bytes > self._limits.max_header_bytes + self._limits.max_request_line:
                 self._refuse(431, "Request Header Fields Too Large", "request head too large")
+            else:
+                self._spent += time.perf_counter() - self._step
+        self._step = 0.0
 
     def _evict_idlest(self) -> bool:
         """At the cap, a connection that is still waiting for (or dribbling) a request head
@@ -185,6 +208,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._in_head = True
         self._header_count = 0
+        self._spent = 0.0
         if self._deadline is None:
             self._arm(self._limits.header_timeout, "header")
 
@@ -209,6 +233,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return
         self._in_head = False
         self._head_bytes = 0
+        self._spent = 0.0
         self._disarm()
         super().on_headers_complete()
         if self.cycle is not None and self.cycle.more_body and not self.transport.is_closing():
@@ -239,6 +264,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._deadline = None
 
     def _expired(self, phase: str) -> None:
+        started = time.perf_counter()
         self._deadline = None
         if self.transport is None or self.transport.is_closing():
             return
@@ -247,9 +273,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             _throttled.warn("body-timeout", "connection closed: request body stalled")
             self.transport.close()
             return
+        self._step = started
         self._refuse(408, "Request Timeout", f"request {phase} not received in time")
 
     def _refuse(self, status: int, reason: str, message: str) -> None:
+        """Answer ``status`` (unless the app already began an answer) and close. Called
+        inside a read or the deadline's callback (``_step`` says since when), or for another
+        connection (an eviction: only what this one's head took so far is this request's)."""
         self._refused = True
         self._disarm()
         client = f"{self.client[0]}:{self.client[1]}" if self.client else "unknown client"
@@ -259,5 +289,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.cycle.message_event.set()
         if not self.transport.is_closing():
             if self.cycle is None or not self.cycle.response_started:
-                self.transport.write(_plain_response(status, reason, message))
+                spent = self._spent + (time.perf_counter() - self._step if self._step else 0.0)
+                self.transport.write(_plain_response(status, reason, message, spent))
             self.transport.close()

@@ -7,8 +7,14 @@ milliseconds only: no headers and no query string, so no key can reach the logs 
 Every answer also carries ``X-Robota-Overhead-Ms``: the time from the request's arrival to
 the start of its answer less the time spent waiting on vendors until then (the call record's
 ``vendor_seconds``), i.e. what the proxy itself took, the figure operators check our
-performance claims with. Given ``metrics`` (``robota_proxy.observability.metrics``), the
-finished request is counted there once, from its call record.
+performance claims with. So does a WebSocket handshake's answer (the ``101`` or its refusal),
+and so does the ``500`` of an exception nothing handled: this middleware answers it itself
+(the same body as the app's last-resort handler, which still logs it), since Starlette's
+``ServerErrorMiddleware`` sits outside every middleware and would answer without our headers.
+The proxy's other answers carry it too: the connection guard's refusals
+(``robota_proxy.http_guard``) and the metrics bind (``observability.metrics.MetricsServer``).
+Given ``metrics`` (``robota_proxy.observability.metrics``), the finished request is counted
+there once, from its call record.
 """
 
 from __future__ import annotations
@@ -19,12 +25,15 @@ import time
 from typing import TYPE_CHECKING
 
 from starlette.datastructures import MutableHeaders
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from robota_proxy import scope as keys
 from robota_proxy.call_record import CallRecord
+from robota_proxy.errors import InternalError
 from robota_proxy.observability import tracing
 from robota_proxy.observability.logging import fields_wanted, request_fields
+from robota_proxy.responses import error_response
 from robota_proxy.wire.paths import route_path
 
 if TYPE_CHECKING:
@@ -58,6 +67,13 @@ def _identify(scope: Scope) -> str:
 
 
 OVERHEAD_HEADER = "X-Robota-Overhead-Ms"
+_OVERHEAD_RAW = OVERHEAD_HEADER.lower().encode()
+
+
+def overhead_ms(started: float) -> bytes:
+    """``X-Robota-Overhead-Ms``'s value for an answer with no vendor time in it: the
+    milliseconds since ``started`` (a ``time.perf_counter()``)."""
+    return b"%.2f" % (max(0.0, time.perf_counter() - started) * 1000)
 
 
 class RequestContextMiddleware:
@@ -72,7 +88,7 @@ class RequestContextMiddleware:
                 return
             token = keys.current_request_id.set(_identify(scope))
             try:
-                await self.app(scope, receive, send)
+                await self.app(scope, receive, _handshake_timed(send, time.perf_counter()))
             finally:
                 keys.current_request_id.reset(token)
             return
@@ -84,10 +100,12 @@ class RequestContextMiddleware:
         streaming = False
         span = tracing.start_request(scope)
         first_body = 0.0  # when the answer's first bytes went out (a stream's TTFT)
+        answered = False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status, streaming, first_body
+            nonlocal status, streaming, first_body, answered
             if message["type"] == "http.response.start":
+                answered = True
                 status = message["status"]
                 record = scope.get(keys.CALL)
                 vendor = record.vendor_seconds if isinstance(record, CallRecord) else 0.0
@@ -103,6 +121,10 @@ class RequestContextMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            if not answered:  # else the answer is cut short: nothing more can be said
+                await _internal_error(scope, request_id)(scope, receive, send_with_id)
+            raise  # for the app's last-resort handler (it logs) and the server
         finally:
             keys.current_request_id.reset(token)
             if metrics is not None:
@@ -130,3 +152,24 @@ class RequestContextMiddleware:
                 )
             if span is not None:
                 span.end(scope, status)
+
+
+def _internal_error(scope: Scope, request_id: str) -> Response:
+    """The answer to an exception nothing handled: the app's last-resort handler's
+    (``app._unexpected_error``), sent through this middleware so that it has our headers."""
+    return error_response(InternalError("internal proxy error"), request_id, scope=scope)
+
+
+def _handshake_timed(send: Send, started: float) -> Send:
+    """``send`` of a WebSocket connection, whose handshake answer (the ``101`` of
+    ``websocket.accept``, or a refusal's ``websocket.http.response.start``) carries
+    ``X-Robota-Overhead-Ms``: there is no vendor time before it."""
+
+    async def timed(message: Message) -> None:
+        kind = message["type"]
+        if kind == "websocket.accept" or kind == "websocket.http.response.start":
+            headers = [*message.get("headers", ()), (_OVERHEAD_RAW, overhead_ms(started))]
+            message = {**message, "headers": headers}
+        await send(message)
+
+    return timed

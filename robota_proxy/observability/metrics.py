@@ -30,6 +30,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
@@ -464,7 +465,9 @@ class MetricsServer:
     """``ROBOTA_METRICS_ADDR``: ``GET /metrics`` without authentication on a bind of its own
     (a port only Prometheus reaches), started and stopped with the app's resources. Bound
     with ``SO_REUSEPORT`` so that every worker of ``--workers N`` can listen on the same
-    address: whichever answers, it serves the sum of all workers (multiprocess mode)."""
+    address: whichever answers, it serves the sum of all workers (multiprocess mode). Its
+    answers carry ``X-Robota-Overhead-Ms`` as all of the proxy's do: the time from the
+    request head's arrival to the answer (the rendering, in a thread, included)."""
 
     def __init__(self, address: str, render: Callable[[], bytes]) -> None:
         self.host, self.port = parse_address(address)
@@ -493,6 +496,7 @@ class MetricsServer:
         try:
             with anyio.fail_after(10):
                 head = await reader.readuntil(b"\r\n\r\n")
+            started = time.perf_counter()
             method, _, rest = head.partition(b" ")
             path = rest.partition(b" ")[0].partition(b"?")[0]
             if method != b"GET" or path not in (b"/metrics", b"/"):
@@ -500,9 +504,11 @@ class MetricsServer:
             else:
                 body = await anyio.to_thread.run_sync(self._render)
                 status, ctype = b"200 OK", CONTENT_TYPE.encode()
+            overhead = (time.perf_counter() - started) * 1000
             writer.write(
                 b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
-                b"Connection: close\r\n\r\n" % (status, ctype, len(body))
+                b"X-Robota-Overhead-Ms: %.2f\r\n"
+                b"Connection: close\r\n\r\n" % (status, ctype, len(body), overhead)
             )
             writer.write(body)
             await writer.drain()

@@ -1,19 +1,39 @@
 """``GET /metrics``: the Prometheus counters after a known set of calls (in process, the mock
-provider), read back with prometheus-client's own parser; the overhead header; the labels
-that must not be there; the metrics switched off."""
+provider), read back with prometheus-client's own parser; the overhead header on every kind
+of answer (the app's, the connection guard's, the metrics bind's); the labels that must not
+be there; the metrics switched off."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
-from starlette.testclient import TestClient
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.testclient import TestClient, WebSocketDenialResponse
 
 from robota_proxy import create_app
-from robota_proxy.observability.metrics import ModelLabels, ProxyMetrics, parse_address
+from robota_proxy.http_guard import GuardedHttpToolsProtocol, ServerLimits
+from robota_proxy.observability.metrics import (
+    MetricsServer,
+    ModelLabels,
+    ProxyMetrics,
+    parse_address,
+)
 from robota_proxy.settings import Settings
 from robota_proxy.upstreams.resilience import Attempt, Target
 
@@ -125,7 +145,15 @@ def test_counters_after_known_calls(settings: Settings) -> None:
         assert secret not in scraped.text
 
 
+def overhead_of(headers: httpx.Headers | dict[str, str]) -> float:
+    """``X-Robota-Overhead-Ms``: milliseconds with two decimals, never negative."""
+    overhead = headers["x-robota-overhead-ms"]
+    assert re.fullmatch(r"\d+\.\d\d", overhead), overhead
+    return float(overhead)
+
+
 def test_every_answer_says_the_proxy_overhead(settings: Settings) -> None:
+    settings.max_body_bytes = 1024
     with TestClient(create_app(settings)) as client:
         answers = [
             client.post("/ai/chat", json=BODY, headers=bearer(USER)),
@@ -134,9 +162,144 @@ def test_every_answer_says_the_proxy_overhead(settings: Settings) -> None:
             client.get("/health"),
             client.get("/no/such/path"),
         ]
+        too_big = {**BODY, "messages": [{"role": "user", "content": "word " * 400}]}
+        answers.append(client.post("/ai/chat", json=too_big, headers=bearer(USER)))
+        for expected in ("MISS", "HIT"):  # the cache is on by default; temperature 0 is cached
+            answers.append(client.post("/ai/chat", json=CACHED, headers=bearer(USER)))
+            assert answers[-1].headers["X-Robota-Cache"] == expected
+    assert [answer.status_code for answer in answers] == [200, 200, 401, 200, 401, 413, 200, 200]
     for answer in answers:
-        overhead = answer.headers["X-Robota-Overhead-Ms"]
-        assert float(overhead) >= 0 and overhead == f"{float(overhead):.2f}"
+        assert overhead_of(answer.headers) < 5000
+
+
+def test_a_websocket_handshakes_answer_says_the_proxy_overhead(settings: Settings) -> None:
+    """The ``101`` that opens ``/ai/ws`` and a refused handshake's answer are answers too."""
+    with TestClient(create_app(settings)) as client:
+        with client.websocket_connect("/ai/ws", headers=bearer(USER)) as opened:
+            accepted = dict(opened.extra_headers or [])
+        with pytest.raises(WebSocketDenialResponse) as refused, client.websocket_connect("/ai/ws"):
+            pass
+    assert overhead_of({k.decode(): v.decode() for k, v in accepted.items()}) < 5000
+    assert refused.value.status_code == 401
+    assert overhead_of(refused.value.headers) < 5000
+
+
+def test_an_unhandled_exception_is_a_500_with_the_overhead_and_one_log_line(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Starlette answers an exception nothing handled from outside every middleware; ours
+    answers it first, so the 500 has the request id and the overhead like every answer."""
+
+    async def broken(request: Request) -> Response:
+        raise RuntimeError("a bug")
+
+    app = create_app(settings)
+    app.router.routes.append(Route("/broken", broken))
+    with caplog.at_level(logging.ERROR), TestClient(app, raise_server_exceptions=False) as client:
+        answer = client.get("/broken", headers=bearer(USER))
+        scraped = client.get("/metrics", headers=bearer(ADMIN))
+    assert answer.status_code == 500
+    assert answer.json()["error"]["code"] == "internal_error"
+    assert answer.headers["X-Request-ID"].startswith("req_")
+    assert overhead_of(answer.headers) < 5000
+    logged = [r for r in caplog.records if r.getMessage().startswith("unexpected error in")]
+    assert [r.getMessage() for r in logged] == [
+        f"unexpected error in {answer.headers['X-Request-ID']}"
+    ]
+    got = samples(scraped.text)
+    broken_route = {"surface": "other", "route": "other", "provider": "", "model": ""}
+    assert value(got, "robota_requests_total", **broken_route, status="500") == 1
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def test_the_metrics_address_answers_say_the_overhead_with_the_rendering_in_it() -> None:
+    def render() -> bytes:
+        time.sleep(0.05)  # the work the answer waits for: 50 ms of the proxy's own time
+        return b"robota_up 1\n"
+
+    async def scrape() -> tuple[httpx.Response, httpx.Response]:
+        server = MetricsServer(f"127.0.0.1:{free_port()}", render)
+        await server.start()
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client:
+                return await client.get("/metrics"), await client.get("/elsewhere")
+        finally:
+            await server.stop()
+
+    metrics, missing = asyncio.run(scrape())
+    assert (metrics.status_code, metrics.text) == (200, "robota_up 1\n")
+    assert 50 <= overhead_of(metrics.headers) < 5000
+    assert missing.status_code == 404
+    assert overhead_of(missing.headers) < 50  # no rendering: nothing to wait for
+
+
+@contextmanager
+def guarded_server(limits: ServerLimits) -> Iterator[int]:
+    """The proxy's hardened HTTP protocol (what ``serve`` runs) on a local port, in a thread,
+    in front of a trivial app; yields the port. The socket listens before the server starts,
+    so a client can connect at once."""
+
+    class Limited(GuardedHttpToolsProtocol):
+        pass
+
+    Limited.limits = limits
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    config = uvicorn.Config(app, http=Limited, lifespan="off", log_level="critical")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+    assert not thread.is_alive()
+
+
+def exchange(port: int, request: bytes) -> tuple[str, dict[str, str]]:
+    """Send ``request`` raw, read until the server closes: the status line and headers."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(request)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    head = received.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
+    fields = dict(line.split(": ", 1) for line in head[1:])
+    return head[0], {name.lower(): field for name, field in fields.items()}
+
+
+def test_the_connection_guards_refusals_say_the_proxy_overhead() -> None:
+    limits = ServerLimits(max_headers=5, max_request_line=256, header_timeout=0.3)
+    with guarded_server(limits) as port:
+        headers = b"".join(b"X-Filler-%d: x\r\n" % n for n in range(10))
+        many = exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n")
+        long = exchange(port, b"GET /" + b"a" * 300 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        started = time.monotonic()
+        silent = exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\n")  # the head never ends
+        waited = time.monotonic() - started
+        fine = exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert many[0] == "HTTP/1.1 431 Request Header Fields Too Large"
+    assert long[0] == "HTTP/1.1 414 URI Too Long"
+    assert silent[0] == "HTTP/1.1 408 Request Timeout"
+    for status, fields in (many, long, silent):
+        assert overhead_of(fields) < 100, status
+    # 300 ms went by waiting for the client: that is not the proxy's time.
+    assert waited >= 0.3 and overhead_of(silent[1]) < 100
+    assert fine[0] == "HTTP/1.1 200 OK"  # the app's answers: RequestContextMiddleware's job
 
 
 def test_per_user_labels_only_when_turned_on(tmp_path: Path) -> None:
