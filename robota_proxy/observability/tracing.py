@@ -12,7 +12,10 @@ What is traced:
 * one SERVER span per HTTP request (``RequestContextMiddleware``), child of the caller's W3C
   ``traceparent`` when it sent one, ended when the answer (a stream too) is over, with the
   GenAI semantic conventions read from the call record at the end (what was asked, who
-  answered, tokens, finish reasons) and our own ``robota.*`` attributes;
+  answered, tokens, finish reasons) and our own ``robota.*`` attributes; a request to a
+  model (``dialects.CHAT_SURFACES``' paths) has its ``gen_ai.operation.name`` from the start
+  (``chat`` for chats and streams on every surface, ``embeddings`` for ``/v1/embeddings``),
+  other requests (``/health``, the admin API) have none: they are no GenAI operation;
 * one CLIENT span per upstream attempt (``Resilience``): each retry, fallback and mid-stream
   continuation is a span of its own, and the vendor gets that span as its ``traceparent``
   (``vendor_http`` sends every request with ``with_traceparent``'s headers).
@@ -31,6 +34,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from robota_proxy import scope as keys
 from robota_proxy.call_record import CallRecord
+from robota_proxy.dialects import CHAT_SURFACES
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -45,7 +49,6 @@ E = TypeVar("E")
 SERVICE_NAME = "robota-proxy"
 #: Our names for the vendors where the GenAI conventions have another one.
 _PROVIDER_NAMES = {"google": "gcp.gemini"}
-_EMBEDDINGS_PATH = "/v1/embeddings"
 
 
 class _Tracing:
@@ -182,17 +185,19 @@ def start_request(scope: Mapping[str, Any]) -> RequestSpan | None:
         if name in (b"traceparent", b"tracestate")
     }
     parent: Context | None = tracing.propagator.extract(carrier) if carrier else None
+    attributes = {
+        "http.request.method": method,
+        "http.route": route,
+        "robota.request_id": str(scope.get(keys.REQUEST_ID, "")),
+    }
+    operation = "chat"  # the attempts' spans' when no surface says (a host's own route)
+    surface = CHAT_SURFACES.get(route)
+    if surface is not None:
+        operation = "embeddings" if surface.feature == "embeddings" else "chat"
+        attributes["gen_ai.operation.name"] = operation
     span = tracing.tracer.start_span(
-        f"{method} {route}",
-        context=parent,
-        kind=trace.SpanKind.SERVER,
-        attributes={
-            "http.request.method": method,
-            "http.route": route,
-            "robota.request_id": str(scope.get(keys.REQUEST_ID, "")),
-        },
+        f"{method} {route}", context=parent, kind=trace.SpanKind.SERVER, attributes=attributes
     )
-    operation = "embeddings" if route == _EMBEDDINGS_PATH else "chat"
     handle = RequestSpan(span, operation)
     if tracing.capture_content:
         handle.output = []

@@ -206,6 +206,7 @@ def expected_server(
         "http.route": path,
         "http.response.status_code": 200,
         "robota.request_id": request_id,
+        "gen_ai.operation.name": "chat",  # a stream too: the conventions' chat, streamed
         "gen_ai.provider.name": "openai",
         "gen_ai.request.model": MODEL,
         "gen_ai.response.model": MODEL,
@@ -301,10 +302,12 @@ def test_a_retried_call_has_one_client_span_per_attempt(
 def test_exports_go_to_the_configured_endpoint(receiver: Receiver, traced: ProxyProcess) -> None:
     assert httpx.get(f"{traced.url}/health").status_code == 200
     deadline = time.monotonic() + 10
-    while not any(s.name == "GET /health" for s in receiver.spans()):
+    while not (health := [s for s in receiver.spans() if s.name == "GET /health"]):
         assert time.monotonic() < deadline, "no span of GET /health exported"
         time.sleep(0.05)
     assert set(receiver.paths) == {"/v1/traces"}
+    # /health is no GenAI operation: the span has no gen_ai.* attribute.
+    assert not [name for name in attributes(health[0]) if name.startswith("gen_ai.")]
 
 
 def test_content_is_exported_only_when_the_operator_opts_in(

@@ -129,6 +129,7 @@ async def test_a_chat_is_a_server_span_under_the_callers_trace_with_one_attempt(
         "http.route": "/ai/chat",
         "http.response.status_code": 200,
         "robota.request_id": answer.headers["x-request-id"],
+        "gen_ai.operation.name": "chat",
         "gen_ai.provider.name": "openai",
         "gen_ai.request.model": "gpt-4o-mini",
         "gen_ai.response.model": "gpt-4o-mini",
@@ -204,6 +205,7 @@ async def test_a_stream_has_its_finish_reason_and_usage_on_the_server_span(
     assert len(clients) == 1
     attributes = server.attributes or {}
     assert server.name == "POST /ai/chat/stream"
+    assert attributes["gen_ai.operation.name"] == "chat"  # a stream is a chat, streamed
     assert attributes["gen_ai.response.finish_reasons"] == ("stop",)
     assert attributes["robota.streamed"] is True
     assert attributes["gen_ai.usage.output_tokens"] > 0  # type: ignore[operator]
@@ -221,7 +223,35 @@ async def test_a_refused_call_is_a_server_span_with_its_error_and_no_attempt(
     assert clients == []
     assert server.attributes["error.type"] == "unauthenticated"  # type: ignore[index]
     assert server.attributes["http.response.status_code"] == 401  # type: ignore[index]
+    assert server.attributes["gen_ai.operation.name"] == "chat"  # type: ignore[index]
     assert server.status.status_code is StatusCode.UNSET
+
+
+@pytest.mark.anyio
+async def test_embeddings_are_the_embeddings_operation_and_health_is_no_genai_operation(
+    proxy: httpx.AsyncClient, spans: InMemorySpanExporter
+) -> None:
+    answer = await proxy.post(
+        "/v1/embeddings", json={"model": "text-embedding-3-small", "input": "two words"}
+    )
+    assert answer.status_code == 200, answer.text
+    server, clients = _by_kind(spans)
+    assert server.name == "POST /v1/embeddings"
+    assert server.attributes["gen_ai.operation.name"] == "embeddings"  # type: ignore[index]
+    assert [c.attributes["gen_ai.operation.name"] for c in clients] == [  # type: ignore[index]
+        "embeddings"
+    ]
+    assert [c.name for c in clients] == ["embeddings text-embedding-3-small"]
+    spans.clear()
+    assert (await proxy.get("/health")).status_code == 200
+    (health,) = spans.get_finished_spans()
+    assert health.kind is SpanKind.SERVER
+    assert dict(health.attributes or {}) == {
+        "http.request.method": "GET",
+        "http.route": "/health",
+        "http.response.status_code": 200,
+        "robota.request_id": health.attributes["robota.request_id"],  # type: ignore[index]
+    }
 
 
 @pytest.mark.anyio
