@@ -32,11 +32,13 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable, MutableMapping
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 import anyio
 from starlette.routing import BaseRoute, Mount, Route
 
+from robota_client.messages import Usage
 from robota_proxy import scope as keys
 from robota_proxy.call_record import CallRecord
 from robota_proxy.dialects import CHAT_SURFACES, scope_feature
@@ -236,13 +238,16 @@ class ProxyMetrics:
         )
         self.tokens = Counter(
             "robota_tokens",
-            "Tokens vendors reported, by kind (cache hits excluded)",
+            "Tokens vendors reported, by kind, under the provider and model of the vendor call "
+            "that used them (a failed-over call's tries each under their own; cache hits "
+            "excluded)",
             ("provider", "model", "kind", *user),
             registry=r,
         )
         self.cost = Counter(
             "robota_cost_usd",
-            "Cost in USD of the calls vendors answered (priced models only)",
+            "Cost in USD of the vendor calls, each under its own provider and model (priced "
+            "models only)",
             ("provider", "model", *user),
             registry=r,
         )
@@ -357,8 +362,8 @@ class ProxyMetrics:
                 (self._hit if record.cached else self._miss).inc()
             if (record.upstream_called or record.cached) and record.provider and record.model:
                 provider, model = self.models.of(record.provider, record.model)
-                if not record.cached:
-                    self._bill(record, provider, model, user)
+            if record.upstream_called and not record.cached:
+                self._bill(record, (provider, model) if provider else None, user)
         code = scope.get(keys.ERROR_CODE)
         if code is not None and code in REFUSALS:
             if not (isinstance(record, CallRecord) and record.upstream_called):
@@ -368,21 +373,40 @@ class ProxyMetrics:
         self._requests.get((surface, route, provider, model, str(status), *user)).inc()
         self._durations.get((surface, route)).observe(seconds)
 
-    def _bill(self, record: CallRecord, provider: str, model: str, user: tuple[str, ...]) -> None:
-        usage = record.usage
-        if usage is not None:
-            counts = (
-                usage.prompt_tokens,
-                usage.completion_tokens,
-                usage.cached_prompt_tokens,
-                usage.cache_write_tokens,
-                usage.reasoning_tokens,
-            )
-            for kind, count in zip(TOKEN_KINDS, counts, strict=True):
-                if count:
-                    self._tokens.get((provider, model, kind, *user)).inc(count)
-        if record.cost:
-            self._cost.get((provider, model, *user)).inc(float(record.cost))
+    def _bill(
+        self, record: CallRecord, final: tuple[str, str] | None, user: tuple[str, ...]
+    ) -> None:
+        """The call's tokens and cost, each vendor call's share under its own provider and
+        model: ``record.usage`` and ``record.cost`` are the call's totals, and the vendor
+        calls that ended before it (``record.ended``: failed tries, which cost nothing, and
+        the broken attempts of a continued stream) say what was theirs; the rest is the
+        final attempt's (``final``)."""
+        counts = _token_counts(record.usage)
+        cost = record.cost
+        if record.ended:
+            for attempt in record.ended:
+                own = _token_counts(attempt.usage)
+                counts = tuple(left - one for left, one in zip(counts, own, strict=True))
+                if cost is not None:
+                    cost -= attempt.cost or 0
+                labels = self.models.of(attempt.provider, attempt.model)
+                self._add(labels, own, attempt.cost, user)
+        if final is not None:
+            self._add(final, counts, cost, user)
+
+    def _add(
+        self,
+        labels: tuple[str, str],
+        counts: tuple[int, ...],
+        cost: Decimal | None,
+        user: tuple[str, ...],
+    ) -> None:
+        provider, model = labels
+        for kind, count in zip(TOKEN_KINDS, counts, strict=True):
+            if count > 0:
+                self._tokens.get((provider, model, kind, *user)).inc(count)
+        if cost is not None and cost > 0:
+            self._cost.get((provider, model, *user)).inc(float(cost))
 
     def _route(self, scope: MutableMapping[str, Any]) -> str:
         endpoint = scope.get("endpoint")
@@ -431,6 +455,19 @@ class ProxyMetrics:
             from prometheus_client import multiprocess
 
             multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
+
+
+def _token_counts(usage: Usage | None) -> tuple[int, ...]:
+    """A usage's counts in ``TOKEN_KINDS``' order (what a vendor did not say is 0)."""
+    if usage is None:
+        return (0, 0, 0, 0, 0)
+    return (
+        usage.prompt_tokens,
+        usage.completion_tokens,
+        usage.cached_prompt_tokens or 0,
+        usage.cache_write_tokens or 0,
+        usage.reasoning_tokens or 0,
+    )
 
 
 #: The classic text format (0.0.4), which every Prometheus server reads.

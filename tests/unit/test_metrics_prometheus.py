@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.testclient import TestClient, WebSocketDenialResponse
 
+from robota_client.messages import Usage
 from robota_proxy import create_app
+from robota_proxy import scope as keys
+from robota_proxy.call_record import CallRecord
 from robota_proxy.http_guard import GuardedHttpToolsProtocol, ServerLimits
 from robota_proxy.observability.metrics import (
+    OTHER,
     MetricsServer,
     ModelLabels,
     ProxyMetrics,
@@ -353,6 +358,107 @@ def test_attempt_outcomes_retries_and_fallbacks_are_counted() -> None:
     assert (
         value(got, "robota_upstream_duration_seconds_count", provider="anthropic", model="b") == 0
     )
+
+
+PRICES = {"openai": Decimal("0.000001"), "anthropic": Decimal("0.000003")}  # USD per token
+
+
+def failed_over_stream() -> CallRecord:
+    """A stream whose first try failed, whose second broke after 80 characters (estimated:
+    100 prompt tokens, 20 completion tokens) and was continued on another provider, which
+    answered 130 + 40 tokens: what ``Resilience`` leaves on the call record."""
+    record = CallRecord(
+        request_id="req_1",
+        streamed=True,
+        pricer=lambda provider, model, usage: PRICES[provider] * usage.total_tokens,
+    )
+    record.estimator = lambda chars: Usage(
+        prompt_tokens=100, completion_tokens=chars // 4, total_tokens=100 + chars // 4
+    )
+    record.upstream_called = True
+    record.begin_attempt("openai")
+    record.attempt_failed("openai", "m", "openai", "upstream_unavailable")
+    record.begin_attempt("openai")
+    record.provider, record.model = "openai", "m"
+    record.streamed_chars = 80
+    record.end_attempt("upstream_error")
+    record.begin_attempt("anthropic")
+    record.provider, record.model = "anthropic", "c"
+    usage = Usage(prompt_tokens=130, completion_tokens=40, total_tokens=170, reasoning_tokens=7)
+    record.settle_usage("anthropic", "c", usage)
+    return record
+
+
+def test_a_failed_over_calls_tokens_and_cost_are_each_attempts_own() -> None:
+    record = failed_over_stream()
+    # The call's totals: what the caller was billed, and what the counters must add up to.
+    assert record.usage is not None and record.cost is not None
+    assert (record.usage.prompt_tokens, record.usage.completion_tokens) == (230, 60)
+    assert record.cost == Decimal("0.000120") + Decimal("0.000510")
+    metrics = ProxyMetrics()
+    scope: dict[str, Any] = {"type": "http", "path": "/ai/chat/stream", keys.CALL: record}
+    metrics.request_done(scope, 200, 1.5)
+    got = samples(metrics.exposition().decode())
+    openai, anthropic = (
+        {"provider": "openai", "model": "m"},
+        {"provider": "anthropic", "model": "c"},
+    )
+    tokens = "robota_tokens_total"
+    assert value(got, tokens, **openai, kind="prompt") == 100
+    assert value(got, tokens, **openai, kind="completion") == 20
+    assert value(got, tokens, **anthropic, kind="prompt") == 130
+    assert value(got, tokens, **anthropic, kind="completion") == 40
+    assert value(got, tokens, **anthropic, kind="reasoning") == 7
+    assert value(got, tokens, **openai, kind="reasoning") == 0
+    assert value(got, "robota_cost_usd_total", **openai) == pytest.approx(120e-6, rel=1e-9)
+    assert value(got, "robota_cost_usd_total", **anthropic) == pytest.approx(510e-6, rel=1e-9)
+    # Nothing else was counted: the sums are the call's totals.
+    token_samples = {labels: n for (name, labels), n in got.items() if name == tokens}
+    assert sum(token_samples.values()) == 230 + 60 + 7
+    assert len(token_samples) == 5
+    # The request itself is the final provider's.
+    assert (
+        value(got, "robota_requests_total", surface=OTHER, route=OTHER, status="200", **anthropic)
+        == 1
+    )
+
+
+def test_a_continuation_that_failed_leaves_the_broken_attempts_tokens_where_they_were_used() -> (
+    None
+):
+    """Every attempt ended (the continuation failed to start): the final provider's share is
+    nothing, the broken attempt's tokens stay under its own provider."""
+    record = CallRecord(
+        request_id="req_2",
+        streamed=True,
+        pricer=lambda provider, model, usage: PRICES[provider] * usage.total_tokens,
+    )
+    record.estimator = lambda chars: Usage(
+        prompt_tokens=100, completion_tokens=chars // 4, total_tokens=100 + chars // 4
+    )
+    record.upstream_called = True
+    record.begin_attempt("openai")
+    record.provider, record.model = "openai", "m"
+    record.streamed_chars = 40
+    record.end_attempt("upstream_error")
+    record.begin_attempt("anthropic")
+    record.attempt_failed("anthropic", "c", "anthropic", "upstream_unavailable")
+    record.provider, record.model, record.status = "anthropic", "c", "upstream_unavailable"
+    metrics = ProxyMetrics()
+    metrics.request_done({"type": "http", "path": "/ai/chat/stream", keys.CALL: record}, 502, 1.0)
+    got = samples(metrics.exposition().decode())
+    tokens = {
+        (dict(labels)["provider"], dict(labels)["kind"]): n
+        for (name, labels), n in got.items()
+        if name == "robota_tokens_total"
+    }
+    assert tokens == {("openai", "prompt"): 100, ("openai", "completion"): 10}
+    costs = {
+        dict(labels)["provider"]: n
+        for (name, labels), n in got.items()
+        if name == "robota_cost_usd_total"
+    }
+    assert costs == {"openai": pytest.approx(110e-6, rel=1e-9)}
 
 
 def test_ledger_redis_and_database_errors() -> None:
