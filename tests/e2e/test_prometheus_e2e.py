@@ -124,8 +124,9 @@ def test_counters_equal_what_was_sent_and_the_ledger(
     assert "event: done" in streamed.text
     assert chat(proxy, "plain again").status_code == 200
     assert httpx.post(f"{proxy.url}/ai/chat", json={}, timeout=10).status_code == 401
-    rows = wait_for_ledger(database, "1 = 1", (), count=8)
-    assert len(rows) == 8
+    # 8 calls, and the fallback's failed try of its first target: a row of its own.
+    rows = wait_for_ledger(database, "1 = 1", (), count=9)
+    assert len(rows) == 9
     # The separate bind answers without a key; the admin route needs the admin key.
     assert httpx.get(f"{proxy.url}/metrics", timeout=10).status_code == 401
     scraped = httpx.get(address, timeout=10)
@@ -154,13 +155,20 @@ def test_counters_equal_what_was_sent_and_the_ledger(
     assert total(got, "robota_time_to_first_token_seconds_count") == 1
     assert total(got, "robota_inter_token_seconds_count") == 3  # 4 words, 3 gaps
 
-    # What the ledger holds: per provider and model, the rows that were vendor calls.
+    # What the ledger holds: per provider and model, the rows of vendor calls that answered;
+    # the failed try is a row too, with nothing to bill.
     with sqlite3.connect(database) as conn:
         sums = conn.execute(
             "SELECT provider, model, SUM(prompt_tokens), SUM(completion_tokens), "
-            "SUM(cost_pico), COUNT(*) FROM usage_ledger WHERE cached = 0 GROUP BY 1, 2"
+            "SUM(cost_pico), COUNT(*) FROM usage_ledger WHERE cached = 0 AND status = 'ok' "
+            "GROUP BY 1, 2"
         ).fetchall()
         hits = conn.execute("SELECT COUNT(*) FROM usage_ledger WHERE cached = 1").fetchone()[0]
+        failed = conn.execute(
+            "SELECT provider || '/' || model, status, prompt_tokens + completion_tokens, "
+            "cost_pico FROM usage_ledger WHERE attempt_of IS NOT NULL"
+        ).fetchall()
+    assert failed == [(CHAIN[0], "upstream_unavailable", 0, 0)]
     assert hits == total(got, "robota_cache_requests_total", result="hit") == 1
     assert len(sums) == 2
     for provider, model, prompt, completion, cost_pico, count in sums:
