@@ -303,7 +303,8 @@ def test_the_connection_guards_refusals_say_the_proxy_overhead() -> None:
     for status, fields in (many, long, silent):
         assert overhead_of(fields) < 100, status
     # 300 ms went by waiting for the client: that is not the proxy's time.
-    assert waited >= 0.3 and overhead_of(silent[1]) < 100
+    # asyncio may fire its timer up to its clock resolution early.
+    assert waited >= 0.29 and overhead_of(silent[1]) < 100
     assert fine[0] == "HTTP/1.1 200 OK"  # the app's answers: RequestContextMiddleware's job
 
 
