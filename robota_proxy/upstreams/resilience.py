@@ -56,6 +56,7 @@ from robota_client.messages import (
 from robota_proxy.call_record import CallRecord
 from robota_proxy.errors import (
     Forbidden,
+    InvalidRequest,
     NotFound,
     ProxyError,
     RateLimited,
@@ -90,6 +91,9 @@ _FALLS_BACK = (
     NotFound,
     ContextWindowExceeded,
 )
+#: No target is called more than twice in any this many seconds by one request (measured at
+#: the vendor: the margin covers the way there).
+_SPACING = 1.5 + 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +132,8 @@ class Attempt:
     #: (its circuit breaker is open: not called).
     outcome: str
     ms: int
+    #: ``time.perf_counter()`` when the vendor call started (0: no call was made).
+    started: float = 0.0
 
 
 @dataclass(slots=True)
@@ -214,6 +220,8 @@ class Resilience:
         }
         self.max_timeout = max_timeout
         self.counter = counter if counter is not None else AttemptCounter()
+        #: Targets that refused a prefill they were configured to take (this process).
+        self._refuses_prefill: set[Target] = set()
         self._backoff = wait_exponential_jitter(
             multiplier=self.policy.backoff_base,
             max=self.policy.backoff_max,
@@ -519,53 +527,76 @@ class Resilience:
                 self._note(served.attempts, Attempt(target, "circuit_open", 0), label)
                 continue
             limits = self.target_table.get(target.provider, target.model)
-            continues = bool(prefill) and not tools and limits.prefill
-            if not (continues or restart):
-                continue
-            if continues:
-                answer = UniversalMessage(role="assistant", content=prefill)
-                sent = sent.model_copy(update={"messages": [*sent.messages, answer]})
-            started, outcome = time.perf_counter(), "cancelled"
-            balancer, deployment = self.registry.balancer, None
-            try:
-                with anyio.fail_after(left):
-                    deployment = await self.registry.pick(sent)
-                    balancer.started(deployment)
-                    if record is not None:
-                        record.begin_attempt(deployment.name)
-                    with tracing.upstream_attempt(sent, deployment.name):
-                        head, events = await phases.first_content(
-                            deployment.upstream.stream(sent), sent, limits, None
-                        )
-                outcome = "ok"
-                balancer.first_token(deployment, time.perf_counter() - started)
-            except ProxyError as exc:
-                outcome = exc.code
-                await self._report(target, exc)
-                continue
-            except TimeoutError:
-                outcome = "timeout"
-                return None
-            finally:
-                if deployment is not None and outcome != "ok":
-                    balancer.finished(deployment)
-                    if record is not None:
-                        record.attempt_failed(
-                            target.provider, target.model, deployment.name, _status(outcome)
-                        )
-                ms = round((time.perf_counter() - started) * 1000)
-                self._note(served.attempts, Attempt(target, outcome, ms), label, "continuation")
-            await self._report(target, None)
-            if record is not None:
-                record.provider, record.model = target.provider, target.model
-                record.deployment = deployment.name
-            seconds = self.deadline(served.request)
-            rest: AsyncGenerator[UpstreamEvent, None] = phases.leading(
-                head, phases.until(served.ends_at, seconds, limits.limits.idle, str(target), events)
+            prefills = (
+                bool(prefill)
+                and not tools
+                and limits.prefill
+                and target not in self._refuses_prefill
             )
-            if continues:
-                rest = phases.after_seam(rest, len(text) - len(prefill))
-            return target, self._in_flight(deployment, rest), continues
+            # A target that refuses the prefill it was configured to take is not the caller's
+            # error: where the wire allows a restart, it answers afresh instead.
+            for continues in (True, False) if prefills and restart else (prefills,):
+                if not (continues or restart):
+                    break
+                wait = self._spacing_wait(target, served.attempts)
+                if wait >= served.ends_at - anyio.current_time():
+                    break
+                if wait > 0:
+                    await anyio.sleep(wait)
+                attempted = sent
+                if continues:
+                    answer = UniversalMessage(role="assistant", content=prefill)
+                    attempted = sent.model_copy(update={"messages": [*sent.messages, answer]})
+                started, outcome = time.perf_counter(), "cancelled"
+                balancer, deployment = self.registry.balancer, None
+                try:
+                    with anyio.fail_after(served.ends_at - anyio.current_time()):
+                        deployment = await self.registry.pick(attempted)
+                        balancer.started(deployment)
+                        if record is not None:
+                            record.begin_attempt(deployment.name)
+                        with tracing.upstream_attempt(attempted, deployment.name):
+                            head, events = await phases.first_content(
+                                deployment.upstream.stream(attempted), attempted, limits, None
+                            )
+                    outcome = "ok"
+                    balancer.first_token(deployment, time.perf_counter() - started)
+                except ProxyError as exc:
+                    outcome = exc.code
+                    if continues and _refuses_prefill(exc):
+                        self._refused_prefill(target, label)
+                        continue
+                    await self._report(target, exc)
+                    break
+                except TimeoutError:
+                    outcome = "timeout"
+                    return None
+                finally:
+                    if deployment is not None and outcome != "ok":
+                        balancer.finished(deployment)
+                        if record is not None:
+                            record.attempt_failed(
+                                target.provider, target.model, deployment.name, _status(outcome)
+                            )
+                    ms = round((time.perf_counter() - started) * 1000)
+                    self._note(
+                        served.attempts,
+                        Attempt(target, outcome, ms, started),
+                        label,
+                        "continuation",
+                    )
+                await self._report(target, None)
+                if record is not None:
+                    record.provider, record.model = target.provider, target.model
+                    record.deployment = deployment.name
+                seconds = self.deadline(served.request)
+                rest: AsyncGenerator[UpstreamEvent, None] = phases.leading(
+                    head,
+                    phases.until(served.ends_at, seconds, limits.limits.idle, str(target), events),
+                )
+                if continues:
+                    rest = phases.after_seam(rest, len(text) - len(prefill))
+                return target, self._in_flight(deployment, rest), continues
         return None
 
     async def _run(
@@ -677,7 +708,7 @@ class Resilience:
                         target.provider, target.model, deployment.name, _status(outcome)
                     )
                 ms = round((time.perf_counter() - started) * 1000)
-                self._note(attempts, Attempt(target, outcome, ms), label)
+                self._note(attempts, Attempt(target, outcome, ms, started), label)
             await self._report(target, None)
             return result, deployment
 
@@ -720,6 +751,24 @@ class Resilience:
 
     def _other_deployments(self, target: Target) -> bool:
         return len(self.registry.deployments(target.provider)) > 1
+
+    def _spacing_wait(self, target: Target, attempts: Sequence[Attempt]) -> float:
+        """Seconds to wait before calling ``target`` again so that no target is called more
+        than twice in any ``_SPACING`` seconds by one request (a continuation right after
+        a retry, or a restart right after a refused prefill, would be a third call)."""
+        starts = sorted(one.started for one in attempts if one.target == target and one.started)
+        return starts[-2] + _SPACING - time.perf_counter() if len(starts) >= 2 else 0.0
+
+    def _refused_prefill(self, target: Target, label: str) -> None:
+        """Remembered for this process: the target's next continuations restart instead."""
+        if target not in self._refuses_prefill:
+            self._refuses_prefill.add(target)
+            log.warning(
+                "%s refused an assistant prefill (request %s): it is continued without one "
+                'from now on; set "prefill": false for it in ROBOTA_TARGET_OPTIONS',
+                target,
+                label,
+            )
 
     async def _allowed(self, target: Target) -> bool:
         return self.breakers is None or await self.breakers.allow(str(target))
@@ -775,6 +824,12 @@ def _bounded(request: ChatRequest, record: CallRecord | None) -> ChatRequest:
         return request
     options = request.options.model_copy(update={"max_tokens": imposed})
     return request.model_copy(update={"options": options})
+
+
+def _refuses_prefill(error: ProxyError) -> bool:
+    """A 400 to a continuation that only added the assistant prefill to a request the target
+    took before: the prefill is what it refused (a context overflow is not)."""
+    return isinstance(error, InvalidRequest) and not isinstance(error, ContextWindowExceeded)
 
 
 def _status(outcome: str) -> str:

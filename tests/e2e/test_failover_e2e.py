@@ -858,3 +858,64 @@ async def test_a_passed_through_anthropic_stream_without_message_stop_is_finishe
     assert message.content[0].text == WORDS  # type: ignore[union-attr]
     assert (message.stop_reason, message.usage.output_tokens) == ("end_turn", 10)
     assert len(seen(fake, text, FALLBACK)) == 1
+
+
+# --- j. a target configured to take a prefill that refuses it ---------------------------------
+
+#: Configured wrongly on purpose: OpenAI's models take no prefill (the fake's ``reject`` mode).
+#: A model per test: a proxy remembers which targets refused a prefill.
+MISTAKEN = "openai/gpt-4o-{surface}"
+
+
+@pytest.fixture(scope="module")
+def mistaken(fake_server: FakeVendors, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
+    home = tmp_path_factory.mktemp("failover_prefill")
+    env = {
+        **vendor_env(fake_server),
+        "ROBOTA_API_KEYS": USER_KEY,
+        "ROBOTA_DATABASE_URL": f"sqlite:///{home / 'robota.db'}",
+        "ROBOTA_UPSTREAM_IDLE_TIMEOUT": str(LIMIT),
+        "ROBOTA_CACHE_ENABLED": "false",
+        "ROBOTA_TARGET_OPTIONS": json.dumps({"openai/*": {"prefill": True}}),
+    }
+    running = start_proxy(env, home / "proxy.log", startup_timeout=120)
+    yield Proxy(running, home / "robota.db")
+    stop_proxy(running)
+
+
+@pytest.mark.parametrize("surface", ["stream", "text", "sdk_stream"])
+async def test_a_refused_prefill_is_never_the_callers_error(
+    mistaken: Proxy, fake: FakeVendors, surface: Surface
+) -> None:
+    """The stream is cut after three words; the continuation's prefill is refused (400). On
+    the Robota wire the same target answers afresh after a ``restart`` (spaced: its third
+    call comes 1.5 s after its first); on /v1 there is no way to take text back, so the
+    stream ends in-band with the original failure, not the refusal."""
+    fake.set_prefill("openai", "reject")
+    text = marker()
+    fake.script(Reply(text=WORDS, fault=Fault(drop_after=3)), match=text, times=1)
+    fake.script(Reply(text=WORDS), match=text)
+    target = MISTAKEN.format(surface=surface)
+    outcome = await ask(mistaken, surface, text, target)
+
+    sent = seen(fake, text, target)
+    if surface == "sdk_stream":
+        assert isinstance(outcome.error, openai.APIError), outcome.error
+        assert "malformed or truncated stream" in str(outcome.error)
+        assert "prefill" not in str(outcome.error)
+        assert "".join(outcome.deltas) == FIRST_THREE
+        assert [request.prefill for request in sent] == [None, FIRST_THREE.rstrip()]
+        return
+    assert outcome.error is None, outcome.error
+    assert (outcome.text, outcome.restarts) == (WORDS, 1)
+    assert [request.prefill for request in sent] == [None, FIRST_THREE.rstrip(), None]
+    assert sent[2].received_at - sent[0].received_at >= 1.5
+    assert_spaced(fake)
+    # Three vendor calls, three rows: the cut one (estimated), the refusal (nothing), and
+    # the fresh answer as the call's own row.
+    statuses = [row[1] for row in attempt_rows(mistaken, outcome.request_id)]
+    assert statuses == ["upstream_error", "invalid_request"]
+    row = the_row(mistaken, outcome.request_id)
+    assert (row["status"], row["prompt_tokens"], row["completion_tokens"]) == ("ok", 1, 10)
+    line = f"{target} refused an assistant prefill"
+    assert mistaken.process.log_once_it_has(line).count(line) == 1
