@@ -494,6 +494,7 @@ def _resilience(
         targets=TargetTable(limits, settings.target_options),
         breakers=breakers,
         counter=counter,
+        refusals_fall_back=settings.fallback_on_refusal,
     )
 
 

@@ -203,6 +203,9 @@ class Settings(BaseSettings):
     #: error rate of ``breaker_error_rate`` over ``breaker_window_seconds`` (from
     #: ``breaker_min_calls`` calls on), skip the target for ``breaker_cooldown_seconds``,
     #: then let one probe through.
+    #: A vendor's refusal of the request's content (OpenAI ``content_policy_violation``) is
+    #: the answer, returned with its reason; true moves on to the next target of the chain.
+    fallback_on_refusal: bool = False
     breaker_enabled: bool = True
     breaker_failures: int = Field(default=5, ge=1, le=10_000)
     breaker_error_rate: float | None = Field(default=0.5, gt=0, le=1)

@@ -30,6 +30,17 @@ class ContextWindowExceeded(InvalidRequest):
     the next target of a chain is tried, the same one never again."""
 
 
+class ContentRefused(InvalidRequest):
+    """The vendor refused the request's content (OpenAI ``content_policy_violation``, Azure
+    OpenAI ``content_filter``): its answer, returned with its reason and never retried. The
+    chain moves on only where the operator asked for it (``ROBOTA_FALLBACK_ON_REFUSAL``): a
+    refusal routed around silently would defeat the vendor's policy."""
+
+
+#: The vendors' error codes of a refused content.
+_REFUSAL_CODES = frozenset({"content_policy_violation", "content_filter"})
+
+
 class PhaseTimeout(UpstreamTimeout):
     """A target missed a phase limit (response headers, first token, stream idle). Trying
     the same target again would likely wait as long again, so the chain moves on at once."""
@@ -116,6 +127,8 @@ def error_for_status(
             f"{vendor} rejected the request: the prompt exceeds the model's context window"
             f" (HTTP {status}){detail}"
         )
+    if status == 400 and vendor_code in _REFUSAL_CODES:
+        return ContentRefused(f"{vendor} refused the request's content (HTTP 400){detail}")
     if 400 <= status < 500:
         return InvalidRequest(f"{vendor} rejected the request (HTTP {status}){detail}")
     if status in (502, 503, 504, 529):

@@ -70,7 +70,12 @@ from robota_proxy.upstreams import stream_phases as phases
 from robota_proxy.upstreams.base import Upstream, UpstreamEvent
 from robota_proxy.upstreams.breakers import Breakers
 from robota_proxy.upstreams.deployments import Deployment
-from robota_proxy.upstreams.errors import ContextWindowExceeded, PhaseTimeout, VendorServerError
+from robota_proxy.upstreams.errors import (
+    ContentRefused,
+    ContextWindowExceeded,
+    PhaseTimeout,
+    VendorServerError,
+)
 from robota_proxy.upstreams.registry import UpstreamRegistry
 from robota_proxy.upstreams.target_options import TargetLimits, TargetTable
 
@@ -209,8 +214,12 @@ class Resilience:
         counter: AttemptCounter | None = None,
         targets: TargetTable | None = None,
         breakers: Breakers | None = None,
+        refusals_fall_back: bool = False,
     ) -> None:
         self.registry = registry
+        #: ``ROBOTA_FALLBACK_ON_REFUSAL``: a vendor's content refusal moves on to the next
+        #: target of the chain (by default it is the answer).
+        self._moves_on = (*_FALLS_BACK, ContentRefused) if refusals_fall_back else _FALLS_BACK
         self.breakers = breakers
         self.target_table = targets if targets is not None else TargetTable()
         self.policy = policy if policy is not None else RetryPolicy()
@@ -647,7 +656,7 @@ class Resilience:
                 result, deployment = await self._retrying(
                     target, sent, attempts, record, label, call, holds
                 )
-            except _FALLS_BACK as exc:
+            except self._moves_on as exc:
                 failed = exc
                 if index + 1 < len(targets):
                     self.counter.decided(target, "fallback")

@@ -28,6 +28,7 @@ from robota_proxy.settings import TargetOverrides
 from robota_proxy.upstreams.base import FinishEvent, Upstream, UpstreamEvent
 from robota_proxy.upstreams.breakers import BreakerPolicy, MemoryBreakers
 from robota_proxy.upstreams.errors import (
+    ContentRefused,
     ContextWindowExceeded,
     PhaseTimeout,
     VendorServerError,
@@ -96,7 +97,7 @@ class Vendor:
         return None
 
 
-def chain(*vendors: Vendor) -> Resilience:
+def chain(*vendors: Vendor, refusals_fall_back: bool = False) -> Resilience:
     table: dict[str, Upstream] = {vendor.name: vendor for vendor in vendors}
     registry = UpstreamRegistry(lambda: table)
     registry.open()
@@ -107,6 +108,7 @@ def chain(*vendors: Vendor) -> Resilience:
         fallbacks=fallbacks,
         max_timeout=30,
         targets=TargetTable(LIMITS),
+        refusals_fall_back=refusals_fall_back,
     )
 
 
@@ -196,15 +198,32 @@ async def test_a_content_policy_refusal_is_returned_with_its_reason_and_never_re
         vendor_message="Your request was rejected as a result of our safety system.",
         vendor_code="content_policy_violation",
     )
-    assert type(refusal) is InvalidRequest
+    assert type(refusal) is ContentRefused
     strict, backup = Vendor("a", refusal), Vendor("b", "would answer")
-    with pytest.raises(InvalidRequest) as caught:
+    with pytest.raises(ContentRefused) as caught:
         await chain(strict, backup).chat(ask(), None, None)
     assert caught.value.message == (
-        "openai rejected the request (HTTP 400): Your request was rejected as a result of "
-        "our safety system."
+        "openai refused the request's content (HTTP 400): Your request was rejected as a "
+        "result of our safety system."
     )
+    assert caught.value.status == 400
     assert (len(strict.arrivals), len(backup.arrivals)) == (1, 0)
+
+
+@pytest.mark.parametrize("code", ["content_policy_violation", "content_filter"])
+async def test_a_refusal_moves_on_only_where_the_operator_asked_for_it(code: str) -> None:
+    """``ROBOTA_FALLBACK_ON_REFUSAL``: the refusing target once, then the next one answers;
+    any other 400 is still the caller's answer."""
+    refusal = error_for_status("openai", 400, vendor_message="no", vendor_code=code)
+    strict, backup = Vendor("a", refusal), Vendor("b", "would answer")
+    message, served = await chain(strict, backup, refusals_fall_back=True).chat(ask(), None, None)
+    assert (message.content, str(served.target)) == ("would answer", "b/m")
+    assert (len(strict.arrivals), len(backup.arrivals)) == (1, 1)
+    plain = Vendor("a", error_for_status("openai", 400, vendor_message="bad", vendor_code="x"))
+    other = Vendor("b", "would answer")
+    with pytest.raises(InvalidRequest):
+        await chain(plain, other, refusals_fall_back=True).chat(ask(), None, None)
+    assert (len(plain.arrivals), len(other.arrivals)) == (1, 0)
 
 
 async def test_retries_of_one_target_are_spaced_even_when_it_says_retry_after_0() -> None:
