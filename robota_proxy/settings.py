@@ -61,6 +61,9 @@ class DeploymentSettings(BaseModel):
     #: This deployment's own vendor limits (requests and tokens per minute), if it has any.
     rpm: int | None = Field(default=None, ge=1)
     tpm: int | None = Field(default=None, ge=1)
+    #: Seconds to open a connection to it; unset: ``ROBOTA_UPSTREAM_CONNECT_TIMEOUT``. A
+    #: connect limit belongs to an endpoint (a far region, a slow gateway), not to a model.
+    connect_timeout: float | None = Field(default=None, gt=0, le=600)
 
 
 class Settings(BaseSettings):

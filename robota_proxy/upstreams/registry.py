@@ -100,7 +100,14 @@ def build_deployments(settings: Settings) -> list[Deployment]:
         Deployment(
             spec.name,
             spec.provider,
-            _adapter(settings, spec.provider, spec.api_key, spec.base_url, spec.models),
+            _adapter(
+                settings,
+                spec.provider,
+                spec.api_key,
+                spec.base_url,
+                spec.models,
+                connect_timeout=spec.connect_timeout,
+            ),
             spec.weight,
             spec.rpm,
             spec.tpm,
@@ -115,6 +122,8 @@ def _adapter(
     key: SecretStr | None,
     base_url: str | None,
     models: list[str] | None,
+    *,
+    connect_timeout: float | None = None,
 ) -> Upstream:
     """One vendor adapter with its own connection pool. Imported here, so that a proxy
     without, say, Anthropic configured never imports its adapter."""
@@ -122,7 +131,7 @@ def _adapter(
         "api_key": key.get_secret_value() if key else "none",
         "models": models,
         "timeout": settings.upstream_timeout,
-        "connect_timeout": settings.upstream_connect_timeout,
+        "connect_timeout": connect_timeout or settings.upstream_connect_timeout,
         "max_connections": settings.max_connections_per_vendor or 0,  # 0: no cap
     }
     if vendor == "openai":

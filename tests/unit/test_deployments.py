@@ -15,7 +15,7 @@ from robota_proxy.errors import RateLimited
 from robota_proxy.settings import DeploymentSettings, Settings
 from robota_proxy.upstreams.base import UpstreamEvent
 from robota_proxy.upstreams.deployments import DEFAULT_COOLDOWN, Balancer, Deployment
-from robota_proxy.upstreams.registry import UpstreamRegistry
+from robota_proxy.upstreams.registry import UpstreamRegistry, build_deployments
 from robota_proxy.upstreams.resilience import Resilience, RetryPolicy
 
 pytestmark = pytest.mark.anyio
@@ -176,3 +176,22 @@ def test_deployment_names_are_unique_and_never_a_vendors_own() -> None:
             Settings(
                 deployments=[DeploymentSettings(name=name, provider="openai") for name in names]
             )
+
+
+async def test_a_deployment_may_have_its_own_connect_limit() -> None:
+    """A far region gets more time to connect; the others keep the global limit."""
+    far = {"name": "far", "provider": "anthropic", "api_key": "k1", "connect_timeout": 12.5}
+    near = {"name": "near", "provider": "openai", "api_key": "k2"}
+    settings = Settings(
+        upstream_connect_timeout=3.0,
+        deployments=[DeploymentSettings.model_validate(one) for one in (far, near)],
+    )
+    built = build_deployments(settings)
+    try:
+        limits = {one.name: one.upstream._http._timeout.sock_connect for one in built}  # type: ignore[attr-defined]
+        assert limits == {"far": 12.5, "near": 3.0}
+    finally:
+        for one in built:
+            await one.upstream.aclose()
+    with pytest.raises(ValueError, match="connect_timeout"):
+        DeploymentSettings.model_validate({**near, "connect_timeout": 0})
