@@ -725,8 +725,12 @@ async def test_every_text_a_caller_sends_is_cut_to_its_column(store: UsageStore)
         provider="p" * 150,
         deployment="d" * 100,
     )
-    await store.settle(never_opened, None)
-    [row] = await rows_of(store, plain[:200])
+    # An earlier vendor call of it names the call's row as that row is written: cut alike.
+    attempt = replace(never_opened, request_id="a" * 90, attempt_of=never_opened.request_id)
+    await store.settle(never_opened, None, [attempt])
+    written = {str(row["request_id"]): row for row in await rows_of(store, plain[:200])}
+    assert sorted(written) == ["a" * 90, "n" * 100]
+    row, attempt_row = written["n" * 100], written["a" * 90]
     assert (
         row["request_id"],
         row["user_id"],
@@ -735,6 +739,7 @@ async def test_every_text_a_caller_sends_is_cut_to_its_column(store: UsageStore)
         row["provider"],
         row["model"],
         row["deployment"],
+        row["attempt_of"],
     ) == (
         "n" * 100,
         plain[:200],
@@ -743,7 +748,9 @@ async def test_every_text_a_caller_sends_is_cut_to_its_column(store: UsageStore)
         "p" * 100,
         "m" * 200,
         "d" * 60,
+        None,
     )
+    assert (attempt_row["request_id"], attempt_row["attempt_of"]) == ("a" * 90, "n" * 100)
 
 
 def test_a_lease_owner_names_the_host_the_process_and_its_life(
