@@ -148,9 +148,11 @@ def test_an_alias_falls_back_to_the_next_pair_and_says_which_served(
     assert metadata["attempts"] == 4
     assert (calls(fake, text, "openai"), calls(fake, text, "anthropic")) == (3, 1)
     # One log line per attempt: provider, model, outcome, time; never a key. The lines go
-    # through a queued handler, so they may trail the answer: wait for the last one.
-    log = resilient.log_once_it_has("anthropic/claude-3-5-haiku-latest ok")
-    lines = [line for line in log.splitlines() if "upstream attempt" in line and "fast" in line]
+    # through a queued handler, so they may trail the answer: wait for this call's last one
+    # (earlier tests on this proxy wrote the same target's "ok").
+    label = f"for {answer.headers['x-request-id']} auto/fast:"
+    log = resilient.log_once_it_has(f"{label} anthropic/claude-3-5-haiku-latest ok")
+    lines = [line for line in log.splitlines() if "upstream attempt" in line and label in line]
     assert sum("openai/gpt-4o-mini upstream_unavailable" in line for line in lines) >= 3
     assert any("anthropic/claude-3-5-haiku-latest ok" in line for line in lines)
     assert VENDOR_KEY not in log and USER_KEY not in log
