@@ -40,19 +40,20 @@ def mutation(session: nox.Session) -> None:
     that); ``nox -s mutation -- --fresh`` starts over.
     The gate re-runs a listed equivalent that the run counted as killed, in a fresh process,
     before calling its listing stale; ``mutants/failures.jsonl`` names the test that failed
-    for each mutant. From a clean clone on 2 cores: 27 minutes idle, 31 minutes for 2345
-    mutants with light work beside it (2026-11-26; issue 14 asks for about 15: the workers used
-    1.2 of the 2 cores; usage_store's 1252 mutants take three quarters of the time, each
-    running its covering tests on SQLite and PostgreSQL)."""
+    for each mutant. From a clean clone on 2 cores with nothing else running: 21 minutes for
+    2345 mutants (2026-11-26; issue 14 asks for about 15: usage_store's 1252 mutants take
+    85% of the workers' time, each running its covering tests on SQLite and PostgreSQL)."""
     # pytest-timeout: a mutant that makes a test wait forever (a batch writer that never
     # answers) fails that test in 20 s, instead of holding a worker until mutmut's CPU-time
     # limit (which a waiting process never reaches) — 6 such mutants cost 10 minutes.
     session.install("-e", ".[dev]", "mutmut==3.8.1", "pytest-timeout>=2.3")
     if "--fresh" in session.posargs:
         shutil.rmtree("mutants", ignore_errors=True)
-    # One worker per core: the workers keep both cores busy (vmstat: no idle, no I/O wait);
-    # 3 workers on 2 cores measured 1.25 against 1.13 mutants/s on a busy machine, within noise.
-    session.run("mutmut", "run", "--max-children", str(os.cpu_count() or 1))
+    # One worker more than there are cores: a worker waits on PostgreSQL, SQLite and its own
+    # fork much of the time, and two workers left the 2 cores 40% idle. From a clean clone,
+    # nothing else running: 3 workers 21 min 14 s at 2.07 mutants/s (vmstat: 1-2% idle), where
+    # 2 had taken 27-31 minutes at 1.44-1.6/s (2026-11-26).
+    session.run("mutmut", "run", "--max-children", str((os.cpu_count() or 1) + 1))
     session.run("python", "-m", "mutation.gate")
 
 
