@@ -50,7 +50,7 @@ def mutation(session: nox.Session) -> None:
     if "--fresh" in session.posargs:
         shutil.rmtree("mutants", ignore_errors=True)
     # One worker more than there are cores: a worker waits on PostgreSQL, SQLite and its own
-    # fork much of the time, and two workers left the 2 cores 40% idle. From a clean clone,
+    # fork much of the time (two workers' processes used 1.2 of the 2 cores). From a clean clone,
     # nothing else running: 3 workers 21 min 14 s at 2.07 mutants/s (vmstat: 1-2% idle), where
     # 2 had taken 27-31 minutes at 1.44-1.6/s (2026-11-26).
     session.run("mutmut", "run", "--max-children", str((os.cpu_count() or 1) + 1))
