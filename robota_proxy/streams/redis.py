@@ -14,8 +14,10 @@ Per stream three keys, all expiring ``window`` seconds after the last write:
 A stream produced by this process is also kept in a local list until it ends, and readers in
 this process (above all the producing connection's own writer) read that list rather than
 Redis: the entry goes to Redis first, for resumes elsewhere, then straight to the local
-readers, instead of a second round trip (XREAD) per chunk. The local list is dropped when the
-terminal entry is in; a reader that starts after that reads Redis, which has it all.
+readers, instead of a second round trip (XREAD) per chunk. Once the terminal entry is in, the
+list is kept for ``_FINISHED_SECONDS`` more: a fast answer can be over before the producing
+connection's own writer starts reading, and that writer must not depend on Redis (which may
+have gone away meanwhile). A reader that starts after that reads Redis, which has it all.
 
 When Redis cannot be reached the Redis failure policy decides: open (the default), the stream
 is still produced and delivered on this connection from the local list, only not resumable
@@ -30,6 +32,7 @@ from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 
 import anyio
+from cachetools import TTLCache
 from redis.asyncio import Redis
 
 from robota_proxy.errors import ProxyError, UpstreamUnavailable
@@ -40,6 +43,9 @@ _PART = "resumable streams"
 
 #: How long one blocking read waits before checking that the stream still exists.
 _BLOCK_MS = 500
+#: How long, and for how many streams, a finished stream's local list is kept (above).
+_FINISHED_SECONDS = 10.0
+_FINISHED_MAX = 1024
 
 
 @dataclass(slots=True)
@@ -65,8 +71,10 @@ class RedisStreamBuffer:
         self._on_failure = on_failure or RedisFailurePolicy()
         self._ttl = max(1, round(window))
         self._redis: Redis = Redis.from_url(url)
-        #: Streams produced by this process that have not ended yet.
+        #: Streams produced by this process that have not ended yet, and those that ended
+        #: in the last ``_FINISHED_SECONDS``.
         self._local: dict[str, _LocalStream] = {}
+        self._finished: TTLCache[str, _LocalStream] = TTLCache(_FINISHED_MAX, _FINISHED_SECONDS)
 
     def _keys(self, stream_id: str) -> tuple[str, str, str]:
         base = self._prefix + stream_id
@@ -105,7 +113,7 @@ class RedisStreamBuffer:
             return
         local.entries.append(entry)
         if entry.terminal:
-            del self._local[stream_id]
+            self._finished[stream_id] = self._local.pop(stream_id)
         changed = local.changed
         if changed is not None:
             local.changed = None
@@ -130,7 +138,7 @@ class RedisStreamBuffer:
         return bool(last) and last[0][1].get(b"e") == CANCELLED.encode()
 
     async def read(self, stream_id: str, after: int) -> AsyncIterator[Entry]:
-        local = self._local.get(stream_id)
+        local = self._local.get(stream_id) or self._finished.get(stream_id)
         source = (
             _read_local(local, after) if local is not None else self._read_redis(stream_id, after)
         )
@@ -189,6 +197,7 @@ class RedisStreamBuffer:
 
     async def aclose(self) -> None:
         self._local.clear()
+        self._finished.clear()
         await self._redis.aclose()
 
 

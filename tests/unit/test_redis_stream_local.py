@@ -3,10 +3,12 @@ and still writes them to Redis, where another process (another buffer) reads the
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator
 
 import anyio
 import pytest
+from redis.asyncio import Redis
 
 from robota_proxy.streams.buffer import CANCELLED, Entry, new_stream_id
 from robota_proxy.streams.redis import RedisStreamBuffer
@@ -79,3 +81,30 @@ async def test_a_local_reader_ends_on_the_cancel_marker(
         await producer.append(stream_id, Entry(2, CANCELLED, "{}"))
     assert [entry.seq for entry in seen] == [1, 2]
     assert await other.cancelled(stream_id)
+
+
+async def test_a_stream_that_ended_before_its_writer_read_it_needs_no_redis(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """A fast answer can be over before the producing connection's writer starts reading;
+    if Redis went away meanwhile, that writer still gets every entry from this process (a
+    Redis outage cut such a stream in an e2e run: the list was dropped at the terminal entry
+    and the reader went to Redis)."""
+    producer = RedisStreamBuffer(redis_url, 60, prefix=redis_prefix)
+    stream_id = new_stream_id()
+    await producer.open(stream_id, "alice")
+    entries = [Entry(1, "delta", '{"content":"a"}'), Entry(2, "done", "{}")]
+    for entry in entries:
+        await producer.append(stream_id, entry)
+    with socket.socket() as probe:  # a port nobody listens on: Redis is gone
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    real = producer._redis
+    producer._redis = Redis.from_url(f"redis://127.0.0.1:{closed}/0")
+    try:
+        with anyio.fail_after(5):
+            got = [entry async for entry in producer.read(stream_id, 0)]
+        assert got == entries
+    finally:
+        await producer.aclose()
+        await real.aclose()
