@@ -364,12 +364,11 @@ def test_attempt_outcomes_retries_and_fallbacks_are_counted() -> None:
 PRICES = {"openai": Decimal("0.000001"), "anthropic": Decimal("0.000003")}  # USD per token
 
 
-def failed_over_stream() -> CallRecord:
-    """A stream whose first try failed, whose second broke after 80 characters (estimated:
-    100 prompt tokens, 20 completion tokens) and was continued on another provider, which
-    answered 130 + 40 tokens: what ``Resilience`` leaves on the call record."""
+def priced_stream(request_id: str) -> CallRecord:
+    """A stream's call record as the metering sets it up: priced per provider, an unreported
+    attempt estimated as 100 prompt tokens and a token per 4 characters."""
     record = CallRecord(
-        request_id="req_1",
+        request_id=request_id,
         streamed=True,
         pricer=lambda provider, model, usage: PRICES[provider] * usage.total_tokens,
     )
@@ -377,6 +376,14 @@ def failed_over_stream() -> CallRecord:
         prompt_tokens=100, completion_tokens=chars // 4, total_tokens=100 + chars // 4
     )
     record.upstream_called = True
+    return record
+
+
+def failed_over_stream() -> CallRecord:
+    """A stream whose first try failed, whose second broke after 80 characters (estimated:
+    100 prompt tokens, 20 completion tokens) and was continued on another provider, which
+    answered 130 + 40 tokens: what ``Resilience`` leaves on the call record."""
+    record = priced_stream("req_1")
     record.begin_attempt("openai")
     record.attempt_failed("openai", "m", "openai", "upstream_unavailable")
     record.begin_attempt("openai")
@@ -429,15 +436,7 @@ def test_a_continuation_that_failed_leaves_the_broken_attempts_tokens_where_they
 ):
     """Every attempt ended (the continuation failed to start): the final provider's share is
     nothing, the broken attempt's tokens stay under its own provider."""
-    record = CallRecord(
-        request_id="req_2",
-        streamed=True,
-        pricer=lambda provider, model, usage: PRICES[provider] * usage.total_tokens,
-    )
-    record.estimator = lambda chars: Usage(
-        prompt_tokens=100, completion_tokens=chars // 4, total_tokens=100 + chars // 4
-    )
-    record.upstream_called = True
+    record = priced_stream("req_2")
     record.begin_attempt("openai")
     record.provider, record.model = "openai", "m"
     record.streamed_chars = 40
